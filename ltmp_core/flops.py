@@ -1,0 +1,288 @@
+"""The one place that counts FLOPs: analytic, measured on data, and differentiable.
+
+Convention: as in the papers, "FLOPs" are multiply-accumulates (MACs): DeiT-S at 224 px is 4.6 G.
+``torch.utils.flop_counter.FlopCounterMode`` counts two FLOPs per MAC, so it reports twice these
+figures. Every function here returns MACs.
+
+The cost of a block whose attention sees ``n`` tokens (prefix included) and whose MLP sees ``m``::
+
+    attn_macs_per_token * n        qkv, proj (and gate) linears
+    + 2 * attn_dim * n**2          q @ k^T and attn @ v
+    + s * head_dim * n**2          s similarity matrices of the reducers (merge, squeeze)
+    + mlp_macs_per_token * m       MLP linears
+
+plus the patch embedding and the classifier head once per image. Elementwise work (softmax, norms,
+scatters, top-k) is not counted, as neither the papers nor PyTorch's counter count it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .errors import LTMPError
+from .geometry import ViTGeometry
+from .patch import _state, is_patched, token_counts
+from .plan import OPS, LayerPlan, ReductionPlan
+from .reducers import REDUCERS
+
+__all__ = [
+    "similarities",
+    "block_macs",
+    "macs_from_counts",
+    "unreduced_macs",
+    "plan_macs",
+    "plan_flops_ratio",
+    "budgets_for_ratio",
+    "count_flops",
+    "measure_flops",
+    "expected_flops_ratio",
+    "flops_budget_loss",
+    "layer_budget_loss",
+    "kept_fractions",
+]
+
+Number = Any  # float, int or Tensor: the formulas below are plain arithmetic and work on all three
+
+
+def similarities(op: str) -> int:
+    """Number of ``N x N`` similarity matrices an operation computes."""
+    return sum(REDUCERS[stage].similarities for stage in OPS[op])
+
+
+def block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: str = "none") -> Number:
+    """MACs of one block: ``n_in`` tokens enter attention, ``n_out`` enter the MLP (prefix included)."""
+    quadratic = 2 * g.attn_dim + similarities(op) * g.head_dim
+    return g.attn_macs_per_token * n_in + quadratic * n_in * n_in + g.mlp_macs_per_token * n_out
+
+
+def macs_from_counts(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[str]) -> Number:
+    """MACs of one image from its token counts.
+
+    Args:
+        g: The model's geometry.
+        counts: ``depth + 1`` token counts, prefix included: the input of block 0, then what each
+            block passes on (as :func:`ltmp_core.token_counts` returns). Tensors of any shape work
+            elementwise, e.g. one count per image.
+        ops: The operation of every block.
+    """
+    if len(counts) != g.depth + 1 or len(ops) != g.depth:
+        raise LTMPError(f"counts: need {g.depth + 1} token counts and {g.depth} ops, got {len(counts)} and {len(ops)}")
+    total: Number = g.embed_macs + g.head_macs
+    for i, op in enumerate(ops):
+        total = total + block_macs(g, counts[i], counts[i + 1], op)
+    return total
+
+
+def unreduced_macs(g: ViTGeometry) -> int:
+    """MACs of one image through the stock model."""
+    return int(macs_from_counts(g, [g.num_tokens] * (g.depth + 1), ["none"] * g.depth))
+
+
+def _plan_counts(plan: ReductionPlan, g: ViTGeometry, static: bool) -> list[float]:
+    if static:
+        return [g.num_tokens] + [g.num_prefix_tokens + n for n in plan.static_counts(g.num_patches)]
+    counts, n = [float(g.num_tokens)], float(g.num_patches)
+    for layer in plan.layers:
+        n = n * layer.keep
+        counts.append(g.num_prefix_tokens + n)
+    return counts
+
+
+def _geometry(plan: ReductionPlan, geometry: ViTGeometry | None) -> ViTGeometry:
+    g = geometry if geometry is not None else plan.geometry
+    if g is None:
+        raise LTMPError("geometry: the plan carries no geometry; pass the model's ViTGeometry")
+    if g.depth != plan.depth:
+        raise LTMPError(f"plan: {plan.depth} layers for a model of depth {g.depth}")
+    return g
+
+
+def plan_macs(plan: ReductionPlan, geometry: ViTGeometry | None = None, *, static: bool = False) -> float:
+    """Predicted MACs of one image under ``plan``.
+
+    With ``static=False`` token counts follow the budgets continuously (``n * keep``, the mean a
+    dynamic plan aims at); with ``static=True`` they are the integer counts of hard-static mode.
+    """
+    g = _geometry(plan, geometry)
+    return float(macs_from_counts(g, _plan_counts(plan, g, static), plan.ops))
+
+
+def plan_flops_ratio(plan: ReductionPlan, geometry: ViTGeometry | None = None, *, static: bool = False) -> float:
+    """Predicted FLOPs of ``plan`` as a fraction of the unreduced model's (see :func:`plan_macs`).
+
+    Non-decreasing in every layer's ``keep``.
+    """
+    g = _geometry(plan, geometry)
+    return plan_macs(plan, g, static=static) / unreduced_macs(g)
+
+
+def _min_keep(op: str, g: ViTGeometry) -> float:
+    if op == "none":
+        return 1.0
+    if op == "merge":
+        return 0.5
+    return 1.0 / g.num_patches
+
+
+def budgets_for_ratio(
+    ops: Sequence[str],
+    weights: Sequence[float],
+    geometry: ViTGeometry,
+    target: float,
+    *,
+    tol: float = 1e-4,
+) -> list[float]:
+    """Per-layer ``keep`` budgets with predicted FLOPs ratio ``target``.
+
+    Layer ``l`` keeps ``max(floor_l, exp(-s * weights[l]))``, where ``floor_l`` is what its op can
+    reach (0.5 for a merge, one token otherwise, 1 for ``none``); the one factor ``s >= 0`` is found
+    by bisection on :func:`plan_flops_ratio`, which is monotone in ``s``. The result's ratio is
+    within ``tol`` (relative) of ``target``.
+
+    Raises:
+        LTMPError: the target cannot be reached with these ops and weights (too few reducing
+            layers, or all weights zero), or the inputs are malformed.
+    """
+    depth = geometry.depth
+    if len(ops) != depth or len(weights) != depth:
+        raise LTMPError(f"ops/weights: need {depth} of each, got {len(ops)} and {len(weights)}")
+    if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target):
+        raise LTMPError(f"target: must be a positive number, got {target!r}")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise LTMPError("weights: must be finite and >= 0")
+    floors = [_min_keep(op, geometry) for op in ops]
+    weights = [0.0 if op == "none" else float(w) for op, w in zip(ops, weights)]
+
+    def keeps(s: float) -> list[float]:
+        return [1.0 if w == 0 else max(f, math.exp(-s * w)) for f, w in zip(floors, weights)]
+
+    def ratio(s: float) -> float:
+        plan = ReductionPlan(tuple(LayerPlan(op=o, keep=k) for o, k in zip(ops, keeps(s))), geometry=geometry)
+        return plan_flops_ratio(plan, geometry)
+
+    if target >= 1.0 or ratio(0.0) <= target:
+        return keeps(0.0)
+    floor_plan = ReductionPlan(
+        tuple(LayerPlan(op=o, keep=f if w > 0 else 1.0) for o, f, w in zip(ops, floors, weights)), geometry=geometry)
+    lowest = plan_flops_ratio(floor_plan, geometry)
+    if lowest > target * (1 - tol):
+        raise LTMPError(
+            f"target: a FLOPs ratio of {target:.3f} cannot be reached with these operations "
+            f"(the lowest reachable is {lowest:.3f})"
+        )
+    lo, hi = 0.0, 1.0
+    while ratio(hi) > target:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        r = ratio(mid)
+        if abs(r - target) <= tol * target:
+            return keeps(mid)
+        if r > target:
+            lo = mid
+        else:
+            hi = mid
+    return keeps(hi)
+
+
+def count_flops(model: nn.Module) -> int:
+    """MACs of one image: an unpatched model, or a patched one in static mode."""
+    g = ViTGeometry.from_model(model)
+    if not is_patched(model):
+        return unreduced_macs(g)
+    st = _state(model)
+    if st.mode != "static":
+        raise LTMPError(
+            f"model: count_flops needs an unpatched model or static mode (the model is in {st.mode!r} mode, "
+            "whose cost depends on the images); use measure_flops(model, loader)"
+        )
+    return int(plan_macs(st.plan, g, static=True))
+
+
+@torch.no_grad()
+def measure_flops(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    max_images: int | None = None,
+) -> tuple[float, list[float]]:
+    """Mean MACs per image over ``loader``, from each image's own token counts.
+
+    The model runs as it is (a patched model normally in dynamic mode; static and unpatched work
+    too); padding inside a batch is not counted, so the figure is what each image costs alone.
+
+    Args:
+        model: A timm ViT, patched or not.
+        loader: Batches of images, or ``(images, targets)`` pairs.
+        max_images: Stop after this many images.
+
+    Returns:
+        ``(mean_macs, kept)`` where ``kept[l]`` is the mean number of tokens (prefix included) that
+        block ``l`` passes to its MLP and to the next block.
+    """
+    g = ViTGeometry.from_model(model)
+    patched = is_patched(model)
+    if patched and _state(model).mode == "soft":
+        raise LTMPError("model: soft mode removes no tokens; switch to 'dynamic' to measure FLOPs")
+    ops = _state(model).plan.ops if patched else ("none",) * g.depth
+    device = next(iter(model.parameters())).device
+    total, seen = 0.0, 0
+    kept = torch.zeros(g.depth, dtype=torch.float64)
+    for batch in loader:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if max_images is not None:
+            images = images[: max_images - seen]
+        if images.shape[0] == 0:
+            break
+        if patched:
+            model(images.to(device))
+            counts = token_counts(model).double().cpu()
+        else:
+            n = (images.shape[-2] // g.patch_size[0]) * (images.shape[-1] // g.patch_size[1]) + g.num_prefix_tokens
+            counts = torch.full((g.depth + 1, images.shape[0]), float(n), dtype=torch.float64)
+        total += float(macs_from_counts(g, list(counts), ops).sum())
+        kept += counts[1:].sum(dim=1)
+        seen += images.shape[0]
+        if max_images is not None and seen >= max_images:
+            break
+    if seen == 0:
+        raise LTMPError("loader: yielded no images")
+    return total / seen, (kept / seen).tolist()
+
+
+def expected_flops_ratio(model: nn.Module) -> Tensor:
+    """Differentiable FLOPs ratio of the last forward pass of a patched model.
+
+    LTMP's budget formula generalised to any op mix, prefix tokens and MLP width: the batch-mean
+    token count of every block (sums of the soft-mode masks) through :func:`macs_from_counts`,
+    divided by the unreduced cost. With hard masks and one image it is the measured ratio.
+    """
+    st = _state(model)
+    g = ViTGeometry.from_model(model)
+    counts = token_counts(model).mean(dim=1)
+    return macs_from_counts(g, list(counts), st.plan.ops) / unreduced_macs(g)
+
+
+def flops_budget_loss(model: nn.Module, target: float) -> Tensor:
+    """LTMP's global budget term ``(target - r_flops)^2`` on the last forward pass."""
+    return (target - expected_flops_ratio(model)) ** 2
+
+
+def kept_fractions(model: nn.Module) -> Tensor:
+    """Batch-mean fraction of its input patch tokens each block kept in the last pass: ``[depth]``."""
+    st = _state(model)
+    patches = token_counts(model) - st.num_prefix
+    return (patches[1:] / patches[:-1].clamp_min(1)).mean(dim=1)
+
+
+def layer_budget_loss(model: nn.Module) -> Tensor:
+    """Per-layer budget term: mean over layers of ``(kept fraction - planned keep)^2``."""
+    st = _state(model)
+    kept = kept_fractions(model)
+    budget = torch.tensor(st.plan.keeps, dtype=kept.dtype, device=kept.device)
+    return ((kept - budget) ** 2).mean()

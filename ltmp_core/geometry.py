@@ -1,0 +1,187 @@
+"""The token geometry of a timm ViT: what the FLOP model and the search spaces need to know.
+
+A :class:`ViTGeometry` is read from a model once (:func:`ViTGeometry.from_model`) and travels with
+every plan, so that a plan's cost can be computed without the model or its weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import torch.nn as nn
+
+from .errors import LTMPError
+
+__all__ = ["ViTGeometry", "check_model"]
+
+
+def _linear_macs(module: nn.Module) -> int:
+    """Multiply-accumulates per token of every ``nn.Linear`` inside ``module``."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise :class:`LTMPError` unless ``model`` is a timm ViT that ltmp_core can patch exactly.
+
+    Supported: ``timm.models.vision_transformer.VisionTransformer`` and its subclasses that keep its
+    block structure (DeiT with a distillation token, DeiT-3, register tokens, ``qk_norm``,
+    LayerScale, class-token or average pooling), built from timm's own pre-norm ``Block`` and
+    ``Attention`` with a Linear MLP.
+    """
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    from .patch import LTMPBlock  # a patched block is still a supported block
+
+    if not isinstance(model, VisionTransformer):
+        raise LTMPError(
+            f"model: {type(model).__name__} is not a timm VisionTransformer; ltmp_core patches "
+            "ViT, DeiT, DeiT-3 and register-token ViTs built on timm's VisionTransformer"
+        )
+    if getattr(model, "attn_pool", None) is not None:
+        raise LTMPError("model: attention-pool heads (global_pool='map') are not supported; use 'token' or 'avg'")
+    pool = getattr(model, "global_pool", "token")
+    if pool not in ("token", "avg", "max", "avgmax", ""):
+        raise LTMPError(f"model: global_pool={pool!r} is not supported")
+    if not isinstance(model.patch_embed.proj, nn.Conv2d):
+        raise LTMPError(
+            f"model: patch embedding {type(model.patch_embed.proj).__name__} is not a convolution; "
+            "hybrid ViT stems are not supported"
+        )
+    if len(model.blocks) == 0:
+        raise LTMPError("model: has no transformer blocks")
+    for i, block in enumerate(model.blocks):
+        if type(block) not in (Block, LTMPBlock):
+            raise LTMPError(
+                f"model.blocks[{i}]: {type(block).__name__} is not supported; only timm's pre-norm "
+                "Block (attention, then MLP) can be patched"
+            )
+        if type(block.attn) is not Attention:
+            raise LTMPError(
+                f"model.blocks[{i}].attn: {type(block.attn).__name__} is not supported; only timm's "
+                "Attention (no RoPE, no relative position bias) can be patched"
+            )
+        if _linear_macs(block.mlp) == 0:
+            raise LTMPError(f"model.blocks[{i}].mlp: {type(block.mlp).__name__} has no Linear layers")
+
+
+@dataclass(frozen=True)
+class ViTGeometry:
+    """Token geometry and per-token costs of a ViT.
+
+    Costs are multiply-accumulates (MACs), the unit papers call "FLOPs" (DeiT-S = 4.6 G).
+
+    Attributes:
+        depth: Number of transformer blocks.
+        embed_dim: Width of the residual stream.
+        num_heads: Attention heads per block.
+        head_dim: Width of one head; the similarity metric of the reducers has this width.
+        mlp_hidden: Hidden width of the MLP (informative; costs use ``mlp_macs_per_token``).
+        num_patches: Patch tokens of one image at the model's input size.
+        num_prefix_tokens: Class, distillation and register tokens; never reduced.
+        num_classes: Classifier outputs.
+        patch_size: Height and width of one patch in pixels.
+        img_size: Height and width of the input image in pixels.
+        attn_macs_per_token: MACs of the attention's linear layers (qkv, proj, gate) per token.
+        mlp_macs_per_token: MACs of the MLP's linear layers per token.
+        embed_macs: MACs of the patch embedding for one image.
+        head_macs: MACs of the classifier head(s) for one image.
+    """
+
+    depth: int
+    embed_dim: int
+    num_heads: int
+    head_dim: int
+    mlp_hidden: int
+    num_patches: int
+    num_prefix_tokens: int
+    num_classes: int
+    patch_size: tuple[int, int]
+    img_size: tuple[int, int]
+    attn_macs_per_token: int
+    mlp_macs_per_token: int
+    embed_macs: int
+    head_macs: int
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of queries, keys and values over all heads."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens entering the first block: prefix plus patch tokens."""
+        return self.num_patches + self.num_prefix_tokens
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ViTGeometry":
+        """Read the geometry of a supported timm ViT (see :func:`check_model`)."""
+        check_model(model)
+        block = model.blocks[0]
+        attn = block.attn
+        for i, other in enumerate(model.blocks):
+            if _linear_macs(other.attn) != _linear_macs(attn) or _linear_macs(other.mlp) != _linear_macs(block.mlp):
+                raise LTMPError(f"model.blocks[{i}]: blocks of different widths are not supported")
+        pe = model.patch_embed
+        conv: nn.Conv2d = pe.proj
+        grid = tuple(int(g) for g in pe.grid_size)
+        num_patches = grid[0] * grid[1]
+        kh, kw = conv.kernel_size
+        embed_macs = num_patches * (conv.in_channels // conv.groups) * kh * kw * conv.out_channels
+        head_macs = _linear_macs(model.head) + _linear_macs(getattr(model, "head_dist", nn.Identity()))
+        fc1 = next(m for m in block.mlp.modules() if isinstance(m, nn.Linear))
+        mlp_hidden = fc1.out_features
+        return cls(
+            depth=len(model.blocks),
+            embed_dim=int(model.embed_dim),
+            num_heads=int(attn.num_heads),
+            head_dim=int(attn.head_dim),
+            mlp_hidden=int(mlp_hidden),
+            num_patches=num_patches,
+            num_prefix_tokens=int(model.num_prefix_tokens),
+            num_classes=int(model.num_classes),
+            patch_size=(int(pe.patch_size[0]), int(pe.patch_size[1])),
+            img_size=(int(pe.img_size[0]), int(pe.img_size[1])) if pe.img_size is not None else (
+                grid[0] * int(pe.patch_size[0]), grid[1] * int(pe.patch_size[1])),
+            attn_macs_per_token=_linear_macs(attn),
+            mlp_macs_per_token=_linear_macs(block.mlp),
+            embed_macs=embed_macs,
+            head_macs=head_macs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary (tuples become lists)."""
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        d["img_size"] = list(self.img_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "geometry") -> "ViTGeometry":
+        """Validate and build a geometry from :meth:`to_dict` output; errors name the field."""
+        if not isinstance(data, Mapping):
+            raise LTMPError(f"{where}: expected an object, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise LTMPError(f"{where}.{unknown[0]}: unknown field")
+        missing = sorted(names - set(data))
+        if missing:
+            raise LTMPError(f"{where}.{missing[0]}: missing")
+        values: dict[str, Any] = {}
+        for name in names:
+            v = data[name]
+            if name in ("patch_size", "img_size"):
+                if (not isinstance(v, (list, tuple)) or len(v) != 2
+                        or not all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v)):
+                    raise LTMPError(f"{where}.{name}: expected two positive integers, got {v!r}")
+                values[name] = (int(v[0]), int(v[1]))
+                continue
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise LTMPError(f"{where}.{name}: expected an integer, got {v!r}")
+            low = 0 if name in ("num_prefix_tokens", "num_classes", "head_macs") else 1
+            if v < low:
+                raise LTMPError(f"{where}.{name}: must be >= {low}, got {v}")
+            values[name] = v
+        return cls(**values)

@@ -1,0 +1,62 @@
+"""LTMP's learned threshold masks and the masked softmax that makes a masked token count as gone."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["threshold_mask", "masked_softmax", "threshold_between"]
+
+
+def threshold_mask(score: Tensor, threshold: Tensor | float, tau: float, *, straight_through: bool = True) -> Tensor:
+    """Soft mask ``sigmoid((score - threshold) / tau)``, 1 where ``score`` clears the threshold.
+
+    With ``straight_through`` (LTMP's choice) the forward value is the hard step ``score >
+    threshold`` and the gradient is the sigmoid's, so the thresholds learn while the forward pass
+    behaves exactly like the deployed model.
+    """
+    soft = torch.sigmoid((score - threshold) / tau)
+    if not straight_through:
+        return soft
+    hard = (score > threshold).to(soft.dtype)
+    return hard + (soft - soft.detach())
+
+
+def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over ``dim`` in which entry ``j`` is weighted by ``mask[..., j]``.
+
+    ``exp(a_j) m_j / sum_k exp(a_k) m_k``: with a 0/1 mask this is the softmax over the kept entries
+    alone (as if the others were gone), and it stays differentiable in ``mask``. ``mask`` must
+    broadcast against ``logits`` and keep at least one entry of every row.
+    """
+    keep = mask.detach() > 0
+    shift = logits.masked_fill(~keep, float("-inf")).amax(dim=dim, keepdim=True).detach()
+    e = torch.exp(logits - shift) * mask
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def threshold_between(score: Tensor, eligible: Tensor, remove: float, weight: Tensor | None = None) -> float:
+    """A threshold that removes the highest eligible scores, pooled over the batch.
+
+    Without ``weight``, exactly ``remove`` tokens go. With a per-token ``weight`` (``[B, N]``), the
+    highest scores go until their summed weight is as close as possible to ``remove``; weighting the
+    tokens of image ``b`` by ``1 / n_b`` targets the batch-mean *fraction* removed instead of the
+    pooled count. The threshold is the midpoint between the last removed and the first kept score,
+    so that the hard rule ``score > threshold`` selects exactly those tokens (barring ties).
+    """
+    values = score.detach()[eligible].double()
+    n = values.numel()
+    if n == 0:
+        return 0.0
+    values, order = values.sort(descending=True)
+    if weight is None:
+        k = int(round(remove))
+    else:
+        cum = weight.detach()[eligible].double()[order].cumsum(0)
+        cum = torch.cat([cum.new_zeros(1), cum])
+        k = int((cum - remove).abs().argmin())
+    if k <= 0:
+        return float(values[0]) + 1e-4
+    if k >= n:
+        return float(values[-1]) - 1e-4
+    return 0.5 * float(values[k - 1] + values[k])

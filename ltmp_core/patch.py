@@ -1,0 +1,443 @@
+"""Patch a timm ViT in place so that its blocks merge, prune and squeeze tokens.
+
+:func:`apply_plan` swaps the classes of the model and of its blocks (as ToMe does), so weights,
+devices, hooks and dtypes stay where they are. The patched block calls timm's own submodules
+(``norm1``, ``attn.qkv``, ``attn.q_norm``/``k_norm``, ``attn.norm``, ``ls1``/``ls2``, ``mlp``, ...)
+and only re-implements the attention product, which needs token sizes, masks and the attention map.
+
+Modes:
+    soft: training. No token is removed; removed tokens are masked in every later attention (as if
+        gone) and the masks carry straight-through gradients to the thresholds.
+    dynamic: evaluation. Thresholds decide per image; tokens are really removed and a batch is padded
+        to its longest sequence, padded keys masked. Each image gets its batch-of-one result.
+    static: deployment. Each layer keeps the plan's token counts (top-k); fixed shapes, no padding.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from timm.models.vision_transformer import Block
+
+from .errors import LTMPError
+from .geometry import check_model
+from .masking import masked_softmax, threshold_between, threshold_mask
+from .plan import LayerPlan, ReductionPlan, stage_counts
+from .reducers import REDUCERS, Reducer, Tokens, top_k_mask
+
+__all__ = [
+    "MODES",
+    "apply_plan",
+    "remove_plan",
+    "set_mode",
+    "get_mode",
+    "get_plan",
+    "is_patched",
+    "calibrate",
+    "threshold_parameters",
+    "token_counts",
+]
+
+MODES = ("soft", "dynamic", "static")
+_CALIBRATE = "calibrate"  # internal: dynamic, with each threshold set from the batch first
+
+
+class _State:
+    """What the blocks of one patched model share during a forward pass."""
+
+    def __init__(self, plan: ReductionPlan, mode: str, num_prefix: int) -> None:
+        self.plan = plan
+        self.mode = mode
+        self.num_prefix = num_prefix
+        self.known: set[tuple[int, str]] = set()  # thresholds that have a value
+        self.size: Tensor | None = None  # [B, N] token sizes; None while all are 1
+        self.alive: Tensor | None = None  # [B, N] 0/1; None while every position holds a live token
+        self.n_patch = 0  # static mode: live patch tokens, the same for every image
+        self.batch = 0
+        self.counts: list[Tensor | int] = []  # tokens (prefix included) entering each block, then after the last
+
+    def start(self, x: Tensor) -> None:
+        self.size = None
+        self.alive = None
+        self.batch, n = x.shape[0], x.shape[1]
+        self.n_patch = n - self.num_prefix
+        self.counts = [n]
+
+    # -- reduction -----------------------------------------------------------------------------
+
+    def reduce(self, block: nn.Module, index: int, x: Tensor, k: Tensor, importance: Tensor | None) -> Tensor:
+        layer = self.plan.layers[index]
+        stages = [REDUCERS[s] for s in layer.stages]
+        b, n, _ = x.shape
+        p = self.num_prefix
+        metric = k.mean(dim=1)
+        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        ones = torch.ones(b, n, device=x.device, dtype=torch.float32)
+        t = Tokens(
+            x=x,
+            size=self.size if self.size is not None else ones,
+            alive=self.alive if self.alive is not None else ones,
+            metric=metric,
+            importance=importance,
+            num_prefix=p,
+        )
+        if self.mode == "static":
+            targets = stage_counts(self.n_patch, layer)
+            current = self.n_patch
+            for stage, target in zip(stages, targets):
+                t = stage.fn(t, partial(top_k_mask, k=current - target))
+                current = target
+            self.n_patch = current
+            return self._compact(t, n_keep=p + current, fused=any(s.similarities for s in stages))
+        n_in = (t.alive.detach()[:, p:] > 0.5).sum(dim=1)
+        for stage, keep in zip(stages, layer.stage_keeps):
+            t = stage.fn(t, self._decider(block, index, layer, stage, t, n_in, keep))
+        if self.mode == "soft":
+            if any(s.similarities for s in stages):
+                self.size = t.size
+            self.alive = t.alive
+            self.counts.append(t.alive.sum(dim=1))
+            return t.x
+        return self._compact(t, n_keep=None, fused=any(s.similarities for s in stages))
+
+    def _decider(self, block: nn.Module, index: int, layer: LayerPlan, stage: Reducer, t: Tokens,
+                 n_in: Tensor, keep: float):
+        name = stage.threshold
+        # Prune scores are negated importances: "remove the highest score" = "prune the least important".
+        sign = 1.0 if name == "merge_threshold" else -1.0
+        param: nn.Parameter = getattr(block, name)
+        if self.mode == _CALIBRATE:
+            # Aim at the batch-mean kept fraction: every token of image b weighs 1 / n_in[b].
+            n = n_in.float().clamp_min(1)
+            live = (t.alive.detach()[:, self.num_prefix:] > 0.5).sum(dim=1).float()
+            want = torch.clamp(torch.floor(keep * n + 0.5), min=1)
+            remove = float(((live - want).clamp_min(0) / n).sum())
+            weight = (1.0 / n).unsqueeze(1).expand_as(t.alive)
+
+            def decide(score: Tensor, eligible: Tensor) -> Tensor:
+                theta = threshold_between(score, eligible, remove, weight)
+                with torch.no_grad():
+                    param.fill_(sign * theta)
+                self.known.add((index, name))
+                return ((score > theta) & eligible).float()
+
+            return decide
+        if (index, name) not in self.known:
+            raise LTMPError(
+                f"layers[{index}].{name}: not set; calibrate the thresholds with "
+                "ltmp_core.calibrate(model, images) or apply the plan in mode='static'"
+            )
+        if self.mode == "soft":
+            return lambda score, eligible: threshold_mask(score, sign * param, layer.tau)
+        return lambda score, eligible: (score > sign * param).float()
+
+    def _compact(self, t: Tokens, n_keep: int | None, fused: bool) -> Tensor:
+        """Drop dead tokens: live ones move to the front in order; pad to the longest row."""
+        alive = t.alive > 0.5
+        b, n = alive.shape
+        counts = alive.sum(dim=1)
+        padded = False
+        if n_keep is None:
+            lo, hi = (int(v) for v in counts.aminmax())
+            n_keep, padded = hi, lo != hi
+        pos = torch.arange(n, device=alive.device)
+        key = torch.where(alive, pos, pos + n)
+        idx = key.topk(n_keep, dim=1, largest=False, sorted=True).indices
+        x = t.x.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.x.shape[-1]))
+        if fused or self.size is not None:
+            self.size = t.size.gather(1, idx)
+        self.alive = alive.gather(1, idx).float() if padded else None
+        self.counts.append(counts.float() if self.mode != "static" else n_keep)
+        return x
+
+    def no_reduction(self, x: Tensor) -> None:
+        last = self.counts[-1]
+        self.counts.append(last)
+
+
+def _importance(attn: Tensor, alive: Tensor | None, num_prefix: int) -> Tensor:
+    """Attention each token receives, relative to a uniform share; ``+inf`` on prefix tokens.
+
+    LTMP's importance is the mean attention a token receives (over heads and live queries). Those
+    means sum to one over the live tokens, so their scale is ``1 / n``: an image that already lost
+    tokens would look more important everywhere. Multiplying by the live count ``n`` keeps the order
+    within an image (the same tokens are pruned for a given count) and makes one threshold mean the
+    same in every image and layer: a score of 1 is an average token.
+    """
+    received = attn.detach().float().mean(dim=1)  # [B, Nq, Nk]
+    if alive is None:
+        imp = received.mean(dim=1) * received.shape[-1]
+    else:
+        w = (alive.detach() > 0.5).float()
+        imp = (received * w.unsqueeze(-1)).sum(dim=1)  # n_live * mean over live queries
+    return imp.index_fill(1, torch.arange(num_prefix, device=imp.device), math.inf)
+
+
+def _attend(attn: nn.Module, x: Tensor, st: _State, need_importance: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """timm's ``Attention.forward`` with proportional attention and token masks.
+
+    Returns the attention output, the keys ``[B, H, N, d]`` and (if asked) the importance scores.
+    """
+    b, n, _ = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = None if st.size is None else st.size.log().to(q.dtype)[:, None, None, :]
+    alive = st.alive
+    soft = st.mode == "soft" and alive is not None
+    importance = None
+    if need_importance or soft or not attn.fused_attn:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        if alive is None:
+            probs = logits.softmax(dim=-1)
+        elif soft:
+            probs = masked_softmax(logits, alive[:, None, None, :].to(logits.dtype))
+        else:
+            probs = logits.masked_fill(alive[:, None, None, :] <= 0.5, float("-inf")).softmax(dim=-1)
+        if need_importance:
+            importance = _importance(probs, alive, st.num_prefix)
+        out = attn.attn_drop(probs) @ v
+    else:
+        mask = bias
+        if alive is not None:
+            pad = torch.zeros_like(alive, dtype=q.dtype).masked_fill(alive <= 0.5, float("-inf"))[:, None, None, :]
+            mask = pad if mask is None else mask + pad
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+    out = out.transpose(1, 2).reshape(b, n, h * d)
+    out = attn.norm(out)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    out = attn.proj_drop(attn.proj(out))
+    return out, k, importance
+
+
+class LTMPBlock(Block):
+    """timm's pre-norm ``Block`` with a token reduction between attention and MLP."""
+
+    _ltmp: _State
+    _ltmp_index: int
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise LTMPError("a patched block takes no attention mask or causal flag; it masks tokens itself")
+        st = self._ltmp
+        index = self._ltmp_index
+        if index == 0:
+            st.start(x)
+        stages = st.plan.layers[index].stages
+        need_importance = any(REDUCERS[s].needs_importance for s in stages)
+        y, k, importance = _attend(self.attn, self.norm1(x), st, need_importance)
+        x = x + self.drop_path1(self.ls1(y))
+        if stages:
+            x = st.reduce(self, index, x, k, importance)
+        else:
+            st.no_reduction(x)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class _PatchedModel:
+    """Mixin for the model class: size-weighted, padding-aware average and max pooling."""
+
+    _ltmp: _State
+    _ltmp_base: type
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        st = self._ltmp
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type in ("token", "") or (st.size is None and st.alive is None):
+            return super().pool(x, pool_type)  # type: ignore[misc]
+        b, n, _ = x.shape
+        weight = torch.ones(b, n, device=x.device, dtype=torch.float32)
+        if st.size is not None:
+            weight = weight * st.size
+        if st.alive is not None:
+            weight = weight * st.alive
+        if not self.pool_include_prefix:
+            x, weight = x[:, self.num_prefix_tokens:], weight[:, self.num_prefix_tokens:]
+        w = weight.to(x.dtype).unsqueeze(-1)
+        avg = (x * w).sum(dim=1) / w.sum(dim=1)
+        if pool_type == "avg":
+            return avg
+        mx = x.masked_fill(w <= 0, float("-inf")).amax(dim=1)
+        if pool_type == "max":
+            return mx
+        return 0.5 * (mx + avg)  # avgmax
+
+
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _MODEL_CLASSES:
+        _MODEL_CLASSES[cls] = type(f"LTMP{cls.__name__}", (_PatchedModel, cls), {"_ltmp_base": cls})
+    return _MODEL_CLASSES[cls]
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`apply_plan` has patched ``model``."""
+    return isinstance(model, _PatchedModel)
+
+
+def _state(model: nn.Module) -> _State:
+    if not is_patched(model):
+        raise LTMPError("model: not patched; call ltmp_core.apply_plan(model, plan) first")
+    return model._ltmp
+
+
+def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> nn.Module:
+    """Patch a timm ViT in place to reduce tokens as ``plan`` says; returns the model.
+
+    Thresholds in the plan become parameters of the blocks (``blocks.i.merge_threshold``,
+    ``blocks.i.prune_threshold``); thresholds the plan lacks must be calibrated
+    (:func:`calibrate`) before soft or dynamic mode can run. A model that is already patched is
+    re-patched with the new plan.
+
+    Raises:
+        LTMPError: the model is not a supported timm ViT, the plan does not fit it, or ``mode``
+            needs thresholds the plan lacks.
+    """
+    check_model(model)
+    if mode not in MODES:
+        raise LTMPError(f"mode: unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if not isinstance(plan, ReductionPlan):
+        raise LTMPError(f"plan: expected a ReductionPlan, got {type(plan).__name__}")
+    if model.global_pool not in ("token", "") and not hasattr(type(model), "pool"):
+        raise LTMPError("model: average or max pooling needs timm's VisionTransformer.pool (upgrade timm)")
+    depth = len(model.blocks)
+    if plan.depth != depth:
+        raise LTMPError(f"plan: {plan.depth} layers, but the model has {depth} blocks")
+    if is_patched(model):
+        remove_plan(model)
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    st = _State(plan, mode, int(model.num_prefix_tokens))
+    model.__class__ = _patched_class(type(model))
+    model._ltmp = st
+    for i, (block, layer) in enumerate(zip(model.blocks, plan.layers)):
+        block.__class__ = LTMPBlock
+        block._ltmp = st
+        block._ltmp_index = i
+        for name in layer.needs():
+            value = getattr(layer, name)
+            block.register_parameter(
+                name, nn.Parameter(torch.tensor(math.nan if value is None else value, device=device)))
+            if value is not None:
+                st.known.add((i, name))
+    try:
+        set_mode(model, mode)
+    except LTMPError:
+        remove_plan(model)
+        raise
+    return model
+
+
+def remove_plan(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_plan`: the model is stock timm again (thresholds are dropped)."""
+    if not is_patched(model):
+        return model
+    for block in model.blocks:
+        for name in ("merge_threshold", "prune_threshold"):
+            if name in block._parameters:
+                del block._parameters[name]
+        for attr in ("_ltmp", "_ltmp_index"):
+            block.__dict__.pop(attr, None)
+        block.__class__ = Block
+    model.__dict__.pop("_ltmp", None)
+    model.__class__ = type(model)._ltmp_base
+    return model
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Switch a patched model between ``soft``, ``dynamic`` and ``static``; returns the model."""
+    st = _state(model)
+    if mode not in MODES:
+        raise LTMPError(f"mode: unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if mode != "static":
+        for i, layer in enumerate(st.plan.layers):
+            for name in layer.needs():
+                if (i, name) not in st.known:
+                    raise LTMPError(
+                        f"layers[{i}].{name}: not set, and mode {mode!r} needs it; calibrate the thresholds "
+                        "with ltmp_core.calibrate(model, images) or use mode='static'"
+                    )
+    st.mode = mode
+    return model
+
+
+def get_mode(model: nn.Module) -> str:
+    """The current mode of a patched model."""
+    return _state(model).mode
+
+
+def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learned thresholds of a patched model (two scalars per block at most)."""
+    _state(model)
+    return [
+        p for block in model.blocks for name in ("merge_threshold", "prune_threshold")
+        if (p := block._parameters.get(name)) is not None
+    ]
+
+
+def get_plan(model: nn.Module) -> ReductionPlan:
+    """The model's plan with the thresholds it holds now (learned or calibrated)."""
+    st = _state(model)
+    values: dict[str, list[float | None]] = {"merge_threshold": [], "prune_threshold": []}
+    for i, (block, layer) in enumerate(zip(model.blocks, st.plan.layers)):
+        for name in values:
+            known = name in layer.needs() and (i, name) in st.known
+            values[name].append(float(block._parameters[name].detach()) if known else None)
+    return st.plan.with_layers(**values)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, images: Tensor | Iterable[Any]) -> ReductionPlan:
+    """Set every threshold so that each layer keeps its planned budget on ``images``.
+
+    Runs the model once in dynamic mode, layer by layer: each threshold is placed between the
+    scores of the tokens the budget removes and those it keeps, pooled over the batch (a quantile of
+    the scores), before that layer reduces. ``images`` is a batch tensor, or an iterable of batches
+    or ``(images, targets)`` pairs of which the first batch is used. Returns :func:`get_plan`.
+    """
+    st = _state(model)
+    if not isinstance(images, Tensor):
+        first = next(iter(images))
+        images = first[0] if isinstance(first, (list, tuple)) else first
+    param = next(iter(model.parameters()))
+    previous, was_training = st.mode, model.training
+    st.mode = _CALIBRATE
+    model.eval()
+    try:
+        model(images.to(param.device))
+    finally:
+        st.mode = previous
+        model.train(was_training)
+    return get_plan(model)
+
+
+def token_counts(model: nn.Module) -> Tensor:
+    """Tokens per image, prefix included, in the last forward pass: ``[depth + 1, B]``.
+
+    Row 0 is the input of the first block; row ``l + 1`` is what block ``l`` passes to its MLP and
+    to the next block. In soft mode the counts are sums of the (straight-through) masks and carry
+    gradients to the thresholds.
+    """
+    st = _state(model)
+    if not st.counts:
+        raise LTMPError("model: no forward pass has run since the plan was applied")
+    ref = next((c for c in st.counts if isinstance(c, Tensor)), None)
+    device = ref.device if ref is not None else next(iter(model.parameters())).device
+    rows = [c.float() if isinstance(c, Tensor) else torch.full((st.batch,), float(c), device=device)
+            for c in st.counts]
+    return torch.stack(rows)

@@ -1,0 +1,377 @@
+"""Reduction plans: which operation each block applies and how many tokens it keeps.
+
+A :class:`ReductionPlan` is the export format of a search and the input of :func:`apply_plan`. It is
+a frozen dataclass with a versioned JSON form (:func:`save_plan` / :func:`load_plan`) that carries
+the model name and its token geometry.
+
+Budgets: ``keep`` of a layer is the fraction of its input *patch* tokens left after its reduction
+(prefix tokens - class, distillation, registers - are never reduced and not counted). For the
+combined operations, ``merge_keep`` is the fraction left after the merge stage; the prune or
+squeeze stage then brings it down to ``keep``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import torch.nn as nn
+
+from .errors import LTMPError
+from .geometry import ViTGeometry
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "OPS",
+    "LayerPlan",
+    "ReductionPlan",
+    "make_plan",
+    "save_plan",
+    "load_plan",
+    "stage_counts",
+]
+
+FORMAT = "ltmp-plan"
+FORMAT_VERSION = 1
+
+#: Operation name -> the reducer stages it runs, in order (see ``ltmp_core.reducers.REDUCERS``).
+OPS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "merge": ("merge",),
+    "prune": ("prune",),
+    "squeeze": ("squeeze",),
+    "merge+prune": ("merge", "prune"),
+    "merge+squeeze": ("merge", "squeeze"),
+}
+
+#: A bipartite merge pairs each token of one half with the other half, so it removes at most half.
+MIN_MERGE_KEEP = 0.5
+
+#: LTMP's temperature of the sigmoid threshold mask.
+DEFAULT_TAU = 0.1
+
+
+def _number(value: Any, name: str, *, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LTMPError(f"{name}: expected a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise LTMPError(f"{name}: must be finite, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one transformer block does to its tokens.
+
+    Attributes:
+        op: One of :data:`OPS`.
+        keep: Fraction of the block's input patch tokens left after it, in (0, 1]; 1 for ``none``.
+        merge_keep: For ``merge+prune`` / ``merge+squeeze``, the fraction left after the merge
+            stage (between ``keep`` and 1, at least 0.5). ``None`` splits the cut evenly:
+            ``max(0.5, sqrt(keep))``.
+        merge_threshold: Learned cosine-similarity threshold above which a token is merged.
+        prune_threshold: Learned importance threshold below which a token is pruned or squeezed.
+        tau: Temperature of the sigmoid threshold mask used in soft (training) mode.
+    """
+
+    op: str = "none"
+    keep: float = 1.0
+    merge_keep: float | None = None
+    merge_threshold: float | None = None
+    prune_threshold: float | None = None
+    tau: float = DEFAULT_TAU
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.op, str) or self.op not in OPS:
+            raise LTMPError(f"op: unknown operation {self.op!r} (choose from {', '.join(OPS)})")
+        keep = _number(self.keep, "keep")
+        if not 0.0 < keep <= 1.0:
+            raise LTMPError(f"keep: must be in (0, 1], got {keep}")
+        if self.op == "none" and keep != 1.0:
+            raise LTMPError(f"keep: must be 1 for op 'none', got {keep}")
+        if self.op == "merge" and keep < MIN_MERGE_KEEP:
+            raise LTMPError(f"keep: a merge removes at most half of the tokens, so keep must be >= 0.5, got {keep}")
+        merge_keep = _number(self.merge_keep, "merge_keep", optional=True)
+        if merge_keep is not None:
+            if self.op not in ("merge+prune", "merge+squeeze"):
+                raise LTMPError(f"merge_keep: only used by merge+prune and merge+squeeze, not {self.op!r}")
+            if not (max(keep, MIN_MERGE_KEEP) <= merge_keep <= 1.0):
+                raise LTMPError(
+                    f"merge_keep: must be between max(keep, 0.5) = {max(keep, MIN_MERGE_KEEP)} and 1, got {merge_keep}"
+                )
+        tau = _number(self.tau, "tau")
+        if tau <= 0:
+            raise LTMPError(f"tau: must be > 0, got {tau}")
+        object.__setattr__(self, "keep", keep)
+        object.__setattr__(self, "merge_keep", merge_keep)
+        object.__setattr__(self, "tau", tau)
+        for name in ("merge_threshold", "prune_threshold"):
+            object.__setattr__(self, name, _number(getattr(self, name), name, optional=True))
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The reducer stages this layer runs, in order."""
+        return OPS[self.op]
+
+    @property
+    def stage_keeps(self) -> tuple[float, ...]:
+        """For each stage, the fraction of the layer's input patch tokens left after it."""
+        if len(self.stages) == 2:
+            mk = self.merge_keep if self.merge_keep is not None else max(MIN_MERGE_KEEP, math.sqrt(self.keep))
+            return (mk, self.keep)
+        return (self.keep,) * len(self.stages)
+
+    def needs(self) -> tuple[str, ...]:
+        """Names of the thresholds this layer's stages use (``merge_threshold``, ``prune_threshold``)."""
+        out = []
+        for stage in self.stages:
+            name = "merge_threshold" if stage == "merge" else "prune_threshold"
+            if name not in out:
+                out.append(name)
+        return tuple(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def stage_counts(n: int, layer: LayerPlan) -> list[int]:
+    """Patch tokens left after each stage of ``layer`` when ``n`` enter it (hard-static mode).
+
+    This is the one rule both the static reducers and the FLOP model follow: round to nearest, keep
+    at least one token, and a merge removes at most ``n // 2`` tokens.
+    """
+    out: list[int] = []
+    cur = n
+    for stage, keep in zip(layer.stages, layer.stage_keeps):
+        want = max(1, _round(keep * n))
+        if stage == "merge":
+            want = max(want, cur - cur // 2)
+        cur = min(want, cur)
+        out.append(cur)
+    return out
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """A per-layer reduction plan for one ViT geometry.
+
+    Attributes:
+        layers: One :class:`LayerPlan` per transformer block.
+        model: timm model name the plan was made for (informative).
+        geometry: Token geometry of that model; required to compute FLOPs without the model.
+        meta: Free-form JSON-serialisable facts (target, measured ratio, study, trial, ...).
+    """
+
+    layers: tuple[LayerPlan, ...]
+    model: str | None = None
+    geometry: ViTGeometry | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        layers = tuple(self.layers)
+        if not layers:
+            raise LTMPError("layers: a plan needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, LayerPlan):
+                raise LTMPError(f"layers[{i}]: expected a LayerPlan, got {type(layer).__name__}")
+        object.__setattr__(self, "layers", layers)
+        if self.geometry is not None and len(layers) != self.geometry.depth:
+            raise LTMPError(f"layers: {len(layers)} layers for a model of depth {self.geometry.depth}")
+        if self.model is not None and not isinstance(self.model, str):
+            raise LTMPError(f"model: expected a string, got {self.model!r}")
+        if not isinstance(self.meta, Mapping):
+            raise LTMPError(f"meta: expected an object, got {type(self.meta).__name__}")
+        try:
+            json.dumps(dict(self.meta), allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise LTMPError(f"meta: not JSON-serialisable ({e})") from None
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return tuple(layer.op for layer in self.layers)
+
+    @property
+    def keeps(self) -> tuple[float, ...]:
+        return tuple(layer.keep for layer in self.layers)
+
+    def with_layers(self, **changes: Sequence[Any]) -> "ReductionPlan":
+        """A copy with per-layer fields replaced, e.g. ``plan.with_layers(merge_threshold=[...])``."""
+        layers = list(self.layers)
+        for name, values in changes.items():
+            values = list(values)
+            if len(values) != len(layers):
+                raise LTMPError(f"{name}: {len(values)} values for {len(layers)} layers")
+            layers = [_replace_layer(layer, i, **{name: v}) for i, (layer, v) in enumerate(zip(layers, values))]
+        return replace(self, layers=tuple(layers))
+
+    def static_counts(self, num_patches: int | None = None) -> list[int]:
+        """Patch tokens after each layer in hard-static mode (``num_patches`` defaults to the geometry's)."""
+        if num_patches is None:
+            if self.geometry is None:
+                raise LTMPError("geometry: the plan has no geometry; pass num_patches")
+            num_patches = self.geometry.num_patches
+        out, n = [], num_patches
+        for layer in self.layers:
+            counts = stage_counts(n, layer)
+            n = counts[-1] if counts else n
+            out.append(n)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (see :func:`save_plan`)."""
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "model": self.model,
+            "geometry": None if self.geometry is None else self.geometry.to_dict(),
+            "layers": [layer.to_dict() for layer in self.layers],
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ReductionPlan":
+        """Validate the JSON form; every error names the offending field."""
+        if not isinstance(data, Mapping):
+            raise LTMPError(f"plan: expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise LTMPError(f"format: expected {FORMAT!r}, got {data.get('format')!r}; not an ltmp-search plan")
+        version = data.get("version")
+        if version != FORMAT_VERSION or isinstance(version, bool):
+            raise LTMPError(f"version: plan format version {version!r} is not supported (expected {FORMAT_VERSION})")
+        known = {"format", "version", "model", "geometry", "layers", "meta"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LTMPError(f"{unknown[0]}: unknown field")
+        if "layers" not in data:
+            raise LTMPError("layers: missing")
+        raw_layers = data["layers"]
+        if not isinstance(raw_layers, list):
+            raise LTMPError(f"layers: expected a list, got {type(raw_layers).__name__}")
+        layer_fields = {f.name for f in fields(LayerPlan)}
+        layers = []
+        for i, raw in enumerate(raw_layers):
+            if not isinstance(raw, Mapping):
+                raise LTMPError(f"layers[{i}]: expected an object, got {type(raw).__name__}")
+            bad = sorted(set(raw) - layer_fields)
+            if bad:
+                raise LTMPError(f"layers[{i}].{bad[0]}: unknown field")
+            layers.append(_replace_layer(None, i, **raw))
+        geometry = data.get("geometry")
+        geometry = None if geometry is None else ViTGeometry.from_dict(geometry)
+        meta = data.get("meta") or {}
+        return cls(layers=tuple(layers), model=data.get("model"), geometry=geometry, meta=meta)
+
+
+def _replace_layer(layer: LayerPlan | None, index: int, **values: Any) -> LayerPlan:
+    """Build or change a layer, prefixing any validation error with ``layers[index].``."""
+    try:
+        return LayerPlan(**values) if layer is None else replace(layer, **values)
+    except LTMPError as e:
+        raise LTMPError(f"layers[{index}].{e}") from None
+    except TypeError as e:  # a missing or unexpected keyword
+        raise LTMPError(f"layers[{index}]: {e}") from None
+
+
+PerLayer = Union[Any, Sequence[Any]]
+
+
+def _per_layer(value: PerLayer, depth: int, name: str) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != depth:
+            raise LTMPError(f"{name}: {len(value)} values for a model of depth {depth}")
+        return list(value)
+    return [value] * depth
+
+
+def make_plan(
+    model: nn.Module | ViTGeometry,
+    op: PerLayer = "merge+prune",
+    keep: PerLayer = 0.9,
+    *,
+    merge_keep: PerLayer = None,
+    tau: PerLayer = DEFAULT_TAU,
+    model_name: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> ReductionPlan:
+    """Build a plan for ``model`` (a timm ViT, or its :class:`ViTGeometry`).
+
+    Each of ``op``, ``keep``, ``merge_keep`` and ``tau`` is one value for every layer or a list with
+    one value per layer. Layers whose op is ``none`` get ``keep=1`` whatever ``keep`` says.
+
+    Example:
+        >>> plan = make_plan(model, op=["none", "merge", "merge+prune", "prune"], keep=0.8)
+    """
+    if isinstance(model, ViTGeometry):
+        geometry = model
+    else:
+        geometry = ViTGeometry.from_model(model)
+        if model_name is None:
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            model_name = cfg.get("architecture")
+    depth = geometry.depth
+    ops = _per_layer(op, depth, "op")
+    keeps = _per_layer(keep, depth, "keep")
+    merge_keeps = _per_layer(merge_keep, depth, "merge_keep")
+    taus = _per_layer(tau, depth, "tau")
+    layers = []
+    for i, (o, k, mk, t) in enumerate(zip(ops, keeps, merge_keeps, taus)):
+        if o == "none":
+            k, mk = 1.0, None
+        elif o not in ("merge+prune", "merge+squeeze"):
+            mk = None
+        layers.append(_replace_layer(None, i, op=o, keep=k, merge_keep=mk, tau=t))
+    return ReductionPlan(layers=tuple(layers), model=model_name, geometry=geometry, meta=dict(meta or {}))
+
+
+def save_plan(plan: ReductionPlan, path: str | os.PathLike[str]) -> Path:
+    """Write ``plan`` as JSON, atomically: the file is either the whole plan or untouched."""
+    path = Path(path)
+    text = json.dumps(plan.to_dict(), indent=2, allow_nan=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_plan(path: str | os.PathLike[str]) -> ReductionPlan:
+    """Read and validate a plan written by :func:`save_plan` (or ``search export``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LTMPError(f"{path}: no such plan file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LTMPError(f"{path}: cannot read plan ({e})") from None
+    try:
+        data = json.loads(text, parse_constant=lambda c: float(c))
+    except json.JSONDecodeError as e:
+        raise LTMPError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    try:
+        return ReductionPlan.from_dict(data)
+    except LTMPError as e:
+        raise LTMPError(f"{path}: {e}") from None

@@ -1,0 +1,193 @@
+"""Token reducers as pure functions of tensors: merge (LTMP/ToMe), prune (LTMP), squeeze (TPS).
+
+Every reducer takes a :class:`Tokens` bundle and a ``decide`` function and returns a new bundle of
+the same length: removed tokens are marked dead in ``alive`` (0) and, for merge and squeeze, their
+content is fused into a surviving token. Whether the caller then drops dead tokens (hard modes) or
+keeps them masked (soft mode) is the caller's business, so one implementation serves all modes.
+
+``decide(score, eligible)`` returns removal weights in [0, 1] (exactly 0 where not eligible): a
+threshold with a straight-through sigmoid in soft mode, a hard threshold in dynamic mode, top-k in
+static mode. Higher scores are removed first.
+
+The registry :data:`REDUCERS` maps a stage name to its function and what it needs; an operation in
+``ltmp_core.plan.OPS`` is a sequence of registered stages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["Tokens", "Reducer", "REDUCERS", "register_reducer", "merge", "prune", "squeeze", "top_k_mask"]
+
+Decide = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Tokens:
+    """The token sequence of a batch, as a reducer sees it.
+
+    Attributes:
+        x: Token features, ``[B, N, C]``.
+        size: Patches each token stands for, ``[B, N]`` (proportional attention weights).
+        alive: 1 for tokens present, 0 for removed or padding, ``[B, N]``; may carry
+            straight-through gradients in soft mode.
+        metric: Unit-norm similarity features (attention keys averaged over heads), ``[B, N, d]``.
+        importance: Mean attention each token receives, ``[B, N]``; ``+inf`` on prefix tokens.
+            ``None`` when no stage of the layer needs it.
+        num_prefix: Leading class/distillation/register tokens, never reduced.
+    """
+
+    x: Tensor
+    size: Tensor
+    alive: Tensor
+    metric: Tensor
+    importance: Tensor | None
+    num_prefix: int
+
+    def candidates(self) -> Tensor:
+        """Live patch tokens: the only tokens a reducer may touch, ``[B, N]`` bool."""
+        n = self.alive.shape[1]
+        patch = torch.arange(n, device=self.alive.device) >= self.num_prefix
+        return (self.alive.detach() > 0.5) & patch
+
+
+@dataclass(frozen=True)
+class Reducer:
+    """A registered reducer stage.
+
+    Attributes:
+        name: Stage name used in operations (``merge``, ``prune``, ``squeeze``).
+        fn: ``fn(tokens, decide) -> tokens``.
+        threshold: Which learned threshold of a block drives it (``merge_threshold`` or
+            ``prune_threshold``).
+        needs_importance: Needs the attention map (mean attention received).
+        similarities: Number of ``N x N`` similarity matrices it computes (for the FLOP model).
+    """
+
+    name: str
+    fn: Callable[[Tokens, Decide], Tokens]
+    threshold: str
+    needs_importance: bool
+    similarities: int
+
+
+REDUCERS: dict[str, Reducer] = {}
+
+
+def register_reducer(name: str, *, threshold: str, needs_importance: bool, similarities: int):
+    """Register ``fn(tokens, decide) -> tokens`` as the reducer stage ``name``."""
+    if threshold not in ("merge_threshold", "prune_threshold"):
+        raise ValueError(f"threshold must be merge_threshold or prune_threshold, got {threshold!r}")
+
+    def wrap(fn: Callable[[Tokens, Decide], Tokens]) -> Callable[[Tokens, Decide], Tokens]:
+        REDUCERS[name] = Reducer(name, fn, threshold, needs_importance, similarities)
+        return fn
+
+    return wrap
+
+
+def top_k_mask(score: Tensor, eligible: Tensor, k: int) -> Tensor:
+    """Removal weights that remove the ``k`` highest-scoring eligible tokens of every row.
+
+    ``k`` must not exceed the number of eligible tokens in any row (static mode guarantees it).
+    """
+    out = torch.zeros_like(score, dtype=torch.float32)
+    if k <= 0:
+        return out
+    idx = score.float().masked_fill(~eligible, float("-inf")).topk(k, dim=1).indices
+    return out.scatter_(1, idx, 1.0)
+
+
+def _similarity(metric: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
+    """Best cosine similarity of every token to a token in ``columns``, and that token's index."""
+    sim = metric @ metric.transpose(1, 2)
+    sim = sim.float().masked_fill(~columns[:, None, :], float("-inf"))
+    return sim.max(dim=-1)
+
+
+def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: Tensor) -> Tokens:
+    """Remove tokens with weights ``remove`` and fold them into ``dest``.
+
+    The host ``j`` becomes ``(hw_j x_j + sum_i r_i w_i x_i) / (hw_j + sum_i r_i w_i)`` over the
+    tokens ``i`` with ``dest[i] = j``; its size grows by ``sum_i r_i size_i``. Tokens that receive
+    nothing are left bit-for-bit unchanged.
+    """
+    wr = remove * weight
+    acc_w = torch.zeros_like(wr).scatter_add_(1, dest, wr)
+    got = acc_w > 0
+    idx = dest.unsqueeze(-1)
+
+    def fold(v: Tensor) -> Tensor:
+        w = wr.to(v.dtype).unsqueeze(-1)
+        acc = torch.zeros_like(v).scatter_add_(1, idx.expand_as(v), w * v)
+        hw = host_weight.to(v.dtype).unsqueeze(-1)
+        folded = (hw * v + acc) / (hw + acc_w.to(v.dtype).unsqueeze(-1))
+        return torch.where(got.unsqueeze(-1), folded, v)
+
+    x = fold(t.x)
+    metric = fold(t.metric)
+    metric = torch.where(got.unsqueeze(-1), metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6), metric)
+    moved = remove * t.size * (weight > 0)
+    size = t.size + torch.zeros_like(t.size).scatter_add_(1, dest, moved)
+    importance = t.importance
+    if importance is not None:
+        # A host is as important as the most important token it absorbed (LTMP).
+        src = torch.where(remove.detach() > 0.5, importance, torch.full_like(importance, -math.inf))
+        importance = importance.scatter_reduce(1, dest, src, reduce="amax", include_self=True)
+    return replace(t, x=x, size=size, alive=t.alive * (1 - remove), metric=metric, importance=importance)
+
+
+@register_reducer("merge", threshold="merge_threshold", needs_importance=False, similarities=1)
+def merge(t: Tokens, decide: Decide) -> Tokens:
+    """Bipartite threshold merging (LTMP; ToMe's matching).
+
+    Live patch tokens alternate between a source set (odd rank) and a destination set (even rank).
+    Each source token's score is its best cosine similarity to a destination token; the tokens
+    ``decide`` removes are averaged into their match, weighted by size.
+    """
+    cand = t.candidates()
+    rank = cand.long().cumsum(1) - 1
+    src = cand & (rank % 2 == 1)
+    dst = cand & (rank % 2 == 0)
+    best, dest = _similarity(t.metric, dst)
+    eligible = src & dst.any(dim=1, keepdim=True)
+    remove = decide(best.masked_fill(~eligible, 0.0), eligible) * eligible
+    return _fuse(t, remove, dest, t.size, t.size)
+
+
+def _prune_weights(t: Tokens, decide: Decide) -> Tensor:
+    """Removal weights of the least important live patch tokens; the most important one stays."""
+    if t.importance is None:
+        raise ValueError("prune and squeeze need importance scores")
+    cand = t.candidates()
+    top = t.importance.masked_fill(~cand, float("-inf")).argmax(dim=1, keepdim=True)
+    eligible = cand.scatter(1, top, False)
+    score = (-t.importance).masked_fill(~eligible, 0.0)
+    return decide(score, eligible) * eligible
+
+
+@register_reducer("prune", threshold="prune_threshold", needs_importance=True, similarities=0)
+def prune(t: Tokens, decide: Decide) -> Tokens:
+    """Threshold pruning on importance (LTMP): tokens that receive little attention are dropped."""
+    remove = _prune_weights(t, decide)
+    return replace(t, alive=t.alive * (1 - remove))
+
+
+@register_reducer("squeeze", threshold="prune_threshold", needs_importance=True, similarities=1)
+def squeeze(t: Tokens, decide: Decide) -> Tokens:
+    """Prune, then fuse every pruned token into its most similar kept token (TPS).
+
+    A host ``k`` with fused tokens ``j`` becomes ``(e s_k x_k + sum_j exp(c_jk) s_j x_j) / (e s_k +
+    sum_j exp(c_jk) s_j)``, with ``c`` the cosine similarity and ``s`` the token sizes (all 1 in
+    TPS, where this is its formula: the host weighs ``e = exp(1)``, its self-similarity).
+    """
+    remove = _prune_weights(t, decide)
+    hosts = t.candidates() & (remove.detach() < 0.5)
+    best, dest = _similarity(t.metric, hosts)
+    weight = torch.exp(best) * t.size  # exp(-inf) = 0: with no host a token is simply pruned
+    return _fuse(t, remove, dest, weight, math.e * t.size)

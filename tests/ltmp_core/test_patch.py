@@ -1,0 +1,273 @@
+"""Patching timm ViTs: checked against stock timm outputs and invariants, in every mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock, VisionTransformer
+
+import ltmp_core
+from ltmp_core import LTMPError
+from tests.conftest import ARCHITECTURES, TINY, images, tiny_model
+
+MIXED_OPS = ["merge", "prune", "squeeze", "merge+squeeze"]
+ALL_OPS = ["merge+prune", "squeeze", "merge", "prune"]
+MODES = ["soft", "dynamic", "static"]
+
+
+def calibrated(arch: str, ops=MIXED_OPS, keep=(0.75, 0.7, 0.7, 0.6), mode="dynamic", x=None, **kw):
+    model = tiny_model(arch, **kw)
+    plan = ltmp_core.make_plan(model, op=list(ops), keep=list(keep))
+    ltmp_core.apply_plan(model, plan, mode="static")
+    ltmp_core.calibrate(model, images(8) if x is None else x)
+    ltmp_core.set_mode(model, mode)
+    return model
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("mode", MODES)
+def test_none_plan_equals_stock_timm(arch, mode, fused):
+    model = tiny_model(arch, fused=fused)
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op="none"), mode=mode)
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def with_duplicate_patches(model, pairs):
+    """An image whose patches ``a`` and ``b`` (and their position embeddings) are identical."""
+    x = images(1, seed=7)
+    p = model.patch_embed.patch_size[0]
+    cols = model.patch_embed.grid_size[1]
+    offset = 0 if model.no_embed_class else model.num_prefix_tokens
+    with torch.no_grad():
+        for a, b in pairs:
+            ra, ca, rb, cb = a // cols, a % cols, b // cols, b % cols
+            x[..., rb * p:(rb + 1) * p, cb * p:(cb + 1) * p] = x[..., ra * p:(ra + 1) * p, ca * p:(ca + 1) * p]
+            model.pos_embed[:, offset + b] = model.pos_embed[:, offset + a]
+    return x
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("arch", ["deit_small", "deit_small_distilled", "reg4_dinov2", "avg_pool"])
+def test_merging_exact_duplicates_changes_nothing(arch, mode):
+    """ToMe's invariant: with proportional attention, two identical tokens act as one of size 2."""
+    model = tiny_model(arch)
+    pairs = [(0, 1), (6, 7), (12, 13)]  # (destination, source) in the bipartite split
+    x = with_duplicate_patches(model, pairs)
+    with torch.no_grad():
+        expected = model(x)
+        n = model.patch_embed.num_patches
+        plan = ltmp_core.make_plan(model, op=["merge", "none", "none", "none"], keep=[(n - 3) / n, 1, 1, 1])
+        plan = plan.with_layers(merge_threshold=[0.99999, None, None, None])
+        ltmp_core.apply_plan(model, plan, mode=mode)
+        got = model(x)
+    p = model.num_prefix_tokens
+    assert ltmp_core.token_counts(model)[:, 0].tolist() == [p + n] + [p + n - 3] * 4
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tau", [1e-3, 1.0])
+@pytest.mark.parametrize("arch", ["deit_small", "deit_small_distilled", "reg4_dinov2", "qk_norm", "avg_pool"])
+def test_soft_mode_predicts_like_dynamic(arch, tau):
+    """Soft masks are hard in the forward pass (straight-through), so soft == dynamic to 1e-5."""
+    x = images(8)
+    model = calibrated(arch, ops=ALL_OPS)
+    with torch.no_grad():
+        hard = model(x)
+        hard_counts = ltmp_core.token_counts(model)
+        plan = ltmp_core.get_plan(model).with_layers(tau=[tau] * 4)
+        ltmp_core.apply_plan(model, plan, mode="soft")
+        soft = model(x)
+        soft_counts = ltmp_core.token_counts(model)
+    assert torch.equal(soft_counts, hard_counts)
+    assert hard_counts[-1].min() < hard_counts[0].min(), "the plan really removed tokens"
+    torch.testing.assert_close(soft, hard, rtol=0, atol=1e-5)
+    assert torch.equal(soft.argmax(-1), hard.argmax(-1))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_dynamic_mode_is_batch_invariant(arch, fused):
+    x = images(6)
+    model = calibrated(arch, fused=fused, x=images(8, seed=3))
+    with torch.no_grad():
+        batched = model(x)
+        counts = ltmp_core.token_counts(model)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+    assert (counts.max(dim=1).values > counts.min(dim=1).values).any(), "images kept different counts (padding)"
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("ops", "keep"),
+    [
+        (["merge", "merge", "merge", "merge"], [0.5, 0.75, 0.9, 0.6]),
+        (["prune", "squeeze", "none", "prune"], [0.8, 0.5, 1.0, 0.3]),
+        (["merge+prune", "merge+squeeze", "merge+prune", "squeeze"], [0.6, 0.6, 0.5, 0.5]),
+    ],
+)
+def test_static_mode_keeps_exactly_the_planned_counts(arch, ops, keep):
+    model = tiny_model(arch)
+    plan = ltmp_core.make_plan(model, op=ops, keep=keep)
+    ltmp_core.apply_plan(model, plan, mode="static")
+    with torch.no_grad():
+        out = model(images(5))
+    p = model.num_prefix_tokens
+    expected = [p + 16] + [p + n for n in plan.static_counts()]
+    assert ltmp_core.token_counts(model).tolist() == [[float(c)] * 5 for c in expected]
+    assert out.shape == (5, 10) and torch.isfinite(out).all()
+
+
+def test_soft_mode_gradients_reach_thresholds_only():
+    model = calibrated("deit_small", ops=ALL_OPS, mode="soft")
+    thresholds = ltmp_core.threshold_parameters(model)
+    assert len(thresholds) == 5  # merge+prune has two, squeeze, merge and prune one each
+    ids = {id(p) for p in thresholds}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    x = images(8)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.arange(8) % 10)
+    loss = loss + ltmp_core.flops_budget_loss(model, 0.3) + ltmp_core.layer_budget_loss(model)
+    loss.backward()
+    for p in thresholds:
+        assert p.grad is not None and torch.isfinite(p.grad) and p.grad.abs() > 0
+    for p in model.parameters():
+        if id(p) not in ids:
+            assert p.grad is None
+
+
+def test_budget_gradient_points_the_right_way():
+    """A higher merge threshold merges less (more FLOPs); a higher prune threshold prunes more."""
+    model = calibrated("deit_small", ops=["merge", "prune", "merge", "prune"], mode="soft")
+    model(images(8))
+    ratio = ltmp_core.expected_flops_ratio(model)
+    ratio.backward()
+    merge = sum(b.merge_threshold.grad for b in model.blocks if "merge_threshold" in b._parameters)
+    prune = sum(b.prune_threshold.grad for b in model.blocks if "prune_threshold" in b._parameters)
+    assert merge > 0 and prune < 0
+
+
+def test_calibration_puts_each_layer_on_its_budget():
+    """Each layer's mean kept fraction is its budget, rounded to whole tokens per image."""
+    x = images(16)
+    keep = (0.75, 0.6, 0.7, 0.5)
+    model = calibrated("deit_small", ops=ALL_OPS, keep=keep, x=x)
+    with torch.no_grad():
+        model(x)
+    patches = ltmp_core.token_counts(model) - 1
+    for layer, k in enumerate(keep):
+        n_in = patches[layer]
+        target = (torch.clamp(torch.floor(k * n_in + 0.5), min=1) / n_in).mean()
+        kept = (patches[layer + 1] / n_in).mean()
+        assert abs(kept - target) < 0.02, (layer, kept, target)
+    assert patches[-1].float().std() > 0, "thresholds, not counts: images differ"
+
+
+def test_exported_plan_reproduces_the_model(tmp_path):
+    x = images(6)
+    model = calibrated("deit_small", ops=ALL_OPS)
+    with torch.no_grad():
+        expected = model(x)
+    path = ltmp_core.save_plan(ltmp_core.get_plan(model), tmp_path / "plan.json")
+    fresh = tiny_model("deit_small")
+    ltmp_core.apply_plan(fresh, ltmp_core.load_plan(path), mode="dynamic")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=0, atol=1e-6)
+
+
+def test_remove_plan_restores_stock_timm():
+    model = tiny_model("deit3_small")
+    x = images()
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        expected = model(x)
+        ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op="merge+prune", keep=0.5))
+        assert not torch.allclose(model(x), expected)
+        ltmp_core.remove_plan(model)
+        got = model(x)
+    assert type(model) is VisionTransformer and all(type(b) is Block for b in model.blocks)
+    assert not ltmp_core.is_patched(model)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_reapplying_a_plan_replaces_the_old_one():
+    model = tiny_model("deit_small")
+    ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op="prune", keep=0.5))
+    ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op="none"))
+    with torch.no_grad():
+        model(images())
+    assert ltmp_core.token_counts(model)[:, 0].tolist() == [17.0] * 5
+    assert ltmp_core.threshold_parameters(model) == []
+
+
+def test_deepcopy_of_a_patched_model_is_independent():
+    model = calibrated("deit_small", ops=ALL_OPS)
+    clone = copy.deepcopy(model)
+    clone.blocks[0].merge_threshold.data.fill_(2.0)  # nothing merges in the clone's first block
+    x = images(4)
+    with torch.no_grad():
+        a, b = model(x), clone(x)
+    kept, kept_clone = ltmp_core.token_counts(model)[1], ltmp_core.token_counts(clone)[1]
+    assert (kept_clone >= kept).all() and kept_clone.sum() > kept.sum()
+    assert ltmp_core.get_plan(model).layers[0].merge_threshold != 2.0
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "soft"])
+def test_bf16_autocast_runs(mode):
+    model = calibrated("deit_small", ops=ALL_OPS, mode=mode)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images(4))
+    assert torch.isfinite(out).all()
+
+
+def test_dynamic_mode_without_thresholds_is_refused():
+    model = tiny_model("deit_small")
+    plan = ltmp_core.make_plan(model, op="merge", keep=0.8)
+    with pytest.raises(LTMPError, match=r"layers\[0\]\.merge_threshold: not set"):
+        ltmp_core.apply_plan(model, plan, mode="dynamic")
+    assert not ltmp_core.is_patched(model), "a refused plan leaves the model stock"
+
+
+def test_patched_block_refuses_attention_masks():
+    model = tiny_model("deit_small")
+    ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op="prune", keep=0.5))
+    with pytest.raises(LTMPError, match="attention mask"):
+        model(images(2), attn_mask=torch.ones(17, 17, dtype=torch.bool))
+
+
+def unsupported_models():
+    yield "resnet", lambda: timm.create_model("resnet18", pretrained=False), "not a timm VisionTransformer"
+    yield "map_pool", lambda: timm.create_model(
+        "vit_small_patch16_224", pretrained=False, global_pool="map", **TINY), "global_pool='map'"
+    yield "res_post", lambda: VisionTransformer(block_fn=ResPostBlock, **TINY), "ResPostBlock"
+    yield "parallel", lambda: VisionTransformer(block_fn=ParallelScalingBlock, **TINY), "ParallelScalingBlock"
+
+
+@pytest.mark.parametrize(("name", "make", "message"), list(unsupported_models()), ids=lambda v: v if isinstance(v, str) else "")
+def test_unsupported_models_are_refused(name, make, message):
+    model = make()
+    geometry = ltmp_core.ViTGeometry(
+        depth=4, embed_dim=48, num_heads=3, head_dim=16, mlp_hidden=192, num_patches=16, num_prefix_tokens=1,
+        num_classes=10, patch_size=(8, 8), img_size=(32, 32), attn_macs_per_token=1, mlp_macs_per_token=1,
+        embed_macs=1, head_macs=0)
+    plan = ltmp_core.make_plan(geometry, op="prune", keep=0.5)
+    with pytest.raises(LTMPError, match=message):
+        ltmp_core.apply_plan(model, plan)
+    assert not ltmp_core.is_patched(model)
+
+
+def test_plan_of_wrong_depth_and_unknown_mode_are_refused():
+    model = tiny_model("deit_small")
+    deep = ltmp_core.make_plan(tiny_model("deit_small", depth=6), op="prune", keep=0.5)
+    with pytest.raises(LTMPError, match="6 layers, but the model has 4 blocks"):
+        ltmp_core.apply_plan(model, deep)
+    with pytest.raises(LTMPError, match="unknown mode 'fast'"):
+        ltmp_core.apply_plan(model, ltmp_core.make_plan(model), mode="fast")

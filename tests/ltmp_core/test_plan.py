@@ -1,0 +1,199 @@
+"""Plans: validation, JSON round trip, every invalid case raising the one project error."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ltmp_core
+from ltmp_core import LayerPlan, LTMPError, ReductionPlan
+from ltmp_core.plan import stage_counts
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def plan() -> ReductionPlan:
+    model = tiny_model("deit_small")
+    return ltmp_core.make_plan(
+        model,
+        op=["merge", "merge+prune", "squeeze", "merge+squeeze"],
+        keep=[0.75, 0.6, 0.8, 0.5],
+        merge_keep=[None, 0.8, None, None],
+        meta={"target": 0.35, "note": "hand-made"},
+    ).with_layers(
+        merge_threshold=[0.9, 0.8, None, 0.7],
+        prune_threshold=[None, 0.01, 0.02, 0.03],
+    )
+
+
+def test_make_plan_reads_model_geometry(plan):
+    assert plan.depth == 4
+    assert plan.model == "deit_small_patch16_224"
+    g = plan.geometry
+    assert (g.num_patches, g.num_prefix_tokens, g.embed_dim, g.num_heads, g.depth) == (16, 1, 48, 3, 4)
+    assert plan.ops == ("merge", "merge+prune", "squeeze", "merge+squeeze")
+
+
+def test_json_round_trip(plan, tmp_path):
+    path = ltmp_core.save_plan(plan, tmp_path / "sub" / "plan.json")
+    loaded = ltmp_core.load_plan(path)
+    assert loaded == plan
+    data = json.loads(path.read_text())
+    assert data["format"] == "ltmp-plan" and data["version"] == 1
+    assert data["layers"][1] == {
+        "op": "merge+prune", "keep": 0.6, "merge_keep": 0.8,
+        "merge_threshold": 0.8, "prune_threshold": 0.01, "tau": 0.1,
+    }
+    assert not list(tmp_path.glob("sub/.*.tmp")), "no temporary file left behind"
+
+
+def test_none_layers_keep_everything():
+    model = tiny_model("deit_small")
+    plan = ltmp_core.make_plan(model, op=["none", "prune", "none", "merge"], keep=0.7)
+    assert plan.keeps == (1.0, 0.7, 1.0, 0.7)
+
+
+def test_default_merge_keep_splits_the_cut_evenly():
+    layer = LayerPlan(op="merge+prune", keep=0.64)
+    assert layer.stage_keeps == pytest.approx((0.8, 0.64))
+    # A merge cannot remove more than half: the merge stage stops at 0.5.
+    assert LayerPlan(op="merge+squeeze", keep=0.1).stage_keeps == pytest.approx((0.5, 0.1))
+
+
+@pytest.mark.parametrize(
+    ("n", "layer", "expected"),
+    [
+        (16, LayerPlan(op="prune", keep=0.7), [11]),  # 11.2 -> 11
+        (16, LayerPlan(op="merge", keep=0.5), [8]),
+        (17, LayerPlan(op="merge", keep=0.5), [9]),  # at most 17 // 2 = 8 merged
+        (16, LayerPlan(op="merge+prune", keep=0.25, merge_keep=0.5), [8, 4]),
+        (3, LayerPlan(op="squeeze", keep=0.01), [1]),  # at least one token stays
+        (16, LayerPlan(op="none"), []),
+    ],
+)
+def test_stage_counts_hand_computed(n, layer, expected):
+    assert stage_counts(n, layer) == expected
+
+
+BAD_LAYERS = [
+    ({"op": "shuffle"}, "op"),
+    ({"op": "prune", "keep": 0.0}, "keep"),
+    ({"op": "prune", "keep": 1.5}, "keep"),
+    ({"op": "prune", "keep": -0.2}, "keep"),
+    ({"op": "prune", "keep": math.nan}, "keep"),
+    ({"op": "prune", "keep": "0.5"}, "keep"),
+    ({"op": "prune", "keep": True}, "keep"),
+    ({"op": "none", "keep": 0.5}, "keep"),
+    ({"op": "merge", "keep": 0.3}, "keep"),
+    ({"op": "prune", "keep": 0.5, "merge_keep": 0.7}, "merge_keep"),
+    ({"op": "merge+prune", "keep": 0.6, "merge_keep": 0.5}, "merge_keep"),
+    ({"op": "merge", "keep": 0.8, "merge_threshold": math.inf}, "merge_threshold"),
+    ({"op": "prune", "keep": 0.8, "prune_threshold": math.nan}, "prune_threshold"),
+    ({"op": "prune", "keep": 0.8, "tau": 0.0}, "tau"),
+]
+
+
+@pytest.mark.parametrize(("fields", "name"), BAD_LAYERS)
+def test_invalid_layer_raises_naming_the_field(fields, name):
+    with pytest.raises(LTMPError, match=rf"^{name}:"):
+        LayerPlan(**fields)
+
+
+def _mutations(plan: ReductionPlan):
+    good = plan.to_dict()
+
+    def change(fn):
+        d = json.loads(json.dumps(good))
+        fn(d)
+        return d
+
+    yield "format", change(lambda d: d.update(format="torch-checkpoint"))
+    yield "version", change(lambda d: d.update(version=2))
+    yield "version", change(lambda d: d.pop("version"))
+    yield "layers: 3 layers", change(lambda d: d["layers"].pop())
+    yield "layers", change(lambda d: d.update(layers={"op": "merge"}))
+    yield r"layers\[2\]\.op", change(lambda d: d["layers"][2].update(op="drop"))
+    yield r"layers\[0\].keep", change(lambda d: d["layers"][0].update(keep=2))
+    yield r"layers\[1\].colour", change(lambda d: d["layers"][1].update(colour="red"))
+    yield "extra", change(lambda d: d.update(extra=1))
+    yield "geometry.depth", change(lambda d: d["geometry"].update(depth="4"))
+    yield "geometry.num_patches", change(lambda d: d["geometry"].pop("num_patches"))
+
+
+def test_invalid_json_plans_raise_naming_the_field(plan, tmp_path):
+    for name, data in _mutations(plan):  # name: a regex the message must contain
+        path = tmp_path / "plan.json"
+        path.write_text(json.dumps(data))
+        with pytest.raises(LTMPError, match=name):
+            ltmp_core.load_plan(path)
+
+
+def test_nan_in_json_is_refused(plan, tmp_path):
+    text = json.dumps(plan.to_dict()).replace('"keep": 0.75', '"keep": NaN')
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(LTMPError, match=r"layers\[0\]\.keep: must be finite"):
+        ltmp_core.load_plan(path)
+
+
+def test_unreadable_files_raise_project_error(tmp_path):
+    with pytest.raises(LTMPError, match="no such plan file"):
+        ltmp_core.load_plan(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(LTMPError, match="not valid JSON"):
+        ltmp_core.load_plan(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(LTMPError, match="expected a JSON object"):
+        ltmp_core.load_plan(bad)
+
+
+def test_save_plan_failure_leaves_old_file_whole(plan, tmp_path, monkeypatch):
+    path = ltmp_core.save_plan(plan, tmp_path / "plan.json")
+    before = path.read_text()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("ltmp_core.plan.os.replace", boom)
+    with pytest.raises(OSError):
+        ltmp_core.save_plan(plan.with_layers(tau=[0.5] * 4), path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values)
+def test_random_json_never_crashes_load_plan(tmp_path_factory, value):
+    path = tmp_path_factory.mktemp("p") / "plan.json"
+    path.write_text(json.dumps(value))
+    with pytest.raises(LTMPError):
+        ltmp_core.load_plan(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_mutated_plans_load_or_raise_project_error(plan, tmp_path_factory, data):
+    d = plan.to_dict()
+    layer = data.draw(st.integers(0, 3))
+    key = data.draw(st.sampled_from(["op", "keep", "merge_keep", "merge_threshold", "prune_threshold", "tau"]))
+    d["layers"][layer][key] = data.draw(json_values)
+    path = tmp_path_factory.mktemp("p") / "plan.json"
+    path.write_text(json.dumps(d))
+    try:
+        loaded = ltmp_core.load_plan(path)
+    except LTMPError as e:
+        assert f"layers[{layer}]" in str(e)
+    else:
+        assert loaded.depth == 4

@@ -1,0 +1,175 @@
+"""Reducers as pure functions: hand-computed cases and contract tests over every registered stage."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+
+from ltmp_core import OPS, REDUCERS
+from ltmp_core.masking import masked_softmax, threshold_between, threshold_mask
+from ltmp_core.reducers import Tokens, merge, squeeze, top_k_mask
+
+
+def unit(deg: float) -> list[float]:
+    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+def five_tokens(importance: list[float], angles: list[float], size: list[float] | None = None) -> Tokens:
+    """One image, a class token and four patch tokens with 2-d features and metrics."""
+    x = torch.tensor([[[0.0, 0.0], [1.0, 2.0], [3.0, -1.0], [0.0, 4.0], [-2.0, 2.0]]])
+    return Tokens(
+        x=x,
+        size=torch.tensor([size or [1.0] * 5], dtype=torch.float32),
+        alive=torch.ones(1, 5),
+        metric=torch.tensor([[unit(a) for a in angles]]),
+        importance=torch.tensor([importance]),
+        num_prefix=1,
+    )
+
+
+def test_squeeze_equals_tps_formula_by_hand():
+    # cls, p1 (0 deg, imp .4), p2 (10 deg, imp .1), p3 (80 deg, imp .3), p4 (90 deg, imp .05)
+    t = five_tokens([math.inf, 0.4, 0.1, 0.3, 0.05], [45, 0, 10, 80, 90])
+    out = squeeze(t, partial(top_k_mask, k=2))
+    # p2 and p4 are the two least important; p2's nearest kept token is p1 (cos 10 deg beats
+    # cos 70 deg), p4's is p3 (cos 10 deg beats cos 90 deg). TPS: host weight e, fused exp(sim).
+    w = math.exp(math.cos(math.radians(10)))
+    p1 = [(math.e * 1.0 + w * 3.0) / (math.e + w), (math.e * 2.0 + w * -1.0) / (math.e + w)]
+    p3 = [(math.e * 0.0 + w * -2.0) / (math.e + w), (math.e * 4.0 + w * 2.0) / (math.e + w)]
+    assert out.alive.tolist() == [[1, 1, 0, 1, 0]]
+    torch.testing.assert_close(out.x[0, 1], torch.tensor(p1))
+    torch.testing.assert_close(out.x[0, 3], torch.tensor(p3))
+    torch.testing.assert_close(out.x[0, 0], t.x[0, 0], rtol=0, atol=0)
+    assert out.size.tolist() == [[1, 2, 1, 2, 1]]
+
+
+def test_squeeze_with_threshold_matches_top_k():
+    t = five_tokens([math.inf, 0.4, 0.1, 0.3, 0.05], [45, 0, 10, 80, 90])
+    by_count = squeeze(t, partial(top_k_mask, k=2))
+    # prune where importance < 0.2, i.e. remove where -importance > -0.2
+    by_threshold = squeeze(t, lambda score, eligible: (score > -0.2).float())
+    torch.testing.assert_close(by_threshold.x, by_count.x)
+    assert by_threshold.alive.tolist() == by_count.alive.tolist()
+
+
+def test_merge_by_hand_is_size_weighted():
+    # Ranks among patches: p1 (0, dst), p2 (1, src), p3 (2, dst), p4 (3, src).
+    # p2 is 5 deg from p1; p4 is 60 deg from p3: only p2 merges when one token goes.
+    t = five_tokens([math.inf, 0, 0, 0, 0], [45, 0, 5, 30, 90], size=[1, 1, 3, 1, 1])
+    out = merge(t, partial(top_k_mask, k=1))
+    assert out.alive.tolist() == [[1, 1, 0, 1, 1]]
+    torch.testing.assert_close(out.x[0, 1], torch.tensor([(1 * 1.0 + 3 * 3.0) / 4, (1 * 2.0 + 3 * -1.0) / 4]))
+    assert out.size.tolist() == [[1, 4, 3, 1, 1]]
+    torch.testing.assert_close(out.x[0, 3:], t.x[0, 3:], rtol=0, atol=0)
+
+
+def test_merge_never_pairs_within_one_set():
+    # p2 and p4 (both sources) are identical, but a source only merges into a destination.
+    t = five_tokens([math.inf, 0, 0, 0, 0], [0, 90, 0, -90, 0])
+    out = merge(t, partial(top_k_mask, k=1))
+    assert out.alive[0, 1].item() == 1 and out.alive[0, 3].item() == 1
+
+
+def test_every_op_stage_is_registered():
+    for op, stages in OPS.items():
+        for stage in stages:
+            assert stage in REDUCERS, f"{op} uses unregistered stage {stage}"
+
+
+def random_tokens(seed: int = 0, b: int = 3, n: int = 11, c: int = 8, prefix: int = 2, dead: bool = True) -> Tokens:
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(b, n, 4, generator=g)
+    alive = torch.ones(b, n)
+    if dead:
+        alive[:, -2:] = 0  # padding / already removed
+        alive[0, 4] = 0
+    importance = torch.rand(b, n, generator=g)
+    importance[:, :prefix] = math.inf
+    return Tokens(
+        x=torch.randn(b, n, c, generator=g),
+        size=torch.randint(1, 4, (b, n), generator=g).float(),
+        alive=alive,
+        metric=metric / metric.norm(dim=-1, keepdim=True),
+        importance=importance,
+        num_prefix=prefix,
+    )
+
+
+@pytest.fixture(params=sorted(REDUCERS))
+def reducer(request):
+    return REDUCERS[request.param]
+
+
+def test_contract_prefix_and_dead_tokens_untouched(reducer):
+    t = random_tokens()
+    out = reducer.fn(t, lambda score, eligible: eligible.float())  # remove everything allowed
+    p = t.num_prefix
+    torch.testing.assert_close(out.x[:, :p], t.x[:, :p], rtol=0, atol=0)
+    assert torch.equal(out.size[:, :p], t.size[:, :p])
+    assert torch.equal(out.alive[:, :p], t.alive[:, :p])
+    dead = t.alive == 0
+    assert torch.all(out.alive[dead] == 0)
+    assert torch.all(out.size[dead] == t.size[dead]), "dead tokens receive nothing"
+    assert torch.all((out.alive[:, p:] > 0).sum(1) >= 1), "at least one patch token stays"
+
+
+def test_contract_removing_nothing_changes_nothing(reducer):
+    t = random_tokens()
+    out = reducer.fn(t, lambda score, eligible: torch.zeros_like(score))
+    for name in ("x", "size", "alive"):
+        assert torch.equal(getattr(out, name), getattr(t, name)), name
+
+
+def test_contract_removed_count_and_size_conservation(reducer):
+    t = random_tokens(seed=3)
+    out = reducer.fn(t, partial(top_k_mask, k=2))
+    before = (t.alive > 0).sum(1)
+    after = (out.alive > 0).sum(1)
+    assert torch.equal(before - after, torch.full_like(before, 2))
+    live_size_before = (t.size * t.alive).sum(1)
+    live_size_after = (out.size * out.alive).sum(1)
+    if reducer.name == "prune":
+        assert torch.all(live_size_after < live_size_before)
+    else:  # merged or squeezed tokens hand their size to a live host
+        torch.testing.assert_close(live_size_after, live_size_before)
+
+
+def test_contract_soft_weights_carry_gradients(reducer):
+    t = random_tokens(seed=5)
+    theta = torch.tensor(0.0, requires_grad=True)
+    out = reducer.fn(t, lambda score, eligible: threshold_mask(score, theta + score.median(), 0.1))
+    (out.alive.sum() + out.x.sum()).backward()
+    assert theta.grad is not None and theta.grad.abs() > 0
+
+
+def test_threshold_mask_is_hard_forward_sigmoid_backward():
+    score = torch.tensor([0.1, 0.5, 0.9])
+    theta = torch.tensor(0.5, requires_grad=True)
+    m = threshold_mask(score, theta, tau=0.1)
+    assert m.tolist() == [0.0, 0.0, 1.0]
+    m.sum().backward()
+    s = torch.sigmoid((score - 0.5) / 0.1)
+    torch.testing.assert_close(theta.grad, -(s * (1 - s) / 0.1).sum())
+
+
+def test_masked_softmax_equals_softmax_over_kept_entries():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, generator=g)
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1, 1], [0, 0, 1, 0, 0, 0, 1]], dtype=torch.float32)
+    out = masked_softmax(logits, mask)
+    for row in range(2):
+        keep = mask[row].bool()
+        expected = torch.zeros(7)
+        expected[keep] = logits[row, keep].softmax(-1)
+        torch.testing.assert_close(out[row], expected)
+
+
+def test_threshold_between_selects_exactly_k():
+    score = torch.tensor([[0.3, 0.9, 0.1, 0.5], [0.7, 0.2, 0.8, 0.0]])
+    eligible = torch.ones_like(score, dtype=torch.bool)
+    for k in range(0, 9):
+        theta = threshold_between(score, eligible, k)
+        assert int((score > theta).sum()) == k
