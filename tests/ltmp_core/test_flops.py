@@ -1,0 +1,214 @@
+"""The FLOP model against PyTorch's own counter, on stock and patched models, and its inverse."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+import ltmp_core
+from ltmp_core import LayerPlan, LTMPError, ReductionPlan, ViTGeometry
+from tests.conftest import ARCHITECTURES, images, tiny_model
+
+
+def counted_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """PyTorch's count for one forward pass, halved: it counts 2 FLOPs per multiply-accumulate."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2
+
+
+def full_size(name: str, **kwargs) -> torch.nn.Module:
+    """A full-size model on the meta device: shapes without memory or compute."""
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+META_IMAGE = dict(size=(1, 3, 224, 224), device="meta")
+
+FULL_SIZE = [
+    ("deit_tiny_patch16_224", {}),
+    ("deit_small_patch16_224", {}),
+    ("deit_small_distilled_patch16_224", {}),
+    ("vit_small_patch16_224", {}),
+    ("deit3_small_patch16_224", {}),
+    ("vit_small_patch14_reg4_dinov2", {"img_size": 224}),
+    ("vit_base_patch16_224", {"global_pool": "avg", "class_token": False, "fc_norm": True}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), FULL_SIZE, ids=[n for n, _ in FULL_SIZE])
+def test_stock_models_match_pytorch_counter(name, kwargs):
+    model = full_size(name, **kwargs)
+    expected = counted_macs(model, torch.empty(**META_IMAGE))
+    assert ltmp_core.count_flops(model) == pytest.approx(expected, rel=0.01)
+
+
+def test_deit_small_is_4_6_gflops():
+    assert round(ltmp_core.count_flops(full_size("deit_small_patch16_224")) / 1e9, 1) == 4.6
+
+
+PLANS = [
+    dict(op="merge", keep=0.8),
+    dict(op="prune", keep=0.7),
+    dict(op="squeeze", keep=[1.0, 0.5, 1.0, 0.9, 1.0, 0.5, 1.0, 0.9, 1.0, 0.5, 1.0, 1.0]),
+    dict(op="merge+prune", keep=0.75),
+    dict(op="merge+squeeze", keep=0.6, merge_keep=0.8),
+    dict(op=["none", "merge", "prune", "squeeze", "merge+prune", "merge+squeeze"] * 2, keep=0.7),
+]
+
+
+@pytest.mark.parametrize("plan_kwargs", PLANS, ids=lambda p: str(p["op"])[:30])
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_small_distilled_patch16_224"])
+def test_static_plans_match_pytorch_counter(name, plan_kwargs):
+    model = full_size(name)
+    plan = ltmp_core.make_plan(model, **plan_kwargs)
+    ltmp_core.apply_plan(model, plan, mode="static")
+    expected = counted_macs(model, torch.empty(**META_IMAGE))
+    analytic = ltmp_core.count_flops(model)
+    assert analytic == pytest.approx(expected, rel=0.01)
+    stock = ltmp_core.unreduced_macs(plan.geometry)
+    assert ltmp_core.plan_flops_ratio(plan, static=True) == pytest.approx(analytic / stock, rel=1e-9)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_measured_dynamic_flops_match_counter_on_one_image(arch, fused):
+    model = tiny_model(arch, fused=fused)
+    plan = ltmp_core.make_plan(model, op=["merge+prune", "squeeze", "merge", "prune"], keep=[0.7, 0.6, 0.8, 0.5])
+    ltmp_core.apply_plan(model, plan, mode="static")
+    ltmp_core.calibrate(model, images(8))
+    ltmp_core.set_mode(model, "dynamic")
+    x = images(3, seed=11)
+    measured, kept = ltmp_core.measure_flops(model, [x[i:i + 1] for i in range(3)])
+    per_image = [counted_macs(model, x[i:i + 1]) for i in range(3)]
+    assert measured == pytest.approx(sum(per_image) / 3, rel=0.01)
+    # The same images in one padded batch cost the same per image: padding is not counted.
+    batched, kept_batched = ltmp_core.measure_flops(model, [(x, torch.zeros(3))])
+    assert batched == pytest.approx(measured, rel=1e-9)
+    assert kept == pytest.approx(kept_batched)
+    assert len(kept) == 4 and kept[-1] < kept[0] <= 16 + model.num_prefix_tokens
+
+
+def test_measure_flops_of_stock_model_is_count_flops():
+    model = tiny_model("reg4_dinov2")
+    mean, kept = ltmp_core.measure_flops(model, [images(4), images(2)])
+    assert mean == ltmp_core.count_flops(model)
+    assert kept == [21.0] * 4
+
+
+def test_measure_flops_stops_at_max_images():
+    model = tiny_model("deit_small")
+    ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op="prune", keep=0.5), mode="static")
+    mean, _ = ltmp_core.measure_flops(model, [images(4)] * 10, max_images=6)
+    assert mean == ltmp_core.count_flops(model)
+    with pytest.raises(LTMPError, match="no images"):
+        ltmp_core.measure_flops(model, [])
+
+
+def test_count_flops_refuses_dynamic_mode():
+    model = tiny_model("deit_small")
+    ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op="prune", keep=0.5), mode="static")
+    ltmp_core.calibrate(model, images())
+    ltmp_core.set_mode(model, "dynamic")
+    with pytest.raises(LTMPError, match="measure_flops"):
+        ltmp_core.count_flops(model)
+
+
+def test_budget_term_equals_measured_ratio_when_masks_are_hard():
+    """Soft mode on one image: the differentiable ratio is what the counter measures when reduced."""
+    model = tiny_model("deit_small_distilled")
+    plan = ltmp_core.make_plan(model, op=["merge+squeeze", "prune", "merge", "merge+prune"], keep=[0.6, 0.7, 0.8, 0.5])
+    ltmp_core.apply_plan(model, plan, mode="static")
+    ltmp_core.calibrate(model, images(8))
+    x = images(1, seed=5)
+    stock = counted_macs(tiny_model("deit_small_distilled"), x)
+    ltmp_core.set_mode(model, "dynamic")
+    measured = counted_macs(model, x) / stock
+    ltmp_core.set_mode(model, "soft")
+    model(x)
+    ratio = ltmp_core.expected_flops_ratio(model)
+    assert ratio.requires_grad
+    assert float(ratio.detach()) == pytest.approx(measured, rel=1e-6)
+    assert measured < 0.8
+
+
+def test_layer_budget_term_is_zero_on_budget():
+    model = tiny_model("deit_small")
+    plan = ltmp_core.make_plan(model, op="prune", keep=[0.75, 0.5, 0.5, 0.5])
+    ltmp_core.apply_plan(model, plan, mode="static")
+    model(images(2))  # static counts follow the budgets exactly: 16 -> 12 -> 6 -> 3 -> 2 (rounded)
+    kept = ltmp_core.kept_fractions(model)
+    torch.testing.assert_close(kept, torch.tensor([12 / 16, 6 / 12, 3 / 6, 2 / 3]))
+    expected = ((2 / 3 - 0.5) ** 2) / 4
+    assert float(ltmp_core.layer_budget_loss(model)) == pytest.approx(expected)
+
+
+GEOMETRY = ViTGeometry.from_model(full_size("deit_small_patch16_224"))
+OPS = list(ltmp_core.OPS)
+
+
+@st.composite
+def plans(draw, depth=12):
+    ops = draw(st.lists(st.sampled_from(OPS), min_size=depth, max_size=depth))
+    keeps = [
+        1.0 if op == "none" else draw(st.floats(0.5 if op == "merge" else 0.05, 1.0))
+        for op in ops
+    ]
+    return ReductionPlan(tuple(LayerPlan(op=o, keep=k) for o, k in zip(ops, keeps)), geometry=GEOMETRY)
+
+
+@settings(max_examples=150, deadline=None)
+@given(plans(), st.integers(0, 11), st.floats(0.0, 1.0), st.booleans())
+def test_plan_ratio_is_monotone_in_every_budget(plan, layer, t, static):
+    old = plan.layers[layer]
+    if old.op == "none":
+        return
+    higher = old.keep + t * (1.0 - old.keep)
+    raised = plan.with_layers(keep=[higher if i == layer else k for i, k in enumerate(plan.keeps)])
+    assert ltmp_core.plan_flops_ratio(raised, static=static) >= ltmp_core.plan_flops_ratio(plan, static=static) - 1e-12
+    assert 0 < ltmp_core.plan_flops_ratio(plan) <= 1.0 + 1e-12
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.sampled_from(OPS), min_size=12, max_size=12),
+    st.lists(st.floats(0.0, 5.0), min_size=12, max_size=12),
+    st.floats(0.25, 0.9),
+)
+def test_budgets_for_ratio_lands_on_target_or_says_why(ops, weights, target):
+    try:
+        keeps = ltmp_core.budgets_for_ratio(ops, weights, GEOMETRY, target)
+    except LTMPError as e:
+        assert "cannot be reached" in str(e)
+        floors = [1.0 if o == "none" or w == 0 else (0.5 if o == "merge" else 1 / 196) for o, w in zip(ops, weights)]
+        floor_plan = ReductionPlan(tuple(LayerPlan(op=o, keep=f) for o, f in zip(ops, floors)), geometry=GEOMETRY)
+        assert ltmp_core.plan_flops_ratio(floor_plan) > target * 0.999
+        return
+    plan = ReductionPlan(tuple(LayerPlan(op=o, keep=k) for o, k in zip(ops, keeps)), geometry=GEOMETRY)
+    assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(target, rel=0.005)
+    for op, w, k in zip(ops, weights, keeps):
+        if op == "none" or w == 0:
+            assert k == 1.0
+
+
+def test_budgets_for_ratio_orders_layers_by_weight():
+    ops = ["prune"] * 12
+    weights = [0.0] * 6 + [1.0, 2.0] * 3
+    keeps = ltmp_core.budgets_for_ratio(ops, weights, GEOMETRY, 0.6)
+    assert keeps[:6] == [1.0] * 6
+    assert all(keeps[i] > keeps[i + 1] for i in range(6, 12, 2))
+    assert math.isclose(keeps[6], keeps[8])
+
+
+def test_geometry_json_round_trip_and_validation():
+    assert ViTGeometry.from_dict(GEOMETRY.to_dict()) == GEOMETRY
+    bad = {**GEOMETRY.to_dict(), "head_dim": 0}
+    with pytest.raises(LTMPError, match="geometry.head_dim"):
+        ViTGeometry.from_dict(bad)
+    assert GEOMETRY.num_tokens == 197 and GEOMETRY.attn_dim == 384
