@@ -39,6 +39,7 @@ __all__ = [
     "plan_flops_ratio",
     "budgets_for_ratio",
     "count_flops",
+    "image_macs",
     "measure_flops",
     "expected_flops_ratio",
     "flops_budget_loss",
@@ -139,10 +140,11 @@ def budgets_for_ratio(
 ) -> list[float]:
     """Per-layer ``keep`` budgets with predicted FLOPs ratio ``target``.
 
-    Layer ``l`` keeps ``max(floor_l, exp(-s * weights[l]))``, where ``floor_l`` is what its op can
-    reach (0.5 for a merge, one token otherwise, 1 for ``none``); the one factor ``s >= 0`` is found
-    by bisection on :func:`plan_flops_ratio`, which is monotone in ``s``. The result's ratio is
-    within ``tol`` (relative) of ``target``.
+    Layer ``l`` keeps ``max(floor_l, exp(-s * weights[l] / max(weights)))``, where ``floor_l`` is
+    what its op can reach (0.5 for a merge, one token otherwise, 1 for ``none``); weights below
+    1e-6 of the largest count as zero (the layer keeps everything). The one factor ``s >= 0`` is
+    found by bisection on :func:`plan_flops_ratio`, which is monotone in ``s``. The result's ratio
+    is within ``tol`` (relative) of ``target``.
 
     Raises:
         LTMPError: the target cannot be reached with these ops and weights (too few reducing
@@ -157,6 +159,9 @@ def budgets_for_ratio(
         raise LTMPError("weights: must be finite and >= 0")
     floors = [_min_keep(op, geometry) for op in ops]
     weights = [0.0 if op == "none" else float(w) for op, w in zip(ops, weights)]
+    # Only the weights' proportions matter; weights below 1e-6 of the largest count as zero.
+    top = max(weights, default=0.0)
+    weights = [w / top if top > 0 and w >= 1e-6 * top else 0.0 for w in weights]
 
     def keeps(s: float) -> list[float]:
         return [1.0 if w == 0 else max(f, math.exp(-s * w)) for f, w in zip(floors, weights)]
@@ -204,6 +209,17 @@ def count_flops(model: nn.Module) -> int:
     return int(plan_macs(st.plan, g, static=True))
 
 
+def image_macs(model: nn.Module) -> Tensor:
+    """MACs of each image of the last forward pass of a patched model, from its token counts: ``[B]``.
+
+    Padding inside a batch is not counted: each figure is what the image costs alone.
+    """
+    st = _state(model)
+    g = ViTGeometry.from_model(model)
+    counts = token_counts(model).double()
+    return macs_from_counts(g, list(counts), st.plan.ops)
+
+
 @torch.no_grad()
 def measure_flops(
     model: nn.Module,
@@ -229,7 +245,6 @@ def measure_flops(
     patched = is_patched(model)
     if patched and _state(model).mode == "soft":
         raise LTMPError("model: soft mode removes no tokens; switch to 'dynamic' to measure FLOPs")
-    ops = _state(model).plan.ops if patched else ("none",) * g.depth
     device = next(iter(model.parameters())).device
     total, seen = 0.0, 0
     kept = torch.zeros(g.depth, dtype=torch.float64)
@@ -241,12 +256,12 @@ def measure_flops(
             break
         if patched:
             model(images.to(device))
-            counts = token_counts(model).double().cpu()
+            total += float(image_macs(model).sum())
+            kept += token_counts(model)[1:].double().cpu().sum(dim=1)
         else:
             n = (images.shape[-2] // g.patch_size[0]) * (images.shape[-1] // g.patch_size[1]) + g.num_prefix_tokens
-            counts = torch.full((g.depth + 1, images.shape[0]), float(n), dtype=torch.float64)
-        total += float(macs_from_counts(g, list(counts), ops).sum())
-        kept += counts[1:].sum(dim=1)
+            total += float(macs_from_counts(g, [n] * (g.depth + 1), ("none",) * g.depth)) * images.shape[0]
+            kept += n * images.shape[0]
         seen += images.shape[0]
         if max_images is not None and seen >= max_images:
             break
@@ -274,15 +289,30 @@ def flops_budget_loss(model: nn.Module, target: float) -> Tensor:
 
 
 def kept_fractions(model: nn.Module) -> Tensor:
-    """Batch-mean fraction of its input patch tokens each block kept in the last pass: ``[depth]``."""
+    """Batch-mean fraction of its input patch tokens each block kept in the last pass: ``[depth]``.
+
+    In soft mode a block's fraction carries the gradient of its own thresholds only: that it keeps
+    fewer tokens because earlier blocks cut more is not its doing.
+    """
     st = _state(model)
     patches = token_counts(model) - st.num_prefix
-    return (patches[1:] / patches[:-1].clamp_min(1)).mean(dim=1)
+    n_in = patches[:-1].clamp_min(1)
+    if st.mode == "soft" and len(st.own) == st.plan.depth:
+        return (torch.stack(st.own).float() / n_in.detach()).mean(dim=1)
+    return (patches[1:] / n_in).mean(dim=1)
 
 
 def layer_budget_loss(model: nn.Module) -> Tensor:
-    """Per-layer budget term: mean over layers of ``(kept fraction - planned keep)^2``."""
+    """Per-layer budget term: sum over layers of ``(kept fraction - budget)^2`` on the last pass.
+
+    A layer's budget for an image with ``n`` input patch tokens is what it can keep in whole tokens,
+    ``max(1, round(keep * n)) / n`` (the rule of :func:`ltmp_core.stage_counts` and of calibration),
+    averaged over the batch; so a layer that is on its budget adds nothing. Each layer's term moves
+    only its own thresholds (see :func:`kept_fractions`).
+    """
     st = _state(model)
     kept = kept_fractions(model)
-    budget = torch.tensor(st.plan.keeps, dtype=kept.dtype, device=kept.device)
-    return ((kept - budget) ** 2).mean()
+    n_in = (token_counts(model)[:-1] - st.num_prefix).detach().clamp_min(1)
+    keep = torch.tensor(st.plan.keeps, dtype=kept.dtype, device=kept.device).unsqueeze(1)
+    budget = (torch.floor(keep * n_in + 0.5).clamp_min(1) / n_in).mean(dim=1)
+    return ((kept - budget) ** 2).sum()

@@ -61,6 +61,7 @@ class _State:
         self.n_patch = 0  # static mode: live patch tokens, the same for every image
         self.batch = 0
         self.counts: list[Tensor | int] = []  # tokens (prefix included) entering each block, then after the last
+        self.own: list[Tensor] = []  # soft mode: patch tokens after each block, with gradients of its own cut only
 
     def start(self, x: Tensor) -> None:
         self.size = None
@@ -68,6 +69,7 @@ class _State:
         self.batch, n = x.shape[0], x.shape[1]
         self.n_patch = n - self.num_prefix
         self.counts = [n]
+        self.own = []
 
     # -- reduction -----------------------------------------------------------------------------
 
@@ -96,13 +98,19 @@ class _State:
             self.n_patch = current
             return self._compact(t, n_keep=p + current, fused=any(s.similarities for s in stages))
         n_in = (t.alive.detach()[:, p:] > 0.5).sum(dim=1)
+        before = t.alive
+        if self.mode == "soft":
+            t.alive = before.detach()  # the stages' masks alone: this layer's own cut
         for stage, keep in zip(stages, layer.stage_keeps):
             t = stage.fn(t, self._decider(block, index, layer, stage, t, n_in, keep))
         if self.mode == "soft":
+            own = t.alive
+            # Compose with the earlier masks; dead tokens were never eligible, their factor is 1.
+            self.alive = before * torch.where(before.detach() > 0.5, own, torch.ones_like(own))
             if any(s.similarities for s in stages):
                 self.size = t.size
-            self.alive = t.alive
-            self.counts.append(t.alive.sum(dim=1))
+            self.counts.append(self.alive.sum(dim=1))
+            self.own.append(own[:, p:].sum(dim=1))
             return t.x
         return self._compact(t, n_keep=None, fused=any(s.similarities for s in stages))
 
@@ -159,6 +167,9 @@ class _State:
     def no_reduction(self, x: Tensor) -> None:
         last = self.counts[-1]
         self.counts.append(last)
+        if self.mode == "soft":
+            own = last.detach() if isinstance(last, Tensor) else torch.full((self.batch,), float(last), device=x.device)
+            self.own.append(own - self.num_prefix)
 
 
 def _importance(attn: Tensor, alive: Tensor | None, num_prefix: int) -> Tensor:

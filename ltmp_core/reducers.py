@@ -104,7 +104,12 @@ def top_k_mask(score: Tensor, eligible: Tensor, k: int) -> Tensor:
 
 
 def _similarity(metric: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
-    """Best cosine similarity of every token to a token in ``columns``, and that token's index."""
+    """Best cosine similarity of every token to a token in ``columns``, and that token's index.
+
+    Scores carry no gradient: a threshold learns through its own mask only, not by moving the
+    features that earlier thresholds shaped (LTMP detaches its scores too).
+    """
+    metric = metric.detach()
     sim = metric @ metric.transpose(1, 2)
     sim = sim.float().masked_fill(~columns[:, None, :], float("-inf"))
     return sim.max(dim=-1)

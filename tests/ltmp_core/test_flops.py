@@ -145,8 +145,33 @@ def test_layer_budget_term_is_zero_on_budget():
     model(images(2))  # static counts follow the budgets exactly: 16 -> 12 -> 6 -> 3 -> 2 (rounded)
     kept = ltmp_core.kept_fractions(model)
     torch.testing.assert_close(kept, torch.tensor([12 / 16, 6 / 12, 3 / 6, 2 / 3]))
-    expected = ((2 / 3 - 0.5) ** 2) / 4
-    assert float(ltmp_core.layer_budget_loss(model)) == pytest.approx(expected)
+    # Every layer keeps what it can in whole tokens (3 -> 2 is round(1.5) = 2): nothing to pay.
+    assert float(ltmp_core.layer_budget_loss(model)) == 0.0
+
+
+def test_layer_budget_term_by_hand_and_only_own_thresholds_learn():
+    model = tiny_model("deit_small")
+    plan = ltmp_core.make_plan(model, op="prune", keep=[0.5, 0.5, 0.5, 0.5])
+    ltmp_core.apply_plan(model, plan, mode="static")
+    ltmp_core.calibrate(model, images(8))
+    first = model.blocks[0].prune_threshold
+    with torch.no_grad():
+        first.fill_(-1.0)  # block 0 now prunes nothing: kept 1.0 against a budget of 0.5
+    ltmp_core.set_mode(model, "soft")
+    model(images(8))
+    kept = ltmp_core.kept_fractions(model)
+    assert float(kept[0].detach()) == 1.0
+    assert float(ltmp_core.layer_budget_loss(model).detach()) >= (1.0 - 0.5) ** 2
+    # Each block's kept fraction moves that block's threshold only: the later blocks' fractions do
+    # not reach block 0's threshold, though their inputs depend on it.
+    thresholds = ltmp_core.threshold_parameters(model)
+    for i in range(4):
+        grads = torch.autograd.grad(kept[i], thresholds, allow_unused=True, retain_graph=True)
+        moved = [j for j, g in enumerate(grads) if g is not None and g.abs() > 0]
+        assert moved in ([], [i]), (i, moved)
+    # The global FLOPs term, in contrast, does reach earlier thresholds through later counts.
+    grads = torch.autograd.grad(ltmp_core.expected_flops_ratio(model), thresholds, retain_graph=True)
+    assert grads[0].abs() > 0
 
 
 GEOMETRY = ViTGeometry.from_model(full_size("deit_small_patch16_224"))
@@ -186,14 +211,16 @@ def test_budgets_for_ratio_lands_on_target_or_says_why(ops, weights, target):
         keeps = ltmp_core.budgets_for_ratio(ops, weights, GEOMETRY, target)
     except LTMPError as e:
         assert "cannot be reached" in str(e)
-        floors = [1.0 if o == "none" or w == 0 else (0.5 if o == "merge" else 1 / 196) for o, w in zip(ops, weights)]
+        top = max(weights)
+        cut = [o != "none" and top > 0 and w >= 1e-6 * top for o, w in zip(ops, weights)]
+        floors = [(0.5 if o == "merge" else 1 / 196) if c else 1.0 for o, c in zip(ops, cut)]
         floor_plan = ReductionPlan(tuple(LayerPlan(op=o, keep=f) for o, f in zip(ops, floors)), geometry=GEOMETRY)
         assert ltmp_core.plan_flops_ratio(floor_plan) > target * 0.999
         return
     plan = ReductionPlan(tuple(LayerPlan(op=o, keep=k) for o, k in zip(ops, keeps)), geometry=GEOMETRY)
     assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(target, rel=0.005)
     for op, w, k in zip(ops, weights, keeps):
-        if op == "none" or w == 0:
+        if op == "none" or w < 1e-6 * max(weights):
             assert k == 1.0
 
 
