@@ -1,28 +1,273 @@
-"""The ``search`` command line."""
+"""The ``search`` command line: parse, call the library, render, return an exit code.
+
+Mistakes a user can make (bad flags, unknown studies, unreachable storage, invalid plans) end with
+one line on stderr and exit code 2; Ctrl-C ends with exit code 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _target(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a FLOPs ratio in (0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a FLOPs ratio in (0, 1], got {text!r}")
+    return value
+
+
+def _ops(text: str) -> tuple[str, ...]:
+    return tuple(op.strip() for op in text.split(",") if op.strip())
+
+
+def _storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help="database URL (default: $OPTUNA_STORAGE, else sqlite:///studies/search.db)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="search",
-        description="Search where and how to cut tokens in a vision transformer.",
-    )
+    parser = _Parser(prog="search", description="Search where and how to cut tokens in a vision transformer.")
     parser.add_argument("--version", action="version", version=f"ltmp-search {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run (or resume) a search", description=(
+        "Run an Optuna study: every trial samples per-layer operations and budgets under the FLOPs target, "
+        "tunes the learned thresholds briefly and scores the plan on held-out images with tokens removed. "
+        "Re-running the same command resumes the study."))
+    run.add_argument("--flops", type=_target, help="target FLOPs ratio, e.g. 0.35 = at most 35%% of the unreduced model's")
+    run.add_argument("--study", dest="preset", help="preset name (e.g. digits) or path of a preset TOML file")
+    g = run.add_argument_group("model and data (timm style)")
+    g.add_argument("--model", help="timm model name")
+    g.add_argument("--pretrained", action="store_true", default=None, help="timm's pretrained weights")
+    g.add_argument("--checkpoint", help="local checkpoint (.pth/.pt/.safetensors)")
+    g.add_argument("--img-size", type=int)
+    g.add_argument("-b", "--batch-size", type=int)
+    g.add_argument("--holdout", type=int, help="held-out images that score the trials")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default on CUDA)")
+    g = run.add_argument_group("search (Optuna style)")
+    g.add_argument("--space", help="search space: layerwise (default), or a baseline: ltmp, tome, tps")
+    g.add_argument("--ops", type=_ops, help="operations the layerwise space may use, comma-separated")
+    g.add_argument("--sampler", help="tpe (default), nsga2, random or gp")
+    g.add_argument("--pruner", help="median (default), hyperband or none")
+    g.add_argument("--n-trials", type=int, help="finished trials the study should have")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--trial-steps", type=int, help="threshold-tuning steps per trial")
+    g.add_argument("--distill", action="store_true", default=None, help="tune against the unreduced model's logits")
+    g.add_argument("--study-name")
+    _storage_options(g)
+    run.add_argument("--quiet", action="store_true", help="no progress, only the result")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("studies", help="list the studies in a storage")
+    _storage_options(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("show", help="trials and best plan of a study")
+    p.add_argument("study_name", metavar="STUDY")
+    _storage_options(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="write the best feasible plan (or --trial N) as JSON")
+    p.add_argument("study_name", metavar="STUDY")
+    p.add_argument("--trial", type=int, help="export this trial instead of the best feasible one")
+    p.add_argument("-o", "--output", default="plan.json", help="output file (default: plan.json)")
+    _storage_options(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("dashboard", help="open the studies in optuna-dashboard")
+    _storage_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080)
     return parser
+
+
+def _consoles():
+    from rich.console import Console
+
+    # soft_wrap: sentences stay one line (pipes, logs); tables still fit the width.
+    return Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import optuna
+
+    from . import ui
+    from .config import resolve
+    from .study import FINISHED, best_trial, redact, run, trial_summary
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    overrides = {k: getattr(args, k) for k in (
+        "flops", "model", "pretrained", "checkpoint", "img_size", "batch_size", "holdout", "device", "amp",
+        "space", "ops", "sampler", "pruner", "n_trials", "seed", "trial_steps", "distill")}
+    config = resolve(args.preset, overrides)
+    out, err = _consoles()
+    display = ui.RunDisplay(err, config.n_trials, config.trial_steps, quiet=args.quiet or args.json)
+
+    def trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        display.trial_end(study, trial)
+        if display.progress is not None:
+            display.progress.update(display.trials, completed=len(study.get_trials(deepcopy=False, states=FINISHED)))
+
+    with display:
+        result = run(config, storage=args.storage, study_name=args.study_name, hooks=display.hooks(),
+                     on_base_epoch=display.base_epoch, on_trial_end=trial_end)
+    study = result.study
+    best = best_trial(study)
+    where = redact(result.storage_url)
+    if args.json:
+        _print_json({
+            "study": study.study_name, "storage": where, "target_flops_ratio": config.flops,
+            "new_trials": result.new_trials, "base": result.base,
+            "best": None if best is None else {**trial_summary(best), "plan": best.user_attrs.get("plan")},
+        })
+        return 0
+    if not result.new_trials:
+        out.print(f"Study {study.study_name!r} already has {result.finished_before} finished trials "
+                  f"(--n-trials {config.n_trials}); nothing to run. Raise --n-trials to continue it.")
+    base = result.base
+    if base.get("evaluated_accuracy") is not None:
+        out.print(f"Unreduced base model ({base.get('model')}): top-1 {100 * base['evaluated_accuracy']:.1f}% "
+                  f"on {config.holdout} held-out images, {study.user_attrs.get('unreduced_gmacs', 0):.4f} GMACs.")
+    trials = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                    key=lambda t: (not t.user_attrs.get("feasible"), -(t.value or 0)))
+    out.print(ui.trials_table([trial_summary(t) for t in trials[:5]], f"Best trials of {study.study_name}", config.flops))
+    storage_flag = "" if args.storage is None else f" --storage '{where}'"
+    if best is None:
+        more = len(study.get_trials(deepcopy=False, states=FINISHED)) + config.n_trials
+        out.print(f"No trial is at or under the FLOPs target {config.flops:g} yet; continue the study with "
+                  f"--n-trials {more}.")
+    else:
+        out.print(ui.plan_table(best.user_attrs["plan"], best.user_attrs.get("kept_tokens"),
+                                f"Best plan: trial {best.number}, top-1 {100 * best.value:.1f}%, "
+                                f"FLOPs ratio {best.user_attrs['flops_ratio']:.3f}"))
+        out.print(f"Export it:   search export {study.study_name}{storage_flag} -o plan.json")
+    out.print(f"Dashboard:   search dashboard{storage_flag}")
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from . import ui
+    from .study import list_studies, open_storage, redact, resolve_storage
+
+    url = resolve_storage(args.storage, create=False)
+    rows = list_studies(open_storage(url))
+    if args.json:
+        _print_json(rows)
+        return 0
+    out, _ = _consoles()
+    if not rows:
+        out.print(f"No studies in {redact(url)} yet. Start one with: search run --flops 0.35")
+        return 0
+    out.print(ui.studies_table(rows, redact(url)))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from . import ui
+    from .store import Store
+    from .study import _engine_kwargs, best_trial, load_study, open_storage, resolve_storage, trial_summary
+
+    url = resolve_storage(args.storage, create=False)
+    study = load_study(open_storage(url), args.study_name)
+    rows = [trial_summary(t) for t in study.get_trials(deepcopy=False)]
+    best = best_trial(study)
+    target = study.user_attrs.get("target_flops_ratio")
+    if args.json:
+        store = Store(url, _engine_kwargs(url))
+        layers = [
+            {k: getattr(r, k) for k in ("trial_number", "layer", "op", "keep", "merge_keep", "merge_threshold",
+                                         "prune_threshold", "kept_tokens")}
+            for r in store.layers(study.study_name)
+        ]
+        store.dispose()
+        _print_json({"study": study.study_name, "target_flops_ratio": target,
+                     "config": study.user_attrs.get("config"), "base": study.user_attrs.get("base"),
+                     "trials": rows, "best_trial": None if best is None else best.number, "layers": layers})
+        return 0
+    out, _ = _consoles()
+    out.print(ui.trials_table(rows, f"Trials of {study.study_name}", target))
+    if best is None:
+        out.print("No feasible trial yet.")
+    else:
+        out.print(ui.plan_table(best.user_attrs["plan"], best.user_attrs.get("kept_tokens"),
+                                f"Best plan: trial {best.number}, top-1 {100 * best.value:.1f}%, "
+                                f"FLOPs ratio {best.user_attrs['flops_ratio']:.3f}"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_plan
+    from .study import open_storage, resolve_storage
+
+    url = resolve_storage(args.storage, create=False)
+    path, plan, trial = export_plan(open_storage(url), args.study_name, args.output, args.trial)
+    if args.json:
+        _print_json({"path": str(path), "trial": trial.number, "plan": plan.to_dict()})
+        return 0
+    out, _ = _consoles()
+    out.print(f"Wrote {path}: trial {trial.number} of {args.study_name}, top-1 {100 * trial.value:.1f}%, "
+              f"FLOPs ratio {trial.user_attrs.get('flops_ratio', float('nan')):.3f}.")
+    out.print("Apply it:    ltmp_core.apply_plan(model, ltmp_core.load_plan(%r), mode='dynamic')" % str(path))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from ltmp_core import LTMPError
+
+    from .study import open_storage, redact, resolve_storage
+
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise LTMPError("dashboard: optuna-dashboard is not installed; pip install 'ltmp-search[dashboard]'") from None
+    url = resolve_storage(args.storage, create=False)
+    storage = open_storage(url)
+    _, err = _consoles()
+    err.print(f"optuna-dashboard for {redact(url)}: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
+    optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "studies": cmd_studies, "show": cmd_show, "export": cmd_export, "dashboard": cmd_dashboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from ltmp_core import LTMPError
+
+    try:
+        return COMMANDS[args.command](args)
+    except LTMPError as e:
+        sys.stderr.write(f"search: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("search: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":

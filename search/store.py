@@ -1,0 +1,118 @@
+"""The project's own tables, beside Optuna's in the same database.
+
+Optuna's RDB storage owns studies and trials. What it has no place for lives here: one row per
+layer of every finished trial (op, budget, learned thresholds, mean kept tokens), so that a user can
+query "which layers merge in the feasible trials" with SQL, and benchmark results.
+
+Rows are derived from the trial's user attributes and written in one transaction after the trial
+finished (:meth:`Store.sync` is idempotent and also backfills trials whose worker died between
+finishing a trial and writing its rows).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import optuna
+from sqlalchemy import Float, Integer, String, UniqueConstraint, create_engine, delete, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+__all__ = ["Base", "LayerResult", "Store"]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class LayerResult(Base):
+    """One layer of one finished trial."""
+
+    __tablename__ = "ltmp_layer_results"
+    __table_args__ = (UniqueConstraint("study_name", "trial_number", "layer", name="uq_ltmp_layer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_name: Mapped[str] = mapped_column(String(512), index=True)
+    trial_number: Mapped[int] = mapped_column(Integer)
+    layer: Mapped[int] = mapped_column(Integer)
+    op: Mapped[str] = mapped_column(String(32))
+    keep: Mapped[float] = mapped_column(Float)
+    merge_keep: Mapped[float | None] = mapped_column(Float, nullable=True)
+    merge_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    prune_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kept_tokens: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    @classmethod
+    def for_study(cls, session: Session, study_name: str) -> Sequence["LayerResult"]:
+        return session.scalars(
+            select(cls).where(cls.study_name == study_name).order_by(cls.trial_number, cls.layer)
+        ).all()
+
+
+def layer_rows(study_name: str, trial: optuna.trial.FrozenTrial) -> list[LayerResult]:
+    """The rows of a finished trial, from its ``plan`` and ``kept_tokens`` user attributes."""
+    plan = trial.user_attrs.get("plan")
+    if not plan:
+        return []
+    kept = trial.user_attrs.get("kept_tokens") or [None] * len(plan["layers"])
+    return [
+        LayerResult(
+            study_name=study_name, trial_number=trial.number, layer=i, op=layer["op"], keep=layer["keep"],
+            merge_keep=layer.get("merge_keep"), merge_threshold=layer.get("merge_threshold"),
+            prune_threshold=layer.get("prune_threshold"), kept_tokens=k,
+        )
+        for i, (layer, k) in enumerate(zip(plan["layers"], kept))
+    ]
+
+
+class Store:
+    """The project's tables in the database at ``url`` (the same URL as the Optuna storage)."""
+
+    def __init__(self, url: str, engine_kwargs: dict[str, Any] | None = None) -> None:
+        self.engine: Engine = create_engine(url, **(engine_kwargs or {}))
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back on error, always closed."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def record(self, study_name: str, trial: optuna.trial.FrozenTrial) -> int:
+        """Write the rows of one finished trial (replacing any); returns the number of rows."""
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            return 0
+        rows = layer_rows(study_name, trial)
+        with self.session() as s:
+            s.execute(delete(LayerResult).where(
+                LayerResult.study_name == study_name, LayerResult.trial_number == trial.number))
+            s.add_all(rows)
+        return len(rows)
+
+    def sync(self, study: optuna.Study) -> int:
+        """Write rows for every finished trial of ``study`` that has none; returns how many trials."""
+        with self.session() as s:
+            done = set(s.scalars(select(LayerResult.trial_number).where(
+                LayerResult.study_name == study.study_name).distinct()))
+        missing = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                   if t.number not in done]
+        for trial in missing:
+            self.record(study.study_name, trial)
+        return len(missing)
+
+    def layers(self, study_name: str, trial_number: int | None = None) -> list[LayerResult]:
+        with self.session() as s:
+            rows = LayerResult.for_study(s, study_name)
+        return [r for r in rows if trial_number is None or r.trial_number == trial_number]
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,278 @@
+"""Studies: storage, samplers, pruners, the run loop and what the commands read back.
+
+Optuna's RDB storage is the engine (SQLite by default, PostgreSQL or MySQL for many workers); this
+module only wires it: it never writes Optuna's tables itself.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import sqlalchemy
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+import ltmp_core
+from ltmp_core import LTMPError, ViTGeometry
+
+from .config import StudyConfig, differences
+from .data import load_data
+from .finetune import NonFiniteLoss
+from .models import check_model_name, load_base_model
+from .objective import METRIC_NAME, Objective, TrialHooks
+from .store import Store
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "resolve_storage",
+    "redact",
+    "open_storage",
+    "load_study",
+    "list_studies",
+    "run",
+    "RunResult",
+    "trial_summary",
+    "best_trial",
+    "FINISHED",
+]
+
+DEFAULT_STORAGE = "sqlite:///studies/search.db"
+
+# Heartbeats and stale-trial retries are the documented way to recover crashed workers; Optuna
+# still labels them experimental, which is not news to the user of every run.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def resolve_storage(url: str | None, *, create: bool = True) -> str:
+    """``--storage``, else ``$OPTUNA_STORAGE``, else ``sqlite:///studies/search.db``.
+
+    With ``create`` the folder of a SQLite file is made; without it (commands that only read) a
+    SQLite file that does not exist is an error rather than a new empty database.
+    """
+    url = url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise LTMPError(f"storage: not a database URL: {redact(url)!r}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        path = Path(parsed.database)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.is_file():
+            raise LTMPError(f"storage: no database at {path} (start a study with: search run --flops 0.35)")
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for every message and log line."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable storage URL>"
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with heartbeats, so that trials of crashed workers are retried."""
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=_engine_kwargs(url),
+            heartbeat_interval=60,
+            grace_period=180,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise LTMPError(f"storage: cannot open {redact(url)} ({reason})") from None
+
+
+def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    """An existing study; an unknown name is a clear error listing the known ones."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in storage.get_all_studies()]
+        known = f" (studies here: {', '.join(names)})" if names else " (no studies here yet)"
+        raise LTMPError(f"study: no study named {name!r}{known}") from None
+
+
+def _sampler(name: str, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
+    startup = max(3, min(10, n_trials // 3))
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, n_trials // 2)))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+
+
+def _pruner(name: str, steps: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, steps))
+    return optuna.pruners.NopPruner()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LTMPError(f"device: {name} was asked for, but no CUDA device is available here")
+    return device
+
+
+@dataclass
+class RunResult:
+    study: optuna.Study
+    storage_url: str
+    new_trials: list[int] = field(default_factory=list)
+    base: dict[str, Any] = field(default_factory=dict)
+    finished_before: int = 0
+
+
+def _check_resume(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig) -> None:
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return
+    saved = study.user_attrs.get("config")
+    if not saved:
+        return
+    changed = differences(saved, config)
+    if changed:
+        detail = ", ".join(f"{k}={saved[k]!r} (now {getattr(config, k)!r})" for k in changed[:3])
+        raise LTMPError(
+            f"study: {name!r} was run with other settings ({detail}); use the same settings to resume it, "
+            "or another --study-name"
+        )
+
+
+def run(
+    config: StudyConfig,
+    *,
+    storage: str | None = None,
+    study_name: str | None = None,
+    hooks: TrialHooks | None = None,
+    on_base_epoch: Callable[[int, int, float], None] | None = None,
+    on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> RunResult:
+    """Create or resume a study and run trials until it has ``config.n_trials`` finished ones.
+
+    Everything a user can get wrong is checked before the database is touched.
+    """
+    device = resolve_device(config.device)
+    amp = config.amp if config.amp is not None else device.type == "cuda"
+    check_model_name(config.model)
+    data = load_data(config.data, img_size=config.img_size, holdout=config.holdout)
+    url = resolve_storage(storage)
+    rdb = open_storage(url)
+    name = study_name or config.default_study_name()
+    _check_resume(rdb, name, config)
+    base, base_info = load_base_model(
+        config.model, data, img_size=config.img_size, pretrained=config.pretrained,
+        checkpoint=config.checkpoint, base_epochs=config.base_epochs, on_train=on_base_epoch,
+    )
+    objective = Objective(config, base, data, device=device, amp=amp, hooks=hooks)
+    study = optuna.create_study(
+        study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
+        sampler=_sampler(config.sampler, config.seed, config.n_trials),
+        pruner=_pruner(config.pruner, config.trial_steps),
+    )
+    if "config" not in study.user_attrs:
+        geometry = ViTGeometry.from_model(base)
+        study.set_metric_names([METRIC_NAME])
+        study.set_user_attr("config", config.to_dict())
+        study.set_user_attr("target_flops_ratio", config.flops)
+        study.set_user_attr("unreduced_gmacs", ltmp_core.unreduced_macs(geometry) / 1e9)
+        study.set_user_attr("base", {**base_info, "evaluated_accuracy": objective.base_accuracy()})
+    store = Store(url, _engine_kwargs(url))
+    store.sync(study)
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    result = RunResult(study, url, base=study.user_attrs.get("base", base_info), finished_before=finished)
+
+    def record(study: optuna.Study, trial: FrozenTrial) -> None:
+        store.record(study.study_name, trial)
+        result.new_trials.append(trial.number)
+        if on_trial_end is not None:
+            on_trial_end(study, trial)
+
+    remaining = config.n_trials - finished
+    if remaining > 0:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            callbacks=[record, optuna.study.MaxTrialsCallback(config.n_trials, states=FINISHED)],
+            catch=(NonFiniteLoss,),
+        )
+    store.dispose()
+    return result
+
+
+def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
+    """One summary per study: name, target, trials by state, best feasible accuracy."""
+    out = []
+    for s in storage.get_all_studies():
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        best = best_trial(study)
+        out.append({
+            "study": s.study_name,
+            "target_flops_ratio": s.user_attrs.get("target_flops_ratio"),
+            "model": (s.user_attrs.get("config") or {}).get("model"),
+            "space": (s.user_attrs.get("config") or {}).get("space"),
+            "trials": len(trials),
+            "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "failed": sum(t.state == TrialState.FAIL for t in trials),
+            "best_trial": None if best is None else best.number,
+            "best_accuracy": None if best is None else best.value,
+            "best_flops_ratio": None if best is None else best.user_attrs.get("flops_ratio"),
+            "started": min((t.datetime_start for t in trials if t.datetime_start), default=None),
+        })
+    return out
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The most accurate feasible trial (measured FLOPs at or under the target), or ``None``."""
+    feasible = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("feasible") and t.value is not None
+    ]
+    return max(feasible, key=lambda t: (t.value, -t.user_attrs.get("flops_ratio", 1.0)), default=None)
+
+
+def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
+    """What ``search show`` prints of one trial."""
+    plan = trial.user_attrs.get("plan") or {}
+    ops = [layer["op"] for layer in plan.get("layers", [])]
+    if not ops:  # pruned before its plan was built: show what was sampled
+        ops = [trial.params[k] for k in sorted((k for k in trial.params if k.startswith("op_")),
+                                              key=lambda k: int(k[3:]))]
+    duration = trial.duration.total_seconds() if trial.duration else None
+    return {
+        "number": trial.number,
+        "state": trial.state.name.lower(),
+        "accuracy": trial.value,
+        "flops_ratio": trial.user_attrs.get("flops_ratio"),
+        "gmacs": trial.user_attrs.get("gmacs"),
+        "feasible": trial.user_attrs.get("feasible"),
+        "ops": ops,
+        "keeps": [layer["keep"] for layer in plan.get("layers", [])],
+        "duration_s": duration,
+        "reason": trial.user_attrs.get("pruned_reason") or trial.user_attrs.get("fail_reason"),
+    }

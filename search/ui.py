@@ -1,0 +1,145 @@
+"""Rendering for the command line: rich tables and progress, plain lines when not on a terminal."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import optuna
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .objective import TrialHooks
+
+__all__ = ["OP_SYMBOLS", "ops_glance", "trials_table", "plan_table", "studies_table", "RunDisplay"]
+
+OP_SYMBOLS = {"none": ".", "merge": "M", "prune": "P", "squeeze": "S", "merge+prune": "MP", "merge+squeeze": "MS"}
+
+
+def ops_glance(ops: Sequence[str]) -> str:
+    """Per-layer ops in a few characters: ``. M P S MP MS``."""
+    return " ".join(OP_SYMBOLS.get(op, "?") for op in ops)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v: float | None, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | None) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name, justify in [("trial", "right"), ("state", "left"), ("top-1", "right"), ("FLOPs ratio", "right"),
+                          ("GMACs", "right"), ("feasible", "center"), ("ops per layer", "left"), ("time", "right")]:
+        table.add_column(name, justify=justify)
+    for r in rows:
+        feasible = {True: "yes", False: "no", None: "-"}[r.get("feasible")]
+        table.add_row(
+            str(r["number"]), r["state"], _pct(r["accuracy"]), _num(r["flops_ratio"]), _num(r["gmacs"], ".4g"),
+            feasible, ops_glance(r["ops"]) or (r.get("reason") or "")[:40],
+            "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s",
+        )
+    if target is not None:
+        table.caption = (f"FLOPs ratio = measured MACs / unreduced MACs, target <= {target:g}. "
+                         "Ops: . none, M merge, P prune, S squeeze, MP merge+prune, MS merge+squeeze")
+    return table
+
+
+def plan_table(plan: dict[str, Any], kept: Sequence[float] | None, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in ("layer", "op", "budget (keep)", "merge threshold", "prune threshold", "mean tokens after"):
+        table.add_column(name, justify="left" if name == "op" else "right")
+    kept = list(kept or [None] * len(plan["layers"]))
+    for i, (layer, k) in enumerate(zip(plan["layers"], kept)):
+        table.add_row(
+            str(i), layer["op"], f"{layer['keep']:.3f}", _num(layer.get("merge_threshold")),
+            _num(layer.get("prune_threshold")), _num(k, ".1f"),
+        )
+    return table
+
+
+def studies_table(rows: Sequence[dict[str, Any]], where: str) -> Table:
+    table = Table(title=f"Studies in {where}", title_justify="left")
+    for name in ("study", "target", "model", "done/pruned/failed", "best top-1", "best FLOPs ratio"):
+        table.add_column(name, justify="left" if name in ("study", "model") else "right")
+    for r in rows:
+        table.add_row(
+            r["study"], _num(r["target_flops_ratio"], "g"), r["model"] or "-",
+            f"{r['complete']}/{r['pruned']}/{r['failed']}", _pct(r["best_accuracy"]), _num(r["best_flops_ratio"]),
+        )
+    return table
+
+
+def trial_line(trial: optuna.trial.FrozenTrial) -> str:
+    """One plain line per finished trial."""
+    a = trial.user_attrs
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        feasible = "feasible" if a.get("feasible") else "over the target"
+        return (f"trial {trial.number}: top-1 {_pct(trial.value)}, FLOPs ratio {_num(a.get('flops_ratio'))} "
+                f"({feasible}), {a.get('gmacs', 0):.4g} GMACs")
+    reason = a.get("pruned_reason") or a.get("fail_reason") or ""
+    return f"trial {trial.number}: {trial.state.name.lower()}" + (f" ({reason})" if reason else "")
+
+
+class RunDisplay:
+    """Progress of a run: a bar for the trials and one for the current trial's steps.
+
+    On a terminal this is a rich progress display on stderr; otherwise (or with ``quiet``) it prints
+    plain lines, one per finished trial (none with ``quiet``).
+    """
+
+    def __init__(self, console: Console, total: int, steps: int, quiet: bool = False) -> None:
+        self.console = console
+        self.total = total
+        self.steps = steps
+        self.quiet = quiet
+        self.live = console.is_terminal and not quiet
+        self.progress: Progress | None = None
+        self._started = time.perf_counter()
+
+    def __enter__(self) -> "RunDisplay":
+        if self.live:
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=self.console, transient=True,
+            )
+            self.progress.start()
+            self.trials = self.progress.add_task("trials", total=self.total)
+            self.step_task = self.progress.add_task("steps", total=max(1, self.steps))
+            self.base_task = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def base_epoch(self, epoch: int, epochs: int, loss: float) -> None:
+        if self.progress is not None:
+            if self.base_task is None:
+                self.base_task = self.progress.add_task("training the base model", total=epochs)
+            self.progress.update(self.base_task, completed=epoch, description=f"training the base model (loss {loss:.3f})")
+            if epoch == epochs:
+                self.progress.remove_task(self.base_task)
+        elif not self.quiet and (epoch == 1 or epoch % 10 == 0 or epoch == epochs):
+            self.console.print(f"training the base model: epoch {epoch}/{epochs}, loss {loss:.3f}")
+
+    def hooks(self) -> TrialHooks:
+        def start(number: int) -> None:
+            if self.progress is not None:
+                self.progress.update(self.step_task, completed=0, description=f"trial {number} steps")
+
+        def step(done: int, steps: int) -> None:
+            if self.progress is not None:
+                self.progress.update(self.step_task, completed=done, total=max(1, steps))
+
+        return TrialHooks(on_trial_start=start, on_step=step)
+
+    def trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.trials)
+            self.progress.console.print(trial_line(trial))
+        elif not self.quiet:
+            self.console.print(trial_line(trial))

@@ -1,0 +1,229 @@
+"""`search` end to end on a tiny configuration: a real SQLite database, the real CLI in-process."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import ltmp_core
+from search.cli import main
+from search.data import digits, load_data
+from search.finetune import evaluate
+from search.models import load_base_model
+from search.store import Store
+
+TINY_PRESET = """
+model = "ltmp_vit_digits"
+data = "digits"
+img_size = 32
+holdout = 120
+calib_images = 32
+batch_size = 32
+base_epochs = 2
+trial_steps = 4
+eval_every = 2
+eval_images = 64
+n_trials = 3
+seed = 0
+"""
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own exits (usage errors: 2)
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("search")
+    (path / "tiny.toml").write_text(TINY_PRESET)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("LTMP_CACHE", str(workdir / "cache"))
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir):
+    url = f"sqlite:///{workdir / 'tiny.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        mp.setenv("LTMP_CACHE", str(workdir / "cache"))
+        code, out, err = cli("run", "--flops", "0.5", "--study", "tiny.toml", "--storage", url,
+                             "--study-name", "tiny", "--quiet")
+    assert code == 0, err
+    return url, out
+
+
+def test_run_records_trials_constraints_plans_and_layer_rows(first_run):
+    url, out = first_run
+    study = optuna.load_study(study_name="tiny", storage=url)
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 3
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert complete, "at least one trial completed"
+    store = Store(url)
+    for trial in complete:
+        a = trial.user_attrs
+        assert 0.0 <= trial.value <= 1.0
+        assert trial.constraints["flops"] == pytest.approx(a["constraint"])
+        assert a["constraint"] == pytest.approx(a["flops_ratio"] - 0.5)
+        plan = ltmp_core.ReductionPlan.from_dict(a["plan"])
+        assert plan.depth == 4 and len(a["kept_tokens"]) == 4
+        assert a["time_tune_s"] >= 0 and a["time_eval_s"] > 0 and a["device"] == "cpu"
+        rows = store.layers("tiny", trial.number)
+        assert [r.layer for r in rows] == [0, 1, 2, 3]
+        assert [r.op for r in rows] == list(plan.ops)
+        assert [r.kept_tokens for r in rows] == pytest.approx(a["kept_tokens"])
+        assert [r.merge_threshold for r in rows] == [layer.merge_threshold for layer in plan.layers]
+    store.dispose()
+    assert study.metric_names == ["top-1 accuracy"]
+    assert study.user_attrs["config"]["flops"] == 0.5
+    assert "Best plan" in out or "No trial is at or under" in out
+
+
+def test_show_and_studies_print_the_trials(first_run):
+    url, _ = first_run
+    code, out, _ = cli("studies", "--storage", url)
+    assert code == 0 and "tiny" in out
+    code, out, _ = cli("show", "tiny", "--storage", url)
+    assert code == 0 and "Trials of tiny" in out and "complete" in out
+    code, out, _ = cli("show", "tiny", "--storage", url, "--json")
+    data = json.loads(out)
+    assert [t["number"] for t in data["trials"]] == [0, 1, 2]
+    assert {r["trial_number"] for r in data["layers"]} == {t["number"] for t in data["trials"] if t["state"] == "complete"}
+    code, out, _ = cli("studies", "--storage", url, "--json")
+    assert json.loads(out)[0]["study"] == "tiny"
+
+
+def test_export_reproduces_the_trial_exactly(first_run, workdir):
+    url, _ = first_run
+    code, out, err = cli("export", "tiny", "--storage", url, "-o", "best.json", "--json")
+    assert code == 0, err
+    exported = json.loads(out)
+    study = optuna.load_study(study_name="tiny", storage=url)
+    trial = study.trials[exported["trial"]]
+    assert trial.user_attrs["feasible"]
+    plan = ltmp_core.load_plan(workdir / "best.json")
+    assert plan.meta["trial"] == trial.number and plan.meta["accuracy"] == trial.value
+
+    data = load_data("digits", img_size=32, holdout=120)
+    model, _ = load_base_model("ltmp_vit_digits", data, img_size=32, base_epochs=2)
+    ltmp_core.apply_plan(model, plan, mode="dynamic")
+    result = evaluate(model, data.holdout_batches(32), device=torch.device("cpu"))
+    assert result.accuracy == trial.value
+    assert result.macs / ltmp_core.unreduced_macs(plan.geometry) == pytest.approx(trial.user_attrs["flops_ratio"], rel=1e-12)
+
+
+def test_rerun_resumes_the_study(first_run):
+    url, _ = first_run
+    code, out, _ = cli("run", "--flops", "0.5", "--study", "tiny.toml", "--storage", url, "--study-name", "tiny",
+                       "--quiet")
+    assert code == 0 and "already has 3 finished trials" in out
+    code, _, err = cli("run", "--flops", "0.5", "--study", "tiny.toml", "--storage", url, "--study-name", "tiny",
+                       "--n-trials", "4", "--quiet", "--json")
+    assert code == 0, err
+    study = optuna.load_study(study_name="tiny", storage=url)
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 4
+    assert len(optuna.get_all_study_names(url)) == 1
+
+
+def test_rerun_with_other_settings_is_refused(first_run):
+    url, _ = first_run
+    code, out, err = cli("run", "--flops", "0.4", "--study", "tiny.toml", "--storage", url, "--study-name", "tiny")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "flops=0.5" in err
+
+
+def test_same_seed_gives_same_parameters_and_values(workdir):
+    results = []
+    for name in ("a", "b"):
+        url = f"sqlite:///{workdir / f'seed-{name}.db'}"
+        code, _, err = cli("run", "--flops", "0.5", "--study", "tiny.toml", "--storage", url, "--study-name", "s",
+                           "--n-trials", "3", "--seed", "7", "--quiet")
+        assert code == 0, err
+        trials = optuna.load_study(study_name="s", storage=url).trials
+        results.append([(t.params, t.value, t.state) for t in trials])
+    assert results[0] == results[1]
+
+
+def test_export_of_a_study_without_feasible_trial_is_refused(workdir):
+    url = f"sqlite:///{workdir / 'tome.db'}"
+    # ToMe merges at most half the tokens per layer: 10% of the FLOPs is out of its reach.
+    code, _, err = cli("run", "--flops", "0.1", "--study", "tiny.toml", "--storage", url, "--space", "tome",
+                       "--n-trials", "1", "--quiet")
+    assert code == 0, err
+    study = optuna.load_study(study_name="tiny-tome-flops0.1", storage=url)
+    assert study.trials[0].state == TrialState.PRUNED
+    assert "ToMe" in study.trials[0].user_attrs["pruned_reason"]
+    code, out, err = cli("export", "tiny-tome-flops0.1", "--storage", url, "-o", "never.json")
+    assert code == 2 and "no feasible trial" in err and err.count("\n") == 1
+    assert not (workdir / "never.json").exists()
+
+
+@pytest.mark.parametrize("flops", ["0", "-0.2", "1.5", "nan", "abc", "inf"])
+def test_bad_flops_is_one_line_and_exit_2(workdir, flops):
+    code, out, err = cli("run", "--flops", flops, "--storage", f"sqlite:///{workdir / 'never.db'}")
+    assert code == 2
+    assert out == "" and err.count("\n") == 1 and "FLOPs ratio" in err
+    assert not (workdir / "never.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("run", "--study", "imagenet9"), "unknown preset 'imagenet9'"),
+        (("run", "--ops", "merge,drop", "--study", "tiny.toml"), "unknown operation 'drop'"),
+        (("run", "--space", "grid", "--study", "tiny.toml"), "unknown search space 'grid'"),
+        (("run", "--model", "no_such_vit", "--study", "tiny.toml", "--storage", "sqlite:///x.db"), "unknown timm model"),
+        (("show", "nope", "--storage", "sqlite:///tiny.db"), "no study named 'nope'"),
+        (("export", "nope", "--storage", "sqlite:///tiny.db"), "no study named 'nope'"),
+        (("show", "tiny", "--storage", "sqlite:///missing.db"), "no database at missing.db"),
+        (("run", "--model", "resnet18", "--study", "tiny.toml", "--storage", "sqlite:///x.db"), "not a timm VisionTransformer"),
+        (("studies", "--storage", "postgresql+nodriver://u:secret@h/db"), "cannot open"),
+        (("studies", "--storage", "not a url"), "not a database URL"),
+    ],
+)
+def test_bad_input_is_one_clear_line(first_run, workdir, args, message):
+    code, out, err = cli(*args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err, err
+    assert "secret" not in err
+    assert not (workdir / "x.db").exists() and not (workdir / "missing.db").exists()
+
+
+def test_bad_preset_key_is_refused(workdir):
+    (workdir / "bad.toml").write_text('model = "ltmp_vit_digits"\nlearning_rate = 0.1\n')
+    code, _, err = cli("run", "--study", "bad.toml")
+    assert code == 2 and "unknown key 'learning_rate'" in err
+
+
+def test_version():
+    with pytest.raises(SystemExit) as e, redirect_stdout(io.StringIO()) as out:
+        main(["--version"])
+    assert e.value.code == 0 and "ltmp-search" in out.getvalue()
+
+
+def test_holdout_split_is_balanced_disjoint_and_fixed():
+    a, b = digits(holdout=360), digits(holdout=360)
+    assert torch.equal(a.holdout_index, b.holdout_index)
+    assert not set(a.holdout_index.tolist()) & set(a.train_index.tolist())
+    assert len(a.holdout_index) + len(a.train_index) == 1797
+    counts = torch.bincount(a.holdout_y, minlength=10)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 360

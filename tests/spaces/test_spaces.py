@@ -1,0 +1,131 @@
+"""Search spaces with Optuna's FixedTrial and property tests: every plan lands on its target."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import timm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ltmp_core
+import spaces
+from ltmp_core import OPS, LayerPlan, LTMPError, ReductionPlan, ViTGeometry
+from spaces._baselines import tps_layers
+
+
+def geometry(name: str, **kwargs) -> ViTGeometry:
+    with torch.device("meta"):
+        return ViTGeometry.from_model(timm.create_model(name, pretrained=False, **kwargs))
+
+
+DEIT_S = geometry("deit_small_patch16_224")
+DIGITS = geometry("vit_small_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+
+
+def fixed(ops, cuts) -> optuna.trial.FixedTrial:
+    params = {f"op_{i}": op for i, op in enumerate(ops)}
+    params.update({f"cut_{i}": c for i, c in enumerate(cuts)})
+    return optuna.trial.FixedTrial(params)
+
+
+def test_layerwise_fixed_trial_gives_that_plan_on_target():
+    ops = ["none", "merge", "prune", "squeeze", "merge+prune", "merge+squeeze"] * 2
+    cuts = [0.5, 0.2, 0.9, 0.4, 0.7, 1.0, 0.0, 0.3, 0.3, 0.6, 0.8, 0.1]
+    plan = spaces.suggest("layerwise", fixed(ops, cuts), DEIT_S, 0.35)
+    assert plan.ops == tuple(ops)
+    assert plan.layers[0].keep == 1.0  # op none: its cut is ignored
+    assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(0.35, rel=0.005)
+    # A larger cut weight means a smaller budget, among layers of the same op.
+    assert plan.layers[2].keep < plan.layers[8].keep  # prune 0.9 vs prune 0.3
+    assert plan.geometry == DEIT_S and plan.meta["space"] == "layerwise"
+
+
+def test_layerwise_without_reducing_layers_is_infeasible_with_reason():
+    with pytest.raises(spaces.Infeasible, match="cannot be reached"):
+        spaces.suggest("layerwise", fixed(["none"] * 12, [1.0] * 12), DEIT_S, 0.5)
+    # Merging alone can at most halve each layer: fine for 0.5 of DeiT-S, hopeless in one layer.
+    with pytest.raises(spaces.Infeasible, match="lowest reachable"):
+        spaces.suggest("layerwise", fixed(["merge"] + ["none"] * 11, [1.0] * 12), DEIT_S, 0.3)
+
+
+def test_layerwise_only_uses_allowed_ops():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        try:
+            plan = spaces.suggest("layerwise", trial, DEIT_S, 0.5, ops=["none", "prune"])
+        except spaces.Infeasible:
+            continue
+        assert set(plan.ops) <= {"none", "prune"}
+    with pytest.raises(LTMPError, match="unknown operation 'drop'"):
+        spaces.suggest("layerwise", study.ask(), DEIT_S, 0.5, ops=["drop"])
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    g=st.sampled_from([DEIT_S, DIGITS]),
+    data=st.data(),
+    target=st.floats(0.25, 0.9),
+)
+def test_every_layerwise_plan_lands_on_its_target(g, data, target):
+    ops = data.draw(st.lists(st.sampled_from(list(OPS)), min_size=g.depth, max_size=g.depth))
+    cuts = data.draw(st.lists(st.floats(0.0, 1.0), min_size=g.depth, max_size=g.depth))
+    try:
+        plan = spaces.suggest("layerwise", fixed(ops, cuts), g, target)
+    except spaces.Infeasible:
+        # Then even the deepest cut these ops allow stays above the target.
+        top = max(cuts)
+        deepest = [
+            LayerPlan(op=o, keep=(0.5 if o == "merge" else 1 / g.num_patches))
+            if o != "none" and top > 0 and c >= 1e-6 * top else LayerPlan(op=o)
+            for o, c in zip(ops, cuts)
+        ]
+        assert ltmp_core.plan_flops_ratio(ReductionPlan(tuple(deepest), geometry=g)) > target * 0.999
+        return
+    assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(target, rel=0.005)
+
+
+def test_ltmp_baseline_is_merge_prune_everywhere_with_equal_budgets():
+    plan = spaces.suggest("ltmp", optuna.trial.FixedTrial({}), DEIT_S, 0.35)
+    assert set(plan.ops) == {"merge+prune"}
+    assert len(set(plan.keeps)) == 1
+    assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(0.35, rel=0.005)
+    assert spaces.get_space("ltmp").budget == "global"
+
+
+def test_tome_baseline_merges_a_constant_count():
+    plan = spaces.suggest("tome", optuna.trial.FixedTrial({}), DEIT_S, 0.5)
+    r = plan.meta["r"]
+    assert set(plan.ops) == {"merge"} and not spaces.get_space("tome").tune
+    counts = [DEIT_S.num_patches] + plan.static_counts()
+    for before, after in zip(counts, counts[1:]):
+        assert before - after == min(r, before // 2)
+    assert ltmp_core.plan_flops_ratio(plan, static=True) <= 0.5
+    # r is the smallest that reaches the target
+    smaller = ReductionPlan(tuple(LayerPlan(op="merge", keep=k) for k in _tome_keeps(r - 1)), geometry=DEIT_S)
+    assert ltmp_core.plan_flops_ratio(smaller, static=True) > 0.5
+
+
+def _tome_keeps(r: int) -> list[float]:
+    n, keeps = DEIT_S.num_patches, []
+    for _ in range(DEIT_S.depth):
+        out = n - min(r, n // 2)
+        keeps.append(out / n)
+        n = out
+    return keeps
+
+
+def test_tps_baseline_squeezes_three_evenly_spaced_layers():
+    assert tps_layers(12) == [3, 6, 9]
+    assert tps_layers(4) == [1, 2, 3]
+    plan = spaces.suggest("tps", optuna.trial.FixedTrial({}), DEIT_S, 0.6)
+    assert [i for i, op in enumerate(plan.ops) if op != "none"] == [3, 6, 9]
+    assert len({plan.keeps[i] for i in (3, 6, 9)}) == 1
+    assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(0.6, rel=0.005)
+
+
+def test_unknown_space_is_a_clear_error():
+    with pytest.raises(LTMPError, match="unknown search space 'grid'.*layerwise"):
+        spaces.suggest("grid", optuna.trial.FixedTrial({}), DEIT_S, 0.5)
