@@ -38,6 +38,7 @@ from .patch import (
     remove_plan,
     set_mode,
     threshold_parameters,
+    threshold_scales,
     token_counts,
 )
 from .plan import OPS, LayerPlan, ReductionPlan, load_plan, make_plan, save_plan, stage_counts
@@ -79,6 +80,7 @@ __all__ = [
     "set_mode",
     "stage_counts",
     "threshold_parameters",
+    "threshold_scales",
     "token_counts",
     "unreduced_macs",
 ]

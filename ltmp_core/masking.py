@@ -35,19 +35,25 @@ def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     return e / e.sum(dim=dim, keepdim=True)
 
 
-def threshold_between(score: Tensor, eligible: Tensor, remove: float, weight: Tensor | None = None) -> float:
-    """A threshold that removes the highest eligible scores, pooled over the batch.
+def threshold_between(
+    score: Tensor, eligible: Tensor, remove: float, weight: Tensor | None = None
+) -> tuple[float, float]:
+    """A threshold that removes the highest eligible scores, pooled over the batch, and its scale.
 
     Without ``weight``, exactly ``remove`` tokens go. With a per-token ``weight`` (``[B, N]``), the
     highest scores go until their summed weight is as close as possible to ``remove``; weighting the
     tokens of image ``b`` by ``1 / n_b`` targets the batch-mean *fraction* removed instead of the
     pooled count. The threshold is the midpoint between the last removed and the first kept score,
     so that the hard rule ``score > threshold`` selects exactly those tokens (barring ties).
+
+    Returns:
+        ``(threshold, scale)``: ``scale`` is the score gap spanned by the 10% of eligible tokens on
+        either side of the cut, i.e. how far the threshold must move to change the cut noticeably.
     """
     values = score.detach()[eligible].double()
     n = values.numel()
     if n == 0:
-        return 0.0
+        return 0.0, 1.0
     values, order = values.sort(descending=True)
     if weight is None:
         k = int(round(remove))
@@ -55,8 +61,10 @@ def threshold_between(score: Tensor, eligible: Tensor, remove: float, weight: Te
         cum = weight.detach()[eligible].double()[order].cumsum(0)
         cum = torch.cat([cum.new_zeros(1), cum])
         k = int((cum - remove).abs().argmin())
+    w = max(1, n // 10)
+    scale = max(float(values[max(0, k - w)] - values[min(n - 1, k + w)]), 1e-6)
     if k <= 0:
-        return float(values[0]) + 1e-4
+        return float(values[0]) + 1e-4 * scale, scale
     if k >= n:
-        return float(values[-1]) - 1e-4
-    return 0.5 * float(values[k - 1] + values[k])
+        return float(values[-1]) - 1e-4 * scale, scale
+    return 0.5 * float(values[k - 1] + values[k]), scale

@@ -41,6 +41,7 @@ __all__ = [
     "is_patched",
     "calibrate",
     "threshold_parameters",
+    "threshold_scales",
     "token_counts",
 ]
 
@@ -56,6 +57,7 @@ class _State:
         self.mode = mode
         self.num_prefix = num_prefix
         self.known: set[tuple[int, str]] = set()  # thresholds that have a value
+        self.scales: dict[tuple[int, str], float] = {}  # spread of each threshold's scores at calibration
         self.size: Tensor | None = None  # [B, N] token sizes; None while all are 1
         self.alive: Tensor | None = None  # [B, N] 0/1; None while every position holds a live token
         self.n_patch = 0  # static mode: live patch tokens, the same for every image
@@ -129,10 +131,11 @@ class _State:
             weight = (1.0 / n).unsqueeze(1).expand_as(t.alive)
 
             def decide(score: Tensor, eligible: Tensor) -> Tensor:
-                theta = threshold_between(score, eligible, remove, weight)
+                theta, scale = threshold_between(score, eligible, remove, weight)
                 with torch.no_grad():
                     param.fill_(sign * theta)
                 self.known.add((index, name))
+                self.scales[(index, name)] = scale
                 return ((score > theta) & eligible).float()
 
             return decide
@@ -398,6 +401,22 @@ def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [
         p for block in model.blocks for name in ("merge_threshold", "prune_threshold")
         if (p := block._parameters.get(name)) is not None
+    ]
+
+
+def threshold_scales(model: nn.Module) -> list[float]:
+    """How far each threshold must move to change its cut noticeably, from the calibration batch.
+
+    The score gap spanned by the 10% of eligible tokens on either side of the calibrated cut
+    (:func:`ltmp_core.masking.threshold_between`); aligned with :func:`threshold_parameters`, 1.0
+    for thresholds that were not calibrated. Scores differ in scale between layers and models (an
+    untrained model's similarities all sit near 1), so an optimiser should move each threshold in
+    these units.
+    """
+    st = _state(model)
+    return [
+        st.scales.get((i, name), 1.0) for i, block in enumerate(model.blocks)
+        for name in ("merge_threshold", "prune_threshold") if block._parameters.get(name) is not None
     ]
 
 

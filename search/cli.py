@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-trials", type=int, help="finished trials the study should have")
     g.add_argument("--seed", type=int)
     g.add_argument("--trial-steps", type=int, help="threshold-tuning steps per trial")
+    g.add_argument("--budget", choices=("space", "layer", "global"),
+                   help="budget term while tuning: each layer against its budget, LTMP's global FLOPs term, "
+                        "or the space's choice (default; layer for layerwise)")
     g.add_argument("--distill", action="store_true", default=None, help="tune against the unreduced model's logits")
     g.add_argument("--study-name")
     _storage_options(g)
@@ -119,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     overrides = {k: getattr(args, k) for k in (
         "flops", "model", "pretrained", "checkpoint", "img_size", "batch_size", "holdout", "device", "amp",
-        "space", "ops", "sampler", "pruner", "n_trials", "seed", "trial_steps", "distill")}
+        "space", "ops", "sampler", "pruner", "n_trials", "seed", "trial_steps", "budget", "distill")}
     config = resolve(args.preset, overrides)
     out, err = _consoles()
     display = ui.RunDisplay(err, config.n_trials, config.trial_steps, quiet=args.quiet or args.json)
@@ -186,7 +189,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from . import ui
     from .store import Store
-    from .study import _engine_kwargs, best_trial, load_study, open_storage, resolve_storage, trial_summary
+    from .study import best_trial, load_study, open_storage, resolve_storage, trial_summary
 
     url = resolve_storage(args.storage, create=False)
     study = load_study(open_storage(url), args.study_name)
@@ -194,7 +197,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     best = best_trial(study)
     target = study.user_attrs.get("target_flops_ratio")
     if args.json:
-        store = Store(url, _engine_kwargs(url))
+        store = Store(url)
         layers = [
             {k: getattr(r, k) for k in ("trial_number", "layer", "op", "keep", "merge_keep", "merge_threshold",
                                          "prune_threshold", "kept_tokens")}

@@ -48,7 +48,10 @@ class StudyConfig:
         trial_steps: Threshold-tuning steps per trial.
         eval_every: Steps between intermediate held-out evaluations (for the pruner).
         eval_images: Held-out images used by intermediate evaluations.
-        lr: Learning rate of the thresholds (Adam).
+        lr: Learning rate of the thresholds (Adam), in units of each threshold's score spread on the
+            calibration batch.
+        budget: Budget term of the tuning loss: ``layer`` (each layer against its own budget),
+            ``global`` (LTMP's FLOPs ratio against the target), or ``space`` (the space's choice).
         budget_weight: Weight of the budget term in the tuning loss (strong: the budget is a constraint).
         tau: Temperature of the soft threshold masks.
         distill: Tune against the unreduced model's logits instead of the labels.
@@ -77,7 +80,8 @@ class StudyConfig:
     trial_steps: int = 40
     eval_every: int = 20
     eval_images: int = 128
-    lr: float = 0.005
+    lr: float = 0.05
+    budget: str = "space"
     budget_weight: float = 1000.0
     tau: float = 0.1
     distill: bool = False
@@ -114,7 +118,7 @@ class StudyConfig:
 #: Fields that change what a trial measures: a study must not mix values of these.
 RESULT_FIELDS = (
     "flops", "flops_margin", "model", "pretrained", "checkpoint", "data", "img_size", "holdout", "calib_images",
-    "batch_size", "trial_steps", "eval_every", "eval_images", "lr", "budget_weight", "tau", "distill",
+    "batch_size", "trial_steps", "eval_every", "eval_images", "lr", "budget", "budget_weight", "tau", "distill",
     "space", "ops", "base_epochs",
 )
 
@@ -157,6 +161,8 @@ def _check(c: StudyConfig) -> None:
         if op not in OPS:
             raise LTMPError(f"ops: unknown operation {op!r} (choose from {', '.join(OPS)})")
     object.__setattr__(c, "ops", tuple(c.ops))
+    if c.budget not in ("space", "layer", "global"):
+        raise LTMPError(f"budget: expected space, layer or global, got {c.budget!r}")
     if c.sampler not in SAMPLERS:
         raise LTMPError(f"sampler: unknown sampler {c.sampler!r} (choose from {', '.join(SAMPLERS)})")
     if c.pruner not in PRUNERS:

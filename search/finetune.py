@@ -75,7 +75,9 @@ def tune_thresholds(
     loss_v = task_v = budget_v = 0.0
     if not thresholds or steps == 0:
         return TuneResult(0, 0.0, 0.0, 0.0, 0.0)
-    opt = torch.optim.Adam(thresholds, lr=lr)
+    # Each threshold moves in units of its own score spread (Adam steps are about lr in size).
+    scales = ltmp_core.threshold_scales(model)
+    opt = torch.optim.Adam([{"params": [p], "lr": lr * s} for p, s in zip(thresholds, scales)])
     ltmp_core.set_mode(model, "soft")
     model.eval()  # dropout and drop-path off: the thresholds learn for the deployed model
     for step in range(1, steps + 1):

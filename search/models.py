@@ -26,7 +26,7 @@ from .data import Splits
 
 __all__ = ["ltmp_vit_digits", "check_model_name", "load_base_model", "train_digits_base", "cache_dir"]
 
-DIGITS_RECIPE = dict(lr=2e-3, weight_decay=0.05, batch_size=64, label_smoothing=0.1, shift=2, version=1)
+DIGITS_RECIPE = dict(lr=2e-3, weight_decay=0.05, batch_size=64, label_smoothing=0.1, shift=2, version=2)
 
 
 @register_model

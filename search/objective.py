@@ -93,15 +93,18 @@ class Objective:
                     self._report(trial, model, step)
 
             try:
-                tune_thresholds(
+                tuned = tune_thresholds(
                     model, self.data.train_batches(c.batch_size, seed), steps=steps, lr=c.lr,
-                    budget=self.space.budget, budget_weight=c.budget_weight, target=aim,
+                    budget=self.space.budget if c.budget == "space" else c.budget,
+                    budget_weight=c.budget_weight, target=aim,
                     teacher=self.base if c.distill else None, device=self.device, amp=self.amp,
                     on_step=on_step,
                 )
             except NonFiniteLoss as e:
                 trial.set_user_attr("fail_reason", str(e))
                 raise
+            trial.set_user_attr("tune_task_loss", tuned.task_loss)
+            trial.set_user_attr("tune_budget_loss", tuned.budget_loss)
         tune_seconds = time.perf_counter() - start
 
         result = evaluate(model, self.holdout, device=self.device, amp=self.amp, mode=mode)

@@ -19,7 +19,18 @@ from sqlalchemy import Float, Integer, String, UniqueConstraint, create_engine, 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-__all__ = ["Base", "LayerResult", "Store"]
+__all__ = ["Base", "LayerResult", "Store", "engine_kwargs"]
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """Engine options for a storage URL, shared by Optuna's storage and the project's tables.
+
+    SQLite waits up to a minute for a lock instead of failing at once with "database is locked";
+    server databases check a pooled connection before using it.
+    """
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
 
 
 class Base(DeclarativeBase):
@@ -69,8 +80,8 @@ def layer_rows(study_name: str, trial: optuna.trial.FrozenTrial) -> list[LayerRe
 class Store:
     """The project's tables in the database at ``url`` (the same URL as the Optuna storage)."""
 
-    def __init__(self, url: str, engine_kwargs: dict[str, Any] | None = None) -> None:
-        self.engine: Engine = create_engine(url, **(engine_kwargs or {}))
+    def __init__(self, url: str) -> None:
+        self.engine: Engine = create_engine(url, **engine_kwargs(url))
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 

@@ -25,7 +25,7 @@ from .data import load_data
 from .finetune import NonFiniteLoss
 from .models import check_model_name, load_base_model
 from .objective import METRIC_NAME, Objective, TrialHooks
-from .store import Store
+from .store import Store, engine_kwargs
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -77,18 +77,12 @@ def redact(url: str) -> str:
         return "<unparseable storage URL>"
 
 
-def _engine_kwargs(url: str) -> dict[str, Any]:
-    if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 60}}
-    return {"pool_pre_ping": True}
-
-
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage with heartbeats, so that trials of crashed workers are retried."""
     try:
         return optuna.storages.RDBStorage(
             url,
-            engine_kwargs=_engine_kwargs(url),
+            engine_kwargs=engine_kwargs(url),
             heartbeat_interval=60,
             grace_period=180,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
@@ -125,6 +119,25 @@ def _pruner(name: str, steps: int) -> optuna.pruners.BasePruner:
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, steps))
     return optuna.pruners.NopPruner()
+
+
+def starting_params(depth: int, ops: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Layerwise parameters of the plans the papers use, to enqueue as a new study's first trials.
+
+    Uniform merge+prune (LTMP's block everywhere), uniform merge (ToMe-like) and squeeze at three
+    evenly spaced layers (TPS), each with equal cuts, as far as ``ops`` allows. The search starts
+    from them, so its best trial is never worse than these under the same tuning budget.
+    """
+    from spaces._baselines import tps_layers
+
+    shapes = [["merge+prune"] * depth, ["merge"] * depth]
+    tps = set(tps_layers(depth))
+    shapes.append(["squeeze" if i in tps else "none" for i in range(depth)])
+    out = []
+    for shape in shapes:
+        if all(op in ops for op in shape):
+            out.append({**{f"op_{i}": op for i, op in enumerate(shape)}, **{f"cut_{i}": 0.5 for i in range(depth)}})
+    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -195,12 +208,15 @@ def run(
     )
     if "config" not in study.user_attrs:
         geometry = ViTGeometry.from_model(base)
+        if config.space == "layerwise" and not study.trials:
+            for params in starting_params(geometry.depth, config.ops)[: max(1, config.n_trials // 3)]:
+                study.enqueue_trial(params)
         study.set_metric_names([METRIC_NAME])
         study.set_user_attr("config", config.to_dict())
         study.set_user_attr("target_flops_ratio", config.flops)
         study.set_user_attr("unreduced_gmacs", ltmp_core.unreduced_macs(geometry) / 1e9)
         study.set_user_attr("base", {**base_info, "evaluated_accuracy": objective.base_accuracy()})
-    store = Store(url, _engine_kwargs(url))
+    store = Store(url)
     store.sync(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     result = RunResult(study, url, base=study.user_attrs.get("base", base_info), finished_before=finished)

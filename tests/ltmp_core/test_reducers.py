@@ -171,5 +171,9 @@ def test_threshold_between_selects_exactly_k():
     score = torch.tensor([[0.3, 0.9, 0.1, 0.5], [0.7, 0.2, 0.8, 0.0]])
     eligible = torch.ones_like(score, dtype=torch.bool)
     for k in range(0, 9):
-        theta = threshold_between(score, eligible, k)
+        theta, scale = threshold_between(score, eligible, k)
         assert int((score > theta).sum()) == k
+        assert scale > 0
+    # The scale is the local gap around the cut: 8 scores, one on either side of the 4th.
+    sorted_desc = [0.9, 0.8, 0.7, 0.5, 0.3, 0.2, 0.1, 0.0]
+    assert threshold_between(score, eligible, 4)[1] == pytest.approx(sorted_desc[3] - sorted_desc[5])

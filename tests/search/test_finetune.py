@@ -1,0 +1,77 @@
+"""Threshold tuning: weights never change, the budget holds, a non-finite loss is caught."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import ltmp_core
+from search.finetune import NonFiniteLoss, evaluate, tune_thresholds
+from tests.conftest import images, tiny_model
+
+CPU = torch.device("cpu")
+
+
+def batches(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def calibrated(ops=("merge+prune", "merge", "squeeze", "prune"), keep=(0.6, 0.8, 0.7, 0.7)):
+    model = tiny_model("deit_small")
+    ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op=list(ops), keep=list(keep)), mode="static")
+    ltmp_core.calibrate(model, images(32, seed=2))
+    return model
+
+
+def ratio(model) -> float:
+    held = [(images(16, seed=9), torch.zeros(16, dtype=torch.long))]
+    return evaluate(model, held, device=CPU).macs / ltmp_core.unreduced_macs(ltmp_core.ViTGeometry.from_model(model))
+
+
+def test_tuning_changes_thresholds_only():
+    model = calibrated()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "threshold" not in k}
+    before = [float(p.detach()) for p in ltmp_core.threshold_parameters(model)]
+    tune_thresholds(model, batches(), steps=5, lr=0.5, budget="layer", budget_weight=10.0, target=0.5, device=CPU)
+    after = [float(p.detach()) for p in ltmp_core.threshold_parameters(model)]
+    assert before != after
+    for k, v in model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k
+    assert all(p.grad is None for n, p in model.named_parameters() if "threshold" not in n)
+
+
+@pytest.mark.parametrize("budget", ["layer", "global"])
+def test_budget_holds_when_scores_are_compressed(budget):
+    """A random model's similarities all sit near 1: thresholds must move in units of that spread."""
+    model = calibrated()
+    scales = ltmp_core.threshold_scales(model)
+    assert min(scales) < 0.05, "this model's scores are compressed"
+    start = ratio(model)
+    tune_thresholds(model, batches(), steps=10, lr=0.05, budget=budget, budget_weight=1000.0, target=start,
+                    device=CPU)
+    assert abs(ratio(model) - start) < 0.03
+
+
+def test_non_finite_loss_is_reported():
+    model = calibrated()
+    bad = ((torch.full((4, 3, 32, 32), float("nan")), torch.zeros(4, dtype=torch.long)) for _ in itertools.count())
+    with pytest.raises(NonFiniteLoss, match="tuning loss is nan at step 1"):
+        tune_thresholds(model, bad, steps=3, lr=0.05, budget="layer", budget_weight=1.0, target=0.5, device=CPU)
+
+
+def test_evaluate_restores_mode_and_counts_each_image_alone():
+    model = calibrated()
+    ltmp_core.set_mode(model, "soft")
+    model.train()
+    x = images(6, seed=4)
+    result = evaluate(model, [(x[:3], torch.zeros(3, dtype=torch.long)), (x[3:], torch.zeros(3, dtype=torch.long))],
+                      device=CPU)
+    assert ltmp_core.get_mode(model) == "soft" and model.training
+    ltmp_core.set_mode(model, "dynamic")
+    alone, _ = ltmp_core.measure_flops(model, [x[i:i + 1] for i in range(6)])
+    assert result.macs == pytest.approx(alone) and result.images == 6
