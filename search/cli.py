@@ -37,6 +37,38 @@ def _ops(text: str) -> tuple[str, ...]:
     return tuple(op.strip() for op in text.split(",") if op.strip())
 
 
+def _kwarg(text: str) -> tuple[str, Any]:
+    """``key=value`` with a Python literal value (a number, a boolean, a string), as timm's train.py."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _model_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--model", help="timm model name")
+    g.add_argument("--model-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE",
+                   help="extra arguments for timm.create_model, e.g. patch_size=8 depth=4")
+    g.add_argument("--pretrained", action="store_true", default=None, help="timm's pretrained weights (needs network)")
+    g.add_argument("--checkpoint", help="local weights (.pth/.pt/.safetensors; timm, DeiT or LTMP checkpoints)")
+    g.add_argument("--data-dir", dest="data", help="ImageNet-layout folder (train/<class>/..., val/<class>/...) or 'digits'")
+    g.add_argument("--img-size", type=int)
+    g.add_argument("-b", "--batch-size", type=int)
+    g.add_argument("--holdout", type=int, help="held-out images carved from train/ that score the trials")
+    g.add_argument("--workers", type=int, help="DataLoader workers (default: cores - 1, at most 8)")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default on CUDA)")
+
+
+MODEL_FIELDS = ("model", "model_kwargs", "pretrained", "checkpoint", "data", "img_size", "batch_size", "holdout",
+                "workers", "device", "amp")
+
+
 def _storage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="database URL (default: $OPTUNA_STORAGE, else sqlite:///studies/search.db)")
 
@@ -53,14 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flops", type=_target, help="target FLOPs ratio, e.g. 0.35 = at most 35%% of the unreduced model's")
     run.add_argument("--study", dest="preset", help="preset name (e.g. digits) or path of a preset TOML file")
     g = run.add_argument_group("model and data (timm style)")
-    g.add_argument("--model", help="timm model name")
-    g.add_argument("--pretrained", action="store_true", default=None, help="timm's pretrained weights")
-    g.add_argument("--checkpoint", help="local checkpoint (.pth/.pt/.safetensors)")
-    g.add_argument("--img-size", type=int)
-    g.add_argument("-b", "--batch-size", type=int)
-    g.add_argument("--holdout", type=int, help="held-out images that score the trials")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default on CUDA)")
+    _model_options(g)
+    g.add_argument("--trial-images", type=int, help="cap on the images a trial tunes its thresholds on")
     g = run.add_argument_group("search (Optuna style)")
     g.add_argument("--space", help="search space: layerwise (default), or a baseline: ltmp, tome, tps")
     g.add_argument("--ops", type=_ops, help="operations the layerwise space may use, comma-separated")
@@ -94,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_options(p)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("validate", help="top-1/top-5 and measured FLOPs of a plan on a data split", description=(
+        "Apply a plan to its base model and report top-1, top-5 and the measured FLOPs (MACs) on a split: "
+        "val/ of an ImageNet-layout folder, or the held-out split a search scored its trials on."))
+    p.add_argument("plan", metavar="PLAN.json")
+    p.add_argument("--study", dest="preset", help="preset whose model and data settings to use (default: digits)")
+    p.add_argument("--split", default="val", choices=("val", "holdout"))
+    p.add_argument("--mode", choices=("dynamic", "static"),
+                   help="dynamic (learned thresholds, default when the plan has them) or static (fixed counts)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the static model")
+    _model_options(p.add_argument_group("model and data (timm style)"))
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("dashboard", help="open the studies in optuna-dashboard")
     _storage_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -120,9 +158,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .study import FINISHED, best_trial, redact, run, trial_summary
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    overrides = {k: getattr(args, k) for k in (
-        "flops", "model", "pretrained", "checkpoint", "img_size", "batch_size", "holdout", "device", "amp",
-        "space", "ops", "sampler", "pruner", "n_trials", "seed", "trial_steps", "budget", "distill")}
+    overrides = {k: getattr(args, k) for k in MODEL_FIELDS + (
+        "flops", "trial_images", "space", "ops", "sampler", "pruner", "n_trials", "seed", "trial_steps", "budget",
+        "distill")}
+    if overrides["model_kwargs"] is not None:
+        overrides["model_kwargs"] = dict(overrides["model_kwargs"])
     config = resolve(args.preset, overrides)
     out, err = _consoles()
     display = ui.RunDisplay(err, config.n_trials, config.trial_steps, quiet=args.quiet or args.json)
@@ -138,6 +178,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     study = result.study
     best = best_trial(study)
     where = redact(result.storage_url)
+    if result.skipped:
+        err.print(f"warning: skipped {len(result.skipped)} unreadable image(s), e.g. {result.skipped[0]}")
     if args.json:
         _print_json({
             "study": study.study_name, "storage": where, "target_flops_ratio": config.flops,
@@ -235,6 +277,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .config import resolve
+    from .validate import validate_plan
+
+    overrides = {k: getattr(args, k) for k in MODEL_FIELDS}
+    if overrides["model_kwargs"] is not None:
+        overrides["model_kwargs"] = dict(overrides["model_kwargs"])
+    config = resolve(args.preset, overrides)
+    result = validate_plan(args.plan, config, split=args.split, mode=args.mode, compile=args.compile,
+                           model_given=args.model is not None)
+    if args.json:
+        _print_json(result)
+        return 0
+    out, err = _consoles()
+    if result["skipped_images"]:
+        err.print(f"warning: skipped {len(result['skipped_images'])} unreadable image(s), "
+                  f"e.g. {result['skipped_images'][0]}")
+    out.print(f"{result['plan']} on {result['data']} ({result['split']}, {result['images']} images, "
+              f"{result['mode']} mode, {result['device']}):")
+    out.print(f"  top-1 {100 * result['top1']:.2f}%   top-5 {100 * result['top5']:.2f}%")
+    out.print(f"  {result['gmacs']:.4g} GMACs per image (FLOPs as MACs), {result['flops_ratio']:.3f} of the unreduced "
+              f"model; {result['images_per_s']:.1f} images/s")
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from ltmp_core import LTMPError
 
@@ -252,7 +319,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "studies": cmd_studies, "show": cmd_show, "export": cmd_export, "dashboard": cmd_dashboard}
+COMMANDS = {"run": cmd_run, "studies": cmd_studies, "show": cmd_show, "export": cmd_export,
+            "validate": cmd_validate, "dashboard": cmd_dashboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

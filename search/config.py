@@ -38,11 +38,14 @@ class StudyConfig:
             held-out images cost a little more or less than the calibration batch.
         preset: Name or path of the preset these values came from.
         model: timm model name of the base model.
+        model_kwargs: Extra keyword arguments for ``timm.create_model`` (as timm's ``--model-kwargs``).
         pretrained: Load timm's pretrained weights for ``model``.
         checkpoint: Path of a local checkpoint for ``model``.
         data: ``digits`` (scikit-learn's bundled digits) or a folder with ``train/`` and ``val/``.
-        img_size: Input size in pixels.
-        holdout: Held-out images that score every trial (never seen by tuning).
+        img_size: Input size in pixels (``None``: the model's own).
+        holdout: Held-out images, carved from the training images, that score every trial.
+        trial_images: Cap on the images a trial tunes on (``None``: all the others).
+        workers: DataLoader workers for folder data (``None``: all cores but one, at most 8).
         calib_images: Images of the calibration batch that sets the starting thresholds.
         batch_size: Images per tuning and evaluation batch.
         trial_steps: Threshold-tuning steps per trial.
@@ -70,11 +73,14 @@ class StudyConfig:
     flops_margin: float = 0.02
     preset: str = DEFAULT_PRESET
     model: str = "ltmp_vit_digits"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
     checkpoint: str | None = None
     data: str = "digits"
-    img_size: int = 32
+    img_size: int | None = None
     holdout: int = 360
+    trial_images: int | None = None
+    workers: int | None = None
     calib_images: int = 128
     batch_size: int = 64
     trial_steps: int = 40
@@ -104,10 +110,16 @@ class StudyConfig:
         return d
 
     def default_study_name(self) -> str:
-        """``preset-model-space-flops0.35``, leaving out what the preset already implies."""
+        """``preset[-data][-model]-space-flopsX``: what the preset implies is left out.
+
+        With the default preset and a folder of your own, the folder's name replaces ``digits``.
+        """
         preset = Path(self.preset).stem
-        parts = [preset]
         base = _preset_values(self.preset) if self.preset else {}
+        parts = [preset]
+        if self.data != base.get("data", StudyConfig.data):
+            data = Path(self.data).name or "data"
+            parts = [data] if preset == DEFAULT_PRESET else [preset, data]
         if self.model != base.get("model", StudyConfig.model):
             parts.append(self.model)
         parts.append(self.space)
@@ -117,7 +129,8 @@ class StudyConfig:
 
 #: Fields that change what a trial measures: a study must not mix values of these.
 RESULT_FIELDS = (
-    "flops", "flops_margin", "model", "pretrained", "checkpoint", "data", "img_size", "holdout", "calib_images",
+    "flops", "flops_margin", "model", "model_kwargs", "pretrained", "checkpoint", "data", "img_size", "holdout",
+    "trial_images", "calib_images",
     "batch_size", "trial_steps", "eval_every", "eval_images", "lr", "budget", "budget_weight", "tau", "distill",
     "space", "ops", "base_epochs",
 )
@@ -126,6 +139,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "flops": (float, int), "flops_margin": (float, int), "lr": (float, int), "budget_weight": (float, int), "tau": (float, int),
     "pretrained": (bool,), "distill": (bool,), "amp": (bool, type(None)),
     "checkpoint": (str, type(None)),
+    "img_size": (int, type(None)), "trial_images": (int, type(None)), "workers": (int, type(None)),
+    "model_kwargs": (dict,),
 }
 
 
@@ -143,9 +158,15 @@ def _check(c: StudyConfig) -> None:
             raise LTMPError(f"{f.name}: expected {expected[0].__name__}, got {value!r}")
     if not (math.isfinite(c.flops) and 0.0 < c.flops <= 1.0):
         raise LTMPError(f"flops: the target FLOPs ratio must be in (0, 1], got {c.flops}")
-    for name in ("img_size", "holdout", "calib_images", "batch_size", "eval_images", "n_trials", "eval_every"):
-        if getattr(c, name) < 1:
+    for name in ("img_size", "holdout", "calib_images", "batch_size", "eval_images", "n_trials", "eval_every",
+                 "trial_images"):
+        if getattr(c, name) is not None and getattr(c, name) < 1:
             raise LTMPError(f"{name}: must be >= 1, got {getattr(c, name)}")
+    if c.workers is not None and c.workers < 0:
+        raise LTMPError(f"workers: must be >= 0, got {c.workers}")
+    for key, value in c.model_kwargs.items():
+        if not isinstance(key, str) or not isinstance(value, (int, float, str, bool)):
+            raise LTMPError(f"model_kwargs: {key!r} must be a number, string or boolean, got {value!r}")
     for name in ("trial_steps", "base_epochs", "seed"):
         if getattr(c, name) < 0:
             raise LTMPError(f"{name}: must be >= 0, got {getattr(c, name)}")
@@ -202,7 +223,7 @@ def _preset_values(name: str) -> dict[str, Any]:
     for key, value in data.items():
         if key not in known:
             raise LTMPError(f"{where}: unknown key {key!r}")
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key != "model_kwargs":
             raise LTMPError(f"{where}: {key!r} must be a value, not a table")
     return data
 

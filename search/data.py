@@ -1,33 +1,84 @@
 """Data for a study: a tuning split, a held-out split that scores trials, a calibration batch.
 
 The held-out split is carved from the training images with a fixed seed and is class-balanced;
-threshold tuning and calibration never see it. The embedded ``digits`` data set is scikit-learn's
-bundled 8x8 digits, upscaled: it needs no download.
+threshold tuning and calibration never see it, and ``val/`` is never used by a search (only by
+``search validate``). Two sources:
+
+- ``digits``: scikit-learn's bundled 8x8 digits, upscaled; no download.
+- a folder in ImageNet layout, ``DIR/train/<class>/<image>`` and ``DIR/val/<class>/<image>``, read
+  with timm's folder scanner and the model's own preprocessing (``timm.data.create_transform`` on
+  ``resolve_model_data_config``). Unreadable images are skipped and counted, never fatal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ltmp_core import LTMPError
 
-__all__ = ["Splits", "load_data", "digits"]
+__all__ = ["StudyData", "Splits", "FolderData", "load_data", "digits", "default_workers"]
+
+Batch = tuple[Tensor, Tensor]
+
+
+def _balanced_split(y: Tensor, holdout: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (train, holdout): ``holdout`` images spread evenly over the classes, then shuffled."""
+    if not 0 < holdout < len(y):
+        raise LTMPError(f"holdout: must be between 1 and {len(y) - 1} for this data set, got {holdout}")
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(y)
+    per_class = [torch.nonzero(y == c).flatten() for c in classes]
+    per_class = [idx[torch.randperm(len(idx), generator=g)] for idx in per_class]
+    base, extra = divmod(holdout, len(classes))
+    take = [min(len(idx), base + (1 if i < extra else 0)) for i, idx in enumerate(per_class)]
+    held = torch.cat([idx[:k] for idx, k in zip(per_class, take)])
+    rest = torch.cat([idx[k:] for idx, k in zip(per_class, take)])
+    return rest[torch.randperm(len(rest), generator=g)], held[torch.randperm(len(held), generator=g)]
+
+
+class StudyData(ABC):
+    """What a search needs from its data, whatever the source."""
+
+    name: str
+    num_classes: int
+
+    @abstractmethod
+    def calibration_batch(self, n: int) -> Tensor:
+        """The first ``n`` tuning images (fixed for the study)."""
+
+    @abstractmethod
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        """Shuffled tuning batches, forever; the order depends only on ``seed``."""
+
+    @abstractmethod
+    def holdout_batches(self, batch_size: int, limit: int | None = None) -> Iterable[Batch]:
+        """The held-out split in a fixed order (its first ``limit`` images if given)."""
+
+    @property
+    def holdout_size(self) -> int:
+        return len(self.holdout_index)
+
+    def skipped(self) -> list[str]:
+        """Images that could not be read so far (skipped)."""
+        return []
 
 
 @dataclass
-class Splits:
-    """Tensors of one study's data, already normalised for the model.
+class Splits(StudyData):
+    """A data set held in memory as tensors, already normalised for the model.
 
     Attributes:
-        name: Data set name.
         train_x, train_y: Images and labels that tune thresholds (and train the digits base model).
         holdout_x, holdout_y: Images and labels that score the trials.
-        num_classes: Number of classes.
         train_index, holdout_index: Positions of the two splits in the source data set.
     """
 
@@ -39,41 +90,25 @@ class Splits:
     num_classes: int
     train_index: Tensor
     holdout_index: Tensor
+    trial_images: int | None = None  # tuning uses the first images of the train split only
 
     def calibration_batch(self, n: int) -> Tensor:
-        """The first ``n`` tuning images (fixed for the study)."""
         return self.train_x[:n]
 
-    def train_batches(self, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Shuffled tuning batches, forever; the order depends only on ``seed``."""
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         g = torch.Generator().manual_seed(seed)
-        n = len(self.train_x)
+        n = len(self.train_x) if self.trial_images is None else min(self.trial_images, len(self.train_x))
         while True:
             order = torch.randperm(n, generator=g)
-            for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            for i in range(0, max(1, n - batch_size + 1), batch_size):
                 idx = order[i:i + batch_size]
                 yield self.train_x[idx], self.train_y[idx]
 
-    def holdout_batches(self, batch_size: int, limit: int | None = None) -> list[tuple[Tensor, Tensor]]:
-        """The held-out split in order, in batches (the first ``limit`` images if given)."""
+    def holdout_batches(self, batch_size: int, limit: int | None = None) -> list[Batch]:
         x, y = self.holdout_x, self.holdout_y
         if limit is not None:
             x, y = x[:limit], y[:limit]
         return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-
-
-def _balanced_split(y: Tensor, holdout: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices (train, holdout): ``holdout`` images spread evenly over the classes, then shuffled."""
-    if not 0 < holdout < len(y):
-        raise LTMPError(f"holdout: must be between 1 and {len(y) - 1} for this data set, got {holdout}")
-    g = torch.Generator().manual_seed(seed)
-    classes = torch.unique(y)
-    per_class = [torch.nonzero(y == c).flatten() for c in classes]
-    per_class = [idx[torch.randperm(len(idx), generator=g)] for idx in per_class]
-    take = [holdout // len(classes) + (1 if i < holdout % len(classes) else 0) for i in range(len(classes))]
-    held = torch.cat([idx[:k] for idx, k in zip(per_class, take)])
-    rest = torch.cat([idx[k:] for idx, k in zip(per_class, take)])
-    return rest[torch.randperm(len(rest), generator=g)], held[torch.randperm(len(held), generator=g)]
 
 
 def digits(img_size: int = 32, holdout: int = 360, seed: int = 0) -> Splits:
@@ -89,8 +124,172 @@ def digits(img_size: int = 32, holdout: int = 360, seed: int = 0) -> Splits:
     return Splits("digits", x[train], y[train], x[held], y[held], num_classes=10, train_index=train, holdout_index=held)
 
 
-def load_data(name: str, *, img_size: int, holdout: int, seed: int = 0) -> Splits:
-    """The splits of data set ``name`` (``digits``)."""
+# -- ImageNet-style folders ----------------------------------------------------------------------
+
+
+class _Images(Dataset):
+    """Images by path; an unreadable one comes back as its path (the collate function drops it)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable[[Any], Tensor]) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        from PIL import Image
+
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                x = self.transform(img.convert("RGB"))
+        except Exception:  # a corrupt or unreadable file must not stop a search: it is counted
+            return path
+        return x, target
+
+
+def _collate(items: list[Any]) -> tuple[Tensor, Tensor, list[str]]:
+    good = [item for item in items if not isinstance(item, str)]
+    bad = [item for item in items if isinstance(item, str)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    x, y = default_collate(good)
+    return x, y, bad
+
+
+def default_workers() -> int:
+    """DataLoader workers: all cores but one, at most 8 (1 on a 2-core machine, 8 on 16)."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class FolderData(StudyData):
+    """An ImageNet-layout folder: the search reads ``train/`` only; ``val/`` is for ``search validate``."""
+
+    root: Path
+    transform: Callable[[Any], Tensor]
+    holdout: int | None
+    trial_images: int | None = None
+    workers: int | None = None
+    pin_memory: bool = False
+    seed: int = 0
+    name: str = field(init=False)
+    num_classes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        from timm.data.readers.reader_image_folder import find_images_and_targets
+
+        self.name = str(self.root)
+        train = self.root / "train"
+        layout = f"expected {self.root}/train/<class>/<image> and {self.root}/val/<class>/<image> (ImageNet layout)"
+        if not self.root.is_dir():
+            raise LTMPError(f"data: no such folder {self.root}")
+        if not train.is_dir():
+            raise LTMPError(f"data: {self.root} has no train/ folder; {layout}")
+        samples, self.class_to_idx = find_images_and_targets(str(train))
+        if not samples:
+            raise LTMPError(f"data: {train} holds no images; {layout}")
+        if len(self.class_to_idx) < 2:
+            raise LTMPError(f"data: {train} has {len(self.class_to_idx)} class folder(s); {layout}")
+        self.samples = samples
+        self.num_classes = len(self.class_to_idx)
+        labels = torch.tensor([t for _, t in samples])
+        if self.holdout is None:  # validation of val/ only: nothing is held out of train/
+            self.train_index, self.holdout_index = torch.arange(len(samples)), torch.zeros(0, dtype=torch.long)
+        else:
+            self.train_index, self.holdout_index = _balanced_split(labels, self.holdout, self.seed)
+        tune = self.train_index
+        if self.trial_images is not None:
+            tune = tune[: self.trial_images]
+        self.tune_index = tune
+        self._bad: set[str] = set()
+
+    def skipped(self) -> list[str]:
+        return sorted(self._bad)
+
+    def _loader(self, samples: Sequence[tuple[str, int]], batch_size: int, shuffle_seed: int | None) -> DataLoader:
+        workers = default_workers() if self.workers is None else self.workers
+        generator = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
+        return DataLoader(
+            _Images(samples, self.transform), batch_size=batch_size, shuffle=shuffle_seed is not None,
+            generator=generator, num_workers=workers, pin_memory=self.pin_memory, collate_fn=_collate,
+            persistent_workers=False,
+        )
+
+    def _batches(self, loader: DataLoader) -> Iterator[Batch]:
+        for x, y, bad in loader:
+            self._bad.update(bad)
+            if len(y):
+                yield x, y
+
+    def _subset(self, index: Tensor) -> list[tuple[str, int]]:
+        return [self.samples[i] for i in index.tolist()]
+
+    def calibration_batch(self, n: int) -> Tensor:
+        xs = [x for x, _ in self._batches(self._loader(self._subset(self.tune_index[:n]), n, None))]
+        if not xs:
+            raise LTMPError("data: none of the calibration images could be read")
+        return torch.cat(xs)
+
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        samples = self._subset(self.tune_index)
+        epoch = 0
+        while True:
+            yield from self._batches(self._loader(samples, batch_size, seed * 100_003 + epoch))
+            epoch += 1
+
+    def holdout_batches(self, batch_size: int, limit: int | None = None) -> Iterable[Batch]:
+        index = self.holdout_index if limit is None else self.holdout_index[:limit]
+        return _Lazy(lambda: self._batches(self._loader(self._subset(index), batch_size, None)))
+
+    def split_batches(self, split: str, batch_size: int) -> Iterable[Batch]:
+        """Batches of ``val`` (the folder) or ``holdout`` (carved from train), in a fixed order."""
+        if split == "holdout":
+            return self.holdout_batches(batch_size)
+        from timm.data.readers.reader_image_folder import find_images_and_targets
+
+        folder = self.root / split
+        if not folder.is_dir():
+            raise LTMPError(f"data: {self.root} has no {split}/ folder")
+        samples, class_to_idx = find_images_and_targets(str(folder))
+        unknown = sorted(set(class_to_idx) - set(self.class_to_idx))
+        if unknown:
+            raise LTMPError(f"data: {folder} has classes that train/ lacks: {', '.join(unknown[:5])}")
+        remap = {idx: self.class_to_idx[name] for name, idx in class_to_idx.items()}
+        samples = [(path, remap[t]) for path, t in samples]
+        return _Lazy(lambda: self._batches(self._loader(samples, batch_size, None)))
+
+
+class _Lazy:
+    """An iterable that builds a fresh iterator (a fresh DataLoader) every time it is iterated."""
+
+    def __init__(self, make: Callable[[], Iterator[Batch]]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.make()
+
+
+def load_data(
+    name: str,
+    *,
+    img_size: int,
+    holdout: int | None,
+    transform: Callable[[Any], Tensor] | None = None,
+    trial_images: int | None = None,
+    workers: int | None = None,
+    pin_memory: bool = False,
+    seed: int = 0,
+) -> StudyData:
+    """``digits`` or an ImageNet-layout folder. ``seed`` fixes the held-out split (0 in every study).
+
+    ``holdout=None`` carves nothing out of a folder's train/ (for validating on val/ alone).
+    """
     if name == "digits":
-        return digits(img_size=img_size, holdout=holdout, seed=seed)
-    raise LTMPError(f"data: unknown data set {name!r}; the embedded one is 'digits'")
+        data = digits(img_size=img_size, holdout=holdout or 360, seed=seed)
+        data.trial_images = trial_images
+        return data
+    if transform is None:
+        raise LTMPError("data: a folder needs the model's transform")
+    return FolderData(Path(name), transform, holdout, trial_images, workers, pin_memory, seed)

@@ -114,6 +114,7 @@ class Evaluation:
     """Held-out figures of a patched model in hard mode."""
 
     accuracy: float
+    top5: float
     images: int
     macs: float  # mean per image
     kept_tokens: list[float]  # mean tokens after each block, prefix included
@@ -128,23 +129,27 @@ def evaluate(
     device: torch.device,
     amp: bool = False,
     mode: str = "dynamic",
+    runner: Callable[[Tensor], Tensor] | None = None,
 ) -> Evaluation:
     """Top-1 accuracy and mean MACs per image with tokens really removed (``mode`` dynamic or static).
 
     The model's mode and train flag are restored afterwards, so this can run in the middle of tuning.
+    ``runner`` calls the model (e.g. a ``torch.compile`` of it); token counts are read from ``model``.
     """
     start = time.perf_counter()
     previous, was_training = ltmp_core.get_mode(model), model.training
     ltmp_core.set_mode(model, mode)
     model.eval()
-    correct, seen, macs = 0, 0, 0.0
+    correct, correct5, seen, macs = 0, 0, 0, 0.0
     kept: Tensor | None = None
     try:
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, amp):
-                logits = model(x)
+                logits = (runner or model)(x)
             correct += int((logits.argmax(dim=-1) == y).sum())
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            correct5 += int((top == y.unsqueeze(-1)).any(dim=-1).sum())
             seen += len(y)
             macs += float(ltmp_core.image_macs(model).sum())
             counts = ltmp_core.token_counts(model)[1:].double().sum(dim=1).cpu()
@@ -156,6 +161,7 @@ def evaluate(
         raise LTMPError("holdout: no images to evaluate")
     return Evaluation(
         accuracy=correct / seen,
+        top5=correct5 / seen,
         images=seen,
         macs=macs / seen,
         kept_tokens=[float(k) / seen for k in kept],

@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import timm
 import torch
@@ -22,9 +22,9 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 import ltmp_core
 from ltmp_core import LTMPError
 
-from .data import Splits
+from .data import Splits, StudyData
 
-__all__ = ["ltmp_vit_digits", "check_model_name", "load_base_model", "train_digits_base", "cache_dir"]
+__all__ = ["ltmp_vit_digits", "check_model_name", "load_base_model", "load_checkpoint", "train_digits_base", "cache_dir"]
 
 DIGITS_RECIPE = dict(lr=2e-3, weight_decay=0.05, batch_size=64, label_smoothing=0.1, shift=2, version=2)
 
@@ -117,8 +117,59 @@ def _digits_key(name: str, img_size: int, num_classes: int, epochs: int, seed: i
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
 
 
+SUPPORTED = (
+    "timm VisionTransformer models built from timm's pre-norm Block and Attention: deit_*, "
+    "deit3_*, vit_* (including register-token and qk_norm variants) and ltmp_vit_digits"
+)
+
+
+def check_model_name(name: str, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Refuse an unknown or unsupported model before anything is loaded; return its data config.
+
+    The model is built on the meta device (no memory, no weights). The data config (input size,
+    mean/std, crop, interpolation) is timm's ``resolve_model_data_config`` of that model.
+    """
+    from timm.data import resolve_model_data_config
+
+    if not timm.is_model(name):
+        raise LTMPError(f"model: unknown timm model {name!r}; supported: {SUPPORTED}")
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **(model_kwargs or {}))
+    except TypeError as e:
+        raise LTMPError(f"model_kwargs: {name} does not take them ({e})") from None
+    try:
+        ltmp_core.check_model(model)
+    except LTMPError as e:
+        raise LTMPError(f"{e}. Supported: {SUPPORTED}") from None
+    return resolve_model_data_config(model)
+
+
+def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The weights inside a timm, DeiT or LTMP checkpoint (or a bare state dict)."""
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LTMPError("checkpoint: no state dict inside (expected a dict of tensors, or one under "
+                        "'model', 'state_dict' or 'state_dict_ema')")
+    out = {}
+    for key, value in obj.items():
+        key = key.removeprefix("module.")  # saved from DistributedDataParallel
+        if key.endswith(("_masker.threshold", ".merge_threshold", ".prune_threshold")):
+            continue  # LTMP's and our learned thresholds belong to a plan, not to the weights
+        out[key] = value
+    return out
+
+
 def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a state dict (``.pth``/``.pt`` or ``.safetensors``) with ``weights_only=True``."""
+    """Load weights from ``.pth``/``.pt`` (``weights_only=True``) or ``.safetensors`` into ``model``.
+
+    Accepts timm and DeiT checkpoints (``model``/``state_dict``/EMA entries) and LTMP checkpoints
+    (their threshold entries are ignored). A checkpoint that does not fit is a clear error naming the
+    first missing and unexpected keys.
+    """
     p = Path(path)
     if not p.is_file():
         raise LTMPError(f"checkpoint: no such file {path}")
@@ -126,38 +177,35 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(p))
+            raw: Any = load_file(str(p))
         else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
+            raw = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file: one clear line
-        raise LTMPError(f"checkpoint: cannot read {path} ({type(e).__name__}: {e})") from None
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    state = checkpoint_filter_fn(state, model) if isinstance(model, VisionTransformer) else state
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise LTMPError(
-            f"checkpoint: {path} does not fit the model (missing: {', '.join(missing[:3]) or 'none'}; "
-            f"unexpected: {', '.join(unexpected[:3]) or 'none'})"
-        )
-
-
-def check_model_name(name: str) -> None:
-    """Refuse an unknown or unsupported model before anything is loaded (built on the meta device)."""
-    if not timm.is_model(name):
-        raise LTMPError(f"model: unknown timm model {name!r}")
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
-    ltmp_core.check_model(model)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LTMPError(f"checkpoint: cannot read {path} ({reason[:200]})") from None
+    state = _state_dict(raw)
+    if isinstance(model, VisionTransformer):
+        state = checkpoint_filter_fn(state, model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = [f"missing: {', '.join(missing[:3])}" if missing else "",
+                  f"unexpected: {', '.join(unexpected[:3])}" if unexpected else "",
+                  f"wrong shape: {wrong[0]} {tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]].shape)}"
+                  if wrong else ""]
+        raise LTMPError(f"checkpoint: {path} does not fit {type(model).__name__} "
+                        f"({'; '.join(d for d in detail if d)})")
+    model.load_state_dict(state)
 
 
 def load_base_model(
     name: str,
-    data: Splits,
+    data: StudyData,
     *,
-    img_size: int,
+    img_size: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     pretrained: bool = False,
     checkpoint: str | None = None,
     base_epochs: int = 30,
@@ -167,28 +215,40 @@ def load_base_model(
     """Create the base model, load or train its weights, and check ltmp_core can patch it.
 
     Returns the model (eval mode, weights frozen, on the CPU) and facts about it for the study
-    (``source``, and ``holdout_accuracy`` when it was trained here).
+    (``source``, and ``holdout_accuracy`` when it was trained here). ``--pretrained`` needs the
+    network; offline, the error names ``--checkpoint`` instead.
     """
-    kwargs = dict(num_classes=data.num_classes, img_size=img_size)
+    if not timm.is_model(name):
+        raise LTMPError(f"model: unknown timm model {name!r}; supported: {SUPPORTED}")
+    kwargs = dict(model_kwargs or {}, num_classes=data.num_classes)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
     try:
         with torch.random.fork_rng(devices=[]):  # the same initial weights in every process
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise LTMPError(f"model: unknown timm model {name!r}") from None
+    except LTMPError:
         raise
-    ltmp_core.check_model(model)
+    except Exception as e:
+        if pretrained and checkpoint is None:
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise LTMPError(
+                f"model: could not get timm's pretrained weights for {name} ({reason}); offline, download "
+                "them on a connected machine and pass the file with --checkpoint PATH"
+            ) from None
+        raise
+    try:
+        ltmp_core.check_model(model)
+    except LTMPError as e:
+        raise LTMPError(f"{e}. Supported: {SUPPORTED}") from None
     info: dict = {"model": name}
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
         info["source"] = f"checkpoint {checkpoint}"
     elif pretrained:
         info["source"] = "timm pretrained"
-    elif name == "ltmp_vit_digits":
-        if data.name != "digits":
-            raise LTMPError("model: ltmp_vit_digits is trained on the digits data; give --pretrained or --checkpoint")
-        key = _digits_key(name, img_size, data.num_classes, base_epochs, seed, data)
+    elif name == "ltmp_vit_digits" and data.name == "digits":
+        key = _digits_key(name, model.patch_embed.img_size[0], data.num_classes, base_epochs, seed, data)
         path = cache_dir() / f"{name}-{key}.pt"
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -199,7 +259,7 @@ def load_base_model(
             _save_atomic({"state_dict": model.state_dict(), "holdout_accuracy": acc}, path)
             info.update(source=f"trained here, cached at {path}", holdout_accuracy=acc)
     else:
-        info["source"] = "random initialisation"
+        info["source"] = "random initialisation (no --pretrained or --checkpoint)"
     model.eval()
     model.requires_grad_(False)
     return model, info

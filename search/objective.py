@@ -16,7 +16,7 @@ from ltmp_core import ViTGeometry
 from spaces import Infeasible, get_space, suggest
 
 from .config import StudyConfig
-from .data import Splits
+from .data import StudyData
 from .finetune import NonFiniteLoss, evaluate, tune_thresholds
 
 __all__ = ["Objective", "TrialHooks", "METRIC_NAME"]
@@ -42,7 +42,7 @@ class Objective:
         self,
         config: StudyConfig,
         base: nn.Module,
-        data: Splits,
+        data: StudyData,
         *,
         device: torch.device,
         amp: bool,
@@ -137,7 +137,8 @@ class Objective:
     @torch.no_grad()
     def base_accuracy(self) -> float:
         """Held-out accuracy of the unreduced base model."""
-        correct = 0
+        correct = seen = 0
         for x, y in self.holdout:
             correct += int((self.base(x.to(self.device)).argmax(-1) == y.to(self.device)).sum())
-        return correct / len(self.data.holdout_y)
+            seen += len(y)
+        return correct / max(1, seen)

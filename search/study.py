@@ -21,7 +21,7 @@ import ltmp_core
 from ltmp_core import LTMPError, ViTGeometry
 
 from .config import StudyConfig, differences
-from .data import load_data
+from .data import StudyData, load_data
 from .finetune import NonFiniteLoss
 from .models import check_model_name, load_base_model
 from .objective import METRIC_NAME, Objective, TrialHooks
@@ -140,6 +140,30 @@ def starting_params(depth: int, ops: tuple[str, ...]) -> list[dict[str, Any]]:
     return out
 
 
+def open_data(config: StudyConfig, device: torch.device, *, holdout: bool = True) -> StudyData:
+    """The study's data, with the model's own preprocessing for folders; checks the model name first.
+
+    ``holdout=False`` carves no held-out split out of a folder (validation on val/ alone).
+    """
+    from timm.data import create_transform
+
+    if not config.data:
+        raise LTMPError(
+            f"data: the {Path(config.preset).stem} preset needs --data-dir DIR, a folder in ImageNet layout "
+            "(DIR/train/<class>/<image>, DIR/val/<class>/<image>)"
+        )
+    data_config = check_model_name(config.model, config.model_kwargs)
+    img_size = config.img_size or int(data_config["input_size"][-1])
+    transform = None
+    if config.data != "digits":
+        data_config = {**data_config, "input_size": (3, img_size, img_size)}
+        transform = create_transform(**data_config, is_training=False)
+    return load_data(
+        config.data, img_size=img_size, holdout=config.holdout if holdout else None, transform=transform,
+        trial_images=config.trial_images, workers=config.workers, pin_memory=device.type == "cuda",
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,6 +180,7 @@ class RunResult:
     new_trials: list[int] = field(default_factory=list)
     base: dict[str, Any] = field(default_factory=dict)
     finished_before: int = 0
+    skipped: list[str] = field(default_factory=list)
 
 
 def _check_resume(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig) -> None:
@@ -190,15 +215,15 @@ def run(
     """
     device = resolve_device(config.device)
     amp = config.amp if config.amp is not None else device.type == "cuda"
-    check_model_name(config.model)
-    data = load_data(config.data, img_size=config.img_size, holdout=config.holdout)
+    data = open_data(config, device)
     url = resolve_storage(storage)
     rdb = open_storage(url)
     name = study_name or config.default_study_name()
     _check_resume(rdb, name, config)
     base, base_info = load_base_model(
-        config.model, data, img_size=config.img_size, pretrained=config.pretrained,
-        checkpoint=config.checkpoint, base_epochs=config.base_epochs, on_train=on_base_epoch,
+        config.model, data, img_size=config.img_size, model_kwargs=config.model_kwargs,
+        pretrained=config.pretrained, checkpoint=config.checkpoint, base_epochs=config.base_epochs,
+        on_train=on_base_epoch,
     )
     objective = Objective(config, base, data, device=device, amp=amp, hooks=hooks)
     study = optuna.create_study(
@@ -236,6 +261,10 @@ def run(
             catch=(NonFiniteLoss,),
         )
     store.dispose()
+    result.skipped = data.skipped()
+    if result.skipped:
+        known = set(study.user_attrs.get("skipped_images", []))
+        study.set_user_attr("skipped_images", sorted(known | set(result.skipped)))
     return result
 
 

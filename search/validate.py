@@ -1,0 +1,89 @@
+"""``search validate``: the figures to report for a plan, on a split of a data set.
+
+Top-1 and top-5 accuracy and the measured FLOPs of the plan applied to its base model, with tokens
+really removed (dynamic mode when the plan carries thresholds, else static), on ``val/`` of an
+ImageNet-layout folder or on the held-out split a search scored its trials on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+import ltmp_core
+from ltmp_core import LTMPError
+
+from .config import StudyConfig
+from .finetune import evaluate
+from .models import load_base_model
+from .study import open_data, resolve_device
+
+__all__ = ["validate_plan"]
+
+
+def validate_plan(
+    plan_path: str,
+    config: StudyConfig,
+    *,
+    split: str = "val",
+    mode: str | None = None,
+    compile: bool = False,
+    model_given: bool = False,
+) -> dict[str, Any]:
+    """Evaluate the plan at ``plan_path``; the model, data and preprocessing come from ``config``.
+
+    The plan's own model name is used unless ``model_given`` (the user named one).
+    """
+    plan = ltmp_core.load_plan(plan_path)
+    if not model_given and plan.model:
+        config = replace(config, model=plan.model)
+    if split not in ("val", "holdout"):
+        raise LTMPError(f"split: expected val or holdout, got {split!r}")
+    if config.data == "digits" and split == "val":
+        raise LTMPError("split: the digits data has no val/ split; use --split holdout (what the search scored)")
+    has_thresholds = all(
+        getattr(layer, name) is not None for layer in plan.layers for name in layer.needs())
+    mode = mode or ("dynamic" if has_thresholds else "static")
+    if mode == "dynamic" and not has_thresholds:
+        raise LTMPError("mode: the plan has no learned thresholds; use --mode static (fixed token counts)")
+    device = resolve_device(config.device)
+    amp = config.amp if config.amp is not None else device.type == "cuda"
+    data = open_data(config, device, holdout=split == "holdout")
+    model, info = load_base_model(
+        config.model, data, img_size=config.img_size, model_kwargs=config.model_kwargs,
+        pretrained=config.pretrained, checkpoint=config.checkpoint, base_epochs=config.base_epochs,
+    )
+    ltmp_core.apply_plan(model, plan, mode=mode)
+    model.to(device)
+    batches = data.split_batches(split, config.batch_size) if hasattr(data, "split_batches") else \
+        data.holdout_batches(config.batch_size)
+    runner = model
+    if compile:
+        if mode != "static":
+            raise LTMPError("compile: only the static mode has fixed shapes; add --mode static")
+        runner = torch.compile(model, dynamic=False)
+    start = time.perf_counter()
+    result = evaluate(model, batches, device=device, amp=amp, mode=mode, runner=runner)
+    seconds = time.perf_counter() - start
+    unreduced = ltmp_core.unreduced_macs(ltmp_core.ViTGeometry.from_model(model))
+    return {
+        "plan": str(plan_path),
+        "model": config.model,
+        "weights": info["source"],
+        "data": config.data,
+        "split": split,
+        "mode": mode,
+        "images": result.images,
+        "top1": result.accuracy,
+        "top5": result.top5,
+        "gmacs": result.macs / 1e9,
+        "flops_ratio": result.macs / unreduced,
+        "kept_tokens": result.kept_tokens,
+        "seconds": seconds,
+        "images_per_s": result.images / seconds if seconds > 0 else None,
+        "device": str(device),
+        "skipped_images": data.skipped(),
+    }

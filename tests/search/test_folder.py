@@ -1,0 +1,245 @@
+"""ImageNet-layout folders, checkpoints and `search validate`, on PNG files generated here."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import ltmp_core
+from ltmp_core import LTMPError
+from search.cli import main
+from search.data import FolderData
+from search.models import load_base_model, load_checkpoint
+from search.study import open_data
+from search.config import resolve
+
+TINY = ["--model", "vit_small_patch16_224", "--model-kwargs", "patch_size=8", "depth=4", "embed_dim=48",
+        "num_heads=3", "--img-size", "32", "--workers", "0"]
+KWARGS = dict(patch_size=8, depth=4, embed_dim=48, num_heads=3)
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def make_folder(root: Path, train: int = 20, val: int = 5, corrupt: bool = True) -> Path:
+    """Three classes of 40x40 PNGs (noisy solid colours) in train/ and val/, plus one corrupt file."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        for c, colour in enumerate(COLOURS):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(0, 40, (40, 40, 3)) + colour, 0, 255).astype("uint8")
+                Image.fromarray(pixels).save(d / f"{i}.png")
+    if corrupt:
+        (root / "train" / "class1" / "broken.png").write_bytes(b"this is not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("images") / "data")
+
+
+@pytest.fixture(scope="module")
+def study(folder, tmp_path_factory):
+    """A 3-trial search over the folder with a tiny random ViT at 32 px."""
+    work = tmp_path_factory.mktemp("study")
+    url = f"sqlite:///{work / 'folder.db'}"
+    code, out, err = cli("run", "--flops", "0.5", "--data-dir", str(folder), *TINY, "--holdout", "15",
+                         "--n-trials", "3", "--trial-steps", "3", "-b", "16", "--storage", url, "--study-name", "f",
+                         "--quiet")
+    assert code == 0, err
+    return url, work, out, err
+
+
+def test_search_over_a_folder_scores_trials_on_the_holdout(study):
+    url, _, _, err = study
+    s = optuna.load_study(study_name="f", storage=url)
+    done = s.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) >= 1
+    for t in done:
+        assert 0 <= t.value <= 1 and t.user_attrs["flops_ratio"] > 0
+        assert len(t.user_attrs["kept_tokens"]) == 4
+    assert s.user_attrs["config"]["holdout"] == 15
+    # The corrupt file was skipped, counted and named; the run went on.
+    assert "skipped 1 unreadable image" in err and "broken.png" in err
+    assert [Path(p).name for p in s.user_attrs["skipped_images"]] == ["broken.png"]
+
+
+def test_default_study_name_names_the_folder(folder):
+    config = resolve(None, {"data": str(folder), "model": "deit_tiny_patch16_224"})
+    assert config.default_study_name() == "data-deit_tiny_patch16_224-layerwise-flops0.35"
+
+
+def test_validate_reproduces_the_trial_on_the_holdout(study):
+    url, work, _, _ = study
+    plan = work / "plan.json"
+    code, out, err = cli("export", "f", "--storage", url, "-o", str(plan), "--json")
+    assert code == 0, err
+    trial = json.loads(out)["trial"]
+    s = optuna.load_study(study_name="f", storage=url)
+    recorded = s.trials[trial]
+    data_dir = s.user_attrs["config"]["data"]
+    code, out, err = cli("validate", str(plan), "--data-dir", data_dir, *TINY, "--holdout", "15", "--split", "holdout",
+                         "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["top1"] == recorded.value
+    assert result["flops_ratio"] == pytest.approx(recorded.user_attrs["flops_ratio"], rel=1e-12)
+    assert result["images"] + len(result["skipped_images"]) == 15 and result["mode"] == "dynamic"
+    code, out, err = cli("validate", str(plan), "--data-dir", data_dir, *TINY, "--json")
+    val = json.loads(out)
+    assert code == 0 and val["split"] == "val" and val["images"] == 15 and 0 <= val["top5"] <= 1
+    assert val["top5"] >= val["top1"]
+
+
+def test_holdout_is_balanced_disjoint_and_the_same_every_time(folder):
+    def data(**kw):
+        return FolderData(folder, transform=lambda img: torch.zeros(3, 8, 8), holdout=9, **kw)
+
+    a, b = data(), data(trial_images=10)
+    assert torch.equal(a.holdout_index, b.holdout_index)
+    assert not set(a.holdout_index.tolist()) & set(a.train_index.tolist())
+    assert len(a.train_index) + len(a.holdout_index) == len(a.samples) == 61
+    labels = torch.tensor([a.samples[i][1] for i in a.holdout_index.tolist()])
+    assert torch.bincount(labels).tolist() == [3, 3, 3]
+    assert len(b.tune_index) == 10 and set(b.tune_index.tolist()) <= set(b.train_index.tolist())
+
+
+def test_folder_batches_follow_the_models_preprocessing(folder):
+    config = resolve(None, {"data": str(folder), "model": "vit_small_patch16_224", "model_kwargs": KWARGS,
+                            "img_size": 32, "holdout": 9, "workers": 0})
+    data = open_data(config, torch.device("cpu"))
+    x, y = next(data.train_batches(8, seed=0))
+    assert x.shape == (8, 3, 32, 32) and y.dtype == torch.long
+    # vit_small_patch16_224's preprocessing normalises with mean = std = 0.5: pixels land in [-1, 1]
+    assert x.min() >= -1.0 - 1e-6 and x.max() <= 1.0 + 1e-6
+    calib = data.calibration_batch(12)
+    assert calib.shape == (12, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("missing", "no such folder"),
+        ("no_train", "has no train/ folder"),
+        ("empty", "holds no images"),
+        ("one_class", "1 class folder"),
+    ],
+)
+def test_wrong_layout_is_a_clear_error(tmp_path, layout, message):
+    root = tmp_path / "d"
+    if layout == "no_train":
+        (root / "val" / "a").mkdir(parents=True)
+    elif layout == "empty":
+        (root / "train" / "a").mkdir(parents=True)
+    elif layout == "one_class":
+        make_folder(root, train=5, val=0, corrupt=False)
+        for c in (1, 2):
+            for f in (root / "train" / f"class{c}").iterdir():
+                f.unlink()
+            (root / "train" / f"class{c}").rmdir()
+    code, out, err = cli("run", "--flops", "0.5", "--data-dir", str(root), *TINY, "--storage",
+                         f"sqlite:///{tmp_path / 'x.db'}")
+    assert code == 2 and message in err and err.count("\n") == 1
+    if layout != "missing":
+        assert "ImageNet layout" in err
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=3, img_size=32, **KWARGS).eval()
+
+
+@pytest.mark.parametrize("style", ["timm", "deit", "ltmp", "ddp", "safetensors"])
+def test_checkpoint_round_trip_gives_the_same_logits(tiny, tmp_path, folder, style):
+    state = tiny.state_dict()
+    path = tmp_path / ("w.safetensors" if style == "safetensors" else "w.pth")
+    if style == "safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    elif style == "deit":
+        torch.save({"model": state, "epoch": 3}, path)
+    elif style == "ltmp":  # LTMP's checkpoints carry their learned thresholds: they are not weights
+        torch.save({"state_dict": {**state, "blocks.0.merge_masker.threshold": torch.tensor([0.9])}}, path)
+    elif style == "ddp":
+        torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    else:
+        torch.save(state, path)
+    config = resolve(None, {"data": str(folder), "model": "vit_small_patch16_224", "model_kwargs": KWARGS,
+                            "img_size": 32, "holdout": 9, "workers": 0})
+    data = open_data(config, torch.device("cpu"))
+    model, info = load_base_model("vit_small_patch16_224", data, img_size=32, model_kwargs=KWARGS,
+                                  checkpoint=str(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tiny(x), rtol=0, atol=0)
+    assert info["source"] == f"checkpoint {path}"
+
+
+def test_wrong_checkpoint_is_a_clear_error(tiny, tmp_path):
+    other = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                              depth=2, embed_dim=48, num_heads=3)
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(LTMPError, match=r"does not fit VisionTransformer \(missing: blocks\.2\."):
+        load_checkpoint(tiny, str(tmp_path / "other.pth"))
+    wide = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                             depth=4, embed_dim=64, num_heads=4)
+    torch.save(wide.state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(LTMPError, match="wrong shape"):
+        load_checkpoint(tiny, str(tmp_path / "wide.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"\x00\x01junk")
+    with pytest.raises(LTMPError, match="cannot read"):
+        load_checkpoint(tiny, str(tmp_path / "junk.pth"))
+    with pytest.raises(LTMPError, match="no such file"):
+        load_checkpoint(tiny, str(tmp_path / "none.pth"))
+
+
+def test_pretrained_offline_names_checkpoint(folder, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, out, err = cli("run", "--flops", "0.5", "--data-dir", str(folder), "--model", "deit_tiny_patch16_224",
+                         "--pretrained", "--img-size", "32", "--workers", "0", "--holdout", "9",
+                         "--storage", f"sqlite:///{tmp_path / 'p.db'}")
+    assert code == 2 and err.count("\n") == 1
+    assert "pretrained weights for deit_tiny_patch16_224" in err and "--checkpoint" in err
+
+
+def test_unsupported_model_lists_the_supported_families(tmp_path):
+    code, _, err = cli("run", "--model", "convnext_atto", "--storage", f"sqlite:///{tmp_path / 'x.db'}")
+    assert code == 2 and "Supported:" in err and "deit_*" in err
+
+
+@pytest.mark.benchmark  # torch.compile takes about a minute on 2 CPU cores
+def test_compiled_static_plan_gives_the_same_logits_and_counts(tiny):
+    plan = ltmp_core.make_plan(tiny, op=["merge+prune", "squeeze", "merge", "prune"], keep=0.7)
+    ltmp_core.apply_plan(tiny, plan, mode="static")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        eager = tiny(x)
+        compiled = torch.compile(tiny, dynamic=False)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert ltmp_core.token_counts(tiny)[:, 0].tolist() == [17.0] + [1.0 + n for n in plan.static_counts()]
