@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distill", action="store_true", default=None, help="tune against the unreduced model's logits")
     g.add_argument("--study-name")
     _storage_options(g)
+    run.add_argument("--jobs", type=int, default=1, help="worker processes on this machine sharing the study "
+                     "(workers on other machines join with the same --storage and --study-name)")
     run.add_argument("--quiet", action="store_true", help="no progress, only the result")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -172,9 +174,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if display.progress is not None:
             display.progress.update(display.trials, completed=len(study.get_trials(deepcopy=False, states=FINISHED)))
 
-    with display:
-        result = run(config, storage=args.storage, study_name=args.study_name, hooks=display.hooks(),
-                     on_base_epoch=display.base_epoch, on_trial_end=trial_end)
+    try:
+        with display:
+            result = run(config, storage=args.storage, study_name=args.study_name, jobs=args.jobs,
+                         hooks=display.hooks(), on_base_epoch=display.base_epoch, on_trial_end=trial_end)
+    except KeyboardInterrupt:
+        return _interrupted(args, config)
     study = result.study
     best = best_trial(study)
     where = redact(result.storage_url)
@@ -209,6 +214,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         out.print(f"Export it:   search export {study.study_name}{storage_flag} -o plan.json")
     out.print(f"Dashboard:   search dashboard{storage_flag}")
     return 0
+
+
+def _interrupted(args: argparse.Namespace, config: Any) -> int:
+    """Ctrl-C: the running trial was marked failed as interrupted; print the study so far; exit 130."""
+    import optuna
+
+    from . import ui
+    from .study import load_study, open_storage, resolve_storage, trial_summary
+
+    out, err = _consoles()
+    err.print("search: interrupted; the running trial is marked failed. Run the same command to resume.")
+    try:
+        name = args.study_name or config.default_study_name()
+        study = load_study(open_storage(resolve_storage(args.storage, create=False)), name)
+    except Exception:  # nothing was created yet
+        return 130
+    rows = [trial_summary(t) for t in study.get_trials(deepcopy=False)
+            if t.state != optuna.trial.TrialState.WAITING]
+    if args.json:
+        _print_json({"study": study.study_name, "interrupted": True, "trials": rows})
+    else:
+        out.print(ui.trials_table(rows, f"Trials of {study.study_name} so far", config.flops))
+    return 130
 
 
 def cmd_studies(args: argparse.Namespace) -> int:

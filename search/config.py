@@ -67,6 +67,8 @@ class StudyConfig:
         base_epochs: Epochs of training for the embedded digits base model.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         amp: bf16 autocast (default: on for CUDA).
+        heartbeat: Seconds between a running trial's heartbeats; a trial silent for three beats is
+            stale (its worker died) and is failed and retried by another worker.
     """
 
     flops: float = 0.35
@@ -100,6 +102,7 @@ class StudyConfig:
     base_epochs: int = 30
     device: str = "auto"
     amp: bool | None = None
+    heartbeat: int = 60
 
     def __post_init__(self) -> None:
         _check(self)
@@ -159,7 +162,7 @@ def _check(c: StudyConfig) -> None:
     if not (math.isfinite(c.flops) and 0.0 < c.flops <= 1.0):
         raise LTMPError(f"flops: the target FLOPs ratio must be in (0, 1], got {c.flops}")
     for name in ("img_size", "holdout", "calib_images", "batch_size", "eval_images", "n_trials", "eval_every",
-                 "trial_images"):
+                 "trial_images", "heartbeat"):
         if getattr(c, name) is not None and getattr(c, name) < 1:
             raise LTMPError(f"{name}: must be >= 1, got {getattr(c, name)}")
     if c.workers is not None and c.workers < 0:

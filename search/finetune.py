@@ -40,8 +40,8 @@ class TuneResult:
     budget_loss: float
 
 
-class NonFiniteLoss(LTMPError):
-    """The tuning loss became NaN or infinite."""
+class NonFiniteLoss(RuntimeError):
+    """The tuning loss became NaN or infinite (a fault of the trial, not of the configuration)."""
 
 
 def tune_thresholds(

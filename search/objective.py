@@ -58,8 +58,7 @@ class Objective:
         self.space = get_space(config.space)
         self.hooks = hooks or TrialHooks()
         self.calibration = data.calibration_batch(config.calib_images).to(device)
-        self.holdout = data.holdout_batches(config.batch_size)
-        self.quick = data.holdout_batches(config.batch_size, limit=config.eval_images)
+        self._reported: set[tuple[int, int]] = set()
 
     def __call__(self, trial: optuna.Trial) -> float:
         c = self.config
@@ -75,8 +74,21 @@ class Objective:
             raise optuna.TrialPruned(str(e)) from None
         plan = replace(plan, model=c.model).with_layers(tau=[c.tau] * plan.depth)
         trial.set_user_attr("predicted_flops_ratio", ltmp_core.plan_flops_ratio(plan))
-        torch.manual_seed(seed)
+        try:
+            return self._run(trial, plan, seed, c.batch_size)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            half = max(1, c.batch_size // 2)
+            trial.set_user_attr("oom_retry_batch_size", half)
+            try:
+                return self._run(trial, plan, seed, half)
+            except torch.cuda.OutOfMemoryError:
+                trial.set_user_attr("fail_reason", f"CUDA out of memory at batch size {c.batch_size} and again at {half}")
+                raise
 
+    def _run(self, trial: optuna.Trial, plan: ltmp_core.ReductionPlan, seed: int, batch_size: int) -> float:
+        c = self.config
+        torch.manual_seed(seed)
         model = copy.deepcopy(self.base)
         ltmp_core.apply_plan(model, plan, mode="static")
         start = time.perf_counter()
@@ -84,19 +96,19 @@ class Objective:
         if self.space.tune:
             mode = "dynamic"
             ltmp_core.calibrate(model, self.calibration)
-            self._report(trial, model, 0)
+            self._report(trial, model, 0, batch_size)
             steps = c.trial_steps
 
             def on_step(step: int) -> None:
                 self.hooks.on_step(step, steps)
                 if step % c.eval_every == 0 and step < steps:
-                    self._report(trial, model, step)
+                    self._report(trial, model, step, batch_size)
 
             try:
                 tuned = tune_thresholds(
-                    model, self.data.train_batches(c.batch_size, seed), steps=steps, lr=c.lr,
+                    model, self.data.train_batches(batch_size, seed), steps=steps, lr=c.lr,
                     budget=self.space.budget if c.budget == "space" else c.budget,
-                    budget_weight=c.budget_weight, target=aim,
+                    budget_weight=c.budget_weight, target=c.flops * (1.0 - c.flops_margin),
                     teacher=self.base if c.distill else None, device=self.device, amp=self.amp,
                     on_step=on_step,
                 )
@@ -107,7 +119,7 @@ class Objective:
             trial.set_user_attr("tune_budget_loss", tuned.budget_loss)
         tune_seconds = time.perf_counter() - start
 
-        result = evaluate(model, self.holdout, device=self.device, amp=self.amp, mode=mode)
+        result = evaluate(model, self.data.holdout_batches(batch_size), device=self.device, amp=self.amp, mode=mode)
         ratio = result.macs / self.unreduced_macs
         trial.set_constraint("flops", ratio - c.flops)
         attrs = {
@@ -127,8 +139,12 @@ class Objective:
             trial.report(result.accuracy, c.trial_steps)
         return result.accuracy
 
-    def _report(self, trial: optuna.Trial, model: nn.Module, step: int) -> None:
-        quick = evaluate(model, self.quick, device=self.device, amp=self.amp)
+    def _report(self, trial: optuna.Trial, model: nn.Module, step: int, batch_size: int) -> None:
+        if (trial.number, step) in self._reported:  # a retry after running out of memory
+            return
+        self._reported.add((trial.number, step))
+        quick = evaluate(model, self.data.holdout_batches(batch_size, limit=self.config.eval_images),
+                         device=self.device, amp=self.amp)
         trial.report(quick.accuracy, step)
         if trial.should_prune():
             trial.set_user_attr("pruned_reason", f"stopped by the pruner: accuracy {quick.accuracy:.3f} at step {step}")
@@ -138,7 +154,7 @@ class Objective:
     def base_accuracy(self) -> float:
         """Held-out accuracy of the unreduced base model."""
         correct = seen = 0
-        for x, y in self.holdout:
+        for x, y in self.data.holdout_batches(self.config.batch_size):
             correct += int((self.base(x.to(self.device)).argmax(-1) == y.to(self.device)).sum())
             seen += len(y)
         return correct / max(1, seen)

@@ -19,7 +19,7 @@ from sqlalchemy import Float, Integer, String, UniqueConstraint, create_engine, 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-__all__ = ["Base", "LayerResult", "Store", "engine_kwargs"]
+__all__ = ["Base", "LayerResult", "StudyLock", "Store", "engine_kwargs"]
 
 
 def engine_kwargs(url: str) -> dict[str, Any]:
@@ -77,13 +77,72 @@ def layer_rows(study_name: str, trial: optuna.trial.FrozenTrial) -> list[LayerRe
     ]
 
 
+class StudyLock(Base):
+    """One row per study, locked (``SELECT ... FOR UPDATE``) while a worker tops up its trial slots."""
+
+    __tablename__ = "ltmp_study_locks"
+
+    study_name: Mapped[str] = mapped_column(String(512), primary_key=True)
+
+
 class Store:
     """The project's tables in the database at ``url`` (the same URL as the Optuna storage)."""
 
     def __init__(self, url: str) -> None:
+        self.url = url
         self.engine: Engine = create_engine(url, **engine_kwargs(url))
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def lock(self, study_name: str) -> Iterator[None]:
+        """Hold a per-study lock across processes and machines for the duration of the block.
+
+        PostgreSQL and MySQL: a row lock in ``ltmp_study_locks``, released when the block's transaction
+        ends (a killed holder's lock is released by the server). SQLite: an exclusive ``flock`` on a
+        file beside the database (SQLite is local to one machine anyway).
+        """
+        if self.engine.dialect.name == "sqlite":
+            database = self.engine.url.database
+            if not database or database == ":memory:":
+                yield
+                return
+            import fcntl
+
+            with open(f"{database}.lock", "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+            return
+        from sqlalchemy.exc import IntegrityError
+
+        session = None
+        for _ in range(5):
+            session = self._sessions()
+            try:
+                row = session.execute(
+                    select(StudyLock).where(StudyLock.study_name == study_name).with_for_update()
+                ).scalar_one_or_none()
+                if row is None:  # first use: an inserted row is locked until this transaction ends
+                    session.add(StudyLock(study_name=study_name))
+                    session.flush()
+                break
+            except IntegrityError:  # another worker inserted it first: lock that row instead
+                session.rollback()
+                session.close()
+                session = None
+        if session is None:
+            raise RuntimeError(f"could not lock study {study_name!r}")
+        try:
+            yield
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
 
     @contextmanager
     def session(self) -> Iterator[Session]:

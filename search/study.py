@@ -22,7 +22,6 @@ from ltmp_core import LTMPError, ViTGeometry
 
 from .config import StudyConfig, differences
 from .data import StudyData, load_data
-from .finetune import NonFiniteLoss
 from .models import check_model_name, load_base_model
 from .objective import METRIC_NAME, Objective, TrialHooks
 from .store import Store, engine_kwargs
@@ -69,6 +68,18 @@ def resolve_storage(url: str | None, *, create: bool = True) -> str:
     return url
 
 
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's message, say) with the URL's password, and the URL itself, hidden."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:
+        return text.replace(url, "<storage URL>")
+    text = text.replace(url, redact(url))
+    if parsed.password:
+        text = text.replace(str(parsed.password), "***")
+    return text
+
+
 def redact(url: str) -> str:
     """The URL with its password hidden, for every message and log line."""
     try:
@@ -77,19 +88,34 @@ def redact(url: str) -> str:
         return "<unparseable storage URL>"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage with heartbeats, so that trials of crashed workers are retried."""
+def open_storage(url: str, heartbeat: int = 60) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with heartbeats, so that trials of crashed workers are failed and retried.
+
+    A running trial beats every ``heartbeat`` seconds; one silent for three beats is stale. SQLite
+    files are switched to write-ahead logging, so that readers never block the writer.
+    """
+    _sqlite_wal(url)
     try:
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs(url),
-            heartbeat_interval=60,
-            grace_period=180,
+            heartbeat_interval=heartbeat,
+            grace_period=3 * heartbeat,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        reason = scrub(str(getattr(e, "orig", None) or e).strip().splitlines()[0], url)
         raise LTMPError(f"storage: cannot open {redact(url)} ({reason})") from None
+
+
+def _sqlite_wal(url: str) -> None:
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return
+    import sqlite3
+
+    with sqlite3.connect(parsed.database, timeout=60) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
 
 
 def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
@@ -200,71 +226,92 @@ def _check_resume(storage: optuna.storages.BaseStorage, name: str, config: Study
         )
 
 
+def _open(config: StudyConfig, storage: optuna.storages.BaseStorage, name: str, seed_offset: int = 0) -> optuna.Study:
+    return optuna.create_study(
+        study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+        sampler=_sampler(config.sampler, config.seed + seed_offset, config.n_trials),
+        pruner=_pruner(config.pruner, config.trial_steps),
+    )
+
+
+def build_objective(
+    config: StudyConfig,
+    hooks: TrialHooks | None = None,
+    on_base_epoch: Callable[[int, int, float], None] | None = None,
+) -> tuple[Objective, dict[str, Any], StudyData]:
+    """Data, base model (loaded once; trained and cached for the digits preset) and the objective."""
+    device = resolve_device(config.device)
+    amp = config.amp if config.amp is not None else device.type == "cuda"
+    data = open_data(config, device)
+    base, base_info = load_base_model(
+        config.model, data, img_size=config.img_size, model_kwargs=config.model_kwargs,
+        pretrained=config.pretrained, checkpoint=config.checkpoint, base_epochs=config.base_epochs,
+        on_train=on_base_epoch,
+    )
+    return Objective(config, base, data, device=device, amp=amp, hooks=hooks), base_info, data
+
+
+def open_study_for_worker(config: StudyConfig, url: str, name: str, seed_offset: int) -> tuple[optuna.Study, Store]:
+    """The study as a ``--jobs`` worker opens it: its own sampler seed, the project's tables."""
+    return _open(config, open_storage(url, config.heartbeat), name, seed_offset), Store(url)
+
+
 def run(
     config: StudyConfig,
     *,
     storage: str | None = None,
     study_name: str | None = None,
+    jobs: int = 1,
     hooks: TrialHooks | None = None,
     on_base_epoch: Callable[[int, int, float], None] | None = None,
     on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None,
 ) -> RunResult:
     """Create or resume a study and run trials until it has ``config.n_trials`` finished ones.
 
-    Everything a user can get wrong is checked before the database is touched.
+    Everything a user can get wrong is checked before the database is touched. With ``jobs > 1``,
+    that many worker processes share the study (see :mod:`search.worker`); workers on other
+    machines join by running the same command against the same storage and study name.
     """
+    from .worker import ensure_slots, run_workers, work
+
+    if jobs < 1:
+        raise LTMPError(f"jobs: must be >= 1, got {jobs}")
     device = resolve_device(config.device)
-    amp = config.amp if config.amp is not None else device.type == "cuda"
-    data = open_data(config, device)
+    open_data(config, device)  # the data and model name are checked before the storage is touched
     url = resolve_storage(storage)
-    rdb = open_storage(url)
+    rdb = open_storage(url, config.heartbeat)
     name = study_name or config.default_study_name()
     _check_resume(rdb, name, config)
-    base, base_info = load_base_model(
-        config.model, data, img_size=config.img_size, model_kwargs=config.model_kwargs,
-        pretrained=config.pretrained, checkpoint=config.checkpoint, base_epochs=config.base_epochs,
-        on_train=on_base_epoch,
-    )
-    objective = Objective(config, base, data, device=device, amp=amp, hooks=hooks)
-    study = optuna.create_study(
-        study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
-        sampler=_sampler(config.sampler, config.seed, config.n_trials),
-        pruner=_pruner(config.pruner, config.trial_steps),
-    )
+    objective, base_info, data = build_objective(config, hooks, on_base_epoch)
+    study = _open(config, rdb, name)
+    store = Store(url)
+    first = None
     if "config" not in study.user_attrs:
-        geometry = ViTGeometry.from_model(base)
-        if config.space == "layerwise" and not study.trials:
-            for params in starting_params(geometry.depth, config.ops)[: max(1, config.n_trials // 3)]:
-                study.enqueue_trial(params)
+        geometry = ViTGeometry.from_model(objective.base)
         study.set_metric_names([METRIC_NAME])
         study.set_user_attr("config", config.to_dict())
         study.set_user_attr("target_flops_ratio", config.flops)
         study.set_user_attr("unreduced_gmacs", ltmp_core.unreduced_macs(geometry) / 1e9)
         study.set_user_attr("base", {**base_info, "evaluated_accuracy": objective.base_accuracy()})
-    store = Store(url)
+        if config.space == "layerwise":
+            first = starting_params(geometry.depth, config.ops)[: max(1, config.n_trials // 3)]
     store.sync(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     result = RunResult(study, url, base=study.user_attrs.get("base", base_info), finished_before=finished)
-
-    def record(study: optuna.Study, trial: FrozenTrial) -> None:
-        store.record(study.study_name, trial)
-        result.new_trials.append(trial.number)
-        if on_trial_end is not None:
-            on_trial_end(study, trial)
-
-    remaining = config.n_trials - finished
-    if remaining > 0:
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            callbacks=[record, optuna.study.MaxTrialsCallback(config.n_trials, states=FINISHED)],
-            catch=(NonFiniteLoss,),
-        )
-    store.dispose()
-    result.skipped = data.skipped()
-    if result.skipped:
-        known = set(study.user_attrs.get("skipped_images", []))
-        study.set_user_attr("skipped_images", sorted(known | set(result.skipped)))
+    try:
+        ensure_slots(study, store, config.n_trials, first)
+        if jobs == 1:
+            result.new_trials = work(study, objective, store, config.n_trials, on_trial_end)
+        else:
+            del objective
+            result.new_trials = run_workers(config, url, name, jobs, study, on_trial_end)
+            store.sync(study)
+    finally:
+        store.dispose()
+        result.skipped = data.skipped()
+        if result.skipped:
+            known = set(study.user_attrs.get("skipped_images", []))
+            study.set_user_attr("skipped_images", sorted(known | set(result.skipped)))
     return result
 
 

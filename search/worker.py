@@ -1,0 +1,236 @@
+"""Workers: the loop that runs a study's trials, in this process or in ``--jobs N`` processes.
+
+Optuna's RDB storage is the engine; this module adds one rule on top: a study holds exactly
+``n_trials`` *slots*, Optuna trials in the WAITING state (``Study.enqueue_trial``, which ``ask``
+pops atomically, also across machines). A worker runs a trial only by popping a slot, so the study
+ends with exactly ``n_trials`` finished (complete or pruned) trials however many workers share it:
+
+- slots are topped up under a per-study lock (:meth:`search.store.Store.lock`), when a study is
+  created or extended, and after a trial fails (its slot was spent without a result);
+- a worker killed mid-trial stops beating its heartbeat; another worker fails the stale trial and
+  Optuna's ``RetryHeartbeatStaleTrialCallback`` enqueues a retry with the same parameters (a slot);
+- a worker leaves only when no slot is waiting and no trial is running, so a stale trial is always
+  found and retried by someone.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from ltmp_core import LTMPError
+
+from .config import StudyConfig
+from .objective import Objective, TrialHooks
+from .store import Store
+
+__all__ = ["TrialFailed", "ensure_slots", "work", "run_workers"]
+
+POLL_S = 0.5
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+class TrialFailed(Exception):
+    """A trial failed for a reason of its own (recorded as ``fail_reason``); the worker goes on."""
+
+
+class Surplus(Exception):
+    """A trial started after the study's last slot was taken (a rare race); it is failed as surplus."""
+
+
+def counts(study: optuna.Study) -> dict[TrialState, int]:
+    out = {state: 0 for state in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state] += 1
+    return out
+
+
+def ensure_slots(
+    study: optuna.Study, store: Store, n_trials: int, first: list[dict] | None = None
+) -> int:
+    """Enqueue slots until finished + running + waiting trials number ``n_trials``; returns how many.
+
+    ``first``: parameters for the first slots of a new study (the baseline-shaped plans).
+    """
+    with store.lock(study.study_name):
+        c = counts(study)
+        have = c[TrialState.COMPLETE] + c[TrialState.PRUNED] + c[TrialState.RUNNING] + c[TrialState.WAITING]
+        need = max(0, n_trials - have)
+        fresh = not study.trials
+        for i in range(need):
+            params = first[i] if fresh and first and i < len(first) else {}
+            study.enqueue_trial(params, skip_if_exists=False)
+    return need
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+
+
+def _guarded(objective: Objective) -> Callable[[optuna.Trial], float]:
+    """The objective with the failure policy: record every failure's reason; configuration errors stop."""
+
+    def run(trial: optuna.Trial) -> float:
+        # Slots are enqueued trials: Optuna marks them with a "fixed_params" system attribute.
+        if "fixed_params" not in trial.storage.get_trial_system_attrs(trial._trial_id):
+            trial.set_user_attr("fail_reason", "surplus: the study's last slot was taken by another worker")
+            raise Surplus()
+        trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
+        try:
+            return objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+            raise
+        except LTMPError as e:
+            trial.set_user_attr("fail_reason", f"configuration error: {e}")
+            raise  # stops the run with its message
+        except Exception as e:
+            message = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            if "fail_reason" not in trial.user_attrs:
+                trial.set_user_attr("fail_reason", f"{type(e).__name__}: {message}")
+            raise TrialFailed(trial.user_attrs.get("fail_reason", type(e).__name__)) from e
+
+    return run
+
+
+def work(
+    study: optuna.Study,
+    objective: Objective,
+    store: Store,
+    n_trials: int,
+    on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> list[int]:
+    """Run slots of ``study`` until none is waiting and none is running; returns the trial numbers run."""
+    ran: list[int] = []
+    failures = 0
+    guarded = _guarded(objective)
+
+    def record(study: optuna.Study, trial: FrozenTrial) -> None:
+        store.record(study.study_name, trial)
+        ran.append(trial.number)
+        if on_trial_end is not None:
+            on_trial_end(study, trial)
+
+    while True:
+        _fail_stale(study)
+        c = counts(study)
+        if c[TrialState.WAITING] == 0:
+            if c[TrialState.RUNNING] == 0:
+                ensure_slots(study, store, n_trials)  # failed trials whose slots were not replaced
+                if counts(study)[TrialState.WAITING] == 0:
+                    break
+            else:
+                time.sleep(POLL_S)  # others are running trials: wait, they may go stale
+            continue
+        before = len(ran)
+        study.optimize(guarded, n_trials=1, catch=(TrialFailed, Surplus), callbacks=[record])
+        trial = study.trials[ran[-1]] if len(ran) > before else None
+        if trial is not None and trial.state == TrialState.FAIL:
+            if trial.user_attrs.get("fail_reason", "").startswith("surplus"):
+                continue
+            failures += 1
+            ensure_slots(study, store, n_trials)  # the failed trial's slot is replaced
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                raise LTMPError(
+                    f"trials: {failures} trials in a row failed in this worker; the last one: "
+                    f"{trial.user_attrs.get('fail_reason', 'no reason recorded')}"
+                )
+        else:
+            failures = 0
+    return ran
+
+
+@dataclass(frozen=True)
+class _Job:
+    config: StudyConfig
+    url: str
+    study_name: str
+    index: int
+    threads: int
+
+
+def _worker_main(job: _Job) -> None:
+    """Entry point of a ``--jobs`` worker process: load the data and model once, then run slots."""
+    from .study import build_objective, open_study_for_worker
+
+    torch.set_num_threads(job.threads)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        study, store = open_study_for_worker(job.config, job.url, job.study_name, seed_offset=job.index + 1)
+        objective, _, _ = build_objective(job.config)
+        work(study, objective, store, job.config.n_trials)
+        store.dispose()
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+    except LTMPError as e:
+        import sys
+
+        sys.stderr.write(f"search: worker {job.index}: error: {e}\n")
+        raise SystemExit(2)
+
+
+def run_workers(
+    config: StudyConfig,
+    url: str,
+    study_name: str,
+    jobs: int,
+    study: optuna.Study,
+    on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> list[int]:
+    """Run ``jobs`` worker processes on the study and follow it until they are done.
+
+    The study's finished trials are reported through ``on_trial_end`` as they appear. Ctrl-C stops
+    the workers (each marks its running trial failed as interrupted) and re-raises here.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    procs = [ctx.Process(target=_worker_main, args=(_Job(config, url, study_name, i, threads),), daemon=False)
+             for i in range(jobs)]
+    seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    new: list[int] = []
+    try:
+        for p in procs:
+            p.start()
+        while any(p.is_alive() for p in procs):
+            time.sleep(POLL_S)
+            new += _report_new(study, seen, on_trial_end)
+        new += _report_new(study, seen, on_trial_end)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGINT)
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        raise
+    codes = [p.exitcode for p in procs]
+    if any(code == 2 for code in codes):
+        raise LTMPError("workers: a worker stopped on a configuration error (see its message above)")
+    return new
+
+
+def _report_new(study: optuna.Study, seen: set[int], on_trial_end) -> list[int]:
+    new = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state.is_finished() and t.number not in seen:
+            seen.add(t.number)
+            new.append(t.number)
+            if on_trial_end is not None:
+                on_trial_end(study, t)
+    return new

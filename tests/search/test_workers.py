@@ -1,0 +1,340 @@
+"""Many workers and faults, on the real databases of this machine.
+
+PostgreSQL and MariaDB URLs come from ``LTMP_TEST_POSTGRES_URL`` / ``LTMP_TEST_MYSQL_URL`` (defaults:
+the local servers); a test is skipped, saying why, only where no server answers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy as sa
+import torch
+from optuna.trial import TrialState
+
+import search.finetune
+import search.objective
+from ltmp_core import LTMPError
+from search.cli import main
+from search.store import LayerResult, Store
+
+POSTGRES = os.environ.get("LTMP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+MYSQL = os.environ.get("LTMP_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+PRESET = """
+model = "ltmp_vit_digits"
+data = "digits"
+img_size = 32
+holdout = 60
+calib_images = 32
+batch_size = 32
+base_epochs = 1
+trial_steps = {steps}
+eval_every = 100
+eval_images = 32
+n_trials = {n}
+heartbeat = 1
+seed = 0
+"""
+
+
+def server(url: str) -> str:
+    try:
+        engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+        engine.dispose()
+    except Exception as e:
+        pytest.skip(f"no database server answers at {url.split('@')[-1]}: {type(e).__name__}")
+    return url
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("workers")
+    (path / "cache").mkdir()
+    return path
+
+
+def preset(workdir: Path, n: int, steps: int = 2) -> str:
+    path = workdir / f"p{n}-{steps}.toml"
+    path.write_text(PRESET.format(n=n, steps=steps))
+    return str(path)
+
+
+def env(workdir: Path) -> dict[str, str]:
+    return {**os.environ, "LTMP_CACHE": str(workdir / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def search_cli(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=workdir, env=env(workdir),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def study_name(request):
+    """A fresh study name, removed from the shared database afterwards."""
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    urls: list[str] = []
+    yield name, urls
+    for url in urls:
+        try:
+            optuna.delete_study(study_name=name, storage=url)
+        except KeyError:
+            pass
+        store = Store(url)
+        with store.session() as s:
+            s.execute(sa.delete(LayerResult).where(LayerResult.study_name == name))
+        store.dispose()
+
+
+def check_exact(url: str, name: str, n: int) -> optuna.Study:
+    study = optuna.load_study(study_name=name, storage=url)
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == n, [(t.number, t.state.name) for t in trials]
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    store = Store(url)
+    rows = store.layers(name)
+    store.dispose()
+    for t in finished:
+        if t.state == TrialState.COMPLETE:
+            assert [r.layer for r in rows if r.trial_number == t.number] == [0, 1, 2, 3], t.number
+    return study
+
+
+def test_postgresql_four_workers_exactly_24_trials(workdir, study_name):
+    name, urls = study_name
+    url = server(POSTGRES)
+    urls.append(url)
+    start = time.perf_counter()
+    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset(workdir, 24), "--storage", url,
+                  "--study-name", name, "--jobs", "4", "--quiet")
+    assert done.returncode == 0, done.stderr
+    study = check_exact(url, name, 24)
+    workers = {t.user_attrs.get("worker") for t in study.trials if t.state == TrialState.COMPLETE}
+    assert len(workers) > 1, "several workers ran trials"
+    print(f"postgresql: 4 workers, 24 trials in {time.perf_counter() - start:.1f} s")
+
+
+def test_postgresql_worker_killed_mid_trial_is_retried(workdir, study_name):
+    name, urls = study_name
+    url = server(POSTGRES)
+    urls.append(url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "run", "--flops", "0.5", "--study", preset(workdir, 24, steps=12),
+         "--storage", url, "--study-name", name, "--jobs", "4", "--quiet"],
+        cwd=workdir, env=env(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.time() + 120
+    while victim is None and time.time() < deadline:
+        time.sleep(0.1)
+        try:
+            study = optuna.load_study(study_name=name, storage=url)
+        except KeyError:
+            continue
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number >= 2 and "worker" in t.user_attrs:  # mid-trial, after the first ones
+                victim = t
+                break
+    assert victim is not None, "no running trial seen"
+    worker = victim.user_attrs["worker"]
+    os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    study = check_exact(url, name, 24)
+    # The worker may have moved on to its next trial before the signal landed: the killed trial is the
+    # one of that worker that ended failed.
+    killed = [t for t in study.trials if t.user_attrs.get("worker") == worker and t.state == TrialState.FAIL]
+    assert len(killed) == 1, [(t.number, t.state.name) for t in study.trials if t.user_attrs.get("worker") == worker]
+    killed = killed[0]
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    # The retry repeats the parameters the killed trial had sampled (the kill may land mid-sampling).
+    assert {k: retries[0].params[k] for k in killed.params} == killed.params
+
+
+def test_mariadb_two_workers(workdir, study_name):
+    name, urls = study_name
+    url = server(MYSQL)
+    urls.append(url)
+    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset(workdir, 8), "--storage", url,
+                  "--study-name", name, "--jobs", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    check_exact(url, name, 8)
+
+
+def test_sqlite_three_local_workers(workdir, study_name):
+    name, _ = study_name
+    url = f"sqlite:///{workdir / 'three.db'}"
+    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset(workdir, 15), "--storage", url,
+                  "--study-name", name, "--jobs", "3", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "locked" not in done.stderr
+    check_exact(url, name, 15)
+
+
+def test_ctrl_c_marks_the_trial_interrupted_and_the_study_resumes(workdir, study_name):
+    name, _ = study_name
+    url = f"sqlite:///{workdir / 'ctrlc.db'}"
+    args = ["run", "--flops", "0.5", "--study", preset(workdir, 2, steps=150), "--storage", url, "--study-name", name]
+    proc = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=workdir, env=env(workdir),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    running = None
+    while running is None and time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name=name, storage=url)
+        except (KeyError, Exception):
+            continue
+        running = next(iter(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))), None)
+    assert running is not None
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "so far" in out
+    study = optuna.load_study(study_name=name, storage=url)
+    interrupted = study.trials[running.number]
+    assert interrupted.state == TrialState.FAIL and "interrupted" in interrupted.user_attrs["fail_reason"]
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    # The same command resumes and finishes the study.
+    done = search_cli(workdir, *args, "--quiet")
+    assert done.returncode == 0, done.stderr
+    check_exact(url, name, 2)
+
+
+# -- faults inside a trial, in-process ----------------------------------------------------------
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def local(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("LTMP_CACHE", str(workdir / "cache"))
+    return f"sqlite:///{workdir / f'{uuid.uuid4().hex[:6]}.db'}"
+
+
+def fail_once(monkeypatch, module, name, error: BaseException, times: int = 1):
+    original = getattr(module, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_nan_loss_fails_the_trial_with_reason_and_the_study_goes_on(workdir, local, monkeypatch):
+    original = search.finetune.F.cross_entropy
+    calls = {"n": 0}
+
+    def nan_once(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 1 else loss
+
+    monkeypatch.setattr(search.finetune.F, "cross_entropy", nan_once)
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 3), "--storage", local, "--study-name", "n",
+                       "--quiet")
+    assert code == 0, err
+    study = check_exact(local, "n", 3)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and failed[0].user_attrs["fail_reason"].startswith("tuning loss is nan at step 1")
+
+
+def test_other_exceptions_are_recorded_and_the_worker_goes_on(workdir, local, monkeypatch):
+    fail_once(monkeypatch, search.objective, "evaluate", RuntimeError("disk went away"), times=2)
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 3), "--storage", local, "--study-name", "e",
+                       "--quiet")
+    assert code == 0, err
+    study = check_exact(local, "e", 3)
+    reasons = [t.user_attrs["fail_reason"] for t in study.get_trials(states=(TrialState.FAIL,))]
+    assert reasons and all(r == "RuntimeError: disk went away" for r in reasons)
+
+
+def test_cuda_oom_retries_once_with_half_the_batch(workdir, local, monkeypatch):
+    calls = fail_once(monkeypatch, search.objective, "tune_thresholds", torch.cuda.OutOfMemoryError("CUDA oom"))
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 2), "--storage", local, "--study-name", "o",
+                       "--quiet")
+    assert code == 0, err
+    study = check_exact(local, "o", 2)
+    first = study.trials[0]
+    assert first.state == TrialState.COMPLETE and first.user_attrs["oom_retry_batch_size"] == 16
+    assert calls["n"] >= 3
+
+
+def test_cuda_oom_twice_fails_the_trial_with_reason(workdir, local, monkeypatch):
+    fail_once(monkeypatch, search.objective, "tune_thresholds", torch.cuda.OutOfMemoryError("CUDA oom"), times=2)
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 2), "--storage", local, "--study-name", "o2",
+                       "--quiet")
+    assert code == 0, err
+    study = check_exact(local, "o2", 2)
+    assert "again at 16" in study.trials[0].user_attrs["fail_reason"]
+
+
+def test_configuration_error_in_a_trial_stops_the_run(workdir, local, monkeypatch):
+    fail_once(monkeypatch, search.objective, "evaluate", LTMPError("plan: does not fit"), times=99)
+    code, out, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 3), "--storage", local, "--study-name", "c",
+                         "--quiet")
+    assert code == 2 and err == "search: error: plan: does not fit\n"
+    study = optuna.load_study(study_name="c", storage=local)
+    assert len(study.get_trials(states=(TrialState.FAIL,))) == 1
+
+
+def test_a_trial_that_always_fails_stops_after_five(workdir, local, monkeypatch):
+    fail_once(monkeypatch, search.objective, "evaluate", ValueError("always"), times=99)
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 3), "--storage", local, "--study-name", "a",
+                       "--quiet")
+    assert code == 2 and "5 trials in a row failed" in err and "ValueError: always" in err
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://ltmp:s3cr3t-pw@127.0.0.1:1/nodb",
+    "mysql+pymysql://root:s3cr3t-pw@127.0.0.1:1/nodb",
+])
+def test_unreachable_storage_never_shows_the_password(workdir, local, url):
+    for args in (("studies", "--storage", url), ("run", "--study", preset(workdir, 2), "--storage", url)):
+        code, out, err = cli(*args)
+        assert code == 2 and err.count("\n") == 1 and "cannot open" in err
+        assert "s3cr3t" not in out + err and "***" in err
+
+
+def test_saved_config_holds_no_storage(workdir, local):
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 1), "--storage", local, "--study-name", "s",
+                       "--quiet")
+    assert code == 0, err
+    saved = optuna.load_study(study_name="s", storage=local).user_attrs["config"]
+    assert "storage" not in saved and not any("sqlite" in str(v) for v in saved.values())
+
+
+def test_dashboard_binds_to_loopback_by_default():
+    from search.cli import build_parser
+
+    assert build_parser().parse_args(["dashboard"]).host == "127.0.0.1"
