@@ -40,9 +40,11 @@ from .patch import (
     threshold_parameters,
     threshold_scales,
     token_counts,
+    trace_tokens,
+    TokenTrace,
 )
 from .plan import OPS, LayerPlan, ReductionPlan, load_plan, make_plan, save_plan, stage_counts
-from .reducers import REDUCERS, Tokens, register_reducer
+from .reducers import KEPT, MERGED, PRUNED, REDUCERS, SQUEEZED, Tokens, register_reducer
 
 __version__ = "0.1.0"
 
@@ -82,5 +84,7 @@ __all__ = [
     "threshold_parameters",
     "threshold_scales",
     "token_counts",
+    "trace_tokens",
+    "TokenTrace",
     "unreduced_macs",
 ]

@@ -16,6 +16,7 @@ Modes:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterable
 
@@ -29,7 +30,7 @@ from .errors import LTMPError
 from .geometry import check_model
 from .masking import masked_softmax, threshold_between, threshold_mask
 from .plan import LayerPlan, ReductionPlan, stage_counts
-from .reducers import REDUCERS, Reducer, Tokens, top_k_mask
+from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Reducer, Tokens, top_k_mask
 
 __all__ = [
     "MODES",
@@ -43,6 +44,8 @@ __all__ = [
     "threshold_parameters",
     "threshold_scales",
     "token_counts",
+    "trace_tokens",
+    "TokenTrace",
 ]
 
 MODES = ("soft", "dynamic", "static")
@@ -64,6 +67,10 @@ class _State:
         self.batch = 0
         self.counts: list[Tensor | int] = []  # tokens (prefix included) entering each block, then after the last
         self.own: list[Tensor] = []  # soft mode: patch tokens after each block, with gradients of its own cut only
+        self.tracing = False  # follow every patch through the blocks (trace_tokens)
+        self.owner: Tensor | None = None  # [B, T0]: position of the token that holds each patch, -1 dropped
+        self.fate: Tensor | None = None  # [B, T0]: KEPT, PRUNED or SQUEEZED
+        self.trace: list[tuple[Tensor, Tensor]] = []
 
     def start(self, x: Tensor) -> None:
         self.size = None
@@ -72,6 +79,11 @@ class _State:
         self.n_patch = n - self.num_prefix
         self.counts = [n]
         self.own = []
+        if self.tracing:
+            p = self.num_prefix
+            self.owner = torch.arange(p, n, device=x.device).expand(self.batch, n - p).clone()
+            self.fate = torch.zeros_like(self.owner)
+            self.trace = []
 
     # -- reduction -----------------------------------------------------------------------------
 
@@ -91,6 +103,9 @@ class _State:
             importance=importance,
             num_prefix=p,
         )
+        if self.tracing:
+            t.route = torch.arange(n, device=x.device).expand(b, n).clone()
+            t.fate = torch.zeros(b, n, dtype=torch.long, device=x.device)
         if self.mode == "static":
             targets = stage_counts(self.n_patch, layer)
             current = self.n_patch
@@ -164,12 +179,31 @@ class _State:
         if fused or self.size is not None:
             self.size = t.size.gather(1, idx)
         self.alive = alive.gather(1, idx).float() if padded else None
+        if self.tracing:
+            self._follow(t, idx)
         self.counts.append(counts.float() if self.mode != "static" else n_keep)
         return x
+
+    def _follow(self, t: Tokens, idx: Tensor) -> None:
+        """Move every patch to the position of the token that holds it after this block."""
+        b, n = t.alive.shape
+        new_pos = torch.full((b, n), -1, dtype=torch.long, device=idx.device)
+        new_pos.scatter_(1, idx, torch.arange(idx.shape[1], device=idx.device).expand_as(idx))
+        held = self.owner
+        live = held >= 0
+        routed = torch.where(live, t.route.gather(1, held.clamp_min(0)), held)
+        via = torch.where(live, t.fate.gather(1, held.clamp_min(0)), torch.zeros_like(held))
+        owner = torch.where(routed >= 0, new_pos.gather(1, routed.clamp_min(0)), torch.full_like(routed, -1))
+        fate = torch.where(live & (owner < 0), torch.full_like(self.fate, PRUNED), self.fate)
+        fate = torch.where((via == SQUEEZED) & (fate == KEPT) & (owner >= 0), torch.full_like(fate, SQUEEZED), fate)
+        self.owner, self.fate = owner, fate
+        self.trace.append((owner.cpu(), fate.cpu()))
 
     def no_reduction(self, x: Tensor) -> None:
         last = self.counts[-1]
         self.counts.append(last)
+        if self.tracing:
+            self.trace.append((self.owner.cpu(), self.fate.cpu()))
         if self.mode == "soft":
             own = last.detach() if isinstance(last, Tensor) else torch.full((self.batch,), float(last), device=x.device)
             self.own.append(own - self.num_prefix)
@@ -471,3 +505,41 @@ def token_counts(model: nn.Module) -> Tensor:
     rows = [c.float() if isinstance(c, Tensor) else torch.full((st.batch,), float(c), device=device)
             for c in st.counts]
     return torch.stack(rows)
+
+
+@dataclass(frozen=True)
+class TokenTrace:
+    """Where every patch of a batch went, block by block (:func:`trace_tokens`).
+
+    Attributes:
+        owner: ``[depth, B, P]`` for the ``P`` patches of each image: after block ``l``, the position
+            of the token that holds the patch (patches with the same owner were merged into one
+            token), or -1 when the patch was dropped.
+        fate: ``[depth, B, P]``: 0 (held, alone or merged), ``PRUNED`` (dropped), ``SQUEEZED``
+            (fused into a kept token by a squeeze).
+        grid: Patch rows and columns of the image.
+    """
+
+    owner: Tensor
+    fate: Tensor
+    grid: tuple[int, int]
+
+
+@torch.no_grad()
+def trace_tokens(model: nn.Module, images: Tensor) -> TokenTrace:
+    """Run ``images`` through a patched model (dynamic or static mode) and follow every patch."""
+    st = _state(model)
+    if st.mode == "soft":
+        raise LTMPError("mode: trace_tokens follows removed tokens; use dynamic or static mode")
+    param = next(iter(model.parameters()))
+    st.tracing = True
+    try:
+        model(images.to(param.device))
+    finally:
+        st.tracing = False
+    owner = torch.stack([o for o, _ in st.trace])
+    fate = torch.stack([f for _, f in st.trace])
+    ph, pw = model.patch_embed.patch_size
+    grid = (images.shape[-2] // ph, images.shape[-1] // pw)
+    st.trace, st.owner, st.fate = [], None, None
+    return TokenTrace(owner, fate, grid)

@@ -22,9 +22,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["Tokens", "Reducer", "REDUCERS", "register_reducer", "merge", "prune", "squeeze", "top_k_mask"]
+__all__ = [
+    "Tokens", "Reducer", "REDUCERS", "register_reducer", "merge", "prune", "squeeze", "top_k_mask",
+    "KEPT", "MERGED", "PRUNED", "SQUEEZED",
+]
 
 Decide = Callable[[Tensor, Tensor], Tensor]
+
+#: How a token left a block (``Tokens.fate``).
+KEPT, MERGED, PRUNED, SQUEEZED = 0, 1, 2, 3
 
 
 @dataclass
@@ -40,6 +46,10 @@ class Tokens:
         importance: Mean attention each token receives, ``[B, N]``; ``+inf`` on prefix tokens.
             ``None`` when no stage of the layer needs it.
         num_prefix: Leading class/distillation/register tokens, never reduced.
+        route: Optional, ``[B, N]``: where each token of the block's input went (its own index, the
+            index of the token it was merged or squeezed into, or -1 if pruned). ``None``: not traced.
+        fate: Optional, ``[B, N]``: how each input token left (:data:`KEPT`, :data:`MERGED`,
+            :data:`PRUNED`, :data:`SQUEEZED`).
     """
 
     x: Tensor
@@ -48,6 +58,8 @@ class Tokens:
     metric: Tensor
     importance: Tensor | None
     num_prefix: int
+    route: Tensor | None = None
+    fate: Tensor | None = None
 
     def candidates(self) -> Tensor:
         """Live patch tokens: the only tokens a reducer may touch, ``[B, N]`` bool."""
@@ -115,7 +127,19 @@ def _similarity(metric: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
     return sim.max(dim=-1)
 
 
-def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: Tensor) -> Tokens:
+def _reroute(t: Tokens, remove: Tensor, dest: Tensor | None, code: int) -> dict[str, Tensor]:
+    """Follow removed tokens to ``dest`` (or to nowhere, -1) in a traced bundle."""
+    if t.route is None or t.fate is None:
+        return {}
+    removed = remove.detach() > 0.5
+    stage = torch.arange(removed.shape[1], device=removed.device).expand_as(removed)
+    stage = torch.where(removed, dest if dest is not None else torch.full_like(stage, -1), stage)
+    route = torch.where(t.route >= 0, stage.gather(1, t.route.clamp_min(0)), t.route)
+    fate = torch.where(removed & (t.fate == KEPT), torch.full_like(t.fate, code), t.fate)
+    return {"route": route, "fate": fate}
+
+
+def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: Tensor, code: int) -> Tokens:
     """Remove tokens with weights ``remove`` and fold them into ``dest``.
 
     The host ``j`` becomes ``(hw_j x_j + sum_i r_i w_i x_i) / (hw_j + sum_i r_i w_i)`` over the
@@ -144,7 +168,8 @@ def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: 
         # A host is as important as the most important token it absorbed (LTMP).
         src = torch.where(remove.detach() > 0.5, importance, torch.full_like(importance, -math.inf))
         importance = importance.scatter_reduce(1, dest, src, reduce="amax", include_self=True)
-    return replace(t, x=x, size=size, alive=t.alive * (1 - remove), metric=metric, importance=importance)
+    return replace(t, x=x, size=size, alive=t.alive * (1 - remove), metric=metric, importance=importance,
+                   **_reroute(t, remove, dest, code))
 
 
 @register_reducer("merge", threshold="merge_threshold", needs_importance=False, similarities=1)
@@ -162,7 +187,7 @@ def merge(t: Tokens, decide: Decide) -> Tokens:
     best, dest = _similarity(t.metric, dst)
     eligible = src & dst.any(dim=1, keepdim=True)
     remove = decide(best.masked_fill(~eligible, 0.0), eligible) * eligible
-    return _fuse(t, remove, dest, t.size, t.size)
+    return _fuse(t, remove, dest, t.size, t.size, MERGED)
 
 
 def _prune_weights(t: Tokens, decide: Decide) -> Tensor:
@@ -180,7 +205,7 @@ def _prune_weights(t: Tokens, decide: Decide) -> Tensor:
 def prune(t: Tokens, decide: Decide) -> Tokens:
     """Threshold pruning on importance (LTMP): tokens that receive little attention are dropped."""
     remove = _prune_weights(t, decide)
-    return replace(t, alive=t.alive * (1 - remove))
+    return replace(t, alive=t.alive * (1 - remove), **_reroute(t, remove, None, PRUNED))
 
 
 @register_reducer("squeeze", threshold="prune_threshold", needs_importance=True, similarities=1)
@@ -195,4 +220,4 @@ def squeeze(t: Tokens, decide: Decide) -> Tokens:
     hosts = t.candidates() & (remove.detach() < 0.5)
     best, dest = _similarity(t.metric, hosts)
     weight = torch.exp(best) * t.size  # exp(-inf) = 0: with no host a token is simply pruned
-    return _fuse(t, remove, dest, weight, math.e * t.size)
+    return _fuse(t, remove, dest, weight, math.e * t.size, SQUEEZED)

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distill", action="store_true", default=None, help="tune against the unreduced model's logits")
     g.add_argument("--study-name")
     _storage_options(g)
+    run.add_argument("--artifacts", help="folder of the dashboard pictures (default: beside a SQLite file, "
+                     "else studies/artifacts)")
     run.add_argument("--jobs", type=int, default=1, help="worker processes on this machine sharing the study "
                      "(workers on other machines join with the same --storage and --study-name)")
     run.add_argument("--quiet", action="store_true", help="no progress, only the result")
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="trials and best plan of a study")
     p.add_argument("study_name", metavar="STUDY")
+    p.add_argument("--plot", metavar="FILE.png", help="draw top-1 against measured FLOPs of every trial")
     _storage_options(p)
     p.add_argument("--json", action="store_true")
 
@@ -138,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--artifacts", help="folder of the pictures (default: as search run)")
     return parser
 
 
@@ -176,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         with display:
-            result = run(config, storage=args.storage, study_name=args.study_name, jobs=args.jobs,
+            result = run(config, storage=args.storage, study_name=args.study_name, jobs=args.jobs, artifacts=args.artifacts,
                          hooks=display.hooks(), on_base_epoch=display.base_epoch, on_trial_end=trial_end)
     except KeyboardInterrupt:
         return _interrupted(args, config)
@@ -266,6 +270,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     rows = [trial_summary(t) for t in study.get_trials(deepcopy=False)]
     best = best_trial(study)
     target = study.user_attrs.get("target_flops_ratio")
+    if args.plot:
+        from .plots import accuracy_flops_plot
+
+        points = [(r["flops_ratio"], r["accuracy"], bool(r["feasible"]), r["number"]) for r in rows
+                  if r["state"] == "complete" and r["flops_ratio"] is not None]
+        accuracy_flops_plot(points, target, args.plot, title=study.study_name)
     if args.json:
         store = Store(url)
         layers = [
@@ -339,11 +349,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         import optuna_dashboard
     except ImportError:
         raise LTMPError("dashboard: optuna-dashboard is not installed; pip install 'ltmp-search[dashboard]'") from None
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from .dashboard import artifact_dir
+
     url = resolve_storage(args.storage, create=False)
     storage = open_storage(url)
+    pictures = artifact_dir(url, args.artifacts)
+    pictures.mkdir(parents=True, exist_ok=True)
     _, err = _consoles()
-    err.print(f"optuna-dashboard for {redact(url)}: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
-    optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    err.print(f"optuna-dashboard for {redact(url)} (pictures in {pictures}): "
+              f"http://{args.host}:{args.port}/dashboard  (Ctrl-C to stop)")
+    optuna_dashboard.run_server(storage, host=args.host, port=args.port,
+                                artifact_store=FileSystemArtifactStore(str(pictures)))
     return 0
 
 

@@ -50,6 +50,8 @@ class StudyData(ABC):
 
     name: str
     num_classes: int
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     @abstractmethod
     def calibration_batch(self, n: int) -> Tensor:
@@ -66,6 +68,12 @@ class StudyData(ABC):
     @property
     def holdout_size(self) -> int:
         return len(self.holdout_index)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Model inputs back to displayable images in [0, 1] (the inverse of the normalisation)."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return (x * std + mean).clamp(0, 1)
 
     def skipped(self) -> list[str]:
         """Images that could not be read so far (skipped)."""
@@ -174,6 +182,8 @@ class FolderData(StudyData):
     workers: int | None = None
     pin_memory: bool = False
     seed: int = 0
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
     name: str = field(init=False)
     num_classes: int = field(init=False)
 
@@ -281,6 +291,8 @@ def load_data(
     workers: int | None = None,
     pin_memory: bool = False,
     seed: int = 0,
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+    std: tuple[float, ...] = (0.229, 0.224, 0.225),
 ) -> StudyData:
     """``digits`` or an ImageNet-layout folder. ``seed`` fixes the held-out split (0 in every study).
 
@@ -292,4 +304,5 @@ def load_data(
         return data
     if transform is None:
         raise LTMPError("data: a folder needs the model's transform")
-    return FolderData(Path(name), transform, holdout, trial_images, workers, pin_memory, seed)
+    return FolderData(Path(name), transform, holdout, trial_images, workers, pin_memory, seed,
+                      tuple(mean), tuple(std))

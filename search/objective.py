@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import optuna
 import torch
@@ -47,8 +47,10 @@ class Objective:
         device: torch.device,
         amp: bool,
         hooks: TrialHooks | None = None,
+        recorder: Any = None,
     ) -> None:
         self.config = config
+        self.recorder = recorder  # search.dashboard.TrialRecorder: notes and pictures for the dashboard
         self.device = device
         self.amp = amp
         self.base = base.to(device).eval()
@@ -135,6 +137,8 @@ class Objective:
         }
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        if self.recorder is not None:
+            self.recorder.record(trial, model, mode, attrs["plan"], result.kept_tokens, result.accuracy, ratio, c.flops)
         if self.space.tune:
             trial.report(result.accuracy, c.trial_steps)
         return result.accuracy

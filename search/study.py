@@ -187,6 +187,7 @@ def open_data(config: StudyConfig, device: torch.device, *, holdout: bool = True
     return load_data(
         config.data, img_size=img_size, holdout=config.holdout if holdout else None, transform=transform,
         trial_images=config.trial_images, workers=config.workers, pin_memory=device.type == "cuda",
+        mean=data_config["mean"], std=data_config["std"],
     )
 
 
@@ -207,6 +208,7 @@ class RunResult:
     base: dict[str, Any] = field(default_factory=dict)
     finished_before: int = 0
     skipped: list[str] = field(default_factory=list)
+    artifacts: Path | None = None
 
 
 def _check_resume(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig) -> None:
@@ -238,8 +240,14 @@ def build_objective(
     config: StudyConfig,
     hooks: TrialHooks | None = None,
     on_base_epoch: Callable[[int, int, float], None] | None = None,
+    artifacts: Path | None = None,
 ) -> tuple[Objective, dict[str, Any], StudyData]:
-    """Data, base model (loaded once; trained and cached for the digits preset) and the objective."""
+    """Data, base model (loaded once; trained and cached for the digits preset) and the objective.
+
+    With ``artifacts`` (a folder), every finished trial gets a dashboard note and pictures.
+    """
+    from .dashboard import TrialRecorder
+
     device = resolve_device(config.device)
     amp = config.amp if config.amp is not None else device.type == "cuda"
     data = open_data(config, device)
@@ -248,7 +256,8 @@ def build_objective(
         pretrained=config.pretrained, checkpoint=config.checkpoint, base_epochs=config.base_epochs,
         on_train=on_base_epoch,
     )
-    return Objective(config, base, data, device=device, amp=amp, hooks=hooks), base_info, data
+    recorder = None if artifacts is None else TrialRecorder(data, artifacts)
+    return Objective(config, base, data, device=device, amp=amp, hooks=hooks, recorder=recorder), base_info, data
 
 
 def open_study_for_worker(config: StudyConfig, url: str, name: str, seed_offset: int) -> tuple[optuna.Study, Store]:
@@ -262,6 +271,7 @@ def run(
     storage: str | None = None,
     study_name: str | None = None,
     jobs: int = 1,
+    artifacts: str | None = None,
     hooks: TrialHooks | None = None,
     on_base_epoch: Callable[[int, int, float], None] | None = None,
     on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None,
@@ -282,7 +292,10 @@ def run(
     rdb = open_storage(url, config.heartbeat)
     name = study_name or config.default_study_name()
     _check_resume(rdb, name, config)
-    objective, base_info, data = build_objective(config, hooks, on_base_epoch)
+    from .dashboard import artifact_dir, save_study_note
+
+    pictures = artifact_dir(url, artifacts)
+    objective, base_info, data = build_objective(config, hooks, on_base_epoch, pictures)
     study = _open(config, rdb, name)
     store = Store(url)
     first = None
@@ -297,15 +310,17 @@ def run(
             first = starting_params(geometry.depth, config.ops)[: max(1, config.n_trials // 3)]
     store.sync(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    result = RunResult(study, url, base=study.user_attrs.get("base", base_info), finished_before=finished)
+    result = RunResult(study, url, base=study.user_attrs.get("base", base_info), finished_before=finished,
+                       artifacts=pictures)
     try:
         ensure_slots(study, store, config.n_trials, first)
         if jobs == 1:
             result.new_trials = work(study, objective, store, config.n_trials, on_trial_end)
         else:
             del objective
-            result.new_trials = run_workers(config, url, name, jobs, study, on_trial_end)
+            result.new_trials = run_workers(config, url, name, jobs, study, on_trial_end, pictures)
             store.sync(study)
+        save_study_note(study, best_trial(study))
     finally:
         store.dispose()
         result.skipped = data.skipped()

@@ -21,6 +21,7 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import optuna
@@ -160,6 +161,7 @@ class _Job:
     study_name: str
     index: int
     threads: int
+    artifacts: Path | None
 
 
 def _worker_main(job: _Job) -> None:
@@ -172,7 +174,7 @@ def _worker_main(job: _Job) -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         study, store = open_study_for_worker(job.config, job.url, job.study_name, seed_offset=job.index + 1)
-        objective, _, _ = build_objective(job.config)
+        objective, _, _ = build_objective(job.config, artifacts=job.artifacts)
         work(study, objective, store, job.config.n_trials)
         store.dispose()
     except KeyboardInterrupt:
@@ -191,6 +193,7 @@ def run_workers(
     jobs: int,
     study: optuna.Study,
     on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    artifacts: Path | None = None,
 ) -> list[int]:
     """Run ``jobs`` worker processes on the study and follow it until they are done.
 
@@ -199,7 +202,7 @@ def run_workers(
     """
     ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    procs = [ctx.Process(target=_worker_main, args=(_Job(config, url, study_name, i, threads),), daemon=False)
+    procs = [ctx.Process(target=_worker_main, args=(_Job(config, url, study_name, i, threads, artifacts),), daemon=False)
              for i in range(jobs)]
     seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     new: list[int] = []

@@ -271,3 +271,43 @@ def test_plan_of_wrong_depth_and_unknown_mode_are_refused():
         ltmp_core.apply_plan(model, deep)
     with pytest.raises(LTMPError, match="unknown mode 'fast'"):
         ltmp_core.apply_plan(model, ltmp_core.make_plan(model), mode="fast")
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+@pytest.mark.parametrize("arch", ["deit_small", "reg4_dinov2", "avg_pool"])
+def test_trace_accounts_for_every_token(arch, mode):
+    """Distinct holders of the patches + prefix tokens = the tokens each block kept, per image."""
+    model = calibrated(arch, ops=ALL_OPS, mode=mode)
+    x = images(5, seed=8)
+    trace = ltmp_core.trace_tokens(model, x)
+    counts = ltmp_core.token_counts(model)
+    p = model.num_prefix_tokens
+    assert trace.owner.shape == (4, 5, 16) and trace.grid == (4, 4)
+    for layer in range(4):
+        for b in range(5):
+            held = {o for o in trace.owner[layer, b].tolist() if o >= 0}
+            assert len(held) + p == counts[layer + 1, b], (layer, b)
+            assert min(held) >= p, "patches are never held by prefix tokens"
+    dropped = trace.owner < 0
+    assert torch.all(trace.fate[dropped] == ltmp_core.PRUNED)
+    assert torch.all(dropped[1:] >= dropped[:-1]), "a dropped patch stays dropped"
+
+
+def test_trace_group_sizes_are_token_sizes_when_merging():
+    model = calibrated("deit_small", ops=["merge"] * 4, keep=(0.75, 0.7, 0.7, 0.6))
+    trace = ltmp_core.trace_tokens(model, images(3))
+    size = model._ltmp.size  # sizes after the last block: patches each token stands for
+    for b in range(3):
+        groups = torch.bincount(trace.owner[-1, b], minlength=size.shape[1])
+        held = groups.nonzero().flatten()
+        assert torch.equal(size[b, held], groups[held].float())
+
+
+def test_trace_puts_exact_duplicates_in_one_group():
+    model = tiny_model("deit_small")
+    x = with_duplicate_patches(model, [(0, 1), (6, 7)])
+    plan = ltmp_core.make_plan(model, op=["merge", "none", "none", "none"], keep=[14 / 16, 1, 1, 1])
+    ltmp_core.apply_plan(model, plan.with_layers(merge_threshold=[0.99999, None, None, None]), mode="dynamic")
+    owner = ltmp_core.trace_tokens(model, x).owner[0, 0]
+    assert owner[0] == owner[1] and owner[6] == owner[7]
+    assert len(set(owner.tolist())) == 14

@@ -1,0 +1,184 @@
+"""What optuna-dashboard shows: served through its WSGI app, and seen in a real headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from wsgiref.util import setup_testing_defaults
+
+import optuna
+import pytest
+import torch
+from optuna.artifacts import FileSystemArtifactStore
+from PIL import Image
+
+import ltmp_core
+from search.cli import main
+from search.plots import ALPHA, PRUNED_COLOUR, group_colour, token_map
+
+PRESET = """
+model = "ltmp_vit_digits"
+data = "digits"
+img_size = 32
+holdout = 60
+calib_images = 32
+batch_size = 32
+base_epochs = 1
+trial_steps = 2
+eval_every = 100
+eval_images = 32
+n_trials = 3
+seed = 0
+"""
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"]
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dash")
+    (work / "p.toml").write_text(PRESET)
+    url = f"sqlite:///{work / 'd.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("LTMP_CACHE", str(work / "cache"))
+        code, _, err = cli("run", "--flops", "0.5", "--study", "p.toml", "--storage", url, "--study-name", "dash",
+                           "--quiet")
+    assert code == 0, err
+    return work, url
+
+
+def wsgi_get(app, path: str) -> tuple[str, dict, bytes]:
+    environ: dict = {}
+    setup_testing_defaults(environ)
+    environ.update(PATH_INFO=path, REQUEST_METHOD="GET")
+    got: dict = {}
+
+    def start_response(status, headers, exc_info=None):
+        got.update(status=status, headers=dict(headers))
+
+    body = b"".join(app(environ, start_response))
+    return got["status"], got["headers"], body
+
+
+def test_dashboard_serves_metric_names_constraints_notes_and_pictures(study):
+    import optuna_dashboard
+
+    work, url = study
+    storage = optuna.storages.RDBStorage(url)
+    app = optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(work / "d-artifacts")))
+    status, _, body = wsgi_get(app, "/api/studies")
+    assert status.startswith("200") and b'"dash"' in body
+    study_id = optuna.load_study(study_name="dash", storage=url)._study_id
+    status, _, body = wsgi_get(app, f"/api/studies/{study_id}")
+    data = json.loads(body)
+    assert data["objective_names"] == ["top-1 accuracy"]
+    assert "Target: measured FLOPs at most **0.5**" in data["note"]["body"]
+    complete = [t for t in data["trials"] if t["state"] == "Complete"]
+    assert complete
+    for t in complete:
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        assert {"constraint", "flops_ratio", "gmacs", "feasible"} <= set(attrs)
+        assert t["note"]["body"].startswith(f"## Trial {t['number']}")
+        assert "| layer | op | budget (keep) | merge threshold | prune threshold | mean tokens after |" in t["note"]["body"]
+        names = {a["filename"]: a for a in t["artifacts"]}
+        assert set(names) == {"token-map.png", "kept-tokens.png"}
+        status, headers, png = wsgi_get(app, f"/artifacts/{study_id}/{t['trial_id']}/{names['token-map.png']['artifact_id']}")
+        assert status.startswith("200") and png.startswith(b"\x89PNG")
+
+
+def test_token_map_of_a_hand_built_case_colours_exactly_those_patches():
+    """2x2 patches of 4 px: patches 0 and 1 merged into one token, patch 2 pruned, patch 3 alone."""
+    image = torch.full((1, 3, 8, 8), 0.5)
+    owner = torch.tensor([[[1, 1, -1, 2]]])  # [depth=1, B=1, 4 patches]
+    fate = torch.tensor([[[0, 0, ltmp_core.PRUNED, 0]]])
+    sheet = token_map(image, ltmp_core.TokenTrace(owner, fate, (2, 2)), depths=[0], scale=1, gap=0)
+    cell = sheet.crop((8, 14, 16, 22)).convert("RGB")  # the map after block 0 (header of 14 px)
+    px = lambda x, y: cell.getpixel((x, y))  # noqa: E731
+    grey = (128, 128, 128)
+    merged = tuple(round((1 - ALPHA) * 128 + ALPHA * c) for c in group_colour(0))
+    for x, y in [(0, 0), (3, 3), (4, 0), (7, 3)]:  # patches 0 and 1: one colour
+        assert all(abs(a - b) <= 1 for a, b in zip(px(x, y), merged)), (x, y, px(x, y))
+    for x, y in [(0, 4), (3, 7)]:  # patch 2: pruned
+        assert px(x, y) == PRUNED_COLOUR
+    for x, y in [(4, 4), (7, 7)]:  # patch 3: untouched
+        assert px(x, y) == grey
+    assert sheet.crop((0, 14, 8, 22)).getpixel((3, 3)) == grey, "the first column is the image itself"
+
+
+def test_show_plot_draws_the_trials(study, tmp_path):
+    _, url = study
+    path = tmp_path / "front.png"
+    code, out, err = cli("show", "dash", "--storage", url, "--plot", str(path))
+    assert code == 0, err
+    with Image.open(path) as img:
+        assert img.size == (600, 400)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chromium(*args: str, timeout: float = 90) -> str:
+    done = subprocess.run([shutil.which("chromium"), *CHROMIUM_FLAGS, *args], capture_output=True, text=True,
+                          timeout=timeout)
+    return done.stdout
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+def test_dashboard_in_a_real_browser(study, tmp_path):
+    work, url = study
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", "--storage", url, "--port", str(port)],
+                              cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/meta", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail(f"dashboard did not start: {server.stderr.read() if server.poll() is not None else ''}")
+                time.sleep(0.3)
+        study_id = optuna.load_study(study_name="dash", storage=url)._study_id
+        profile = ["--user-data-dir=" + str(tmp_path / "profile"), "--virtual-time-budget=15000"]
+        page = chromium(*profile, "--dump-dom", f"http://127.0.0.1:{port}/dashboard/studies/{study_id}")
+        assert "dash" in page and "top-1 accuracy" in page
+        trials = chromium(*profile, "--dump-dom", f"http://127.0.0.1:{port}/dashboard/studies/{study_id}/trials")
+        assert 'alt="token-map.png"' in trials
+        src = trials.split('alt="token-map.png" src="', 1)[1].split('"', 1)[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{src}", timeout=5) as r:
+            assert r.read(8) == b"\x89PNG\r\n\x1a\n"
+        shot = tmp_path / "trials.png"
+        chromium(*profile, "--window-size=1400,1000", f"--screenshot={shot}",
+                 f"http://127.0.0.1:{port}/dashboard/studies/{study_id}/trials")
+        with Image.open(shot) as img:
+            assert img.size == (1400, 1000)
+            assert len(img.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 20, "the page rendered, not blank"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert "127.0.0.1" in server.stderr.read()
