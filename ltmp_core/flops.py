@@ -55,13 +55,21 @@ def similarities(op: str) -> int:
     return sum(REDUCERS[stage].similarities for stage in OPS[op])
 
 
-def block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: str = "none") -> Number:
-    """MACs of one block: ``n_in`` tokens enter attention, ``n_out`` enter the MLP (prefix included)."""
-    quadratic = 2 * g.attn_dim + similarities(op) * g.head_dim
-    return g.attn_macs_per_token * n_in + quadratic * n_in * n_in + g.mlp_macs_per_token * n_out
+def block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str = "none") -> Number:
+    """MACs of one block: ``n_in`` tokens enter attention, ``n_out`` enter the MLP (prefix included).
+
+    ``op`` is the block's :class:`LayerPlan` (or just its op name): a prune or squeeze scored by
+    ``cls`` importance adds the class query's row of attention logits, ``attn_dim * n_in``.
+    """
+    name = op if isinstance(op, str) else op.op
+    cls_row = (not isinstance(op, str) and op.importance == "cls"
+               and any(REDUCERS[s].needs_importance for s in OPS[name]))
+    quadratic = 2 * g.attn_dim + similarities(name) * g.head_dim
+    linear = g.attn_macs_per_token + (g.attn_dim if cls_row else 0)
+    return linear * n_in + quadratic * n_in * n_in + g.mlp_macs_per_token * n_out
 
 
-def macs_from_counts(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[str]) -> Number:
+def macs_from_counts(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[LayerPlan | str]) -> Number:
     """MACs of one image from its token counts.
 
     Args:
@@ -69,7 +77,7 @@ def macs_from_counts(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[str
         counts: ``depth + 1`` token counts, prefix included: the input of block 0, then what each
             block passes on (as :func:`ltmp_core.token_counts` returns). Tensors of any shape work
             elementwise, e.g. one count per image.
-        ops: The operation of every block.
+        ops: Every block's :class:`LayerPlan` (or op name).
     """
     if len(counts) != g.depth + 1 or len(ops) != g.depth:
         raise LTMPError(f"counts: need {g.depth + 1} token counts and {g.depth} ops, got {len(counts)} and {len(ops)}")
@@ -110,7 +118,7 @@ def plan_macs(plan: ReductionPlan, geometry: ViTGeometry | None = None, *, stati
     dynamic plan aims at); with ``static=True`` they are the integer counts of hard-static mode.
     """
     g = _geometry(plan, geometry)
-    return float(macs_from_counts(g, _plan_counts(plan, g, static), plan.ops))
+    return float(macs_from_counts(g, _plan_counts(plan, g, static), plan.layers))
 
 
 def plan_flops_ratio(plan: ReductionPlan, geometry: ViTGeometry | None = None, *, static: bool = False) -> float:
@@ -217,7 +225,7 @@ def image_macs(model: nn.Module) -> Tensor:
     st = _state(model)
     g = ViTGeometry.from_model(model)
     counts = token_counts(model).double()
-    return macs_from_counts(g, list(counts), st.plan.ops)
+    return macs_from_counts(g, list(counts), st.plan.layers)
 
 
 @torch.no_grad()
@@ -280,7 +288,7 @@ def expected_flops_ratio(model: nn.Module) -> Tensor:
     st = _state(model)
     g = ViTGeometry.from_model(model)
     counts = token_counts(model).mean(dim=1)
-    return macs_from_counts(g, list(counts), st.plan.ops) / unreduced_macs(g)
+    return macs_from_counts(g, list(counts), st.plan.layers) / unreduced_macs(g)
 
 
 def flops_budget_loss(model: nn.Module, target: float) -> Tensor:

@@ -67,10 +67,20 @@ class _State:
         self.batch = 0
         self.counts: list[Tensor | int] = []  # tokens (prefix included) entering each block, then after the last
         self.own: list[Tensor] = []  # soft mode: patch tokens after each block, with gradients of its own cut only
+        self._pack: tuple[Tensor, Tensor, Tensor] | None = None  # cached indices of padding()
         self.tracing = False  # follow every patch through the blocks (trace_tokens)
         self.owner: Tensor | None = None  # [B, T0]: position of the token that holds each patch, -1 dropped
         self.fate: Tensor | None = None  # [B, T0]: KEPT, PRUNED or SQUEEZED
         self.trace: list[tuple[Tensor, Tensor]] = []
+
+    def padding(self) -> tuple[Tensor, Tensor] | None:
+        """Flat indices (live, padding) of a padded batch's tokens (dynamic mode); ``None`` when not padded."""
+        if self.alive is None or self.mode == "soft":
+            return None
+        if self._pack is None or self._pack[0] is not self.alive:
+            flat = (self.alive > 0.5).flatten()
+            self._pack = (self.alive, flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))
+        return self._pack[1], self._pack[2]
 
     def start(self, x: Tensor) -> None:
         self.size = None
@@ -109,7 +119,8 @@ class _State:
         if self.mode == "static":
             targets = stage_counts(self.n_patch, layer)
             current = self.n_patch
-            for stage, target in zip(stages, targets):
+            for i, (stage, target) in enumerate(zip(stages, targets)):
+                self._needs(t, stages[i + 1:])
                 t = stage.fn(t, partial(top_k_mask, k=current - target))
                 current = target
             self.n_patch = current
@@ -118,7 +129,8 @@ class _State:
         before = t.alive
         if self.mode == "soft":
             t.alive = before.detach()  # the stages' masks alone: this layer's own cut
-        for stage, keep in zip(stages, layer.stage_keeps):
+        for i, (stage, keep) in enumerate(zip(stages, layer.stage_keeps)):
+            self._needs(t, stages[i + 1:])
             t = stage.fn(t, self._decider(block, index, layer, stage, t, n_in, keep))
         if self.mode == "soft":
             own = t.alive
@@ -130,6 +142,11 @@ class _State:
             self.own.append(own[:, p:].sum(dim=1))
             return t.x
         return self._compact(t, n_keep=None, fused=any(s.similarities for s in stages))
+
+    @staticmethod
+    def _needs(t: Tokens, later: list[Reducer]) -> None:
+        t.needs_metric = any(s.similarities for s in later)
+        t.needs_importance = any(s.needs_importance for s in later)
 
     def _decider(self, block: nn.Module, index: int, layer: LayerPlan, stage: Reducer, t: Tokens,
                  n_in: Tensor, keep: float):
@@ -216,45 +233,58 @@ def _importance(attn: Tensor, alive: Tensor | None, num_prefix: int) -> Tensor:
     means sum to one over the live tokens, so their scale is ``1 / n``: an image that already lost
     tokens would look more important everywhere. Multiplying by the live count ``n`` keeps the order
     within an image (the same tokens are pruned for a given count) and makes one threshold mean the
-    same in every image and layer: a score of 1 is an average token.
+    same in every image and layer: a score of 1 is an average token. ``attn`` is ``[B, H, Nq, Nk]``
+    (every query, mean importance) or ``[B, H, 1, Nk]`` (the class query: class importance).
     """
-    received = attn.detach().float().mean(dim=1)  # [B, Nq, Nk]
-    if alive is None:
-        imp = received.mean(dim=1) * received.shape[-1]
+    attn = attn.detach()
+    heads, queries = attn.shape[1], attn.shape[2]
+    if queries == 1:  # the class token's attention: one row, already over live keys only
+        n = attn.shape[-1] if alive is None else (alive.detach() > 0.5).sum(dim=1, keepdim=True).float()
+        imp = attn[:, :, 0].float().mean(dim=1) * n
+    elif alive is None:
+        imp = attn.float().sum(dim=(1, 2)) / heads  # mean over queries times n: a plain sum
     else:
-        w = (alive.detach() > 0.5).float()
-        imp = (received * w.unsqueeze(-1)).sum(dim=1)  # n_live * mean over live queries
+        w = (alive.detach() > 0.5).to(attn.dtype)
+        imp = torch.einsum("bhqk,bq->bk", attn, w).float() / heads
     return imp.index_fill(1, torch.arange(num_prefix, device=imp.device), math.inf)
 
 
-def _attend(attn: nn.Module, x: Tensor, st: _State, need_importance: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+def _attend(attn: nn.Module, x: Tensor, st: _State, importance_kind: str | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """timm's ``Attention.forward`` with proportional attention and token masks.
 
-    Returns the attention output, the keys ``[B, H, N, d]`` and (if asked) the importance scores.
+    ``importance_kind``: ``None`` (no stage needs scores), ``mean`` (the full attention map) or
+    ``cls`` (the class query's row alone, so the attention itself stays fused). Returns the
+    attention output, the keys ``[B, H, N, d]`` and the importance scores (or ``None``).
     """
     b, n, _ = x.shape
     h, d = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    pack = st.padding()
+    qkv = attn.qkv(x) if pack is None else _packed(attn.qkv, x, *pack)  # padded: live tokens only
+    qkv = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     bias = None if st.size is None else st.size.log().to(q.dtype)[:, None, None, :]
     alive = st.alive
     soft = st.mode == "soft" and alive is not None
-    importance = None
-    if need_importance or soft or not attn.fused_attn:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
+
+    def normalise(logits: Tensor) -> Tensor:
         if bias is not None:
             logits = logits + bias
         if alive is None:
-            probs = logits.softmax(dim=-1)
-        elif soft:
-            probs = masked_softmax(logits, alive[:, None, None, :].to(logits.dtype))
-        else:
-            probs = logits.masked_fill(alive[:, None, None, :] <= 0.5, float("-inf")).softmax(dim=-1)
-        if need_importance:
-            importance = _importance(probs, alive, st.num_prefix)
+            return logits.softmax(dim=-1)
+        if soft:
+            return masked_softmax(logits, alive[:, None, None, :].to(logits.dtype))
+        return logits.masked_fill(alive[:, None, None, :] <= 0.5, float("-inf")).softmax(dim=-1)
+
+    importance = None
+    if importance_kind == "mean" or soft or not attn.fused_attn:
+        probs = normalise((q * attn.scale) @ k.transpose(-2, -1))
+        if importance_kind is not None:
+            importance = _importance(probs[:, :, :1] if importance_kind == "cls" else probs, alive, st.num_prefix)
         out = attn.attn_drop(probs) @ v
     else:
+        if importance_kind == "cls":
+            importance = _importance(normalise((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)), alive, st.num_prefix)
         mask = bias
         if alive is not None:
             pad = torch.zeros_like(alive, dtype=q.dtype).masked_fill(alive <= 0.5, float("-inf"))[:, None, None, :]
@@ -263,12 +293,28 @@ def _attend(attn: nn.Module, x: Tensor, st: _State, need_importance: bool) -> tu
             q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
     out = out.transpose(1, 2).reshape(b, n, h * d)
+    if pack is not None and getattr(attn, "gate", None) is None:
+        return _packed(lambda o: _attn_out(attn, o, None), out, *pack), k, importance
+    return _attn_out(attn, out, x), k, importance
+
+
+def _attn_out(attn: nn.Module, out: Tensor, x: Tensor | None) -> Tensor:
+    """timm's tail of the attention: scale-norm, optional gate, projection."""
     out = attn.norm(out)
     gate = getattr(attn, "gate", None)
     if gate is not None:
         out = out * gate(x).sigmoid()
-    out = attn.proj_drop(attn.proj(out))
-    return out, k, importance
+    return attn.proj_drop(attn.proj(out))
+
+
+def _packed(fn, t: Tensor, live: Tensor, pad: Tensor) -> Tensor:
+    """A token-wise ``fn`` on the live tokens of a padded batch only; padding rows come back zero."""
+    b, n, c = t.shape
+    done = fn(t.reshape(b * n, c).index_select(0, live))
+    out = done.new_empty(b * n, done.shape[-1])
+    out.index_copy_(0, live, done)
+    out.index_fill_(0, pad, 0)
+    return out.view(b, n, -1)
 
 
 class LTMPBlock(Block):
@@ -284,14 +330,18 @@ class LTMPBlock(Block):
         index = self._ltmp_index
         if index == 0:
             st.start(x)
-        stages = st.plan.layers[index].stages
-        need_importance = any(REDUCERS[s].needs_importance for s in stages)
-        y, k, importance = _attend(self.attn, self.norm1(x), st, need_importance)
+        layer = st.plan.layers[index]
+        stages = layer.stages
+        kind = layer.importance if any(REDUCERS[s].needs_importance for s in stages) else None
+        y, k, importance = _attend(self.attn, self.norm1(x), st, kind)
         x = x + self.drop_path1(self.ls1(y))
         if stages:
             x = st.reduce(self, index, x, k, importance)
         else:
             st.no_reduction(x)
+        pack = st.padding()
+        if pack is not None:  # padded batch (dynamic mode): the MLP runs on the live tokens only
+            return x + _packed(lambda t: self.drop_path2(self.ls2(self.mlp(self.norm2(t)))), x, *pack)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -366,6 +416,10 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
     depth = len(model.blocks)
     if plan.depth != depth:
         raise LTMPError(f"plan: {plan.depth} layers, but the model has {depth} blocks")
+    if getattr(model, "cls_token", None) is None:
+        for i, layer in enumerate(plan.layers):
+            if layer.importance == "cls" and any(REDUCERS[s].needs_importance for s in layer.stages):
+                raise LTMPError(f"layers[{i}].importance: 'cls' needs a class token, and this model has none")
     if is_patched(model):
         remove_plan(model)
     param = next(iter(model.parameters()), None)

@@ -29,6 +29,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "OPS",
+    "IMPORTANCE",
     "LayerPlan",
     "ReductionPlan",
     "make_plan",
@@ -56,6 +57,9 @@ MIN_MERGE_KEEP = 0.5
 #: LTMP's temperature of the sigmoid threshold mask.
 DEFAULT_TAU = 0.1
 
+#: Importance scores of prune and squeeze: LTMP's mean attention received, or the class token's.
+IMPORTANCE = ("mean", "cls")
+
 
 def _number(value: Any, name: str, *, optional: bool = False) -> float | None:
     if value is None and optional:
@@ -81,6 +85,9 @@ class LayerPlan:
         merge_threshold: Learned cosine-similarity threshold above which a token is merged.
         prune_threshold: Learned importance threshold below which a token is pruned or squeezed.
         tau: Temperature of the sigmoid threshold mask used in soft (training) mode.
+        importance: How prune and squeeze score tokens: ``mean`` (LTMP: mean attention received,
+            needs the full attention map) or ``cls`` (the class token's attention, computed from the
+            class query alone, so the block can use fused attention).
     """
 
     op: str = "none"
@@ -89,6 +96,7 @@ class LayerPlan:
     merge_threshold: float | None = None
     prune_threshold: float | None = None
     tau: float = DEFAULT_TAU
+    importance: str = "mean"
 
     def __post_init__(self) -> None:
         if not isinstance(self.op, str) or self.op not in OPS:
@@ -111,6 +119,8 @@ class LayerPlan:
         tau = _number(self.tau, "tau")
         if tau <= 0:
             raise LTMPError(f"tau: must be > 0, got {tau}")
+        if self.importance not in IMPORTANCE:
+            raise LTMPError(f"importance: expected one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
         object.__setattr__(self, "keep", keep)
         object.__setattr__(self, "merge_keep", merge_keep)
         object.__setattr__(self, "tau", tau)
@@ -307,13 +317,14 @@ def make_plan(
     *,
     merge_keep: PerLayer = None,
     tau: PerLayer = DEFAULT_TAU,
+    importance: PerLayer = "mean",
     model_name: str | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> ReductionPlan:
     """Build a plan for ``model`` (a timm ViT, or its :class:`ViTGeometry`).
 
-    Each of ``op``, ``keep``, ``merge_keep`` and ``tau`` is one value for every layer or a list with
-    one value per layer. Layers whose op is ``none`` get ``keep=1`` whatever ``keep`` says.
+    Each of ``op``, ``keep``, ``merge_keep``, ``tau`` and ``importance`` is one value for every layer
+    or a list with one value per layer. Layers whose op is ``none`` get ``keep=1`` whatever ``keep`` says.
 
     Example:
         >>> plan = make_plan(model, op=["none", "merge", "merge+prune", "prune"], keep=0.8)
@@ -330,13 +341,14 @@ def make_plan(
     keeps = _per_layer(keep, depth, "keep")
     merge_keeps = _per_layer(merge_keep, depth, "merge_keep")
     taus = _per_layer(tau, depth, "tau")
+    importances = _per_layer(importance, depth, "importance")
     layers = []
-    for i, (o, k, mk, t) in enumerate(zip(ops, keeps, merge_keeps, taus)):
+    for i, (o, k, mk, t, imp) in enumerate(zip(ops, keeps, merge_keeps, taus, importances)):
         if o == "none":
             k, mk = 1.0, None
         elif o not in ("merge+prune", "merge+squeeze"):
             mk = None
-        layers.append(_replace_layer(None, i, op=o, keep=k, merge_keep=mk, tau=t))
+        layers.append(_replace_layer(None, i, op=o, keep=k, merge_keep=mk, tau=t, importance=imp))
     return ReductionPlan(layers=tuple(layers), model=model_name, geometry=geometry, meta=dict(meta or {}))
 
 

@@ -50,6 +50,8 @@ class Tokens:
             index of the token it was merged or squeezed into, or -1 if pruned). ``None``: not traced.
         fate: Optional, ``[B, N]``: how each input token left (:data:`KEPT`, :data:`MERGED`,
             :data:`PRUNED`, :data:`SQUEEZED`).
+        needs_metric, needs_importance: Whether a later stage of the block reads these after a fusion;
+            when not, fusing skips them (their values are then stale).
     """
 
     x: Tensor
@@ -60,6 +62,8 @@ class Tokens:
     num_prefix: int
     route: Tensor | None = None
     fate: Tensor | None = None
+    needs_metric: bool = True  # a later stage of the block reads the (fused) similarity metric
+    needs_importance: bool = True  # a later stage of the block reads the (fused) importance
 
     def candidates(self) -> Tensor:
         """Live patch tokens: the only tokens a reducer may touch, ``[B, N]`` bool."""
@@ -159,12 +163,14 @@ def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: 
         return torch.where(got.unsqueeze(-1), folded, v)
 
     x = fold(t.x)
-    metric = fold(t.metric)
-    metric = torch.where(got.unsqueeze(-1), metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6), metric)
+    metric = t.metric
+    if t.needs_metric:
+        metric = fold(metric)
+        metric = torch.where(got.unsqueeze(-1), metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6), metric)
     moved = remove * t.size * (weight > 0)
     size = t.size + torch.zeros_like(t.size).scatter_add_(1, dest, moved)
     importance = t.importance
-    if importance is not None:
+    if importance is not None and t.needs_importance:
         # A host is as important as the most important token it absorbed (LTMP).
         src = torch.where(remove.detach() > 0.5, importance, torch.full_like(importance, -math.inf))
         importance = importance.scatter_reduce(1, dest, src, reduce="amax", include_self=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Any, Sequence
 
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("search (Optuna style)")
     g.add_argument("--space", help="search space: layerwise (default), or a baseline: ltmp, tome, tps")
     g.add_argument("--ops", type=_ops, help="operations the layerwise space may use, comma-separated")
+    g.add_argument("--importance", type=_ops, help="prune/squeeze scores: mean (LTMP, default), cls (class "
+                   "token's attention: fused, faster), or mean,cls (the search chooses per layer)")
     g.add_argument("--sampler", help="tpe (default), nsga2, random or gp")
     g.add_argument("--pruner", help="median (default), hyperband or none")
     g.add_argument("--n-trials", type=int, help="finished trials the study should have")
@@ -137,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p.add_argument_group("model and data (timm style)"))
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("bench", help="images/s and latency of a plan against its unreduced model", description=(
+        "Time the unreduced model and the plan side by side on random images (warm-up, then the median of "
+        "several runs), with the measured FLOPs ratio, the speedup and the speedup as a fraction of the "
+        "FLOP-ideal 1/ratio. Results are stored in the database and listed by --history."))
+    p.add_argument("plan", nargs="?", metavar="PLAN.json", help="an exported plan (or give --model and --flops)")
+    p.add_argument("--model", help="timm model for a quick look without a plan")
+    p.add_argument("--model-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE")
+    p.add_argument("--flops", type=_target, help="with --model: a plan at this FLOPs ratio")
+    p.add_argument("--op", default="merge+prune", help="with --model: the op of every block (default merge+prune)")
+    p.add_argument("--importance", default="cls", choices=("mean", "cls"),
+                   help="with --model: prune/squeeze scores (default cls: fused attention)")
+    p.add_argument("-b", "--batch-size", default="32", help="batch size, or several: 1,32")
+    p.add_argument("--mode", default="static", help="static, dynamic, or both: static,dynamic")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (static mode)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--history", action="store_true", help="list stored measurements instead")
+    _storage_options(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per measured configuration")
+
     p = sub.add_parser("dashboard", help="open the studies in optuna-dashboard")
     _storage_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -148,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _consoles():
     from rich.console import Console
 
-    # soft_wrap: sentences stay one line (pipes, logs); tables still fit the width.
-    return Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+    # soft_wrap: sentences stay one line (pipes, logs); tables fit the terminal, or 160 columns in a log.
+    width = None if sys.stdout.isatty() else 160
+    return Console(soft_wrap=True, width=width), Console(stderr=True, soft_wrap=True)
 
 
 def _print_json(obj: Any) -> None:
@@ -165,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     overrides = {k: getattr(args, k) for k in MODEL_FIELDS + (
-        "flops", "trial_images", "space", "ops", "sampler", "pruner", "n_trials", "seed", "trial_steps", "budget",
+        "flops", "trial_images", "space", "ops", "importance", "sampler", "pruner", "n_trials", "seed", "trial_steps", "budget",
         "distill")}
     if overrides["model_kwargs"] is not None:
         overrides["model_kwargs"] = dict(overrides["model_kwargs"])
@@ -340,6 +366,91 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import timm
+    import torch
+
+    import ltmp_core
+    from ltmp_core import LTMPError
+
+    from .bench import bench_plan
+    from .store import Store
+    from .study import resolve_device, resolve_storage
+
+    out, err = _consoles()
+    if args.history:
+        store = Store(resolve_storage(args.storage, create=False))
+        rows = store.bench_history()
+        store.dispose()
+        if args.json:
+            for row in rows:
+                sys.stdout.write(json.dumps(row) + "\n")
+        else:
+            out.print(_bench_table(rows, "search bench --history"))
+        return 0
+    kwargs = dict(args.model_kwargs or [])
+    if args.plan:
+        plan = ltmp_core.load_plan(args.plan)
+        name = args.model or plan.model
+        if not name:
+            raise LTMPError("model: the plan names no model; give --model")
+        label = str(args.plan)
+    else:
+        if not args.model or args.flops is None:
+            raise LTMPError("bench: give PLAN.json, or --model and --flops for a quick look")
+        name, plan, label = args.model, None, f"{args.model} {args.op} ({args.importance}) at {args.flops:g}"
+    if not timm.is_model(name):
+        raise LTMPError(f"model: unknown timm model {name!r}")
+    geometry = plan.geometry if plan is not None else None
+    if geometry is not None:
+        kwargs.setdefault("num_classes", geometry.num_classes)
+        kwargs.setdefault("img_size", geometry.img_size[0])
+    import search.models  # noqa: F401  (registers ltmp_vit_digits)
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs)  # speed does not depend on the weights
+    if plan is None:
+        g = ltmp_core.ViTGeometry.from_model(model)
+        keeps = ltmp_core.budgets_for_ratio([args.op] * g.depth, [1.0] * g.depth, g, args.flops)
+        plan = ltmp_core.make_plan(model, op=args.op, keep=keeps, importance=args.importance, model_name=name)
+    device = resolve_device(args.device)
+    amp = args.amp if args.amp is not None else device.type == "cuda"
+    sizes = [int(b) for b in str(args.batch_size).split(",")]
+    modes = [m.strip() for m in args.mode.split(",")]
+    store = Store(resolve_storage(args.storage))
+    rows = []
+    for mode in modes:
+        for batch in sizes:
+            result = bench_plan(model, plan, batch_size=batch, device=device, mode=mode, amp=amp,
+                                warmup=args.warmup, runs=args.runs, compile=args.compile)
+            result = {"plan": label, **result}
+            result["id"] = store.add_bench(label, result)
+            rows.append(result)
+            if args.json:
+                sys.stdout.write(json.dumps(result) + "\n")
+                sys.stdout.flush()
+    store.dispose()
+    if not args.json:
+        out.print(_bench_table(rows, f"search bench: {label}"))
+    return 0
+
+
+def _bench_table(rows: list[dict[str, Any]], title: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("plan", "device", "batch", "mode", "FLOPs ratio", "img/s base", "img/s plan", "ms base", "ms plan",
+                "speedup", "of ideal"):
+        table.add_column(col, justify="left" if col in ("plan", "device", "mode") else "right")
+    for r in rows:
+        table.add_row(str(r["plan"]), str(r["device"]), str(r["batch_size"]), r["mode"] + (" bf16" if r["amp"] else ""),
+                      f"{r['flops_ratio']:.3f}", f"{r['images_per_s_base']:.1f}", f"{r['images_per_s_plan']:.1f}",
+                      f"{r['latency_ms_base']:.1f}", f"{r['latency_ms_plan']:.1f}", f"{r['speedup']:.2f}x",
+                      f"{r['ideal_fraction']:.2f}")
+    table.caption = "FLOPs are MACs; 'of ideal' = speedup x FLOPs ratio (1.00 = as fast as the FLOPs say)"
+    return table
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from ltmp_core import LTMPError
 
@@ -366,7 +477,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "studies": cmd_studies, "show": cmd_show, "export": cmd_export,
-            "validate": cmd_validate, "dashboard": cmd_dashboard}
+            "validate": cmd_validate, "bench": cmd_bench, "dashboard": cmd_dashboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,6 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("search: interrupted\n")
         return 130
+    except BrokenPipeError:  # the reader of our output went away (| head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ class StudyConfig:
         distill: Tune against the unreduced model's logits instead of the labels.
         space: Search space (``layerwise``, or a baseline: ``ltmp``, ``tome``, ``tps``).
         ops: Operations the ``layerwise`` space may choose from.
+        importance: Scores prune and squeeze may use: ``mean`` (LTMP: attention received, needs the
+            full attention map), ``cls`` (the class token's attention, fused attention: faster); with
+            both, the search chooses per layer.
         sampler: ``tpe`` (default), ``nsga2``, ``random`` or ``gp``.
         pruner: ``median`` (default), ``hyperband`` or ``none``.
         seed: Seed of the sampler, the data order and the base model training.
@@ -95,6 +98,7 @@ class StudyConfig:
     distill: bool = False
     space: str = "layerwise"
     ops: tuple[str, ...] = tuple(OPS)
+    importance: tuple[str, ...] = ("mean",)
     sampler: str = "tpe"
     pruner: str = "median"
     seed: int = 0
@@ -110,6 +114,7 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["ops"] = list(self.ops)
+        d["importance"] = list(self.importance)
         return d
 
     def default_study_name(self) -> str:
@@ -135,7 +140,7 @@ RESULT_FIELDS = (
     "flops", "flops_margin", "model", "model_kwargs", "pretrained", "checkpoint", "data", "img_size", "holdout",
     "trial_images", "calib_images",
     "batch_size", "trial_steps", "eval_every", "eval_images", "lr", "budget", "budget_weight", "tau", "distill",
-    "space", "ops", "base_epochs",
+    "space", "ops", "importance", "base_epochs",
 )
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -153,7 +158,7 @@ def _check(c: StudyConfig) -> None:
         expected = _TYPES.get(f.name)
         if expected is None:
             expected = (int,) if isinstance(f.default, int) and not isinstance(f.default, bool) else (type(f.default),)
-            if f.name == "ops":
+            if f.name in ("ops", "importance"):
                 expected = (tuple, list)
         if isinstance(value, bool) and bool not in expected:
             raise LTMPError(f"{f.name}: expected {expected[0].__name__}, got {value!r}")
@@ -185,6 +190,9 @@ def _check(c: StudyConfig) -> None:
         if op not in OPS:
             raise LTMPError(f"ops: unknown operation {op!r} (choose from {', '.join(OPS)})")
     object.__setattr__(c, "ops", tuple(c.ops))
+    object.__setattr__(c, "importance", tuple(c.importance))
+    if not c.importance or any(i not in ("mean", "cls") for i in c.importance):
+        raise LTMPError(f"importance: expected mean, cls or mean,cls, got {','.join(map(str, c.importance))!r}")
     if c.budget not in ("space", "layer", "global"):
         raise LTMPError(f"budget: expected space, layer or global, got {c.budget!r}")
     if c.sampler not in SAMPLERS:

@@ -70,7 +70,7 @@ class Objective:
         trial.set_user_attr("device", str(self.device))
         aim = c.flops * (1.0 - c.flops_margin)
         try:
-            plan = suggest(c.space, trial, self.geometry, aim, ops=c.ops)
+            plan = suggest(c.space, trial, self.geometry, aim, ops=c.ops, importance=c.importance)
         except Infeasible as e:
             trial.set_user_attr("pruned_reason", str(e))
             raise optuna.TrialPruned(str(e)) from None

@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import optuna
-from sqlalchemy import Float, Integer, String, UniqueConstraint, create_engine, delete, select
+from sqlalchemy import Boolean, Float, Integer, String, UniqueConstraint, create_engine, delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-__all__ = ["Base", "LayerResult", "StudyLock", "Store", "engine_kwargs"]
+__all__ = ["Base", "LayerResult", "BenchResult", "StudyLock", "Store", "engine_kwargs"]
 
 
 def engine_kwargs(url: str) -> dict[str, Any]:
@@ -75,6 +75,38 @@ def layer_rows(study_name: str, trial: optuna.trial.FrozenTrial) -> list[LayerRe
         )
         for i, (layer, k) in enumerate(zip(plan["layers"], kept))
     ]
+
+
+class BenchResult(Base):
+    """One measured configuration of ``search bench``."""
+
+    __tablename__ = "ltmp_bench_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created: Mapped[str] = mapped_column(String(40))
+    plan: Mapped[str] = mapped_column(String(1024))
+    model: Mapped[str] = mapped_column(String(256))
+    device: Mapped[str] = mapped_column(String(256))
+    batch_size: Mapped[int] = mapped_column(Integer)
+    mode: Mapped[str] = mapped_column(String(16))
+    amp: Mapped[bool] = mapped_column(Boolean)
+    compiled: Mapped[bool] = mapped_column(Boolean)
+    flops_ratio: Mapped[float] = mapped_column(Float)
+    images_per_s_base: Mapped[float] = mapped_column(Float)
+    images_per_s_plan: Mapped[float] = mapped_column(Float)
+    latency_ms_base: Mapped[float] = mapped_column(Float)
+    latency_ms_plan: Mapped[float] = mapped_column(Float)
+    speedup: Mapped[float] = mapped_column(Float)
+    ideal_fraction: Mapped[float] = mapped_column(Float)
+    runs: Mapped[int] = mapped_column(Integer)
+    peak_memory_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    FIELDS = ("created", "plan", "model", "device", "batch_size", "mode", "amp", "compiled", "flops_ratio",
+              "images_per_s_base", "images_per_s_plan", "latency_ms_base", "latency_ms_plan", "speedup",
+              "ideal_fraction", "runs", "peak_memory_mb")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, **{k: getattr(self, k) for k in self.FIELDS}}
 
 
 class StudyLock(Base):
@@ -183,6 +215,21 @@ class Store:
         with self.session() as s:
             rows = LayerResult.for_study(s, study_name)
         return [r for r in rows if trial_number is None or r.trial_number == trial_number]
+
+    def add_bench(self, plan: str, result: dict[str, Any]) -> int:
+        """Store one ``search bench`` measurement; returns its id."""
+        row = BenchResult(plan=plan, created=result["time"],
+                          **{k: result[k] for k in BenchResult.FIELDS if k not in ("created", "plan")})
+        with self.session() as s:
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def bench_history(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest ``search bench`` measurements, newest first."""
+        with self.session() as s:
+            rows = s.scalars(select(BenchResult).order_by(BenchResult.id.desc()).limit(limit)).all()
+            return [r.to_dict() for r in rows]
 
     def dispose(self) -> None:
         self.engine.dispose()

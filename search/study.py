@@ -147,7 +147,7 @@ def _pruner(name: str, steps: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def starting_params(depth: int, ops: tuple[str, ...]) -> list[dict[str, Any]]:
+def starting_params(depth: int, ops: tuple[str, ...], importance: tuple[str, ...] = ("mean",)) -> list[dict[str, Any]]:
     """Layerwise parameters of the plans the papers use, to enqueue as a new study's first trials.
 
     Uniform merge+prune (LTMP's block everywhere), uniform merge (ToMe-like) and squeeze at three
@@ -162,7 +162,10 @@ def starting_params(depth: int, ops: tuple[str, ...]) -> list[dict[str, Any]]:
     out = []
     for shape in shapes:
         if all(op in ops for op in shape):
-            out.append({**{f"op_{i}": op for i, op in enumerate(shape)}, **{f"cut_{i}": 0.5 for i in range(depth)}})
+            params = {**{f"op_{i}": op for i, op in enumerate(shape)}, **{f"cut_{i}": 0.5 for i in range(depth)}}
+            if len(importance) > 1:
+                params.update({f"imp_{i}": importance[0] for i in range(depth)})
+            out.append(params)
     return out
 
 
@@ -307,7 +310,7 @@ def run(
         study.set_user_attr("unreduced_gmacs", ltmp_core.unreduced_macs(geometry) / 1e9)
         study.set_user_attr("base", {**base_info, "evaluated_accuracy": objective.base_accuracy()})
         if config.space == "layerwise":
-            first = starting_params(geometry.depth, config.ops)[: max(1, config.n_trials // 3)]
+            first = starting_params(geometry.depth, config.ops, config.importance)[: max(1, config.n_trials // 3)]
     store.sync(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     result = RunResult(study, url, base=study.user_attrs.get("base", base_info), finished_before=finished,

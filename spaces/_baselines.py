@@ -11,8 +11,9 @@ from ltmp_core import LayerPlan, LTMPError, ReductionPlan, ViTGeometry, budgets_
 from ._registry import Infeasible, register_space
 
 
-def _plan(geometry: ViTGeometry, ops: Sequence[str], keeps: Sequence[float], space: str, target: float) -> ReductionPlan:
-    layers = tuple(LayerPlan(op=o, keep=k) for o, k in zip(ops, keeps))
+def _plan(geometry: ViTGeometry, ops: Sequence[str], keeps: Sequence[float], space: str, target: float,
+          importance: str = "mean") -> ReductionPlan:
+    layers = tuple(LayerPlan(op=o, keep=k, importance=importance) for o, k in zip(ops, keeps))
     return ReductionPlan(layers, geometry=geometry, meta={"space": space, "target": target})
 
 
@@ -21,7 +22,8 @@ def _plan(geometry: ViTGeometry, ops: Sequence[str], keeps: Sequence[float], spa
     budget="global",
     description="LTMP: merge+prune in every layer, one global FLOPs budget loss",
 )
-def ltmp(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str]) -> ReductionPlan:
+def ltmp(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str],
+        importance: Sequence[str] = ("mean",)) -> ReductionPlan:
     """Merge then prune in every block. Thresholds start at equal per-layer budgets and are then
     trained against LTMP's single FLOPs-ratio loss, free to move the cut between layers."""
     chosen = ["merge+prune"] * geometry.depth
@@ -38,7 +40,8 @@ def ltmp(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *,
     tune=False,
     description="ToMe: merge a constant number of tokens r in every layer, no training",
 )
-def tome(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str]) -> ReductionPlan:
+def tome(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str],
+        importance: Sequence[str] = ("mean",)) -> ReductionPlan:
     """The smallest integer ``r`` whose static plan is at or under the target. As in ToMe, a layer
     merges ``min(r, n // 2)`` tokens when ``n`` enter it, so deep layers may merge fewer."""
     depth = geometry.depth
@@ -75,11 +78,14 @@ def tps_layers(depth: int) -> list[int]:
     budget="layer",
     description="TPS: squeeze at three evenly spaced layers with one keep ratio",
 )
-def tps(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str]) -> ReductionPlan:
+def tps(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str],
+        importance: Sequence[str] = ("mean",)) -> ReductionPlan:
+    """Squeeze at three evenly spaced blocks, scored by the class token's attention as TPS does
+    (mean attention received on models without a prefix token)."""
     where = set(tps_layers(geometry.depth))
     chosen = ["squeeze" if i in where else "none" for i in range(geometry.depth)]
     try:
         keeps = budgets_for_ratio(chosen, [1.0] * geometry.depth, geometry, target)
     except LTMPError as e:
         raise Infeasible(str(e).removeprefix("target: ")) from None
-    return _plan(geometry, chosen, keeps, "tps", target)
+    return _plan(geometry, chosen, keeps, "tps", target, "cls" if geometry.num_prefix_tokens else "mean")

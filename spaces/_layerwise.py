@@ -15,9 +15,11 @@ from ._registry import Infeasible, register_space
     description="per layer an operation and a share of the cut, scaled onto the FLOPs target",
 )
 def layerwise(
-    trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str]
+    trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str],
+    importance: Sequence[str] = ("mean",),
 ) -> ReductionPlan:
-    """Per layer ``op_i`` (one of ``ops``) and a reduction weight ``cut_i`` in [0, 1].
+    """Per layer ``op_i`` (one of ``ops``), a reduction weight ``cut_i`` in [0, 1] and, when more
+    than one kind of importance is allowed, ``imp_i`` (how prune and squeeze score its tokens).
 
     The weights set how hard each layer cuts relative to the others; one common factor, found by
     bisection on the analytic FLOP model (:func:`ltmp_core.budgets_for_ratio`), turns them into
@@ -27,9 +29,11 @@ def layerwise(
     """
     chosen = [trial.suggest_categorical(f"op_{i}", list(ops)) for i in range(geometry.depth)]
     weights = [trial.suggest_float(f"cut_{i}", 0.0, 1.0) for i in range(geometry.depth)]
+    kinds = ([trial.suggest_categorical(f"imp_{i}", list(importance)) for i in range(geometry.depth)]
+             if len(importance) > 1 else [importance[0]] * geometry.depth)
     try:
         keeps = budgets_for_ratio(chosen, weights, geometry, target)
     except LTMPError as e:
         raise Infeasible(str(e).removeprefix("target: ")) from None
-    layers = tuple(LayerPlan(op=o, keep=k) for o, k in zip(chosen, keeps))
+    layers = tuple(LayerPlan(op=o, keep=k, importance=imp) for o, k, imp in zip(chosen, keeps, kinds))
     return ReductionPlan(layers, geometry=geometry, meta={"space": "layerwise", "target": target})

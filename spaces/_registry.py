@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 import optuna
 
 from ltmp_core import OPS, LTMPError, ReductionPlan, ViTGeometry
+from ltmp_core.plan import IMPORTANCE
 
 SpaceFn = Callable[..., ReductionPlan]
 
@@ -23,7 +24,7 @@ class Space:
 
     Attributes:
         name: Registry key (``--space``).
-        fn: ``fn(trial, geometry, target, *, ops) -> ReductionPlan``.
+        fn: ``fn(trial, geometry, target, *, ops, importance) -> ReductionPlan``.
         budget: Budget loss used while tuning thresholds: ``"layer"`` (each layer against its own
             budget) or ``"global"`` (LTMP's FLOPs ratio against the target).
         tune: Whether thresholds are fine-tuned; ``False`` evaluates the plan in static mode.
@@ -41,7 +42,7 @@ SPACES: dict[str, Space] = {}
 
 
 def register_space(name: str, *, budget: str = "layer", tune: bool = True, description: str = ""):
-    """Register ``fn(trial, geometry, target, *, ops) -> ReductionPlan`` as space ``name``."""
+    """Register ``fn(trial, geometry, target, *, ops, importance) -> ReductionPlan`` as space ``name``."""
     if budget not in ("layer", "global"):
         raise ValueError(f"budget must be 'layer' or 'global', got {budget!r}")
 
@@ -69,6 +70,13 @@ def check_ops(ops: Sequence[str] | None) -> tuple[str, ...]:
     return ops
 
 
+def check_importance(importance: Sequence[str] | None) -> tuple[str, ...]:
+    importance = ("mean",) if importance is None else tuple(importance)
+    if not importance or any(i not in IMPORTANCE for i in importance):
+        raise LTMPError(f"importance: expected some of {', '.join(IMPORTANCE)}, got {', '.join(importance) or 'none'}")
+    return importance
+
+
 def suggest(
     name: str,
     trial: optuna.trial.BaseTrial,
@@ -76,6 +84,11 @@ def suggest(
     target: float,
     *,
     ops: Sequence[str] | None = None,
+    importance: Sequence[str] | None = None,
 ) -> ReductionPlan:
-    """Sample a plan from space ``name``; raises :class:`Infeasible` when it cannot reach ``target``."""
-    return get_space(name).fn(trial, geometry, target, ops=check_ops(ops))
+    """Sample a plan from space ``name``; raises :class:`Infeasible` when it cannot reach ``target``.
+
+    ``importance``: the scores prune and squeeze may use (``mean``, ``cls``); with both, the
+    ``layerwise`` space samples one per layer.
+    """
+    return get_space(name).fn(trial, geometry, target, ops=check_ops(ops), importance=check_importance(importance))

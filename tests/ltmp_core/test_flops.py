@@ -60,10 +60,11 @@ PLANS = [
     dict(op="merge+prune", keep=0.75),
     dict(op="merge+squeeze", keep=0.6, merge_keep=0.8),
     dict(op=["none", "merge", "prune", "squeeze", "merge+prune", "merge+squeeze"] * 2, keep=0.7),
+    dict(op=["prune", "squeeze", "merge+prune", "merge+squeeze"] * 3, keep=0.8, importance="cls"),
 ]
 
 
-@pytest.mark.parametrize("plan_kwargs", PLANS, ids=lambda p: str(p["op"])[:30])
+@pytest.mark.parametrize("plan_kwargs", PLANS, ids=lambda p: str(p["op"])[:30] + p.get("importance", ""))
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_small_distilled_patch16_224"])
 def test_static_plans_match_pytorch_counter(name, plan_kwargs):
     model = full_size(name)

@@ -311,3 +311,48 @@ def test_trace_puts_exact_duplicates_in_one_group():
     owner = ltmp_core.trace_tokens(model, x).owner[0, 0]
     assert owner[0] == owner[1] and owner[6] == owner[7]
     assert len(set(owner.tolist())) == 14
+
+
+def test_cls_importance_from_the_class_query_equals_the_class_row_of_the_map():
+    from ltmp_core.patch import _attend, _State
+
+    model = tiny_model("deit_small")
+    attn = model.blocks[0].attn
+    x = torch.randn(3, 17, 48)
+    st = _State(ltmp_core.make_plan(model, op="none"), "static", num_prefix=1)
+    with torch.no_grad():
+        _, _, fused = _attend(attn, x, st, "cls")
+        # The full map, computed independently from timm's own qkv projection.
+        q, k, _ = attn.qkv(x).reshape(3, 17, 3, 3, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        full = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)  # [B, H, N, N]
+        expected = full[:, :, 0, :].mean(dim=1) * 17
+    torch.testing.assert_close(fused[:, 1:], expected[:, 1:])
+    assert torch.isinf(fused[:, 0]).all()
+    # and mean importance: attention received, averaged over heads and queries, times n
+    with torch.no_grad():
+        _, _, mean = _attend(attn, x, st, "mean")
+    torch.testing.assert_close(mean[:, 1:], full.mean(dim=(1, 2))[:, 1:] * 17)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_cls_importance_plans_fused_and_unfused_agree(mode):
+    x = images(6)
+    outs = []
+    for fused in (True, False):
+        model = tiny_model("deit_small", fused=fused)
+        plan = ltmp_core.make_plan(model, op=["prune", "squeeze", "merge+prune", "merge+squeeze"], keep=0.7,
+                                   importance="cls")
+        ltmp_core.apply_plan(model, plan, mode="static")
+        ltmp_core.calibrate(model, images(8, seed=3))
+        ltmp_core.set_mode(model, mode)
+        with torch.no_grad():
+            outs.append((model(x), ltmp_core.token_counts(model)))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=1e-5)
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+def test_cls_importance_needs_a_class_token():
+    model = tiny_model("avg_pool")
+    plan = ltmp_core.make_plan(model, op="prune", keep=0.5, importance="cls")
+    with pytest.raises(LTMPError, match=r"layers\[0\]\.importance: 'cls' needs a class token"):
+        ltmp_core.apply_plan(model, plan)

@@ -46,7 +46,7 @@ def test_json_round_trip(plan, tmp_path):
     assert data["format"] == "ltmp-plan" and data["version"] == 1
     assert data["layers"][1] == {
         "op": "merge+prune", "keep": 0.6, "merge_keep": 0.8,
-        "merge_threshold": 0.8, "prune_threshold": 0.01, "tau": 0.1,
+        "merge_threshold": 0.8, "prune_threshold": 0.01, "tau": 0.1, "importance": "mean",
     }
     assert not list(tmp_path.glob("sub/.*.tmp")), "no temporary file left behind"
 

@@ -227,3 +227,15 @@ def test_holdout_split_is_balanced_disjoint_and_fixed():
     assert len(a.holdout_index) + len(a.train_index) == 1797
     counts = torch.bincount(a.holdout_y, minlength=10)
     assert counts.max() - counts.min() <= 1 and counts.sum() == 360
+
+
+def test_search_can_choose_the_importance_per_layer(workdir):
+    url = f"sqlite:///{workdir / 'imp.db'}"
+    code, _, err = cli("run", "--flops", "0.5", "--study", "tiny.toml", "--storage", url, "--study-name", "imp",
+                       "--importance", "mean,cls", "--ops", "prune,squeeze", "--n-trials", "2", "--quiet")
+    assert code == 0, err
+    study = optuna.load_study(study_name="imp", storage=url)
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        plan = ltmp_core.ReductionPlan.from_dict(t.user_attrs["plan"])
+        assert [layer.importance for layer in plan.layers] == [t.params[f"imp_{i}"] for i in range(4)]
+    assert study.user_attrs["config"]["importance"] == ["mean", "cls"]

@@ -129,3 +129,20 @@ def test_tps_baseline_squeezes_three_evenly_spaced_layers():
 def test_unknown_space_is_a_clear_error():
     with pytest.raises(LTMPError, match="unknown search space 'grid'.*layerwise"):
         spaces.suggest("grid", optuna.trial.FixedTrial({}), DEIT_S, 0.5)
+
+
+def test_layerwise_samples_importance_per_layer_when_both_are_allowed():
+    ops = ["prune", "squeeze", "merge+prune", "none"] * 3
+    params = {**{f"op_{i}": op for i, op in enumerate(ops)}, **{f"cut_{i}": 0.5 for i in range(12)},
+              **{f"imp_{i}": ("cls" if i % 2 else "mean") for i in range(12)}}
+    plan = spaces.suggest("layerwise", optuna.trial.FixedTrial(params), DEIT_S, 0.5, importance=["mean", "cls"])
+    assert [layer.importance for layer in plan.layers] == ["mean", "cls"] * 6
+    plan = spaces.suggest("layerwise", fixed(ops, [0.5] * 12), DEIT_S, 0.5, importance=["cls"])
+    assert {layer.importance for layer in plan.layers} == {"cls"}
+    with pytest.raises(LTMPError, match="importance"):
+        spaces.suggest("layerwise", fixed(ops, [0.5] * 12), DEIT_S, 0.5, importance=["max"])
+
+
+def test_tps_baseline_scores_by_class_attention():
+    plan = spaces.suggest("tps", optuna.trial.FixedTrial({}), DEIT_S, 0.6)
+    assert {plan.layers[i].importance for i in (3, 6, 9)} == {"cls"}

@@ -1,0 +1,73 @@
+"""Hard-dynamic evaluation against the hard-static plan at the same mean token counts.
+
+    python benchmarks/dynamic_vs_static.py [--importance cls|mean] [--images random|smooth]
+
+DeiT-S, 224 px, batch 32, CPU, random weights. The plan (merge+prune in every block, budgets for
+35% of the FLOPs) is calibrated on one batch; the dynamic model runs a second batch, and a static
+plan keeping each block's mean kept fraction of that run is timed beside it. Images: 'smooth'
+(low-frequency noise, more like photos: counts vary less between images) or 'random' (white noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import ltmp_core
+from search.bench import describe_device, time_batches
+
+
+def images(kind: str, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(n, 3, 224, 224, generator=g)
+    low = torch.randn(n, 3, 14, 14, generator=g)
+    return F.interpolate(low, size=224, mode="bicubic", align_corners=False) + 0.1 * torch.randn(n, 3, 224, 224, generator=g)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--importance", default="cls", choices=("cls", "mean"))
+    parser.add_argument("--images", default="smooth", choices=("smooth", "random"))
+    parser.add_argument("-b", "--batch-size", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    g = ltmp_core.ViTGeometry.from_model(model)
+    keeps = ltmp_core.budgets_for_ratio(["merge+prune"] * 12, [1.0] * 12, g, 0.35)
+    plan = ltmp_core.make_plan(model, op="merge+prune", keep=keeps, importance=args.importance)
+    dynamic = ltmp_core.apply_plan(copy.deepcopy(model), plan, mode="static")
+    ltmp_core.calibrate(dynamic, images(args.images, args.batch_size, 1))
+    ltmp_core.set_mode(dynamic, "dynamic")
+    x = images(args.images, args.batch_size, 2)
+    with torch.inference_mode():
+        dynamic(x)
+    counts = ltmp_core.token_counts(dynamic) - 1
+    mean_keep = (counts[1:].mean(dim=1) / counts[:-1].mean(dim=1)).clamp(0.5 ** 2, 1.0).tolist()  # same mean counts
+    static = ltmp_core.apply_plan(copy.deepcopy(model), ltmp_core.make_plan(model, op="merge+prune", keep=mean_keep,
+                                                                              importance=args.importance), "static")
+    with torch.inference_mode():
+        t_dyn, t_static = time_batches([lambda: dynamic(x), lambda: static(x)], torch.device("cpu"), 1, args.runs)
+        dyn_ratio = float(ltmp_core.image_macs(dynamic).mean()) / ltmp_core.unreduced_macs(g)
+    static_ratio = ltmp_core.count_flops(static) / ltmp_core.unreduced_macs(g)
+    padding = (counts.max(dim=1).values - counts.mean(dim=1)).mean().item()
+    result = {
+        "device": describe_device(torch.device("cpu")), "batch_size": args.batch_size, "images": args.images,
+        "importance": args.importance, "flops_ratio_dynamic": dyn_ratio, "flops_ratio_static": static_ratio,
+        "mean_padding_tokens": padding, "ms_dynamic": 1000 * statistics.median(t_dyn),
+        "ms_static": 1000 * statistics.median(t_static),
+        "dynamic_over_static": statistics.median(t_dyn) / statistics.median(t_static),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

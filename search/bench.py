@@ -1,0 +1,120 @@
+"""``search bench``: images/s and latency of a plan against its unreduced model, side by side.
+
+The two models alternate, one timed batch each after the warm-up, so that load on a shared machine
+hits both alike; the figures are medians. Inputs are random images of the model's size: in static
+mode the cost does not depend on the content; in dynamic mode a plan without learned thresholds is
+first calibrated on that batch so that every layer keeps its budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+import ltmp_core
+from ltmp_core import LTMPError, ReductionPlan
+
+from .finetune import autocast
+
+__all__ = ["time_batches", "bench_plan", "describe_device"]
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def time_batches(runners: list[Callable[[], Any]], device: torch.device, warmup: int, runs: int) -> list[list[float]]:
+    """Seconds per call of each runner: ``warmup`` untimed rounds, then ``runs`` timed rounds, interleaved."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times: list[list[float]] = [[] for _ in runners]
+    for i in range(warmup + runs):
+        for j, run in enumerate(runners):
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            if i >= warmup:
+                times[j].append(time.perf_counter() - start)
+    return times
+
+
+def bench_plan(
+    model: nn.Module,
+    plan: ReductionPlan,
+    *,
+    batch_size: int = 32,
+    device: torch.device = torch.device("cpu"),
+    mode: str = "static",
+    amp: bool = False,
+    warmup: int = 2,
+    runs: int = 7,
+    compile: bool = False,
+) -> dict[str, Any]:
+    """Time the unpatched ``model`` and a patched copy under ``plan``; returns the figures.
+
+    ``speedup`` is images/s of the plan over the model's; ``ideal_fraction`` is the speedup times
+    the measured FLOPs ratio (1.0 = as fast as the FLOPs say).
+    """
+    if mode not in ("static", "dynamic"):
+        raise LTMPError(f"mode: expected static or dynamic, got {mode!r}")
+    model = model.eval().to(device)
+    g = ltmp_core.ViTGeometry.from_model(model)
+    x = torch.randn(batch_size, 3, *g.img_size, device=device)
+    reduced = ltmp_core.apply_plan(copy.deepcopy(model), plan, mode="static")
+    calibrated = False
+    if mode == "dynamic":
+        if any(getattr(layer, name) is None for layer in plan.layers for name in layer.needs()):
+            ltmp_core.calibrate(reduced, x)
+            calibrated = True
+        ltmp_core.set_mode(reduced, "dynamic")
+    base_run, plan_run = model, reduced
+    if compile:
+        if mode != "static":
+            raise LTMPError("compile: only the static mode has fixed shapes")
+        base_run, plan_run = torch.compile(model, dynamic=False), torch.compile(reduced, dynamic=False)
+
+    def call(m: Callable) -> Callable[[], Any]:
+        def run() -> Any:
+            with autocast(device, amp):
+                return m(x)
+        return run
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        base_t, plan_t = time_batches([call(base_run), call(plan_run)], device, warmup, runs)
+    macs = float(ltmp_core.image_macs(reduced).mean())
+    unreduced = ltmp_core.unreduced_macs(g)
+    base, red = statistics.median(base_t), statistics.median(plan_t)
+    ratio = macs / unreduced
+    return {
+        "model": plan.model or type(model).__name__,
+        "device": describe_device(device),
+        "batch_size": batch_size,
+        "mode": mode,
+        "amp": amp,
+        "compiled": compile,
+        "calibrated_on_random_images": calibrated,
+        "gmacs_base": unreduced / 1e9,
+        "gmacs_plan": macs / 1e9,
+        "flops_ratio": ratio,
+        "images_per_s_base": batch_size / base,
+        "images_per_s_plan": batch_size / red,
+        "latency_ms_base": 1000 * base,
+        "latency_ms_plan": 1000 * red,
+        "speedup": base / red,
+        "ideal_speedup": 1 / ratio,
+        "ideal_fraction": base / red * ratio,
+        "runs": runs,
+        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
