@@ -50,7 +50,7 @@ def main() -> None:
                 rows.append((space, n, best, seconds, ""))
         base = result.base
 
-    print(f"| method | trials | held-out top-1 | measured FLOPs ratio | ops per layer | wall time | note |")
+    print("| method | trials | held-out top-1 | measured FLOPs ratio | ops per layer | wall time | note |")
     print("|---|---|---|---|---|---|---|")
     print(f"| unreduced | - | {100 * base['evaluated_accuracy']:.1f}% | 1.000 | - | - | |")
     for space, n, trial, seconds, note in rows:

@@ -49,7 +49,11 @@ from .reducers import KEPT, MERGED, PRUNED, REDUCERS, SQUEEZED, Tokens, register
 __version__ = "0.1.0"
 
 __all__ = [
+    "KEPT",
     "LTMPError",
+    "MERGED",
+    "PRUNED",
+    "SQUEEZED",
     "MODES",
     "OPS",
     "REDUCERS",

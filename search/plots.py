@@ -8,7 +8,6 @@ from __future__ import annotations
 import colorsys
 from typing import Sequence
 
-import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 

@@ -150,31 +150,24 @@ class Store:
             return
         from sqlalchemy.exc import IntegrityError
 
-        session = None
         for _ in range(5):
-            session = self._sessions()
+            acquired = False
             try:
-                row = session.execute(
-                    select(StudyLock).where(StudyLock.study_name == study_name).with_for_update()
-                ).scalar_one_or_none()
-                if row is None:  # first use: an inserted row is locked until this transaction ends
-                    session.add(StudyLock(study_name=study_name))
-                    session.flush()
-                break
-            except IntegrityError:  # another worker inserted it first: lock that row instead
-                session.rollback()
-                session.close()
-                session = None
-        if session is None:
-            raise RuntimeError(f"could not lock study {study_name!r}")
-        try:
-            yield
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+                with self.session() as session:  # the lock is held until this transaction ends
+                    row = session.execute(
+                        select(StudyLock).where(StudyLock.study_name == study_name).with_for_update()
+                    ).scalar_one_or_none()
+                    if row is None:  # first use: an inserted row is locked until the transaction ends
+                        session.add(StudyLock(study_name=study_name))
+                        session.flush()
+                    acquired = True
+                    yield
+                return
+            except IntegrityError:
+                if acquired:
+                    raise
+                continue  # another worker inserted the row first: lock that one
+        raise RuntimeError(f"could not lock study {study_name!r}")
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -6,9 +6,9 @@ from typing import Sequence
 
 import optuna
 
-from ltmp_core import LayerPlan, LTMPError, ReductionPlan, ViTGeometry, budgets_for_ratio, plan_flops_ratio
+from ltmp_core import LayerPlan, ReductionPlan, ViTGeometry, plan_flops_ratio
 
-from ._registry import Infeasible, register_space
+from ._registry import Infeasible, register_space, solve
 
 
 def _plan(geometry: ViTGeometry, ops: Sequence[str], keeps: Sequence[float], space: str, target: float,
@@ -27,10 +27,7 @@ def ltmp(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *,
     """Merge then prune in every block. Thresholds start at equal per-layer budgets and are then
     trained against LTMP's single FLOPs-ratio loss, free to move the cut between layers."""
     chosen = ["merge+prune"] * geometry.depth
-    try:
-        keeps = budgets_for_ratio(chosen, [1.0] * geometry.depth, geometry, target)
-    except LTMPError as e:
-        raise Infeasible(str(e).removeprefix("target: ")) from None
+    keeps = solve(chosen, [1.0] * geometry.depth, geometry, target)
     return _plan(geometry, chosen, keeps, "ltmp", target)
 
 
@@ -55,8 +52,8 @@ def tome(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *,
         return _plan(geometry, ["merge"] * depth, keeps, "tome", target)
 
     lo, hi = 0, geometry.num_patches
-    if plan_flops_ratio(plan_for(hi), static=True) > target:
-        lowest = plan_flops_ratio(plan_for(hi), static=True)
+    lowest = plan_flops_ratio(plan_for(hi), static=True)
+    if lowest > target:
         raise Infeasible(f"ToMe's constant merging reaches at best {lowest:.3f} of the FLOPs, above {target:.3f}")
     while lo < hi:  # smallest r with a static ratio <= target
         mid = (lo + hi) // 2
@@ -84,8 +81,5 @@ def tps(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, 
     (mean attention received on models without a prefix token)."""
     where = set(tps_layers(geometry.depth))
     chosen = ["squeeze" if i in where else "none" for i in range(geometry.depth)]
-    try:
-        keeps = budgets_for_ratio(chosen, [1.0] * geometry.depth, geometry, target)
-    except LTMPError as e:
-        raise Infeasible(str(e).removeprefix("target: ")) from None
+    keeps = solve(chosen, [1.0] * geometry.depth, geometry, target)
     return _plan(geometry, chosen, keeps, "tps", target, "cls" if geometry.num_prefix_tokens else "mean")

@@ -4,9 +4,9 @@ from typing import Sequence
 
 import optuna
 
-from ltmp_core import LayerPlan, LTMPError, ReductionPlan, ViTGeometry, budgets_for_ratio
+from ltmp_core import LayerPlan, ReductionPlan, ViTGeometry
 
-from ._registry import Infeasible, register_space
+from ._registry import register_space, solve
 
 
 @register_space(
@@ -31,9 +31,6 @@ def layerwise(
     weights = [trial.suggest_float(f"cut_{i}", 0.0, 1.0) for i in range(geometry.depth)]
     kinds = ([trial.suggest_categorical(f"imp_{i}", list(importance)) for i in range(geometry.depth)]
              if len(importance) > 1 else [importance[0]] * geometry.depth)
-    try:
-        keeps = budgets_for_ratio(chosen, weights, geometry, target)
-    except LTMPError as e:
-        raise Infeasible(str(e).removeprefix("target: ")) from None
+    keeps = solve(chosen, weights, geometry, target)
     layers = tuple(LayerPlan(op=o, keep=k, importance=imp) for o, k, imp in zip(chosen, keeps, kinds))
     return ReductionPlan(layers, geometry=geometry, meta={"space": "layerwise", "target": target})

@@ -5,7 +5,7 @@ from typing import Callable, Sequence
 
 import optuna
 
-from ltmp_core import OPS, LTMPError, ReductionPlan, ViTGeometry
+from ltmp_core import OPS, LTMPError, ReductionPlan, ViTGeometry, budgets_for_ratio
 from ltmp_core.plan import IMPORTANCE
 
 SpaceFn = Callable[..., ReductionPlan]
@@ -16,6 +16,14 @@ class Infeasible(Exception):
 
     The objective turns it into a pruned trial before any training.
     """
+
+
+def solve(ops: Sequence[str], weights: Sequence[float], geometry: ViTGeometry, target: float) -> list[float]:
+    """Per-layer budgets on the target (:func:`ltmp_core.budgets_for_ratio`), or :class:`Infeasible`."""
+    try:
+        return budgets_for_ratio(ops, weights, geometry, target)
+    except LTMPError as e:
+        raise Infeasible(str(e).removeprefix("target: ")) from None
 
 
 @dataclass(frozen=True)
