@@ -345,12 +345,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .config import resolve
     from .validate import validate_plan
 
+    import ltmp_core
+
+    plan = ltmp_core.load_plan(args.plan)
     overrides = {k: getattr(args, k) for k in MODEL_FIELDS}
     if overrides["model_kwargs"] is not None:
         overrides["model_kwargs"] = dict(overrides["model_kwargs"])
+    if overrides["model"] is None and plan.model:  # the model the plan was searched on, at its size
+        overrides["model"] = plan.model
+        if overrides["img_size"] is None and plan.geometry is not None:
+            overrides["img_size"] = plan.geometry.img_size[0]
     config = resolve(args.preset, overrides)
-    result = validate_plan(args.plan, config, split=args.split, mode=args.mode, compile=args.compile,
-                           model_given=args.model is not None)
+    result = validate_plan(plan, config, split=args.split, mode=args.mode, compile=args.compile,
+                           name=str(args.plan))
+    if result["geometry_note"]:
+        _consoles()[1].print(f"warning: {result['geometry_note']}")
     if args.json:
         _print_json(result)
         return 0

@@ -249,10 +249,23 @@ def load_preset(name: str) -> StudyConfig:
         raise LTMPError(f"{where}: {e}") from None
 
 
+#: Preset keys that describe the preset's own model; a different ``--model`` starts without them.
+MODEL_SHAPE_FIELDS = ("img_size", "model_kwargs")
+
+
 def resolve(preset: str | None, overrides: Mapping[str, Any]) -> StudyConfig:
-    """Preset values, then ``overrides`` (flags the user gave; ``None`` means not given)."""
+    """Preset values, then ``overrides`` (flags the user gave; ``None`` means not given).
+
+    A preset's input size and architecture arguments were chosen for its model: when the flags name
+    another model, that model runs at its own size with timm's defaults unless the flags say more
+    (``--model vit_small_patch16_224`` after the digits preset runs at 224 px, not at 32).
+    """
     base = load_preset(preset or DEFAULT_PRESET)
     given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("model", base.model) != base.model:
+        defaults = StudyConfig()
+        for name in MODEL_SHAPE_FIELDS:
+            given.setdefault(name, getattr(defaults, name))
     return replace(base, **given)
 
 

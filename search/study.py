@@ -289,16 +289,17 @@ def run(
 
     if jobs < 1:
         raise LTMPError(f"jobs: must be >= 1, got {jobs}")
+    from .dashboard import artifact_dir, save_study_note
+
     device = resolve_device(config.device)
     open_data(config, device)  # the data and model name are checked before the storage is touched
     url = resolve_storage(storage)
+    pictures = artifact_dir(url, artifacts)
+    # The base model next: a wrong checkpoint or unreachable pretrained weights leave no database behind.
+    objective, base_info, data = build_objective(config, hooks, on_base_epoch, pictures)
     rdb = open_storage(url, config.heartbeat)
     name = study_name or config.default_study_name()
     _check_resume(rdb, name, config)
-    from .dashboard import artifact_dir, save_study_note
-
-    pictures = artifact_dir(url, artifacts)
-    objective, base_info, data = build_objective(config, hooks, on_base_epoch, pictures)
     study = _open(config, rdb, name)
     store = Store(url)
     first = None

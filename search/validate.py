@@ -8,13 +8,12 @@ ImageNet-layout folder or on the held-out split a search scored its trials on.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
 
 import ltmp_core
-from ltmp_core import LTMPError
+from ltmp_core import LTMPError, ReductionPlan
 
 from .config import StudyConfig
 from .finetune import evaluate
@@ -25,21 +24,24 @@ __all__ = ["validate_plan"]
 
 
 def validate_plan(
-    plan_path: str,
+    plan: ReductionPlan | str,
     config: StudyConfig,
     *,
     split: str = "val",
     mode: str | None = None,
     compile: bool = False,
-    model_given: bool = False,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the plan at ``plan_path``; the model, data and preprocessing come from ``config``.
+    """Evaluate ``plan`` (or the plan file at that path) on ``config``'s model, data and preprocessing.
 
-    The plan's own model name is used unless ``model_given`` (the user named one).
+    ``search validate`` puts the plan's own model and input size into ``config`` unless the user
+    named others. A plan applies to any timm ViT (its budgets are fractions, its thresholds relative
+    scores); when the model's token grid differs from the one the plan was searched on, the result
+    says so in ``geometry_note``. ``name`` labels the plan in the result (default: its path).
     """
-    plan = ltmp_core.load_plan(plan_path)
-    if not model_given and plan.model:
-        config = replace(config, model=plan.model)
+    if not isinstance(plan, ReductionPlan):
+        name = name or str(plan)
+        plan = ltmp_core.load_plan(plan)
     if split not in ("val", "holdout"):
         raise LTMPError(f"split: expected val or holdout, got {split!r}")
     if config.data == "digits" and split == "val":
@@ -58,6 +60,11 @@ def validate_plan(
     )
     ltmp_core.apply_plan(model, plan, mode=mode)
     model.to(device)
+    geometry = ltmp_core.ViTGeometry.from_model(model)
+    note = None
+    if plan.geometry is not None and plan.geometry.num_patches != geometry.num_patches:
+        note = (f"the plan was searched on {plan.geometry.num_patches} patches ({plan.geometry.img_size[0]} px); "
+                f"{config.model} here has {geometry.num_patches} ({geometry.img_size[0]} px)")
     batches = data.split_batches(split, config.batch_size) if hasattr(data, "split_batches") else \
         data.holdout_batches(config.batch_size)
     runner = model
@@ -68,9 +75,9 @@ def validate_plan(
     start = time.perf_counter()
     result = evaluate(model, batches, device=device, amp=amp, mode=mode, runner=runner)
     seconds = time.perf_counter() - start
-    unreduced = ltmp_core.unreduced_macs(ltmp_core.ViTGeometry.from_model(model))
+    unreduced = ltmp_core.unreduced_macs(geometry)
     return {
-        "plan": str(plan_path),
+        "plan": name or "plan",
         "model": config.model,
         "weights": info["source"],
         "data": config.data,
@@ -86,4 +93,5 @@ def validate_plan(
         "images_per_s": result.images / seconds if seconds > 0 else None,
         "device": str(device),
         "skipped_images": data.skipped(),
+        "geometry_note": note,
     }

@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ltmp_core import LTMPError
 
 from .config import StudyConfig
-from .objective import Objective, TrialHooks
+from .objective import Objective
 from .store import Store
 
 __all__ = ["TrialFailed", "ensure_slots", "work", "run_workers"]
