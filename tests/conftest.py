@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-import timm
-import torch
+import os
+
+# The suite is a CPU suite: it compares figures exactly (fp32, deterministic kernels) and must give the
+# same answers on a machine with a GPU. Hide any GPU before torch looks, also from worker processes
+# the tests start, so that `--device auto` resolves to the CPU. GPU figures come from benchmarks/.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 #: Small enough that a forward pass takes milliseconds on 2 cores.
 TINY = dict(img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3, num_classes=10)
@@ -30,6 +38,13 @@ def tiny_model(arch: str = "deit_small", *, fused: bool = True, seed: int = 0, *
     for block in model.blocks:
         block.attn.fused_attn = fused
     return model
+
+
+def counted_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """PyTorch's count for one forward pass, halved: it counts 2 FLOPs per multiply-accumulate."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2
 
 
 def images(n: int = 6, seed: int = 1, size: int = 32) -> torch.Tensor:

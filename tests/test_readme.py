@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -21,7 +22,20 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert namespace["macs"] < 4.6e9 and namespace["loss"].requires_grad
 
 
-def test_readme_names_the_test_command_ci_runs():
-    text = README.read_text()
+def ci_command(marker: str, readme: Path = README) -> str:
+    """The line .ci/run takes from ``readme`` after ``marker``: its own awk program, run on the file."""
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "<!-- test-command" in text and "test-command" in ci
+    program = re.search(r"awk '(.*?)' README\.md", ci).group(1).replace("test-command", marker)
+    return subprocess.run(["awk", program, str(readme)], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_ci_runs_the_readme_test_command_and_the_main_command_is_the_search():
+    venv = "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]'"
+    assert ci_command("test-command") == f"{venv} && .venv/bin/python -m pytest"
+    assert ci_command("main-command") == f"{venv} && .venv/bin/search run --flops 0.35"
+
+
+def test_ci_finds_the_command_inside_the_fence_only(tmp_path):
+    fake = tmp_path / "README.md"
+    fake.write_text("<!-- test-command -->\nprose\n```bash\necho one\n```\n```bash\necho two\n```\n")
+    assert ci_command("test-command", fake) == "echo one"

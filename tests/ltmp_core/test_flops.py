@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import timm
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from torch.utils.flop_counter import FlopCounterMode
 
 import ltmp_core
 from ltmp_core import LayerPlan, LTMPError, ReductionPlan, ViTGeometry
-from tests.conftest import ARCHITECTURES, images, tiny_model
-
-
-def counted_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """PyTorch's count for one forward pass, halved: it counts 2 FLOPs per multiply-accumulate."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() / 2
+from tests.conftest import ARCHITECTURES, counted_macs, images, tiny_model
 
 
 def full_size(name: str, **kwargs) -> torch.nn.Module:
@@ -106,8 +99,23 @@ def test_measure_flops_of_stock_model_is_count_flops():
 def test_measure_flops_stops_at_max_images():
     model = tiny_model("deit_small")
     ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op="prune", keep=0.5), mode="static")
-    mean, _ = ltmp_core.measure_flops(model, [images(4)] * 10, max_images=6)
-    assert mean == ltmp_core.count_flops(model)
+    ltmp_core.calibrate(model, images(8, seed=99))
+    ltmp_core.set_mode(model, "dynamic")  # every image keeps its own count
+    batches = [images(4, seed=s) for s in range(10)]
+    handed_out = []
+
+    def loader():
+        for b in batches:
+            handed_out.append(b)
+            yield b
+
+    mean, kept = ltmp_core.measure_flops(model, loader(), max_images=6)
+    assert len(handed_out) == 2  # 4 + 2 images, then stop
+    first_six = torch.cat(batches)[:6]
+    alone = [ltmp_core.measure_flops(model, [first_six[i : i + 1]]) for i in range(6)]
+    assert mean == pytest.approx(sum(m for m, _ in alone) / 6, rel=1e-9)
+    assert kept == pytest.approx([sum(k[l] for _, k in alone) / 6 for l in range(4)])
+    assert len({m for m, _ in alone}) > 1  # the images differ, so the cut at 6 matters
     with pytest.raises(LTMPError, match="no images"):
         ltmp_core.measure_flops(model, [])
 
@@ -207,16 +215,21 @@ def test_plan_ratio_is_monotone_in_every_budget(plan, layer, t, static):
     st.lists(st.floats(0.0, 5.0), min_size=12, max_size=12),
     st.floats(0.25, 0.9),
 )
+@example(["merge"] + ["none"] * 11, [1.0] * 12, 0.3)  # merging can at most halve one layer: infeasible
+@example(["merge", "prune"] + ["none"] * 10, [1.0, 0.0] + [1.0] * 10, 0.5)  # a zero weight does not cut
 def test_budgets_for_ratio_lands_on_target_or_says_why(ops, weights, target):
     try:
         keeps = ltmp_core.budgets_for_ratio(ops, weights, GEOMETRY, target)
     except LTMPError as e:
-        assert "cannot be reached" in str(e)
-        top = max(weights)
-        cut = [o != "none" and top > 0 and w >= 1e-6 * top for o, w in zip(ops, weights)]
-        floors = [(0.5 if o == "merge" else 1 / 196) if c else 1.0 for o, c in zip(ops, cut)]
-        floor_plan = ReductionPlan(tuple(LayerPlan(op=o, keep=f) for o, f in zip(ops, floors)), geometry=GEOMETRY)
-        assert ltmp_core.plan_flops_ratio(floor_plan) > target * 0.999
+        # The reason names the floor, and the floor is real: just above it is reachable, and lands.
+        found = re.search(r"cannot be reached.*lowest reachable is ([0-9.]+)", str(e))
+        assert found, str(e)
+        lowest = float(found.group(1))
+        assert lowest > target * 0.999
+        if lowest * 1.02 < 1.0:
+            above = ltmp_core.budgets_for_ratio(ops, weights, GEOMETRY, lowest * 1.02)
+            plan = ReductionPlan(tuple(LayerPlan(op=o, keep=k) for o, k in zip(ops, above)), geometry=GEOMETRY)
+            assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(lowest * 1.02, rel=0.005)
         return
     plan = ReductionPlan(tuple(LayerPlan(op=o, keep=k) for o, k in zip(ops, keeps)), geometry=GEOMETRY)
     assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(target, rel=0.005)

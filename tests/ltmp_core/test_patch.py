@@ -105,21 +105,22 @@ def test_dynamic_mode_is_batch_invariant(arch, fused):
 
 
 @pytest.mark.parametrize(
-    ("ops", "keep"),
-    [
-        (["merge", "merge", "merge", "merge"], [0.5, 0.75, 0.9, 0.6]),
-        (["prune", "squeeze", "none", "prune"], [0.8, 0.5, 1.0, 0.3]),
-        (["merge+prune", "merge+squeeze", "merge+prune", "squeeze"], [0.6, 0.6, 0.5, 0.5]),
+    ("ops", "keep", "counts"),
+    [  # by hand, from 16 patches: each layer keeps round(keep * tokens in), halves rounded up
+        (["merge", "merge", "merge", "merge"], [0.5, 0.75, 0.9, 0.6], [8, 6, 5, 3]),  # 5.4 -> 5
+        (["prune", "squeeze", "none", "prune"], [0.8, 0.5, 1.0, 0.3], [13, 7, 7, 2]),  # 12.8, 6.5, 2.1
+        (["merge+prune", "merge+squeeze", "merge+prune", "squeeze"], [0.6, 0.6, 0.5, 0.5], [10, 6, 3, 2]),
     ],
 )
-def test_static_mode_keeps_exactly_the_planned_counts(arch, ops, keep):
+def test_static_mode_keeps_exactly_the_planned_counts(arch, ops, keep, counts):
     model = tiny_model(arch)
     plan = ltmp_core.make_plan(model, op=ops, keep=keep)
+    assert list(plan.static_counts()) == counts
     ltmp_core.apply_plan(model, plan, mode="static")
     with torch.no_grad():
         out = model(images(5))
     p = model.num_prefix_tokens
-    expected = [p + 16] + [p + n for n in plan.static_counts()]
+    expected = [p + 16] + [p + n for n in counts]
     assert ltmp_core.token_counts(model).tolist() == [[float(c)] * 5 for c in expected]
     assert out.shape == (5, 10) and torch.isfinite(out).all()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import optuna
@@ -13,36 +13,15 @@ import torch
 from optuna.trial import TrialState
 
 import ltmp_core
-from search.cli import main
+from tests.search.helpers import cli, preset
 from search.data import digits, load_data
 from search.finetune import evaluate
 from search.models import load_base_model
 from search.store import Store
 
-TINY_PRESET = """
-model = "ltmp_vit_digits"
-data = "digits"
-img_size = 32
-holdout = 120
-calib_images = 32
-batch_size = 32
-base_epochs = 2
-trial_steps = 4
-eval_every = 2
-eval_images = 64
-n_trials = 3
-seed = 0
-"""
+TINY_PRESET = preset(holdout=120, base_epochs=2, trial_steps=4, eval_every=2, eval_images=64)
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as e:  # argparse's own exits (usage errors: 2)
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +194,8 @@ def test_bad_preset_key_is_refused(workdir):
 
 
 def test_version():
+    from search.cli import main
+
     with pytest.raises(SystemExit) as e, redirect_stdout(io.StringIO()) as out:
         main(["--version"])
     assert e.value.code == 0 and "ltmp-search" in out.getvalue()

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import redirect_stderr, redirect_stdout
-from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
 import optuna
@@ -22,41 +18,19 @@ from optuna.artifacts import FileSystemArtifactStore
 from PIL import Image
 
 import ltmp_core
-from search.cli import main
-from search.plots import ALPHA, PRUNED_COLOUR, group_colour, token_map
+from tests.search.helpers import cli, preset
+from search.plots import ALPHA, PRUNED_COLOUR, accuracy_flops_plot, group_colour, token_map
 
-PRESET = """
-model = "ltmp_vit_digits"
-data = "digits"
-img_size = 32
-holdout = 60
-calib_images = 32
-batch_size = 32
-base_epochs = 1
-trial_steps = 2
-eval_every = 100
-eval_images = 32
-n_trials = 3
-seed = 0
-"""
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run"]
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     work = tmp_path_factory.mktemp("dash")
-    (work / "p.toml").write_text(PRESET)
+    (work / "p.toml").write_text(preset())
     url = f"sqlite:///{work / 'd.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
@@ -125,13 +99,41 @@ def test_token_map_of_a_hand_built_case_colours_exactly_those_patches():
     assert sheet.crop((0, 14, 8, 22)).getpixel((3, 3)) == grey, "the first column is the image itself"
 
 
+FEASIBLE, OVER, FRONT, TARGET = (0x4C, 0x72, 0xB0), (0xC4, 0x4E, 0x52), (0x55, 0xA8, 0x68), (0x81, 0x72, 0xB2)
+
+
+def colour_pixels(path) -> dict[tuple[int, int, int], int]:
+    """How many pixels of each of the plot's colours the picture holds (the legend's marks included)."""
+    with Image.open(path) as img:
+        counts = dict((c, n) for n, c in img.convert("RGB").getcolors(1 << 20))
+    return {c: counts.get(c, 0) for c in (FEASIBLE, OVER, FRONT, TARGET)}
+
+
+def test_accuracy_flops_plot_marks_feasible_and_over_target_trials(tmp_path):
+    both, over = tmp_path / "both.png", tmp_path / "over.png"
+    accuracy_flops_plot([(0.30, 0.90, True, 0), (0.32, 0.93, True, 1), (0.50, 0.97, False, 2)], 0.35, str(both))
+    accuracy_flops_plot([(0.50, 0.97, False, 2)], 0.35, str(over))
+    drawn, alone = colour_pixels(both), colour_pixels(over)
+    assert all(n > 20 for n in drawn.values()), drawn  # two dots, a cross, the front, the target line
+    assert alone[FEASIBLE] == 0 and alone[FRONT] == 0 and alone[OVER] > 20 and alone[TARGET] > 20
+    two_dots = tmp_path / "two.png"
+    accuracy_flops_plot([(0.30, 0.90, True, 0), (0.20, 0.80, True, 1)], 0.35, str(two_dots))
+    one_dot = tmp_path / "one.png"
+    accuracy_flops_plot([(0.30, 0.90, True, 0)], 0.35, str(one_dot))
+    assert colour_pixels(two_dots)[FEASIBLE] > colour_pixels(one_dot)[FEASIBLE]
+
+
 def test_show_plot_draws_the_trials(study, tmp_path):
     _, url = study
     path = tmp_path / "front.png"
     code, out, err = cli("show", "dash", "--storage", url, "--plot", str(path))
     assert code == 0, err
-    with Image.open(path) as img:
-        assert img.size == (600, 400)
+    trials = optuna.load_study(study_name="dash", storage=url).get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    feasible = [t for t in trials if t.user_attrs.get("feasible")]
+    drawn = colour_pixels(path)
+    assert drawn[TARGET] > 20
+    assert (drawn[FEASIBLE] > 20) == bool(feasible) and (drawn[FRONT] > 20) == bool(feasible)
+    assert (drawn[OVER] > 20) == (len(feasible) < len(trials))
 
 
 def free_port() -> int:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import ltmp_core
+from tests.search.helpers import cli
 from ltmp_core import LTMPError
-from search.cli import main
 from search.data import FolderData
 from search.models import load_base_model, load_checkpoint
 from search.study import open_data
@@ -29,14 +27,6 @@ KWARGS = dict(patch_size=8, depth=4, embed_dim=48, num_heads=3)
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def make_folder(root: Path, train: int = 20, val: int = 5, corrupt: bool = True) -> Path:
@@ -109,7 +99,26 @@ def test_validate_reproduces_the_trial_on_the_holdout(study):
     code, out, err = cli("validate", str(plan), "--data-dir", data_dir, *TINY, "--json")
     val = json.loads(out)
     assert code == 0 and val["split"] == "val" and val["images"] == 15 and 0 <= val["top5"] <= 1
-    assert val["top5"] >= val["top1"]
+    assert val["top5"] >= val["top1"] and val["geometry_note"] is None
+    # Without --model and --img-size: the plan's own model at the size it was searched at (32 px),
+    # not the default preset's; another size still runs, with a warning naming both grids.
+    no_size = [a for a in TINY if a not in ("--img-size", "32", "--model", "vit_small_patch16_224")]
+    code, out, err = cli("validate", str(plan), "--data-dir", data_dir, *no_size, "--json")
+    assert code == 0, err
+    assert json.loads(out)["flops_ratio"] == val["flops_ratio"] and json.loads(out)["top1"] == val["top1"]
+    code, out, err = cli("validate", str(plan), "--data-dir", data_dir, *no_size, "--img-size", "48")
+    assert code == 0, err
+    assert "searched on 16 patches (32 px)" in err and "36 (48 px)" in err
+
+
+def test_another_model_does_not_inherit_the_presets_input_size(folder):
+    digits = resolve(None, {})
+    assert digits.img_size == 32  # the digits preset's size, for its own model
+    other = resolve(None, {"data": str(folder), "model": "vit_small_patch16_224"})
+    assert other.img_size is None and other.model_kwargs == {}  # the model's own 224 px
+    sized = resolve(None, {"model": "vit_small_patch16_224", "img_size": 64, "model_kwargs": {"depth": 4}})
+    assert sized.img_size == 64 and sized.model_kwargs == {"depth": 4}
+    assert resolve(None, {"model": "ltmp_vit_digits"}).img_size == 32
 
 
 def test_holdout_is_balanced_disjoint_and_the_same_every_time(folder):
@@ -226,6 +235,15 @@ def test_pretrained_offline_names_checkpoint(folder, monkeypatch, tmp_path):
                          "--storage", f"sqlite:///{tmp_path / 'p.db'}")
     assert code == 2 and err.count("\n") == 1
     assert "pretrained weights for deit_tiny_patch16_224" in err and "--checkpoint" in err
+    assert not (tmp_path / "p.db").exists()
+
+
+def test_run_with_a_bad_checkpoint_writes_no_database(folder, tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"\x00\x01junk")
+    code, _, err = cli("run", "--flops", "0.5", "--data-dir", str(folder), *TINY, "--holdout", "15",
+                       "--checkpoint", str(tmp_path / "junk.pth"), "--storage", f"sqlite:///{tmp_path / 'c.db'}")
+    assert code == 2 and err.count("\n") == 1 and "cannot read" in err
+    assert not (tmp_path / "c.db").exists()
 
 
 def test_unsupported_model_lists_the_supported_families(tmp_path):

@@ -6,17 +6,16 @@ the local servers); a test is skipped, saying why, only where no server answers.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import optuna
+from tests.search.helpers import cli, preset
 import pytest
 import sqlalchemy as sa
 import torch
@@ -25,27 +24,11 @@ from optuna.trial import TrialState
 import search.finetune
 import search.objective
 from ltmp_core import LTMPError
-from search.cli import main
 from search.store import LayerResult, Store
 
 POSTGRES = os.environ.get("LTMP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MYSQL = os.environ.get("LTMP_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
-PRESET = """
-model = "ltmp_vit_digits"
-data = "digits"
-img_size = 32
-holdout = 60
-calib_images = 32
-batch_size = 32
-base_epochs = 1
-trial_steps = {steps}
-eval_every = 100
-eval_images = 32
-n_trials = {n}
-heartbeat = 1
-seed = 0
-"""
 
 
 def server(url: str) -> str:
@@ -66,9 +49,9 @@ def workdir(tmp_path_factory) -> Path:
     return path
 
 
-def preset(workdir: Path, n: int, steps: int = 2) -> str:
+def preset_file(workdir: Path, n: int, steps: int = 2) -> str:
     path = workdir / f"p{n}-{steps}.toml"
-    path.write_text(PRESET.format(n=n, steps=steps))
+    path.write_text(preset(n_trials=n, trial_steps=steps, heartbeat=1))
     return str(path)
 
 
@@ -120,7 +103,7 @@ def test_postgresql_four_workers_exactly_24_trials(workdir, study_name):
     url = server(POSTGRES)
     urls.append(url)
     start = time.perf_counter()
-    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset(workdir, 24), "--storage", url,
+    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset_file(workdir, 24), "--storage", url,
                   "--study-name", name, "--jobs", "4", "--quiet")
     assert done.returncode == 0, done.stderr
     study = check_exact(url, name, 24)
@@ -134,7 +117,7 @@ def test_postgresql_worker_killed_mid_trial_is_retried(workdir, study_name):
     url = server(POSTGRES)
     urls.append(url)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "run", "--flops", "0.5", "--study", preset(workdir, 24, steps=12),
+        [sys.executable, "-m", "search.cli", "run", "--flops", "0.5", "--study", preset_file(workdir, 24, steps=12),
          "--storage", url, "--study-name", name, "--jobs", "4", "--quiet"],
         cwd=workdir, env=env(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = None
@@ -170,7 +153,7 @@ def test_mariadb_two_workers(workdir, study_name):
     name, urls = study_name
     url = server(MYSQL)
     urls.append(url)
-    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset(workdir, 8), "--storage", url,
+    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset_file(workdir, 8), "--storage", url,
                   "--study-name", name, "--jobs", "2", "--quiet")
     assert done.returncode == 0, done.stderr
     check_exact(url, name, 8)
@@ -179,7 +162,7 @@ def test_mariadb_two_workers(workdir, study_name):
 def test_sqlite_three_local_workers(workdir, study_name):
     name, _ = study_name
     url = f"sqlite:///{workdir / 'three.db'}"
-    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset(workdir, 15), "--storage", url,
+    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset_file(workdir, 15), "--storage", url,
                   "--study-name", name, "--jobs", "3", "--quiet")
     assert done.returncode == 0, done.stderr
     assert "locked" not in done.stderr
@@ -189,7 +172,7 @@ def test_sqlite_three_local_workers(workdir, study_name):
 def test_ctrl_c_marks_the_trial_interrupted_and_the_study_resumes(workdir, study_name):
     name, _ = study_name
     url = f"sqlite:///{workdir / 'ctrlc.db'}"
-    args = ["run", "--flops", "0.5", "--study", preset(workdir, 2, steps=150), "--storage", url, "--study-name", name]
+    args = ["run", "--flops", "0.5", "--study", preset_file(workdir, 2, steps=150), "--storage", url, "--study-name", name]
     proc = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=workdir, env=env(workdir),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -220,14 +203,6 @@ def test_ctrl_c_marks_the_trial_interrupted_and_the_study_resumes(workdir, study
 # -- faults inside a trial, in-process ----------------------------------------------------------
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
@@ -261,7 +236,7 @@ def test_nan_loss_fails_the_trial_with_reason_and_the_study_goes_on(workdir, loc
         return loss * float("nan") if calls["n"] == 1 else loss
 
     monkeypatch.setattr(search.finetune.F, "cross_entropy", nan_once)
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 3), "--storage", local, "--study-name", "n",
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 3), "--storage", local, "--study-name", "n",
                        "--quiet")
     assert code == 0, err
     study = check_exact(local, "n", 3)
@@ -271,7 +246,7 @@ def test_nan_loss_fails_the_trial_with_reason_and_the_study_goes_on(workdir, loc
 
 def test_other_exceptions_are_recorded_and_the_worker_goes_on(workdir, local, monkeypatch):
     fail_once(monkeypatch, search.objective, "evaluate", RuntimeError("disk went away"), times=2)
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 3), "--storage", local, "--study-name", "e",
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 3), "--storage", local, "--study-name", "e",
                        "--quiet")
     assert code == 0, err
     study = check_exact(local, "e", 3)
@@ -281,7 +256,7 @@ def test_other_exceptions_are_recorded_and_the_worker_goes_on(workdir, local, mo
 
 def test_cuda_oom_retries_once_with_half_the_batch(workdir, local, monkeypatch):
     calls = fail_once(monkeypatch, search.objective, "tune_thresholds", torch.cuda.OutOfMemoryError("CUDA oom"))
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 2), "--storage", local, "--study-name", "o",
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 2), "--storage", local, "--study-name", "o",
                        "--quiet")
     assert code == 0, err
     study = check_exact(local, "o", 2)
@@ -292,7 +267,7 @@ def test_cuda_oom_retries_once_with_half_the_batch(workdir, local, monkeypatch):
 
 def test_cuda_oom_twice_fails_the_trial_with_reason(workdir, local, monkeypatch):
     fail_once(monkeypatch, search.objective, "tune_thresholds", torch.cuda.OutOfMemoryError("CUDA oom"), times=2)
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 2), "--storage", local, "--study-name", "o2",
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 2), "--storage", local, "--study-name", "o2",
                        "--quiet")
     assert code == 0, err
     study = check_exact(local, "o2", 2)
@@ -301,7 +276,7 @@ def test_cuda_oom_twice_fails_the_trial_with_reason(workdir, local, monkeypatch)
 
 def test_configuration_error_in_a_trial_stops_the_run(workdir, local, monkeypatch):
     fail_once(monkeypatch, search.objective, "evaluate", LTMPError("plan: does not fit"), times=99)
-    code, out, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 3), "--storage", local, "--study-name", "c",
+    code, out, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 3), "--storage", local, "--study-name", "c",
                          "--quiet")
     assert code == 2 and err == "search: error: plan: does not fit\n"
     study = optuna.load_study(study_name="c", storage=local)
@@ -310,7 +285,7 @@ def test_configuration_error_in_a_trial_stops_the_run(workdir, local, monkeypatc
 
 def test_a_trial_that_always_fails_stops_after_five(workdir, local, monkeypatch):
     fail_once(monkeypatch, search.objective, "evaluate", ValueError("always"), times=99)
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 3), "--storage", local, "--study-name", "a",
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 3), "--storage", local, "--study-name", "a",
                        "--quiet")
     assert code == 2 and "5 trials in a row failed" in err and "ValueError: always" in err
 
@@ -320,14 +295,14 @@ def test_a_trial_that_always_fails_stops_after_five(workdir, local, monkeypatch)
     "mysql+pymysql://root:s3cr3t-pw@127.0.0.1:1/nodb",
 ])
 def test_unreachable_storage_never_shows_the_password(workdir, local, url):
-    for args in (("studies", "--storage", url), ("run", "--study", preset(workdir, 2), "--storage", url)):
+    for args in (("studies", "--storage", url), ("run", "--study", preset_file(workdir, 2), "--storage", url)):
         code, out, err = cli(*args)
         assert code == 2 and err.count("\n") == 1 and "cannot open" in err
         assert "s3cr3t" not in out + err and "***" in err
 
 
 def test_saved_config_holds_no_storage(workdir, local):
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset(workdir, 1), "--storage", local, "--study-name", "s",
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 1), "--storage", local, "--study-name", "s",
                        "--quiet")
     assert code == 0, err
     saved = optuna.load_study(study_name="s", storage=local).user_attrs["config"]

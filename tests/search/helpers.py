@@ -1,0 +1,29 @@
+"""Helpers shared by the search tests: the CLI in-process, and tiny digits presets."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stderr, redirect_stdout
+
+from search.cli import main
+
+#: The digits preset shrunk for tests: a 1-epoch base model, 2 tuning steps, few images.
+TINY_DIGITS = dict(model="ltmp_vit_digits", data="digits", img_size=32, holdout=60, calib_images=32, batch_size=32,
+                   base_epochs=1, trial_steps=2, eval_every=100, eval_images=32, n_trials=3, seed=0)
+
+
+def preset(**overrides) -> str:
+    """TOML text of :data:`TINY_DIGITS` with ``overrides``."""
+    values = {**TINY_DIGITS, **overrides}
+    return "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in values.items())
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """Run ``search ARGS`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own exits (usage errors: 2)
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
