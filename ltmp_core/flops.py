@@ -149,8 +149,9 @@ def budgets_for_ratio(
     """Per-layer ``keep`` budgets with predicted FLOPs ratio ``target``.
 
     Layer ``l`` keeps ``max(floor_l, exp(-s * weights[l] / max(weights)))``, where ``floor_l`` is
-    what its op can reach (0.5 for a merge, one token otherwise, 1 for ``none``); weights below
-    1e-6 of the largest count as zero (the layer keeps everything). The one factor ``s >= 0`` is
+    what its op can reach (0.5 for a merge, one token otherwise, 1 for ``none``). Weights are
+    compared among the reducing layers only (a ``none`` layer's weight is ignored); those below
+    1e-6 of the largest of them count as zero (the layer keeps everything). The one factor ``s >= 0`` is
     found by bisection on :func:`plan_flops_ratio`, which is monotone in ``s``. The result's ratio
     is within ``tol`` (relative) of ``target``.
 
@@ -167,7 +168,7 @@ def budgets_for_ratio(
         raise LTMPError("weights: must be finite and >= 0")
     floors = [_min_keep(op, geometry) for op in ops]
     weights = [0.0 if op == "none" else float(w) for op, w in zip(ops, weights)]
-    # Only the weights' proportions matter; weights below 1e-6 of the largest count as zero.
+    # Only the proportions among reducing layers matter; below 1e-6 of the largest counts as zero.
     top = max(weights, default=0.0)
     weights = [w / top if top > 0 and w >= 1e-6 * top else 0.0 for w in weights]
 
