@@ -173,8 +173,11 @@ def test_ctrl_c_marks_the_trial_interrupted_and_the_study_resumes(workdir, study
     name, _ = study_name
     url = f"sqlite:///{workdir / 'ctrlc.db'}"
     args = ["run", "--flops", "0.5", "--study", preset_file(workdir, 2, steps=150), "--storage", url, "--study-name", name]
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then keeps
+    # it ignored (as a CLI should). Give the child the default action, as a terminal's Ctrl-C would find.
     proc = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=workdir, env=env(workdir),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     running = None
     while running is None and time.time() < deadline:
