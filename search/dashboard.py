@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 import torch.nn as nn
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
@@ -22,6 +21,7 @@ import ltmp_core
 
 from .data import StudyData
 from .plots import kept_tokens_chart, token_map
+from .store import sqlite_file
 
 __all__ = ["artifact_dir", "TrialRecorder", "plan_note", "save_study_note"]
 
@@ -33,9 +33,8 @@ def artifact_dir(url: str, override: str | None = None) -> Path:
     """The artifact folder of a storage: beside a SQLite file, else ``studies/artifacts`` here."""
     if override:
         return Path(override)
-    parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        db = Path(parsed.database)
+    db = sqlite_file(url)
+    if db is not None:
         return db.with_name(f"{db.stem}-artifacts")
     return Path("studies/artifacts")
 

@@ -12,14 +12,23 @@ finishing a trial and writing its rows).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import optuna
 from sqlalchemy import Boolean, Float, Integer, String, UniqueConstraint, create_engine, delete, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-__all__ = ["Base", "LayerResult", "BenchResult", "StudyLock", "Store", "engine_kwargs"]
+__all__ = ["Base", "LayerResult", "BenchResult", "StudyLock", "Store", "engine_kwargs", "sqlite_file"]
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names (``None`` for other databases and in-memory SQLite)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return Path(parsed.database)
+    return None
 
 
 def engine_kwargs(url: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from .config import StudyConfig, differences
 from .data import StudyData, load_data
 from .models import check_model_name, load_base_model
 from .objective import METRIC_NAME, Objective, TrialHooks
-from .store import Store, engine_kwargs
+from .store import Store, engine_kwargs, sqlite_file
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -56,11 +56,10 @@ def resolve_storage(url: str | None, *, create: bool = True) -> str:
     """
     url = url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
     try:
-        parsed = sqlalchemy.engine.make_url(url)
+        path = sqlite_file(url)
     except sqlalchemy.exc.ArgumentError:
         raise LTMPError(f"storage: not a database URL: {redact(url)!r}") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        path = Path(parsed.database)
+    if path is not None:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
         elif not path.is_file():
@@ -109,12 +108,12 @@ def open_storage(url: str, heartbeat: int = 60) -> optuna.storages.RDBStorage:
 
 
 def _sqlite_wal(url: str) -> None:
-    parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+    path = sqlite_file(url)
+    if path is None:
         return
     import sqlite3
 
-    with sqlite3.connect(parsed.database, timeout=60) as conn:
+    with sqlite3.connect(path, timeout=60) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
 
 
@@ -244,16 +243,19 @@ def build_objective(
     hooks: TrialHooks | None = None,
     on_base_epoch: Callable[[int, int, float], None] | None = None,
     artifacts: Path | None = None,
+    data: StudyData | None = None,
 ) -> tuple[Objective, dict[str, Any], StudyData]:
     """Data, base model (loaded once; trained and cached for the digits preset) and the objective.
 
-    With ``artifacts`` (a folder), every finished trial gets a dashboard note and pictures.
+    With ``artifacts`` (a folder), every finished trial gets a dashboard note and pictures. ``data``:
+    the study's data when the caller has opened it already.
     """
     from .dashboard import TrialRecorder
 
     device = resolve_device(config.device)
     amp = config.amp if config.amp is not None else device.type == "cuda"
-    data = open_data(config, device)
+    if data is None:
+        data = open_data(config, device)
     base, base_info = load_base_model(
         config.model, data, img_size=config.img_size, model_kwargs=config.model_kwargs,
         pretrained=config.pretrained, checkpoint=config.checkpoint, base_epochs=config.base_epochs,
@@ -292,14 +294,24 @@ def run(
     from .dashboard import artifact_dir, save_study_note
 
     device = resolve_device(config.device)
-    open_data(config, device)  # the data and model name are checked before the storage is touched
+    data = open_data(config, device)  # the data and model name are checked before the storage is touched
     url = resolve_storage(storage)
-    pictures = artifact_dir(url, artifacts)
-    # The base model next: a wrong checkpoint or unreachable pretrained weights leave no database behind.
-    objective, base_info, data = build_objective(config, hooks, on_base_epoch, pictures)
-    rdb = open_storage(url, config.heartbeat)
     name = study_name or config.default_study_name()
-    _check_resume(rdb, name, config)
+    pictures = artifact_dir(url, artifacts)
+
+    def checked_storage() -> optuna.storages.RDBStorage:
+        rdb = open_storage(url, config.heartbeat)
+        _check_resume(rdb, name, config)
+        return rdb
+
+    # An existing store is checked before the base model loads (an unreachable server, or a resume
+    # with other settings, fails at once); a new SQLite file is created only after it has loaded, so
+    # a wrong checkpoint or unreachable pretrained weights leave no database behind.
+    file = sqlite_file(url)
+    rdb = checked_storage() if file is None or file.exists() else None
+    objective, base_info, _ = build_objective(config, hooks, on_base_epoch, pictures, data=data)
+    if rdb is None:
+        rdb = checked_storage()
     study = _open(config, rdb, name)
     store = Store(url)
     first = None

@@ -130,6 +130,16 @@ def test_rerun_with_other_settings_is_refused(first_run):
     assert err.count("\n") == 1 and "flops=0.5" in err
 
 
+def test_existing_study_is_checked_before_the_base_model_loads(first_run, tmp_path):
+    # An unreadable checkpoint would fail the base model; the resume check comes first and says why.
+    url, _ = first_run
+    (tmp_path / "junk.pth").write_bytes(b"\x00junk")
+    code, out, err = cli("run", "--flops", "0.4", "--study", "tiny.toml", "--storage", url, "--study-name", "tiny",
+                         "--checkpoint", str(tmp_path / "junk.pth"))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "other settings" in err and "cannot read" not in err
+
+
 def test_same_seed_gives_same_parameters_and_values(workdir):
     results = []
     for name in ("a", "b"):
