@@ -29,8 +29,7 @@ def check_model(model: nn.Module) -> None:
     LayerScale, class-token or average pooling), built from timm's own pre-norm ``Block`` and
     ``Attention`` with a Linear MLP.
     """
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
     from .patch import LTMPBlock  # a patched block is still a supported block
 

@@ -13,7 +13,8 @@ import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from tests.flop_reference import counted_macs, versions  # noqa: E402,F401  (re-exported for the tests)
 
 # Property tests draw the same examples on every run, so a CI result can be reproduced and does not
 # depend on luck; `HYPOTHESIS_PROFILE=explore pytest tests` draws fresh examples.
@@ -48,13 +49,6 @@ def tiny_model(arch: str = "deit_small", *, fused: bool = True, seed: int = 0, *
     return model
 
 
-def counted_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """PyTorch's count for one forward pass, halved: it counts 2 FLOPs per multiply-accumulate."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() / 2
-
-
 def images(n: int = 6, seed: int = 1, size: int = 32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g)
@@ -63,3 +57,17 @@ def images(n: int = 6, seed: int = 1, size: int = 32) -> torch.Tensor:
 @pytest.fixture(params=sorted(ARCHITECTURES))
 def arch(request) -> str:
     return request.param
+
+
+def pytest_report_header(config) -> str:
+    """The releases this run used, first thing in the output (a red run says what it ran on)."""
+    return f"versions: {versions()}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Every failure report names the releases too, beside its traceback."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("versions", versions()))
