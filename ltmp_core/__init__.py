@@ -10,85 +10,66 @@ patches a timm model in place to follow it::
     plan = ltmp_core.make_plan(model, op="merge+prune", keep=0.8)
     ltmp_core.apply_plan(model, plan, mode="static")
     macs = ltmp_core.count_flops(model)
+
+The public names load their module on first use (PEP 562), so that the plan vocabulary, the plan
+JSON and :class:`LTMPError` are available without importing torch and timm (a command line can
+check its arguments in milliseconds).
 """
 
-from .errors import LTMPError
-from .flops import (
-    budgets_for_ratio,
-    count_flops,
-    expected_flops_ratio,
-    flops_budget_loss,
-    image_macs,
-    kept_fractions,
-    layer_budget_loss,
-    macs_from_counts,
-    measure_flops,
-    plan_flops_ratio,
-    plan_macs,
-    unreduced_macs,
-)
-from .geometry import ViTGeometry, check_model
-from .patch import (
-    MODES,
-    apply_plan,
-    calibrate,
-    get_mode,
-    get_plan,
-    is_patched,
-    remove_plan,
-    set_mode,
-    threshold_parameters,
-    threshold_scales,
-    token_counts,
-    trace_tokens,
-    TokenTrace,
-)
-from .plan import OPS, LayerPlan, ReductionPlan, load_plan, make_plan, save_plan, stage_counts
-from .reducers import KEPT, MERGED, PRUNED, REDUCERS, SQUEEZED, Tokens, register_reducer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "KEPT",
-    "LTMPError",
-    "MERGED",
-    "PRUNED",
-    "SQUEEZED",
-    "MODES",
-    "OPS",
-    "REDUCERS",
-    "LayerPlan",
-    "ReductionPlan",
-    "Tokens",
-    "ViTGeometry",
-    "apply_plan",
-    "budgets_for_ratio",
-    "calibrate",
-    "check_model",
-    "count_flops",
-    "expected_flops_ratio",
-    "flops_budget_loss",
-    "get_mode",
-    "get_plan",
-    "image_macs",
-    "is_patched",
-    "kept_fractions",
-    "layer_budget_loss",
-    "load_plan",
-    "macs_from_counts",
-    "make_plan",
-    "measure_flops",
-    "plan_flops_ratio",
-    "plan_macs",
-    "register_reducer",
-    "remove_plan",
-    "save_plan",
-    "set_mode",
-    "stage_counts",
-    "threshold_parameters",
-    "threshold_scales",
-    "token_counts",
-    "trace_tokens",
-    "TokenTrace",
-    "unreduced_macs",
-]
+#: Public name -> the module of this package that defines it.
+_EXPORTS = {
+    "LTMPError": "errors",
+    **{name: "flops" for name in (
+        "budgets_for_ratio", "count_flops", "expected_flops_ratio", "flops_budget_loss", "image_macs",
+        "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "plan_flops_ratio",
+        "plan_macs", "unreduced_macs")},
+    "ViTGeometry": "geometry",
+    "check_model": "geometry",
+    **{name: "patch" for name in (
+        "MODES", "THRESHOLDS", "apply_plan", "calibrate", "get_mode", "get_plan", "is_patched", "own_counts",
+        "remove_plan", "set_mode", "threshold_parameters", "threshold_scales", "token_counts", "trace_tokens",
+        "TokenTrace")},
+    **{name: "plan" for name in (
+        "IMPORTANCE", "OPS", "LayerPlan", "ReductionPlan", "kept_count", "load_plan", "make_plan", "save_plan",
+        "stage_counts")},
+    **{name: "reducers" for name in ("KEPT", "MERGED", "PRUNED", "REDUCERS", "SQUEEZED", "Tokens", "register_reducer")},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ltmp_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what static checkers and IDEs see
+    from .errors import LTMPError
+    from .flops import (
+        budgets_for_ratio, count_flops, expected_flops_ratio, flops_budget_loss, image_macs, kept_fractions,
+        layer_budget_loss, macs_from_counts, measure_flops, plan_flops_ratio, plan_macs, unreduced_macs,
+    )
+    from .geometry import ViTGeometry, check_model
+    from .patch import (
+        MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, get_mode, get_plan, is_patched, own_counts,
+        remove_plan, set_mode, threshold_parameters, threshold_scales, token_counts, trace_tokens,
+    )
+    from .plan import (
+        IMPORTANCE, OPS, LayerPlan, ReductionPlan, kept_count, load_plan, make_plan, save_plan, stage_counts,
+    )
+    from .reducers import KEPT, MERGED, PRUNED, REDUCERS, SQUEEZED, Tokens, register_reducer

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from .errors import LTMPError
 from .geometry import ViTGeometry
-from .patch import _state, is_patched, token_counts
-from .plan import OPS, LayerPlan, ReductionPlan
+from .patch import get_mode, get_plan, is_patched, own_counts, token_counts
+from .plan import OPS, LayerPlan, ReductionPlan, kept_count
 from .reducers import REDUCERS
 
 __all__ = [
@@ -209,13 +209,13 @@ def count_flops(model: nn.Module) -> int:
     g = ViTGeometry.from_model(model)
     if not is_patched(model):
         return unreduced_macs(g)
-    st = _state(model)
-    if st.mode != "static":
+    mode = get_mode(model)
+    if mode != "static":
         raise LTMPError(
-            f"model: count_flops needs an unpatched model or static mode (the model is in {st.mode!r} mode, "
+            f"model: count_flops needs an unpatched model or static mode (the model is in {mode!r} mode, "
             "whose cost depends on the images); use measure_flops(model, loader)"
         )
-    return int(plan_macs(st.plan, g, static=True))
+    return int(plan_macs(get_plan(model), g, static=True))
 
 
 def image_macs(model: nn.Module) -> Tensor:
@@ -223,10 +223,9 @@ def image_macs(model: nn.Module) -> Tensor:
 
     Padding inside a batch is not counted: each figure is what the image costs alone.
     """
-    st = _state(model)
     g = ViTGeometry.from_model(model)
     counts = token_counts(model).double()
-    return macs_from_counts(g, list(counts), st.plan.layers)
+    return macs_from_counts(g, list(counts), get_plan(model).layers)
 
 
 @torch.no_grad()
@@ -252,7 +251,7 @@ def measure_flops(
     """
     g = ViTGeometry.from_model(model)
     patched = is_patched(model)
-    if patched and _state(model).mode == "soft":
+    if patched and get_mode(model) == "soft":
         raise LTMPError("model: soft mode removes no tokens; switch to 'dynamic' to measure FLOPs")
     device = next(iter(model.parameters())).device
     total, seen = 0.0, 0
@@ -286,10 +285,9 @@ def expected_flops_ratio(model: nn.Module) -> Tensor:
     token count of every block (sums of the soft-mode masks) through :func:`macs_from_counts`,
     divided by the unreduced cost. With hard masks and one image it is the measured ratio.
     """
-    st = _state(model)
     g = ViTGeometry.from_model(model)
     counts = token_counts(model).mean(dim=1)
-    return macs_from_counts(g, list(counts), st.plan.layers) / unreduced_macs(g)
+    return macs_from_counts(g, list(counts), get_plan(model).layers) / unreduced_macs(g)
 
 
 def flops_budget_loss(model: nn.Module, target: float) -> Tensor:
@@ -300,28 +298,24 @@ def flops_budget_loss(model: nn.Module, target: float) -> Tensor:
 def kept_fractions(model: nn.Module) -> Tensor:
     """Batch-mean fraction of its input patch tokens each block kept in the last pass: ``[depth]``.
 
-    In soft mode a block's fraction carries the gradient of its own thresholds only: that it keeps
-    fewer tokens because earlier blocks cut more is not its doing.
+    In soft mode a block's fraction carries the gradient of its own thresholds only
+    (:func:`ltmp_core.own_counts`): that it keeps fewer tokens because earlier blocks cut more is not
+    its doing.
     """
-    st = _state(model)
-    patches = token_counts(model) - st.num_prefix
-    n_in = patches[:-1].clamp_min(1)
-    if st.mode == "soft" and len(st.own) == st.plan.depth:
-        return (torch.stack(st.own).float() / n_in.detach()).mean(dim=1)
-    return (patches[1:] / n_in).mean(dim=1)
+    n_in = (token_counts(model)[:-1] - model.num_prefix_tokens).detach().clamp_min(1)
+    return (own_counts(model) / n_in).mean(dim=1)
 
 
 def layer_budget_loss(model: nn.Module) -> Tensor:
     """Per-layer budget term: sum over layers of ``(kept fraction - budget)^2`` on the last pass.
 
     A layer's budget for an image with ``n`` input patch tokens is what it can keep in whole tokens,
-    ``max(1, round(keep * n)) / n`` (the rule of :func:`ltmp_core.stage_counts` and of calibration),
-    averaged over the batch; so a layer that is on its budget adds nothing. Each layer's term moves
-    only its own thresholds (see :func:`kept_fractions`).
+    ``kept_count(keep, n) / n`` (:func:`ltmp_core.kept_count`, the rule of static mode and of
+    calibration), averaged over the batch; so a layer that is on its budget adds nothing. Each
+    layer's term moves only its own thresholds (see :func:`kept_fractions`).
     """
-    st = _state(model)
     kept = kept_fractions(model)
-    n_in = (token_counts(model)[:-1] - st.num_prefix).detach().clamp_min(1)
-    keep = torch.tensor(st.plan.keeps, dtype=kept.dtype, device=kept.device).unsqueeze(1)
-    budget = (torch.floor(keep * n_in + 0.5).clamp_min(1) / n_in).mean(dim=1)
+    n_in = (token_counts(model)[:-1] - model.num_prefix_tokens).detach().clamp_min(1)
+    keep = torch.tensor(get_plan(model).keeps, dtype=kept.dtype, device=kept.device).unsqueeze(1)
+    budget = (kept_count(keep, n_in) / n_in).mean(dim=1)
     return ((kept - budget) ** 2).sum()

@@ -7,17 +7,20 @@ every plan, so that a plan's cost can be computed without the model or its weigh
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import LTMPError
+
+if TYPE_CHECKING:  # a geometry reads and writes JSON without torch; reading one from a model needs it
+    import torch.nn as nn
 
 __all__ = ["ViTGeometry", "check_model"]
 
 
 def _linear_macs(module: nn.Module) -> int:
     """Multiply-accumulates per token of every ``nn.Linear`` inside ``module``."""
+    import torch.nn as nn
+
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
@@ -29,9 +32,8 @@ def check_model(model: nn.Module) -> None:
     LayerScale, class-token or average pooling), built from timm's own pre-norm ``Block`` and
     ``Attention`` with a Linear MLP.
     """
+    import torch.nn as nn
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
-
-    from .patch import LTMPBlock  # a patched block is still a supported block
 
     if not isinstance(model, VisionTransformer):
         raise LTMPError(
@@ -51,7 +53,8 @@ def check_model(model: nn.Module) -> None:
     if len(model.blocks) == 0:
         raise LTMPError("model: has no transformer blocks")
     for i, block in enumerate(model.blocks):
-        if type(block) not in (Block, LTMPBlock):
+        # A patched block (ltmp_core.patch.LTMPBlock) names the timm class it stands in for.
+        if getattr(type(block), "_ltmp_base", type(block)) is not Block:
             raise LTMPError(
                 f"model.blocks[{i}]: {type(block).__name__} is not supported; only timm's pre-norm "
                 "Block (attention, then MLP) can be patched"
@@ -116,6 +119,8 @@ class ViTGeometry:
     @classmethod
     def from_model(cls, model: nn.Module) -> "ViTGeometry":
         """Read the geometry of a supported timm ViT (see :func:`check_model`)."""
+        import torch.nn as nn
+
         check_model(model)
         block = model.blocks[0]
         attn = block.attn

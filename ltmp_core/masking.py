@@ -8,16 +8,14 @@ from torch import Tensor
 __all__ = ["threshold_mask", "masked_softmax", "threshold_between"]
 
 
-def threshold_mask(score: Tensor, threshold: Tensor | float, tau: float, *, straight_through: bool = True) -> Tensor:
-    """Soft mask ``sigmoid((score - threshold) / tau)``, 1 where ``score`` clears the threshold.
+def threshold_mask(score: Tensor, threshold: Tensor | float, tau: float) -> Tensor:
+    """LTMP's straight-through threshold mask: 1 where ``score`` clears the threshold.
 
-    With ``straight_through`` (LTMP's choice) the forward value is the hard step ``score >
-    threshold`` and the gradient is the sigmoid's, so the thresholds learn while the forward pass
-    behaves exactly like the deployed model.
+    The forward value is the hard step ``score > threshold``; the gradient is that of the soft mask
+    ``sigmoid((score - threshold) / tau)``. So the thresholds learn while the forward pass behaves
+    exactly like the deployed model.
     """
     soft = torch.sigmoid((score - threshold) / tau)
-    if not straight_through:
-        return soft
     hard = (score > threshold).to(soft.dtype)
     return hard + (soft - soft.detach())
 

@@ -1,9 +1,9 @@
 """Patch a timm ViT in place so that its blocks merge, prune and squeeze tokens.
 
 :func:`apply_plan` swaps the classes of the model and of its blocks (as ToMe does), so weights,
-devices, hooks and dtypes stay where they are. The patched block calls timm's own submodules
-(``norm1``, ``attn.qkv``, ``attn.q_norm``/``k_norm``, ``attn.norm``, ``ls1``/``ls2``, ``mlp``, ...)
-and only re-implements the attention product, which needs token sizes, masks and the attention map.
+devices, hooks and dtypes stay where they are. The patched block is timm's two residual lines with a
+reduction in between; it calls timm's own submodules (``norm1``, ``ls1``/``ls2``, ``mlp``, and through
+:func:`ltmp_core.attention.attend` the attention's ``qkv``, ``q_norm``/``k_norm``, ``norm``, ``proj``).
 
 Modes:
     soft: training. No token is removed; removed tokens are masked in every later attention (as if
@@ -11,29 +11,34 @@ Modes:
     dynamic: evaluation. Thresholds decide per image; tokens are really removed and a batch is padded
         to its longest sequence, padded keys masked. Each image gets its batch-of-one result.
     static: deployment. Each layer keeps the plan's token counts (top-k); fixed shapes, no padding.
+
+The blocks of a model share one :class:`_State` (``model._ltmp``): the plan, the mode, and what the
+current forward pass has recorded (:class:`_Pass`: token sizes, masks, counts). The accessors below
+(:func:`token_counts`, :func:`own_counts`, :func:`get_plan`, ...) are how anything outside reads it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from timm.models.vision_transformer import Block
 
+from .attention import Packing, attend, packed
 from .errors import LTMPError
 from .geometry import check_model
-from .masking import masked_softmax, threshold_between, threshold_mask
-from .plan import LayerPlan, ReductionPlan, stage_counts
+from .masking import threshold_between, threshold_mask
+from .plan import LayerPlan, ReductionPlan, kept_count, stage_counts
 from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Reducer, Tokens, top_k_mask
 
 __all__ = [
     "MODES",
+    "THRESHOLDS",
     "apply_plan",
     "remove_plan",
     "set_mode",
@@ -44,305 +49,235 @@ __all__ = [
     "threshold_parameters",
     "threshold_scales",
     "token_counts",
+    "own_counts",
     "trace_tokens",
     "TokenTrace",
 ]
 
 MODES = ("soft", "dynamic", "static")
-_CALIBRATE = "calibrate"  # internal: dynamic, with each threshold set from the batch first
+
+#: The learned scalars a block may hold: which one a stage uses is ``Reducer.threshold``.
+THRESHOLDS = ("merge_threshold", "prune_threshold")
+
+
+@dataclass
+class _Pass:
+    """What the blocks record during one forward pass; block 0 starts a new one."""
+
+    batch: int
+    n_patch: int  # static mode: live patch tokens, the same for every image
+    counts: list[Tensor]  # [B]: tokens (prefix included) entering block 0, then after each block
+    own: list[Tensor] = field(default_factory=list)  # soft mode, [B]: patch tokens each block's own cut kept
+    size: Tensor | None = None  # [B, N]: patches each token stands for; None while all are 1
+    alive: Tensor | None = None  # [B, N]: 0/1 (soft: straight-through masks); None while every position is live
+    packing: Packing | None = None  # hard modes, padded batch: flat indices of the live and the padding rows
+
+
+@dataclass
+class _Trace:
+    """Where every patch of a batch is, block by block (:func:`trace_tokens`)."""
+
+    owner: Tensor  # [B, P]: position of the token that holds each patch, -1 when dropped
+    fate: Tensor  # [B, P]: KEPT, PRUNED or SQUEEZED
+    steps: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
 
 class _State:
-    """What the blocks of one patched model share during a forward pass."""
+    """The plan and mode of a patched model, and the record of its last forward pass."""
 
     def __init__(self, plan: ReductionPlan, mode: str, num_prefix: int) -> None:
         self.plan = plan
         self.mode = mode
         self.num_prefix = num_prefix
-        self.known: set[tuple[int, str]] = set()  # thresholds that have a value
+        self.calibrating = False  # calibrate(): each threshold is set from the batch before its layer reduces
+        self.tracing = False  # trace_tokens(): follow every patch through the blocks
         self.scales: dict[tuple[int, str], float] = {}  # spread of each threshold's scores at calibration
-        self.size: Tensor | None = None  # [B, N] token sizes; None while all are 1
-        self.alive: Tensor | None = None  # [B, N] 0/1; None while every position holds a live token
-        self.n_patch = 0  # static mode: live patch tokens, the same for every image
-        self.batch = 0
-        self.counts: list[Tensor | int] = []  # tokens (prefix included) entering each block, then after the last
-        self.own: list[Tensor] = []  # soft mode: patch tokens after each block, with gradients of its own cut only
-        self._pack: tuple[Tensor, Tensor, Tensor] | None = None  # cached indices of padding()
-        self.tracing = False  # follow every patch through the blocks (trace_tokens)
-        self.owner: Tensor | None = None  # [B, T0]: position of the token that holds each patch, -1 dropped
-        self.fate: Tensor | None = None  # [B, T0]: KEPT, PRUNED or SQUEEZED
-        self.trace: list[tuple[Tensor, Tensor]] = []
+        self.last: _Pass | None = None
+        self.trace: _Trace | None = None
 
-    def padding(self) -> tuple[Tensor, Tensor] | None:
-        """Flat indices (live, padding) of a padded batch's tokens (dynamic mode); ``None`` when not padded."""
-        if self.alive is None or self.mode == "soft":
-            return None
-        if self._pack is None or self._pack[0] is not self.alive:
-            flat = (self.alive > 0.5).flatten()
-            self._pack = (self.alive, flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))
-        return self._pack[1], self._pack[2]
-
-    def start(self, x: Tensor) -> None:
-        self.size = None
-        self.alive = None
-        self.batch, n = x.shape[0], x.shape[1]
-        self.n_patch = n - self.num_prefix
-        self.counts = [n]
-        self.own = []
+    def begin(self, x: Tensor) -> _Pass:
+        b, n = x.shape[0], x.shape[1]
+        self.last = _Pass(batch=b, n_patch=n - self.num_prefix,
+                          counts=[torch.full((b,), float(n), device=x.device)])
         if self.tracing:
-            p = self.num_prefix
-            self.owner = torch.arange(p, n, device=x.device).expand(self.batch, n - p).clone()
-            self.fate = torch.zeros_like(self.owner)
-            self.trace = []
-
-    # -- reduction -----------------------------------------------------------------------------
-
-    def reduce(self, block: nn.Module, index: int, x: Tensor, k: Tensor, importance: Tensor | None) -> Tensor:
-        layer = self.plan.layers[index]
-        stages = [REDUCERS[s] for s in layer.stages]
-        b, n, _ = x.shape
-        p = self.num_prefix
-        metric = k.mean(dim=1)
-        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        ones = torch.ones(b, n, device=x.device, dtype=torch.float32)
-        t = Tokens(
-            x=x,
-            size=self.size if self.size is not None else ones,
-            alive=self.alive if self.alive is not None else ones,
-            metric=metric,
-            importance=importance,
-            num_prefix=p,
-        )
-        if self.tracing:
-            t.route = torch.arange(n, device=x.device).expand(b, n).clone()
-            t.fate = torch.zeros(b, n, dtype=torch.long, device=x.device)
-        if self.mode == "static":
-            targets = stage_counts(self.n_patch, layer)
-            current = self.n_patch
-            for i, (stage, target) in enumerate(zip(stages, targets)):
-                self._needs(t, stages[i + 1:])
-                t = stage.fn(t, partial(top_k_mask, k=current - target))
-                current = target
-            self.n_patch = current
-            return self._compact(t, n_keep=p + current, fused=any(s.similarities for s in stages))
-        n_in = (t.alive.detach()[:, p:] > 0.5).sum(dim=1)
-        before = t.alive
-        if self.mode == "soft":
-            t.alive = before.detach()  # the stages' masks alone: this layer's own cut
-        for i, (stage, keep) in enumerate(zip(stages, layer.stage_keeps)):
-            self._needs(t, stages[i + 1:])
-            t = stage.fn(t, self._decider(block, index, layer, stage, t, n_in, keep))
-        if self.mode == "soft":
-            own = t.alive
-            # Compose with the earlier masks; dead tokens were never eligible, their factor is 1.
-            self.alive = before * torch.where(before.detach() > 0.5, own, torch.ones_like(own))
-            if any(s.similarities for s in stages):
-                self.size = t.size
-            self.counts.append(self.alive.sum(dim=1))
-            self.own.append(own[:, p:].sum(dim=1))
-            return t.x
-        return self._compact(t, n_keep=None, fused=any(s.similarities for s in stages))
-
-    @staticmethod
-    def _needs(t: Tokens, later: list[Reducer]) -> None:
-        t.needs_metric = any(s.similarities for s in later)
-        t.needs_importance = any(s.needs_importance for s in later)
-
-    def _decider(self, block: nn.Module, index: int, layer: LayerPlan, stage: Reducer, t: Tokens,
-                 n_in: Tensor, keep: float):
-        name = stage.threshold
-        # Prune scores are negated importances: "remove the highest score" = "prune the least important".
-        sign = 1.0 if name == "merge_threshold" else -1.0
-        param: nn.Parameter = getattr(block, name)
-        if self.mode == _CALIBRATE:
-            # Aim at the batch-mean kept fraction: every token of image b weighs 1 / n_in[b].
-            n = n_in.float().clamp_min(1)
-            live = (t.alive.detach()[:, self.num_prefix:] > 0.5).sum(dim=1).float()
-            want = torch.clamp(torch.floor(keep * n + 0.5), min=1)
-            remove = float(((live - want).clamp_min(0) / n).sum())
-            weight = (1.0 / n).unsqueeze(1).expand_as(t.alive)
-
-            def decide(score: Tensor, eligible: Tensor) -> Tensor:
-                theta, scale = threshold_between(score, eligible, remove, weight)
-                with torch.no_grad():
-                    param.fill_(sign * theta)
-                self.known.add((index, name))
-                self.scales[(index, name)] = scale
-                return ((score > theta) & eligible).float()
-
-            return decide
-        if (index, name) not in self.known:
-            raise LTMPError(
-                f"layers[{index}].{name}: not set; calibrate the thresholds with "
-                "ltmp_core.calibrate(model, images) or apply the plan in mode='static'"
-            )
-        if self.mode == "soft":
-            return lambda score, eligible: threshold_mask(score, sign * param, layer.tau)
-        return lambda score, eligible: (score > sign * param).float()
-
-    def _compact(self, t: Tokens, n_keep: int | None, fused: bool) -> Tensor:
-        """Drop dead tokens: live ones move to the front in order; pad to the longest row."""
-        alive = t.alive > 0.5
-        b, n = alive.shape
-        counts = alive.sum(dim=1)
-        padded = False
-        if n_keep is None:
-            lo, hi = (int(v) for v in counts.aminmax())
-            n_keep, padded = hi, lo != hi
-        pos = torch.arange(n, device=alive.device)
-        key = torch.where(alive, pos, pos + n)
-        idx = key.topk(n_keep, dim=1, largest=False, sorted=True).indices
-        x = t.x.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.x.shape[-1]))
-        if fused or self.size is not None:
-            self.size = t.size.gather(1, idx)
-        self.alive = alive.gather(1, idx).float() if padded else None
-        if self.tracing:
-            self._follow(t, idx)
-        self.counts.append(counts.float() if self.mode != "static" else n_keep)
-        return x
-
-    def _follow(self, t: Tokens, idx: Tensor) -> None:
-        """Move every patch to the position of the token that holds it after this block."""
-        b, n = t.alive.shape
-        new_pos = torch.full((b, n), -1, dtype=torch.long, device=idx.device)
-        new_pos.scatter_(1, idx, torch.arange(idx.shape[1], device=idx.device).expand_as(idx))
-        held = self.owner
-        live = held >= 0
-        routed = torch.where(live, t.route.gather(1, held.clamp_min(0)), held)
-        via = torch.where(live, t.fate.gather(1, held.clamp_min(0)), torch.zeros_like(held))
-        owner = torch.where(routed >= 0, new_pos.gather(1, routed.clamp_min(0)), torch.full_like(routed, -1))
-        fate = torch.where(live & (owner < 0), torch.full_like(self.fate, PRUNED), self.fate)
-        fate = torch.where((via == SQUEEZED) & (fate == KEPT) & (owner >= 0), torch.full_like(fate, SQUEEZED), fate)
-        self.owner, self.fate = owner, fate
-        self.trace.append((owner.cpu(), fate.cpu()))
-
-    def no_reduction(self, x: Tensor) -> None:
-        last = self.counts[-1]
-        self.counts.append(last)
-        if self.tracing:
-            self.trace.append((self.owner.cpu(), self.fate.cpu()))
-        if self.mode == "soft":
-            own = last.detach() if isinstance(last, Tensor) else torch.full((self.batch,), float(last), device=x.device)
-            self.own.append(own - self.num_prefix)
-
-
-def _importance(attn: Tensor, alive: Tensor | None, num_prefix: int) -> Tensor:
-    """Attention each token receives, relative to a uniform share; ``+inf`` on prefix tokens.
-
-    LTMP's importance is the mean attention a token receives (over heads and live queries). Those
-    means sum to one over the live tokens, so their scale is ``1 / n``: an image that already lost
-    tokens would look more important everywhere. Multiplying by the live count ``n`` keeps the order
-    within an image (the same tokens are pruned for a given count) and makes one threshold mean the
-    same in every image and layer: a score of 1 is an average token. ``attn`` is ``[B, H, Nq, Nk]``
-    (every query, mean importance) or ``[B, H, 1, Nk]`` (the class query: class importance).
-    """
-    attn = attn.detach()
-    heads, queries = attn.shape[1], attn.shape[2]
-    if queries == 1:  # the class token's attention: one row, already over live keys only
-        n = attn.shape[-1] if alive is None else (alive.detach() > 0.5).sum(dim=1, keepdim=True).float()
-        imp = attn[:, :, 0].float().mean(dim=1) * n
-    elif alive is None:
-        imp = attn.float().sum(dim=(1, 2)) / heads  # mean over queries times n: a plain sum
-    else:
-        w = (alive.detach() > 0.5).to(attn.dtype)
-        imp = torch.einsum("bhqk,bq->bk", attn, w).float() / heads
-    return imp.index_fill(1, torch.arange(num_prefix, device=imp.device), math.inf)
-
-
-def _attend(attn: nn.Module, x: Tensor, st: _State, importance_kind: str | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """timm's ``Attention.forward`` with proportional attention and token masks.
-
-    ``importance_kind``: ``None`` (no stage needs scores), ``mean`` (the full attention map) or
-    ``cls`` (the class query's row alone, so the attention itself stays fused). Returns the
-    attention output, the keys ``[B, H, N, d]`` and the importance scores (or ``None``).
-    """
-    b, n, _ = x.shape
-    h, d = attn.num_heads, attn.head_dim
-    pack = st.padding()
-    qkv = attn.qkv(x) if pack is None else _packed(attn.qkv, x, *pack)  # padded: live tokens only
-    qkv = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None if st.size is None else st.size.log().to(q.dtype)[:, None, None, :]
-    alive = st.alive
-    soft = st.mode == "soft" and alive is not None
-
-    def normalise(logits: Tensor) -> Tensor:
-        if bias is not None:
-            logits = logits + bias
-        if alive is None:
-            return logits.softmax(dim=-1)
-        if soft:
-            return masked_softmax(logits, alive[:, None, None, :].to(logits.dtype))
-        return logits.masked_fill(alive[:, None, None, :] <= 0.5, float("-inf")).softmax(dim=-1)
-
-    importance = None
-    if importance_kind == "mean" or soft or not attn.fused_attn:
-        probs = normalise((q * attn.scale) @ k.transpose(-2, -1))
-        if importance_kind is not None:
-            importance = _importance(probs[:, :, :1] if importance_kind == "cls" else probs, alive, st.num_prefix)
-        out = attn.attn_drop(probs) @ v
-    else:
-        if importance_kind == "cls":
-            importance = _importance(normalise((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)), alive, st.num_prefix)
-        mask = bias
-        if alive is not None:
-            pad = torch.zeros_like(alive, dtype=q.dtype).masked_fill(alive <= 0.5, float("-inf"))[:, None, None, :]
-            mask = pad if mask is None else mask + pad
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
-        )
-    out = out.transpose(1, 2).reshape(b, n, h * d)
-    if pack is not None and getattr(attn, "gate", None) is None:
-        return _packed(lambda o: _attn_out(attn, o, None), out, *pack), k, importance
-    return _attn_out(attn, out, x), k, importance
-
-
-def _attn_out(attn: nn.Module, out: Tensor, x: Tensor | None) -> Tensor:
-    """timm's tail of the attention: scale-norm, optional gate, projection."""
-    out = attn.norm(out)
-    gate = getattr(attn, "gate", None)
-    if gate is not None:
-        out = out * gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out))
-
-
-def _packed(fn, t: Tensor, live: Tensor, pad: Tensor) -> Tensor:
-    """A token-wise ``fn`` on the live tokens of a padded batch only; padding rows come back zero."""
-    b, n, c = t.shape
-    done = fn(t.reshape(b * n, c).index_select(0, live))
-    out = done.new_empty(b * n, done.shape[-1])
-    out.index_copy_(0, live, done)
-    out.index_fill_(0, pad, 0)
-    return out.view(b, n, -1)
+            owner = torch.arange(self.num_prefix, n, device=x.device).expand(b, n - self.num_prefix).clone()
+            self.trace = _Trace(owner, torch.zeros_like(owner))
+        return self.last
 
 
 class LTMPBlock(Block):
     """timm's pre-norm ``Block`` with a token reduction between attention and MLP."""
 
+    _ltmp_base = Block  # what remove_plan restores, and what check_model accepts this block as
     _ltmp: _State
     _ltmp_index: int
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise LTMPError("a patched block takes no attention mask or causal flag; it masks tokens itself")
-        st = self._ltmp
-        index = self._ltmp_index
-        if index == 0:
-            st.start(x)
+        st, index = self._ltmp, self._ltmp_index
+        p = st.begin(x) if index == 0 else st.last
         layer = st.plan.layers[index]
-        stages = layer.stages
-        kind = layer.importance if any(REDUCERS[s].needs_importance for s in stages) else None
-        y, k, importance = _attend(self.attn, self.norm1(x), st, kind)
+        kind = layer.importance if any(REDUCERS[s].needs_importance for s in layer.stages) else None
+        y, k, scores = attend(self.attn, self.norm1(x), size=p.size, alive=p.alive, soft=st.mode == "soft",
+                              packing=p.packing, importance=kind, num_prefix=st.num_prefix)
         x = x + self.drop_path1(self.ls1(y))
-        if stages:
-            x = st.reduce(self, index, x, k, importance)
-        else:
-            st.no_reduction(x)
-        pack = st.padding()
-        if pack is not None:  # padded batch (dynamic mode): the MLP runs on the live tokens only
-            return x + _packed(lambda t: self.drop_path2(self.ls2(self.mlp(self.norm2(t)))), x, *pack)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = _reduce(st, self, index, x, k, scores) if layer.stages else _pass_through(st, x)
+
+        def mlp(t: Tensor) -> Tensor:
+            return self.drop_path2(self.ls2(self.mlp(self.norm2(t))))
+
+        # A padded batch (dynamic mode) runs its MLP on the live tokens only.
+        return x + (mlp(x) if p.packing is None else packed(mlp, x, p.packing))
+
+
+# -- the reduction between attention and MLP ---------------------------------------------------------
+
+
+def _reduce(st: _State, block: nn.Module, index: int, x: Tensor, k: Tensor, importance: Tensor | None) -> Tensor:
+    layer = st.plan.layers[index]
+    stages = [REDUCERS[s] for s in layer.stages]
+    p = st.last
+    b, n, _ = x.shape
+    metric = k.mean(dim=1)
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    ones = torch.ones(b, n, device=x.device, dtype=torch.float32)
+    t = Tokens(x=x, size=ones if p.size is None else p.size, alive=ones if p.alive is None else p.alive,
+               metric=metric, importance=importance, num_prefix=st.num_prefix)
+    if st.trace is not None:
+        t.route = torch.arange(n, device=x.device).expand(b, n).clone()
+        t.fate = torch.zeros(b, n, dtype=torch.long, device=x.device)
+    fused = any(s.similarities for s in stages)
+    if st.mode == "static":
+        current = p.n_patch
+        for i, (stage, target) in enumerate(zip(stages, stage_counts(current, layer))):
+            _tell_later_stages(t, stages[i + 1:])
+            t = stage.fn(t, partial(top_k_mask, k=current - target))
+            current = target
+        p.n_patch = current
+        return _compact(st, t, n_keep=st.num_prefix + current, fused=fused)
+    n_in = (t.alive.detach()[:, st.num_prefix:] > 0.5).sum(dim=1)
+    before = t.alive
+    if st.mode == "soft":
+        t.alive = before.detach()  # the stages' masks alone: this layer's own cut
+    for i, (stage, keep) in enumerate(zip(stages, layer.stage_keeps)):
+        _tell_later_stages(t, stages[i + 1:])
+        t = stage.fn(t, _decider(st, block, index, layer, stage, t, n_in, keep))
+    if st.mode != "soft":
+        return _compact(st, t, n_keep=None, fused=fused)
+    own = t.alive
+    # Compose with the earlier masks; dead tokens were never eligible, their factor is 1.
+    p.alive = before * torch.where(before.detach() > 0.5, own, torch.ones_like(own))
+    if fused:
+        p.size = t.size
+    p.counts.append(p.alive.sum(dim=1))
+    p.own.append(own[:, st.num_prefix:].sum(dim=1))
+    return t.x
+
+
+def _pass_through(st: _State, x: Tensor) -> Tensor:
+    """A block without reduction: the counts, masks and trace carry over unchanged."""
+    p = st.last
+    last = p.counts[-1]
+    p.counts.append(last)
+    if st.mode == "soft":
+        p.own.append(last.detach() - st.num_prefix)
+    if st.trace is not None:
+        st.trace.steps.append((st.trace.owner.cpu(), st.trace.fate.cpu()))
+    return x
+
+
+def _tell_later_stages(t: Tokens, later: list[Reducer]) -> None:
+    """Whether a later stage of the block reads the fused metric and importance (else fusing skips them)."""
+    t.needs_metric = any(s.similarities for s in later)
+    t.needs_importance = any(s.needs_importance for s in later)
+
+
+def _decider(st: _State, block: nn.Module, index: int, layer: LayerPlan, stage: Reducer, t: Tokens,
+             n_in: Tensor, keep: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """The ``decide`` function of one stage: calibration, soft threshold mask, or hard threshold."""
+    name = stage.threshold
+    # Prune scores are negated importances: "remove the highest score" = "prune the least important".
+    sign = 1.0 if name == "merge_threshold" else -1.0
+    if st.calibrating:
+        # Aim at the batch-mean kept fraction: every token of image b weighs 1 / n_in[b].
+        n = n_in.float().clamp_min(1)
+        live = (t.alive.detach()[:, st.num_prefix:] > 0.5).sum(dim=1).float()
+        remove = float(((live - kept_count(keep, n)).clamp_min(0) / n).sum())
+        weight = (1.0 / n).unsqueeze(1).expand_as(t.alive)
+
+        def calibrate_and_decide(score: Tensor, eligible: Tensor) -> Tensor:
+            theta, scale = threshold_between(score, eligible, remove, weight)
+            _set_threshold(block, name, sign * theta)
+            st.scales[(index, name)] = scale
+            return ((score > theta) & eligible).float()
+
+        return calibrate_and_decide
+    param = block._parameters.get(name)
+    if param is None:
+        raise LTMPError(f"layers[{index}].{name}: not set; calibrate the thresholds with "
+                        "ltmp_core.calibrate(model, images) or apply the plan in mode='static'")
+    if st.mode == "soft":
+        return lambda score, eligible: threshold_mask(score, sign * param, layer.tau)
+    return lambda score, eligible: (score > sign * param).float()
+
+
+def _set_threshold(block: nn.Module, name: str, value: float) -> None:
+    """Give ``block`` its threshold ``name``: a new scalar parameter, or a new value of the existing one."""
+    param = block._parameters.get(name)
+    if param is None:
+        device = next(block.parameters()).device
+        block.register_parameter(name, nn.Parameter(torch.tensor(float(value), device=device)))
+    else:
+        with torch.no_grad():
+            param.fill_(value)
+
+
+def _compact(st: _State, t: Tokens, n_keep: int | None, fused: bool) -> Tensor:
+    """Drop dead tokens: live ones move to the front in order; pad to the longest row (dynamic)."""
+    alive = t.alive > 0.5
+    b, n = alive.shape
+    counts = alive.sum(dim=1)
+    padded = False
+    if n_keep is None:
+        lo, hi = (int(v) for v in counts.aminmax())
+        n_keep, padded = hi, lo != hi
+    pos = torch.arange(n, device=alive.device)
+    key = torch.where(alive, pos, pos + n)
+    idx = key.topk(n_keep, dim=1, largest=False, sorted=True).indices
+    x = t.x.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.x.shape[-1]))
+    p = st.last
+    if fused or p.size is not None:
+        p.size = t.size.gather(1, idx)
+    p.alive = alive.gather(1, idx).float() if padded else None
+    if padded:
+        flat = p.alive.flatten() > 0.5
+        p.packing = (flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))
+    else:
+        p.packing = None
+    if st.trace is not None:
+        _follow(st.trace, t, idx)
+    p.counts.append(counts.float())
+    return x
+
+
+def _follow(trace: _Trace, t: Tokens, idx: Tensor) -> None:
+    """Move every patch to the position of the token that holds it after this block."""
+    b, n = t.alive.shape
+    new_pos = torch.full((b, n), -1, dtype=torch.long, device=idx.device)
+    new_pos.scatter_(1, idx, torch.arange(idx.shape[1], device=idx.device).expand_as(idx))
+    held = trace.owner
+    live = held >= 0
+    routed = torch.where(live, t.route.gather(1, held.clamp_min(0)), held)
+    via = torch.where(live, t.fate.gather(1, held.clamp_min(0)), torch.zeros_like(held))
+    owner = torch.where(routed >= 0, new_pos.gather(1, routed.clamp_min(0)), torch.full_like(routed, -1))
+    fate = torch.where(live & (owner < 0), torch.full_like(trace.fate, PRUNED), trace.fate)
+    fate = torch.where((via == SQUEEZED) & (fate == KEPT) & (owner >= 0), torch.full_like(fate, SQUEEZED), fate)
+    trace.owner, trace.fate = owner, fate
+    trace.steps.append((owner.cpu(), fate.cpu()))
+
+
+# -- the patched model -------------------------------------------------------------------------------
 
 
 class _PatchedModel:
@@ -352,16 +287,16 @@ class _PatchedModel:
     _ltmp_base: type
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
-        st = self._ltmp
+        p = self._ltmp.last
         pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type in ("token", "") or (st.size is None and st.alive is None):
+        if pool_type in ("token", "") or p is None or (p.size is None and p.alive is None):
             return super().pool(x, pool_type)  # type: ignore[misc]
         b, n, _ = x.shape
         weight = torch.ones(b, n, device=x.device, dtype=torch.float32)
-        if st.size is not None:
-            weight = weight * st.size
-        if st.alive is not None:
-            weight = weight * st.alive
+        if p.size is not None:
+            weight = weight * p.size
+        if p.alive is not None:
+            weight = weight * p.alive
         if not self.pool_include_prefix:
             x, weight = x[:, self.num_prefix_tokens:], weight[:, self.num_prefix_tokens:]
         w = weight.to(x.dtype).unsqueeze(-1)
@@ -394,6 +329,15 @@ def _state(model: nn.Module) -> _State:
     return model._ltmp
 
 
+def _thresholds(model: nn.Module) -> Iterable[tuple[int, str, nn.Parameter]]:
+    """``(block index, name, parameter)`` of every threshold the model holds, in block order."""
+    for i, block in enumerate(model.blocks):
+        for name in THRESHOLDS:
+            param = block._parameters.get(name)
+            if param is not None:
+                yield i, name, param
+
+
 def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> nn.Module:
     """Patch a timm ViT in place to reduce tokens as ``plan`` says; returns the model.
 
@@ -422,8 +366,6 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
                 raise LTMPError(f"layers[{i}].importance: 'cls' needs a class token, and this model has none")
     if is_patched(model):
         remove_plan(model)
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
     st = _State(plan, mode, int(model.num_prefix_tokens))
     model.__class__ = _patched_class(type(model))
     model._ltmp = st
@@ -432,11 +374,8 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
         block._ltmp = st
         block._ltmp_index = i
         for name in layer.needs():
-            value = getattr(layer, name)
-            block.register_parameter(
-                name, nn.Parameter(torch.tensor(math.nan if value is None else value, device=device)))
-            if value is not None:
-                st.known.add((i, name))
+            if getattr(layer, name) is not None:
+                _set_threshold(block, name, getattr(layer, name))
     try:
         set_mode(model, mode)
     except LTMPError:
@@ -450,12 +389,11 @@ def remove_plan(model: nn.Module) -> nn.Module:
     if not is_patched(model):
         return model
     for block in model.blocks:
-        for name in ("merge_threshold", "prune_threshold"):
-            if name in block._parameters:
-                del block._parameters[name]
+        for name in THRESHOLDS:
+            block._parameters.pop(name, None)
         for attr in ("_ltmp", "_ltmp_index"):
             block.__dict__.pop(attr, None)
-        block.__class__ = Block
+        block.__class__ = LTMPBlock._ltmp_base
     model.__dict__.pop("_ltmp", None)
     model.__class__ = type(model)._ltmp_base
     return model
@@ -467,9 +405,9 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     if mode not in MODES:
         raise LTMPError(f"mode: unknown mode {mode!r} (choose from {', '.join(MODES)})")
     if mode != "static":
-        for i, layer in enumerate(st.plan.layers):
+        for i, (block, layer) in enumerate(zip(model.blocks, st.plan.layers)):
             for name in layer.needs():
-                if (i, name) not in st.known:
+                if name not in block._parameters:
                     raise LTMPError(
                         f"layers[{i}].{name}: not set, and mode {mode!r} needs it; calibrate the thresholds "
                         "with ltmp_core.calibrate(model, images) or use mode='static'"
@@ -486,10 +424,7 @@ def get_mode(model: nn.Module) -> str:
 def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The learned thresholds of a patched model (two scalars per block at most)."""
     _state(model)
-    return [
-        p for block in model.blocks for name in ("merge_threshold", "prune_threshold")
-        if (p := block._parameters.get(name)) is not None
-    ]
+    return [param for _, _, param in _thresholds(model)]
 
 
 def threshold_scales(model: nn.Module) -> list[float]:
@@ -502,20 +437,16 @@ def threshold_scales(model: nn.Module) -> list[float]:
     these units.
     """
     st = _state(model)
-    return [
-        st.scales.get((i, name), 1.0) for i, block in enumerate(model.blocks)
-        for name in ("merge_threshold", "prune_threshold") if block._parameters.get(name) is not None
-    ]
+    return [st.scales.get((i, name), 1.0) for i, name, _ in _thresholds(model)]
 
 
 def get_plan(model: nn.Module) -> ReductionPlan:
     """The model's plan with the thresholds it holds now (learned or calibrated)."""
     st = _state(model)
-    values: dict[str, list[float | None]] = {"merge_threshold": [], "prune_threshold": []}
-    for i, (block, layer) in enumerate(zip(model.blocks, st.plan.layers)):
-        for name in values:
-            known = name in layer.needs() and (i, name) in st.known
-            values[name].append(float(block._parameters[name].detach()) if known else None)
+    values: dict[str, list[float | None]] = {name: [None] * st.plan.depth for name in THRESHOLDS}
+    for i, name, param in _thresholds(model):
+        if name in st.plan.layers[i].needs():
+            values[name][i] = float(param.detach())
     return st.plan.with_layers(**values)
 
 
@@ -534,14 +465,21 @@ def calibrate(model: nn.Module, images: Tensor | Iterable[Any]) -> ReductionPlan
         images = first[0] if isinstance(first, (list, tuple)) else first
     param = next(iter(model.parameters()))
     previous, was_training = st.mode, model.training
-    st.mode = _CALIBRATE
+    st.mode, st.calibrating = "dynamic", True
     model.eval()
     try:
         model(images.to(param.device))
     finally:
-        st.mode = previous
+        st.mode, st.calibrating = previous, False
         model.train(was_training)
     return get_plan(model)
+
+
+def _last_pass(model: nn.Module) -> _Pass:
+    p = _state(model).last
+    if p is None:
+        raise LTMPError("model: no forward pass has run since the plan was applied")
+    return p
 
 
 def token_counts(model: nn.Module) -> Tensor:
@@ -551,14 +489,22 @@ def token_counts(model: nn.Module) -> Tensor:
     to the next block. In soft mode the counts are sums of the (straight-through) masks and carry
     gradients to the thresholds.
     """
+    return torch.stack(_last_pass(model).counts)
+
+
+def own_counts(model: nn.Module) -> Tensor:
+    """Patch tokens each block left after its own cut in the last forward pass: ``[depth, B]``.
+
+    In hard modes this is the patch tokens after each block. In soft mode it is the sum of the
+    block's own masks over the tokens alive when it started, so it carries the gradient of that
+    block's thresholds only: that a block sees fewer tokens because earlier blocks cut more is not
+    its doing.
+    """
     st = _state(model)
-    if not st.counts:
-        raise LTMPError("model: no forward pass has run since the plan was applied")
-    ref = next((c for c in st.counts if isinstance(c, Tensor)), None)
-    device = ref.device if ref is not None else next(iter(model.parameters())).device
-    rows = [c.float() if isinstance(c, Tensor) else torch.full((st.batch,), float(c), device=device)
-            for c in st.counts]
-    return torch.stack(rows)
+    p = _last_pass(model)
+    if st.mode == "soft":
+        return torch.stack(p.own)
+    return torch.stack(p.counts[1:]) - st.num_prefix
 
 
 @dataclass(frozen=True)
@@ -589,11 +535,9 @@ def trace_tokens(model: nn.Module, images: Tensor) -> TokenTrace:
     st.tracing = True
     try:
         model(images.to(param.device))
+        steps = st.trace.steps
     finally:
-        st.tracing = False
-    owner = torch.stack([o for o, _ in st.trace])
-    fate = torch.stack([f for _, f in st.trace])
+        st.tracing, st.trace = False, None
     ph, pw = model.patch_embed.patch_size
     grid = (images.shape[-2] // ph, images.shape[-1] // pw)
-    st.trace, st.owner, st.fate = [], None, None
-    return TokenTrace(owner, fate, grid)
+    return TokenTrace(torch.stack([o for o, _ in steps]), torch.stack([f for _, f in steps]), grid)

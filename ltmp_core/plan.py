@@ -18,12 +18,14 @@ import os
 import tempfile
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 from .errors import LTMPError
 from .geometry import ViTGeometry
+
+if TYPE_CHECKING:  # the plan vocabulary and its JSON form import without torch (fast command-line checks)
+    import torch.nn as nn
+    from torch import Tensor
 
 __all__ = [
     "FORMAT",
@@ -36,6 +38,7 @@ __all__ = [
     "save_plan",
     "load_plan",
     "stage_counts",
+    "kept_count",
 ]
 
 FORMAT = "ltmp-plan"
@@ -153,20 +156,27 @@ class LayerPlan:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _round(x: float) -> int:
-    return int(math.floor(x + 0.5))
+def kept_count(keep: float, n: float | Tensor) -> float | Tensor:
+    """Tokens a budget ``keep`` leaves of ``n``: rounded to nearest (halves up), at least one.
+
+    The one rounding rule of the project: static mode keeps these counts, calibration aims at them
+    and the per-layer budget term measures against them. ``n`` may be a tensor of counts per image.
+    """
+    if isinstance(n, (int, float)):
+        return max(1, math.floor(keep * n + 0.5))
+    return (keep * n + 0.5).floor().clamp_min(1)  # a tensor
 
 
 def stage_counts(n: int, layer: LayerPlan) -> list[int]:
     """Patch tokens left after each stage of ``layer`` when ``n`` enter it (hard-static mode).
 
-    This is the one rule both the static reducers and the FLOP model follow: round to nearest, keep
-    at least one token, and a merge removes at most ``n // 2`` tokens.
+    Each stage keeps :func:`kept_count` of the layer's input, and a merge removes at most ``n // 2``
+    tokens.
     """
     out: list[int] = []
     cur = n
     for stage, keep in zip(layer.stages, layer.stage_keeps):
-        want = max(1, _round(keep * n))
+        want = kept_count(keep, n)
         if stage == "merge":
             want = max(want, cur - cur // 2)
         cur = min(want, cur)

@@ -16,6 +16,7 @@ The registry :data:`REDUCERS` maps a stage name to its function and what it need
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -96,11 +97,17 @@ REDUCERS: dict[str, Reducer] = {}
 
 
 def register_reducer(name: str, *, threshold: str, needs_importance: bool, similarities: int):
-    """Register ``fn(tokens, decide) -> tokens`` as the reducer stage ``name``."""
+    """Register ``fn(tokens, decide) -> tokens`` as the reducer stage ``name``.
+
+    Registering a name again replaces the stage, with a warning (as timm's model registry does).
+    """
     if threshold not in ("merge_threshold", "prune_threshold"):
         raise ValueError(f"threshold must be merge_threshold or prune_threshold, got {threshold!r}")
 
     def wrap(fn: Callable[[Tokens, Decide], Tokens]) -> Callable[[Tokens, Decide], Tokens]:
+        if name in REDUCERS:
+            warnings.warn(f"Overwriting reducer stage {name!r} ({REDUCERS[name].fn.__qualname__}) "
+                          f"with {fn.__qualname__}", stacklevel=2)
         REDUCERS[name] = Reducer(name, fn, threshold, needs_importance, similarities)
         return fn
 

@@ -195,5 +195,31 @@ def test_mutated_plans_load_or_raise_project_error(plan, tmp_path_factory, data)
         loaded = ltmp_core.load_plan(path)
     except LTMPError as e:
         assert f"layers[{layer}]" in str(e)
-    else:
-        assert loaded.depth == 4
+    else:  # accepted: the value is kept as written, and nothing else changed
+        written = loaded.to_dict()["layers"]
+        assert written[layer][key] == d["layers"][layer][key]
+        assert [w for i, w in enumerate(written) if i != layer] == [
+            w for i, w in enumerate(plan.to_dict()["layers"]) if i != layer]
+
+
+@pytest.mark.parametrize(("keep", "n", "kept"), [
+    (0.75, 16, 12), (0.6, 16, 10), (0.5, 3, 2), (0.5, 5, 3), (0.3, 7, 2), (0.01, 16, 1), (1.0, 16, 16),
+])  # by hand: round to nearest, halves up, at least one
+def test_kept_count_rounds_to_nearest_and_keeps_one(keep, n, kept):
+    import torch
+
+    assert ltmp_core.kept_count(keep, n) == kept
+    assert ltmp_core.kept_count(keep, torch.tensor([float(n)])).tolist() == [kept]
+
+
+def test_plan_vocabulary_and_json_load_without_torch(tmp_path, plan):
+    """A command line checks its arguments and reads plans before torch is imported (and fast)."""
+    import subprocess
+    import sys
+
+    path = ltmp_core.save_plan(plan, tmp_path / "plan.json")
+    code = ("import sys, ltmp_core; p = ltmp_core.load_plan(sys.argv[1]); "
+            "assert 'merge+prune' in ltmp_core.OPS and p.depth == 4; "
+            "print('torch' in sys.modules, 'timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -177,3 +177,15 @@ def test_threshold_between_selects_exactly_k():
     # The scale is the local gap around the cut: 8 scores, one on either side of the 4th.
     sorted_desc = [0.9, 0.8, 0.7, 0.5, 0.3, 0.2, 0.1, 0.0]
     assert threshold_between(score, eligible, 4)[1] == pytest.approx(sorted_desc[3] - sorted_desc[5])
+
+
+def test_registering_a_stage_again_warns_and_replaces():
+    from ltmp_core.reducers import REDUCERS, prune, register_reducer
+
+    original = REDUCERS["prune"]
+    try:
+        with pytest.warns(UserWarning, match="Overwriting reducer stage 'prune'"):
+            register_reducer("prune", threshold="prune_threshold", needs_importance=True, similarities=0)(prune)
+        assert REDUCERS["prune"].fn is prune
+    finally:
+        REDUCERS["prune"] = original

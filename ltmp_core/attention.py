@@ -1,0 +1,135 @@
+"""timm's attention with what token reduction needs: token sizes, token masks and importance scores.
+
+Pure functions of a timm ``Attention`` module and tensors. The patched block
+(:mod:`ltmp_core.patch`) calls :func:`attend` in place of ``Attention.forward``; everything else of
+the attention (``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``norm``, ``gate``, ``proj``) is timm's own
+module, so LayerScale, qk-norm and scale-norm variants keep working.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .masking import masked_softmax
+
+__all__ = ["attend", "importance_scores", "packed"]
+
+Packing = tuple[Tensor, Tensor]  # flat indices of the live rows and of the padding rows of a padded batch
+
+
+def importance_scores(attn: Tensor, alive: Tensor | None, num_prefix: int) -> Tensor:
+    """Attention each token receives, relative to a uniform share; ``+inf`` on prefix tokens.
+
+    LTMP's importance is the mean attention a token receives (over heads and live queries). Those
+    means sum to one over the live tokens, so their scale is ``1 / n``: an image that already lost
+    tokens would look more important everywhere. Multiplying by the live count ``n`` keeps the order
+    within an image (the same tokens are pruned for a given count) and makes one threshold mean the
+    same in every image and layer: a score of 1 is an average token. ``attn`` is ``[B, H, Nq, Nk]``
+    (every query: mean importance) or ``[B, H, 1, Nk]`` (the class query: class importance).
+    """
+    attn = attn.detach()
+    heads, queries = attn.shape[1], attn.shape[2]
+    if queries == 1:  # the class token's attention: one row, already over live keys only
+        n = attn.shape[-1] if alive is None else (alive.detach() > 0.5).sum(dim=1, keepdim=True).float()
+        imp = attn[:, :, 0].float().mean(dim=1) * n
+    elif alive is None:
+        imp = attn.float().sum(dim=(1, 2)) / heads  # mean over queries times n: a plain sum
+    else:
+        w = (alive.detach() > 0.5).to(attn.dtype)
+        imp = torch.einsum("bhqk,bq->bk", attn, w).float() / heads
+    return imp.index_fill(1, torch.arange(num_prefix, device=imp.device), math.inf)
+
+
+def attend(
+    attn: nn.Module,
+    x: Tensor,
+    *,
+    size: Tensor | None,
+    alive: Tensor | None,
+    soft: bool,
+    packing: Packing | None,
+    importance: str | None,
+    num_prefix: int,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """timm's ``Attention.forward`` with proportional attention and token masks.
+
+    Args:
+        attn: timm's ``Attention`` module of the block.
+        x: Normalised tokens, ``[B, N, C]``.
+        size: Patches each token stands for (``+ log size`` on the logits), or ``None`` while all are 1.
+        alive: 1 for live tokens, 0 for removed or padding ones, ``[B, N]``; ``None`` when all are live.
+        soft: Soft (training) mode: ``alive`` may carry straight-through gradients; dead keys are
+            weighted out of the softmax (:func:`~ltmp_core.masking.masked_softmax`), not set to -inf.
+        packing: For a padded batch, the live and padding rows: token-wise layers run on live rows only.
+        importance: ``None`` (no stage needs scores), ``mean`` (the full attention map) or ``cls`` (the
+            class query's row alone, so the attention itself stays fused).
+        num_prefix: Leading class, distillation and register tokens (their importance is ``+inf``).
+
+    Returns:
+        The attention output, the keys ``[B, H, N, d]`` and the importance scores (or ``None``).
+    """
+    b, n, _ = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(x) if packing is None else packed(attn.qkv, x, packing)
+    qkv = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = None if size is None else size.log().to(q.dtype)[:, None, None, :]
+    soft = soft and alive is not None
+
+    def normalise(logits: Tensor) -> Tensor:
+        if bias is not None:
+            logits = logits + bias
+        if alive is None:
+            return logits.softmax(dim=-1)
+        if soft:
+            return masked_softmax(logits, alive[:, None, None, :].to(logits.dtype))
+        return logits.masked_fill(alive[:, None, None, :] <= 0.5, float("-inf")).softmax(dim=-1)
+
+    scores = None
+    if importance == "mean" or soft or not attn.fused_attn:
+        probs = normalise((q * attn.scale) @ k.transpose(-2, -1))
+        if importance is not None:
+            scores = importance_scores(probs[:, :, :1] if importance == "cls" else probs, alive, num_prefix)
+        out = attn.attn_drop(probs) @ v
+    else:
+        if importance == "cls":
+            row = normalise((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1))
+            scores = importance_scores(row, alive, num_prefix)
+        mask = bias
+        if alive is not None:
+            pad = torch.zeros_like(alive, dtype=q.dtype).masked_fill(alive <= 0.5, float("-inf"))[:, None, None, :]
+            mask = pad if mask is None else mask + pad
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+    out = out.transpose(1, 2).reshape(b, n, h * d)
+    if packing is not None and getattr(attn, "gate", None) is None:
+        return packed(lambda o: _attn_out(attn, o, None), out, packing), k, scores
+    return _attn_out(attn, out, x), k, scores
+
+
+def _attn_out(attn: nn.Module, out: Tensor, x: Tensor | None) -> Tensor:
+    """timm's tail of the attention: scale-norm, optional gate, projection."""
+    out = attn.norm(out)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def packed(fn: Callable[[Tensor], Tensor], t: Tensor, packing: Packing) -> Tensor:
+    """A token-wise ``fn`` on the live tokens of a padded batch only; padding rows come back zero."""
+    live, pad = packing
+    b, n, c = t.shape
+    done = fn(t.reshape(b * n, c).index_select(0, live))
+    out = done.new_empty(b * n, done.shape[-1])
+    out.index_copy_(0, live, done)
+    out.index_fill_(0, pad, 0)
+    return out.view(b, n, -1)
