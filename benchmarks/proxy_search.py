@@ -18,7 +18,8 @@ from pathlib import Path
 import optuna
 
 from search.config import resolve
-from search.study import best_trial, run
+from search.results import best_trial
+from search.study import run
 
 
 def main() -> None:

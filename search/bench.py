@@ -23,7 +23,7 @@ from ltmp_core import LTMPError, ReductionPlan
 
 from .finetune import autocast
 
-__all__ = ["time_batches", "bench_plan", "describe_device"]
+__all__ = ["time_batches", "bench_plan", "describe_device", "bench_command"]
 
 
 def describe_device(device: torch.device) -> str:
@@ -118,3 +118,74 @@ def bench_plan(
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def bench_command(
+    plan_path: str | None,
+    *,
+    model: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    flops: float | None = None,
+    op: str = "merge+prune",
+    importance: str = "cls",
+    batch_sizes: list[int],
+    modes: list[str],
+    device: str = "auto",
+    amp: bool | None = None,
+    warmup: int = 2,
+    runs: int = 7,
+    compile: bool = False,
+    storage: str | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[str, list[dict[str, Any]]]:
+    """``search bench``: an exported plan (or a uniform ``op`` plan at ``flops`` on ``model``) timed
+    against its unreduced model at every batch size and mode; every row is stored in the database.
+
+    Returns the plan's label and the rows (``on_row`` sees each as soon as it is measured).
+    """
+    import timm
+
+    import search.models  # noqa: F401  (registers ltmp_vit_digits)
+
+    from .prepare import resolve_device
+    from .storage import resolve_storage
+    from .store import Store
+
+    kwargs = dict(model_kwargs or {})
+    if plan_path:
+        plan = ltmp_core.load_plan(plan_path)
+        name = model or plan.model
+        if not name:
+            raise LTMPError("--model: the plan names no model; give --model")
+        label = str(plan_path)
+    else:
+        if not model or flops is None:
+            raise LTMPError("bench: give PLAN.json, or --model and --flops for a quick look")
+        name, plan, label = model, None, f"{model} {op} ({importance}) at {flops:g}"
+    if not timm.is_model(name):
+        raise LTMPError(f"--model: unknown timm model {name!r}")
+    if plan is not None and plan.geometry is not None:
+        kwargs.setdefault("num_classes", plan.geometry.num_classes)
+        kwargs.setdefault("img_size", plan.geometry.img_size[0])
+    torch.manual_seed(0)
+    net = timm.create_model(name, pretrained=False, **kwargs)  # speed does not depend on the weights
+    if plan is None:
+        g = ltmp_core.ViTGeometry.from_model(net)
+        keeps = ltmp_core.budgets_for_ratio([op] * g.depth, [1.0] * g.depth, g, flops)
+        plan = ltmp_core.make_plan(net, op=op, keep=keeps, importance=importance, model_name=name)
+    dev = resolve_device(device)
+    use_amp = amp if amp is not None else dev.type == "cuda"
+    store = Store(resolve_storage(storage))
+    rows = []
+    try:
+        for mode in modes:
+            for batch in batch_sizes:
+                row = {"plan": label, **bench_plan(net, plan, batch_size=batch, device=dev, mode=mode, amp=use_amp,
+                                                   warmup=warmup, runs=runs, compile=compile)}
+                row["id"] = store.add_bench(label, row)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    finally:
+        store.dispose()
+    return label, rows

@@ -1,7 +1,9 @@
 """The ``search`` command line: parse, call the library, render, return an exit code.
 
 Mistakes a user can make (bad flags, unknown studies, unreachable storage, invalid plans) end with
-one line on stderr and exit code 2; Ctrl-C ends with exit code 130.
+one line on stderr and exit code 2; Ctrl-C ends with exit code 130. The flags of ``search run`` and
+``search validate`` are generated from :class:`search.config.StudyConfig`, where each setting is
+declared once.
 """
 
 from __future__ import annotations
@@ -11,13 +13,26 @@ import json
 import math
 import os
 import sys
-from typing import Any, Sequence
+import typing
+from typing import Any, Callable, Sequence
 
 from . import __version__
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help strings may be callables, evaluated only when help is shown (they may need imports)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help() if callable(action.help) else action.help
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -34,8 +49,8 @@ def _target(text: str) -> float:
     return value
 
 
-def _ops(text: str) -> tuple[str, ...]:
-    return tuple(op.strip() for op in text.split(",") if op.strip())
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _kwarg(text: str) -> tuple[str, Any]:
@@ -51,23 +66,58 @@ def _kwarg(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _model_options(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--model", help="timm model name")
-    g.add_argument("--model-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE",
-                   help="extra arguments for timm.create_model, e.g. patch_size=8 depth=4")
-    g.add_argument("--pretrained", action="store_true", default=None, help="timm's pretrained weights (needs network)")
-    g.add_argument("--checkpoint", help="local weights (.pth/.pt/.safetensors; timm, DeiT or LTMP checkpoints)")
-    g.add_argument("--data-dir", dest="data", help="ImageNet-layout folder (train/<class>/..., val/<class>/...) or 'digits'")
-    g.add_argument("--img-size", type=int)
-    g.add_argument("-b", "--batch-size", type=int)
-    g.add_argument("--holdout", type=int, help="held-out images carved from train/ that score the trials")
-    g.add_argument("--workers", type=int, help="DataLoader workers (default: cores - 1, at most 8)")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default on CUDA)")
+class _KwargsAction(argparse.Action):
+    """``--model-kwargs a=1 b=x`` -> ``{"a": 1, "b": "x"}``."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, dict(values))
 
 
-MODEL_FIELDS = ("model", "model_kwargs", "pretrained", "checkpoint", "data", "img_size", "batch_size", "holdout",
-                "workers", "device", "amp")
+def _setting_help(f: Any) -> Callable[[], str]:
+    """The help of a setting: its own line, its choices and the default preset's value (lazily)."""
+
+    def text() -> str:
+        from .config import DEFAULT_PRESET, load_preset
+
+        meta = f.metadata
+        parts = [meta["help"]]
+        if meta["choices"] is not None:
+            choices = meta["choices"]()
+            described = [f"{name} ({getattr(v, 'description', '')})" if getattr(v, "description", "") else name
+                         for name, v in (choices.items() if isinstance(choices, dict) else ((c, None) for c in choices))]
+            parts.append("choose from " + ", ".join(described))
+        value = getattr(load_preset(DEFAULT_PRESET), f.name)
+        if value not in (None, False, {}) and f.name != "flops":
+            value = ",".join(value) if isinstance(value, tuple) else value
+            parts.append(f"{DEFAULT_PRESET} preset: {value}")
+        return "; ".join(parts).replace("%", "%%")
+
+    return text
+
+
+def _add_settings(group: argparse._ArgumentGroup, settings: Sequence[Any]) -> None:
+    """Flags for the :class:`StudyConfig` fields ``settings``; every default is ``None`` (= the preset's)."""
+    from .config import StudyConfig
+
+    hints = typing.get_type_hints(StudyConfig)
+    for f in settings:
+        meta, hint = f.metadata, hints[f.name]
+        names = [meta["flag"]] + ([meta["short"]] if meta["short"] else [])
+        kw: dict[str, Any] = dict(dest=f.name, default=None, help=_setting_help(f))
+        origin = typing.get_origin(hint)
+        if hint is bool:
+            kw["action"] = "store_true"
+        elif hint == (bool | None):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is tuple:
+            kw.update(type=_names, metavar="A,B")
+        elif origin is dict:
+            kw.update(nargs="+", type=_kwarg, metavar="KEY=VALUE", action=_KwargsAction)
+        elif f.name == "flops":
+            kw["type"] = _target
+        else:
+            kw["type"] = next(t for t in (int, float, str) if hint in (t, t | None))
+        group.add_argument(*names, **kw)
 
 
 def _storage_options(p: argparse.ArgumentParser) -> None:
@@ -75,6 +125,8 @@ def _storage_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import option_fields
+
     parser = _Parser(prog="search", description="Search where and how to cut tokens in a vision transformer.")
     parser.add_argument("--version", action="version", version=f"ltmp-search {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -83,27 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Run an Optuna study: every trial samples per-layer operations and budgets under the FLOPs target, "
         "tunes the learned thresholds briefly and scores the plan on held-out images with tokens removed. "
         "Re-running the same command resumes the study."))
-    run.add_argument("--flops", type=_target, help="target FLOPs ratio, e.g. 0.35 = at most 35%% of the unreduced model's")
     run.add_argument("--study", dest="preset", help="preset name (e.g. digits) or path of a preset TOML file")
-    g = run.add_argument_group("model and data (timm style)")
-    _model_options(g)
-    g.add_argument("--trial-images", type=int, help="cap on the images a trial tunes its thresholds on")
-    g = run.add_argument_group("search (Optuna style)")
-    g.add_argument("--space", help="search space: layerwise (default), or a baseline: ltmp, tome, tps")
-    g.add_argument("--ops", type=_ops, help="operations the layerwise space may use, comma-separated")
-    g.add_argument("--importance", type=_ops, help="prune/squeeze scores: mean (LTMP, default), cls (class "
-                   "token's attention: fused, faster), or mean,cls (the search chooses per layer)")
-    g.add_argument("--sampler", help="tpe (default), nsga2, random or gp")
-    g.add_argument("--pruner", help="median (default), hyperband or none")
-    g.add_argument("--n-trials", type=int, help="finished trials the study should have")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--trial-steps", type=int, help="threshold-tuning steps per trial")
-    g.add_argument("--budget", choices=("space", "layer", "global"),
-                   help="budget term while tuning: each layer against its budget, LTMP's global FLOPs term, "
-                        "or the space's choice (default; layer for layerwise)")
-    g.add_argument("--distill", action="store_true", default=None, help="tune against the unreduced model's logits")
-    g.add_argument("--study-name")
-    _storage_options(g)
+    _add_settings(run.add_argument_group("model and data (timm style)"), option_fields("model"))
+    search_group = run.add_argument_group("search (Optuna style)")
+    _add_settings(search_group, option_fields("search"))
+    search_group.add_argument("--study-name")
+    _storage_options(search_group)
     run.add_argument("--artifacts", help="folder of the dashboard pictures (default: beside a SQLite file, "
                      "else studies/artifacts)")
     run.add_argument("--jobs", type=int, default=1, help="worker processes on this machine sharing the study "
@@ -137,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("dynamic", "static"),
                    help="dynamic (learned thresholds, default when the plan has them) or static (fixed counts)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static model")
-    _model_options(p.add_argument_group("model and data (timm style)"))
+    _add_settings(p.add_argument_group("model and data (timm style)"), option_fields("model"))
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="images/s and latency of a plan against its unreduced model", description=(
@@ -146,13 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         "FLOP-ideal 1/ratio. Results are stored in the database and listed by --history."))
     p.add_argument("plan", nargs="?", metavar="PLAN.json", help="an exported plan (or give --model and --flops)")
     p.add_argument("--model", help="timm model for a quick look without a plan")
-    p.add_argument("--model-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE")
+    p.add_argument("--model-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE", action=_KwargsAction)
     p.add_argument("--flops", type=_target, help="with --model: a plan at this FLOPs ratio")
     p.add_argument("--op", default="merge+prune", help="with --model: the op of every block (default merge+prune)")
     p.add_argument("--importance", default="cls", choices=("mean", "cls"),
                    help="with --model: prune/squeeze scores (default cls: fused attention)")
-    p.add_argument("-b", "--batch-size", default="32", help="batch size, or several: 1,32")
-    p.add_argument("--mode", default="static", help="static, dynamic, or both: static,dynamic")
+    p.add_argument("-b", "--batch-size", default="32", type=_sizes, help="batch size, or several: 1,32")
+    p.add_argument("--mode", default="static", type=_names, help="static, dynamic, or both: static,dynamic")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (static mode)")
@@ -170,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,32, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def _settings(args: argparse.Namespace, group: str | None = None) -> dict[str, Any]:
+    """The settings the user gave on the command line (``None``: not given, the preset decides)."""
+    from .config import option_fields
+
+    return {f.name: getattr(args, f.name) for f in option_fields(group)}
+
+
 def _consoles():
     from rich.console import Console
 
@@ -183,19 +237,18 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .config import resolve
+
+    config = resolve(args.preset, _settings(args))  # settings are checked before torch is imported
+
     import optuna
 
     from . import ui
-    from .config import resolve
-    from .study import FINISHED, best_trial, redact, run, trial_summary
+    from .results import FINISHED, best_trial, ranked_trials, trial_summary
+    from .storage import redact
+    from .study import run
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    overrides = {k: getattr(args, k) for k in MODEL_FIELDS + (
-        "flops", "trial_images", "space", "ops", "importance", "sampler", "pruner", "n_trials", "seed", "trial_steps", "budget",
-        "distill")}
-    if overrides["model_kwargs"] is not None:
-        overrides["model_kwargs"] = dict(overrides["model_kwargs"])
-    config = resolve(args.preset, overrides)
     out, err = _consoles()
     display = ui.RunDisplay(err, config.n_trials, config.trial_steps, quiet=args.quiet or args.json)
 
@@ -227,20 +280,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"(--n-trials {config.n_trials}); nothing to run. Raise --n-trials to continue it.")
     base = result.base
     if base.get("evaluated_accuracy") is not None:
-        out.print(f"Unreduced base model ({base.get('model')}): top-1 {100 * base['evaluated_accuracy']:.1f}% "
+        out.print(f"Unreduced base model ({base.get('model')}): top-1 {ui.pct(base['evaluated_accuracy'])} "
                   f"on {config.holdout} held-out images, {study.user_attrs.get('unreduced_gmacs', 0):.4f} GMACs.")
-    trials = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
-                    key=lambda t: (not t.user_attrs.get("feasible"), -(t.value or 0)))
-    out.print(ui.trials_table([trial_summary(t) for t in trials[:5]], f"Best trials of {study.study_name}", config.flops))
+    rows = [trial_summary(t) for t in ranked_trials(study)[:5]]
+    out.print(ui.trials_table(rows, f"Best trials of {study.study_name}", config.flops))
     storage_flag = "" if args.storage is None else f" --storage '{where}'"
     if best is None:
         more = len(study.get_trials(deepcopy=False, states=FINISHED)) + config.n_trials
         out.print(f"No trial is at or under the FLOPs target {config.flops:g} yet; continue the study with "
                   f"--n-trials {more}.")
     else:
-        out.print(ui.plan_table(best.user_attrs["plan"], best.user_attrs.get("kept_tokens"),
-                                f"Best plan: trial {best.number}, top-1 {100 * best.value:.1f}%, "
-                                f"FLOPs ratio {best.user_attrs['flops_ratio']:.3f}"))
+        out.print(ui.best_plan(best))
         out.print(f"Export it:   search export {study.study_name}{storage_flag} -o plan.json")
     out.print(f"Dashboard:   search dashboard{storage_flag}")
     return 0
@@ -251,7 +301,8 @@ def _interrupted(args: argparse.Namespace, config: Any) -> int:
     import optuna
 
     from . import ui
-    from .study import load_study, open_storage, resolve_storage, trial_summary
+    from .results import trial_summary
+    from .storage import load_study, open_storage, resolve_storage
 
     out, err = _consoles()
     err.print("search: interrupted; the running trial is marked failed. Run the same command to resume.")
@@ -271,7 +322,8 @@ def _interrupted(args: argparse.Namespace, config: Any) -> int:
 
 def cmd_studies(args: argparse.Namespace) -> int:
     from . import ui
-    from .study import list_studies, open_storage, redact, resolve_storage
+    from .results import list_studies
+    from .storage import open_storage, redact, resolve_storage
 
     url = resolve_storage(args.storage, create=False)
     rows = list_studies(open_storage(url))
@@ -288,14 +340,15 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from . import ui
+    from .results import best_trial, target_of, trial_summary
+    from .storage import load_study, open_storage, resolve_storage
     from .store import Store
-    from .study import best_trial, load_study, open_storage, resolve_storage, trial_summary
 
     url = resolve_storage(args.storage, create=False)
     study = load_study(open_storage(url), args.study_name)
     rows = [trial_summary(t) for t in study.get_trials(deepcopy=False)]
     best = best_trial(study)
-    target = study.user_attrs.get("target_flops_ratio")
+    target = target_of(study)
     if args.plot:
         from .plots import accuracy_flops_plot
 
@@ -316,18 +369,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     out, _ = _consoles()
     out.print(ui.trials_table(rows, f"Trials of {study.study_name}", target))
-    if best is None:
-        out.print("No feasible trial yet.")
-    else:
-        out.print(ui.plan_table(best.user_attrs["plan"], best.user_attrs.get("kept_tokens"),
-                                f"Best plan: trial {best.number}, top-1 {100 * best.value:.1f}%, "
-                                f"FLOPs ratio {best.user_attrs['flops_ratio']:.3f}"))
+    out.print(ui.best_plan(best))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from . import ui
     from .export import export_plan
-    from .study import open_storage, resolve_storage
+    from .storage import open_storage, resolve_storage
 
     url = resolve_storage(args.storage, create=False)
     path, plan, trial = export_plan(open_storage(url), args.study_name, args.output, args.trial)
@@ -335,59 +384,47 @@ def cmd_export(args: argparse.Namespace) -> int:
         _print_json({"path": str(path), "trial": trial.number, "plan": plan.to_dict()})
         return 0
     out, _ = _consoles()
-    out.print(f"Wrote {path}: trial {trial.number} of {args.study_name}, top-1 {100 * trial.value:.1f}%, "
-              f"FLOPs ratio {trial.user_attrs.get('flops_ratio', float('nan')):.3f}.")
+    out.print(f"Wrote {path}: trial {trial.number} of {args.study_name}, top-1 {ui.pct(trial.value)}, "
+              f"FLOPs ratio {ui.num(trial.user_attrs.get('flops_ratio'))}.")
     out.print("Apply it:    ltmp_core.apply_plan(model, ltmp_core.load_plan(%r), mode='dynamic')" % str(path))
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .config import resolve
-    from .validate import validate_plan
-
     import ltmp_core
 
+    from .validate import plan_config, validate_plan
+
     plan = ltmp_core.load_plan(args.plan)
-    overrides = {k: getattr(args, k) for k in MODEL_FIELDS}
-    if overrides["model_kwargs"] is not None:
-        overrides["model_kwargs"] = dict(overrides["model_kwargs"])
-    if overrides["model"] is None and plan.model:  # the model the plan was searched on, at its size
-        overrides["model"] = plan.model
-        if overrides["img_size"] is None and plan.geometry is not None:
-            overrides["img_size"] = plan.geometry.img_size[0]
-    config = resolve(args.preset, overrides)
+    config = plan_config(plan, args.preset, _settings(args, "model"))
     result = validate_plan(plan, config, split=args.split, mode=args.mode, compile=args.compile,
                            name=str(args.plan))
+    out, err = _consoles()
     if result["geometry_note"]:
-        _consoles()[1].print(f"warning: {result['geometry_note']}")
+        err.print(f"warning: {result['geometry_note']}")
     if args.json:
         _print_json(result)
         return 0
-    out, err = _consoles()
     if result["skipped_images"]:
         err.print(f"warning: skipped {len(result['skipped_images'])} unreadable image(s), "
                   f"e.g. {result['skipped_images'][0]}")
     out.print(f"{result['plan']} on {result['data']} ({result['split']}, {result['images']} images, "
               f"{result['mode']} mode, {result['device']}):")
-    out.print(f"  top-1 {100 * result['top1']:.2f}%   top-5 {100 * result['top5']:.2f}%")
+    out.print(f"  top-1 {result['top1'] * 100:.2f}%   top-5 {result['top5'] * 100:.2f}%")
     out.print(f"  {result['gmacs']:.4g} GMACs per image (FLOPs as MACs), {result['flops_ratio']:.3f} of the unreduced "
               f"model; {result['images_per_s']:.1f} images/s")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import timm
-    import torch
+    from . import ui
+    from .bench import bench_command
 
-    import ltmp_core
-    from ltmp_core import LTMPError
-
-    from .bench import bench_plan
-    from .store import Store
-    from .study import resolve_device, resolve_storage
-
-    out, err = _consoles()
+    out, _ = _consoles()
     if args.history:
+        from .storage import resolve_storage
+        from .store import Store
+
         store = Store(resolve_storage(args.storage, create=False))
         rows = store.bench_history()
         store.dispose()
@@ -395,93 +432,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for row in rows:
                 sys.stdout.write(json.dumps(row) + "\n")
         else:
-            out.print(_bench_table(rows, "search bench --history"))
+            out.print(ui.bench_table(rows, "search bench --history"))
         return 0
-    kwargs = dict(args.model_kwargs or [])
-    if args.plan:
-        plan = ltmp_core.load_plan(args.plan)
-        name = args.model or plan.model
-        if not name:
-            raise LTMPError("model: the plan names no model; give --model")
-        label = str(args.plan)
-    else:
-        if not args.model or args.flops is None:
-            raise LTMPError("bench: give PLAN.json, or --model and --flops for a quick look")
-        name, plan, label = args.model, None, f"{args.model} {args.op} ({args.importance}) at {args.flops:g}"
-    if not timm.is_model(name):
-        raise LTMPError(f"model: unknown timm model {name!r}")
-    geometry = plan.geometry if plan is not None else None
-    if geometry is not None:
-        kwargs.setdefault("num_classes", geometry.num_classes)
-        kwargs.setdefault("img_size", geometry.img_size[0])
-    import search.models  # noqa: F401  (registers ltmp_vit_digits)
 
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs)  # speed does not depend on the weights
-    if plan is None:
-        g = ltmp_core.ViTGeometry.from_model(model)
-        keeps = ltmp_core.budgets_for_ratio([args.op] * g.depth, [1.0] * g.depth, g, args.flops)
-        plan = ltmp_core.make_plan(model, op=args.op, keep=keeps, importance=args.importance, model_name=name)
-    device = resolve_device(args.device)
-    amp = args.amp if args.amp is not None else device.type == "cuda"
-    sizes = [int(b) for b in str(args.batch_size).split(",")]
-    modes = [m.strip() for m in args.mode.split(",")]
-    store = Store(resolve_storage(args.storage))
-    rows = []
-    for mode in modes:
-        for batch in sizes:
-            result = bench_plan(model, plan, batch_size=batch, device=device, mode=mode, amp=amp,
-                                warmup=args.warmup, runs=args.runs, compile=args.compile)
-            result = {"plan": label, **result}
-            result["id"] = store.add_bench(label, result)
-            rows.append(result)
-            if args.json:
-                sys.stdout.write(json.dumps(result) + "\n")
-                sys.stdout.flush()
-    store.dispose()
+    def row_out(row: dict[str, Any]) -> None:
+        if args.json:
+            sys.stdout.write(json.dumps(row) + "\n")
+            sys.stdout.flush()
+
+    label, rows = bench_command(
+        args.plan, model=args.model, model_kwargs=args.model_kwargs, flops=args.flops, op=args.op,
+        importance=args.importance, batch_sizes=args.batch_size, modes=list(args.mode), device=args.device,
+        amp=args.amp, warmup=args.warmup, runs=args.runs, compile=args.compile, storage=args.storage, on_row=row_out)
     if not args.json:
-        out.print(_bench_table(rows, f"search bench: {label}"))
+        out.print(ui.bench_table(rows, f"search bench: {label}"))
     return 0
 
 
-def _bench_table(rows: list[dict[str, Any]], title: str):
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for col in ("plan", "device", "batch", "mode", "FLOPs ratio", "img/s base", "img/s plan", "ms base", "ms plan",
-                "speedup", "of ideal"):
-        table.add_column(col, justify="left" if col in ("plan", "device", "mode") else "right")
-    for r in rows:
-        table.add_row(str(r["plan"]), str(r["device"]), str(r["batch_size"]), r["mode"] + (" bf16" if r["amp"] else ""),
-                      f"{r['flops_ratio']:.3f}", f"{r['images_per_s_base']:.1f}", f"{r['images_per_s_plan']:.1f}",
-                      f"{r['latency_ms_base']:.1f}", f"{r['latency_ms_plan']:.1f}", f"{r['speedup']:.2f}x",
-                      f"{r['ideal_fraction']:.2f}")
-    table.caption = "FLOPs are MACs; 'of ideal' = speedup x FLOPs ratio (1.00 = as fast as the FLOPs say)"
-    return table
-
-
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from ltmp_core import LTMPError
-
-    from .study import open_storage, redact, resolve_storage
-
-    try:
-        import optuna_dashboard
-    except ImportError:
-        raise LTMPError("dashboard: optuna-dashboard is not installed; pip install 'ltmp-search[dashboard]'") from None
-    from optuna.artifacts import FileSystemArtifactStore
-
-    from .dashboard import artifact_dir
+    from .dashboard import run_dashboard
+    from .storage import redact, resolve_storage
 
     url = resolve_storage(args.storage, create=False)
-    storage = open_storage(url)
-    pictures = artifact_dir(url, args.artifacts)
-    pictures.mkdir(parents=True, exist_ok=True)
     _, err = _consoles()
-    err.print(f"optuna-dashboard for {redact(url)} (pictures in {pictures}): "
-              f"http://{args.host}:{args.port}/dashboard  (Ctrl-C to stop)")
-    optuna_dashboard.run_server(storage, host=args.host, port=args.port,
-                                artifact_store=FileSystemArtifactStore(str(pictures)))
+
+    def started(pictures: Any) -> None:
+        err.print(f"optuna-dashboard for {redact(url)} (pictures in {pictures}): "
+                  f"http://{args.host}:{args.port}/dashboard  (Ctrl-C to stop)")
+
+    run_dashboard(url, args.host, args.port, args.artifacts, on_start=started)
     return 0
 
 

@@ -18,10 +18,13 @@ import torch.nn as nn
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 import ltmp_core
+from ltmp_core import LTMPError
 
 from .data import StudyData
 from .plots import kept_tokens_chart, token_map
-from .store import sqlite_file
+from .results import target_of
+from .storage import sqlite_file
+from .ui import PLAN_COLUMNS, num, plan_rows
 
 __all__ = ["artifact_dir", "TrialRecorder", "plan_note", "save_study_note"]
 
@@ -39,10 +42,6 @@ def artifact_dir(url: str, override: str | None = None) -> Path:
     return Path("studies/artifacts")
 
 
-def _num(v: Any, fmt: str = ".3f") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
 def plan_note(trial_number: int, plan: dict[str, Any], kept: list[float], accuracy: float, ratio: float,
               target: float) -> str:
     """The trial's note: a markdown table of its plan with learned thresholds and kept tokens."""
@@ -52,12 +51,10 @@ def plan_note(trial_number: int, plan: dict[str, Any], kept: list[float], accura
         f"Top-1 **{100 * accuracy:.2f}%** at a measured FLOPs ratio of **{ratio:.3f}** "
         f"({'feasible: at or under' if ratio <= target else 'over'} the target {target:g}). FLOPs are MACs.",
         "",
-        "| layer | op | budget (keep) | merge threshold | prune threshold | mean tokens after |",
-        "|---|---|---|---|---|---|",
+        "| " + " | ".join(PLAN_COLUMNS) + " |",
+        "|" + "---|" * len(PLAN_COLUMNS),
     ]
-    for i, (layer, k) in enumerate(zip(plan["layers"], kept)):
-        lines.append(f"| {i} | {layer['op']} | {layer['keep']:.3f} | {_num(layer.get('merge_threshold'))} | "
-                     f"{_num(layer.get('prune_threshold'))} | {k:.1f} |")
+    lines += ["| " + " | ".join(row) + " |" for row in plan_rows(plan, kept)]
     lines += ["", f"Pictures: `{TOKEN_MAP}` (one colour per group of patches merged into one token, grey with "
               f"a cross = pruned, white stripe = squeezed) and `{KEPT_CHART}`."]
     return "\n".join(lines)
@@ -108,10 +105,11 @@ def save_study_note(study: optuna.Study, best: optuna.trial.FrozenTrial | None) 
 
     config = study.user_attrs.get("config", {})
     base = study.user_attrs.get("base", {})
+    target = target_of(study)
     lines = [
         f"# {study.study_name}",
         "",
-        f"Target: measured FLOPs at most **{config.get('flops')}** of the unreduced model's "
+        f"Target: measured FLOPs at most **{target}** of the unreduced model's "
         f"({study.user_attrs.get('unreduced_gmacs', 0):.4g} GMACs per image; FLOPs are MACs).",
         f"Model: `{config.get('model')}` ({base.get('source', '?')}); unreduced held-out top-1 "
         f"{100 * base.get('evaluated_accuracy', 0):.2f}%.",
@@ -123,6 +121,22 @@ def save_study_note(study: optuna.Study, best: optuna.trial.FrozenTrial | None) 
         lines.append("No feasible trial yet.")
     else:
         lines.append(f"Best feasible trial: **{best.number}**, top-1 {100 * best.value:.2f}% at a FLOPs ratio of "
-                     f"{best.user_attrs.get('flops_ratio', 0):.3f}. Export it with "
+                     f"{num(best.user_attrs.get('flops_ratio'))}. Export it with "
                      f"`search export {study.study_name} -o plan.json`.")
     save_note(study, "\n".join(lines))
+
+
+def run_dashboard(url: str, host: str, port: int, artifacts: str | None, on_start: Any = None) -> None:
+    """Serve optuna-dashboard for the studies at ``url`` with their pictures, until Ctrl-C."""
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise LTMPError("dashboard: optuna-dashboard is not installed; pip install 'ltmp-search[dashboard]'") from None
+    from .storage import open_storage
+
+    storage = open_storage(url)
+    pictures = artifact_dir(url, artifacts)
+    pictures.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start(pictures)
+    optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(pictures)))

@@ -65,10 +65,6 @@ class StudyData(ABC):
     def holdout_batches(self, batch_size: int, limit: int | None = None) -> Iterable[Batch]:
         """The held-out split in a fixed order (its first ``limit`` images if given)."""
 
-    @property
-    def holdout_size(self) -> int:
-        return len(self.holdout_index)
-
     def denormalize(self, x: Tensor) -> Tensor:
         """Model inputs back to displayable images in [0, 1] (the inverse of the normalisation)."""
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)

@@ -11,7 +11,8 @@ from optuna.trial import TrialState
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
-from .study import best_trial, load_study
+from .results import best_trial, target_of
+from .storage import load_study
 
 __all__ = ["trial_plan", "export_plan"]
 
@@ -22,7 +23,7 @@ def trial_plan(study: optuna.Study, trial_number: int | None = None) -> tuple[Re
         trial = best_trial(study)
         if trial is None:
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            target = study.user_attrs.get("target_flops_ratio")
+            target = target_of(study)
             raise LTMPError(
                 f"study: {study.study_name!r} has no feasible trial ({done} complete, none at or under "
                 f"the FLOPs target {target}); run more trials or export one with --trial N"
@@ -36,13 +37,14 @@ def trial_plan(study: optuna.Study, trial_number: int | None = None) -> tuple[Re
             raise LTMPError(f"trial: trial {trial_number} is {trial.state.name.lower()}; only complete trials have a plan")
     plan = ReductionPlan.from_dict(trial.user_attrs["plan"])
     meta = {
-        **plan.meta,
+        # Plans of older versions carried the aim after the margin as "target"; the target is the user's.
+        **{k: v for k, v in plan.meta.items() if k != "target"},
         "study": study.study_name,
         "trial": trial.number,
         "accuracy": trial.value,
         "flops_ratio": trial.user_attrs.get("flops_ratio"),
         "gmacs": trial.user_attrs.get("gmacs"),
-        "target_flops_ratio": study.user_attrs.get("target_flops_ratio"),
+        "target_flops_ratio": target_of(study),
         "eval_mode": trial.user_attrs.get("eval_mode", "dynamic"),
     }
     return ReductionPlan(plan.layers, model=plan.model, geometry=plan.geometry, meta=meta), trial

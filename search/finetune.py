@@ -33,9 +33,8 @@ def autocast(device: torch.device, amp: bool):
 
 @dataclass
 class TuneResult:
-    steps: int
-    seconds: float
-    loss: float
+    """The last step's task loss (cross-entropy or KL) and budget term."""
+
     task_loss: float
     budget_loss: float
 
@@ -71,10 +70,9 @@ def tune_thresholds(
     model.requires_grad_(False)
     for p in thresholds:
         p.requires_grad_(True)
-    start = time.perf_counter()
-    loss_v = task_v = budget_v = 0.0
+    task_v = budget_v = 0.0
     if not thresholds or steps == 0:
-        return TuneResult(0, 0.0, 0.0, 0.0, 0.0)
+        return TuneResult(0.0, 0.0)
     # Each threshold moves in units of its own score spread (Adam steps are about lr in size).
     scales = ltmp_core.threshold_scales(model)
     opt = torch.optim.Adam([{"params": [p], "lr": lr * s} for p, s in zip(thresholds, scales)])
@@ -101,12 +99,12 @@ def tune_thresholds(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_v, task_v, budget_v = loss.item(), task.item(), term.item()
+        task_v, budget_v = task.item(), term.item()
         if on_step is not None:
             on_step(step)
     for p in thresholds:
         p.requires_grad_(False)
-    return TuneResult(steps, time.perf_counter() - start, loss_v, task_v, budget_v)
+    return TuneResult(task_v, budget_v)
 
 
 @dataclass

@@ -72,8 +72,10 @@ class Objective:
         try:
             plan = suggest(c.space, trial, self.geometry, aim, ops=c.ops, importance=c.importance)
         except Infeasible as e:
+            trial.set_user_attr("ops", e.ops)
             trial.set_user_attr("pruned_reason", str(e))
             raise optuna.TrialPruned(str(e)) from None
+        trial.set_user_attr("ops", list(plan.ops))
         plan = replace(plan, model=c.model).with_layers(tau=[c.tau] * plan.depth)
         trial.set_user_attr("predicted_flops_ratio", ltmp_core.plan_flops_ratio(plan))
         try:

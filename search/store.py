@@ -12,34 +12,16 @@ finishing a trial and writing its rows).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import optuna
 from sqlalchemy import Boolean, Float, Integer, String, UniqueConstraint, create_engine, delete, select
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-__all__ = ["Base", "LayerResult", "BenchResult", "StudyLock", "Store", "engine_kwargs", "sqlite_file"]
+from .storage import engine_kwargs
 
-
-def sqlite_file(url: str) -> Path | None:
-    """The file a SQLite URL names (``None`` for other databases and in-memory SQLite)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        return Path(parsed.database)
-    return None
-
-
-def engine_kwargs(url: str) -> dict[str, Any]:
-    """Engine options for a storage URL, shared by Optuna's storage and the project's tables.
-
-    SQLite waits up to a minute for a lock instead of failing at once with "database is locked";
-    server databases check a pooled connection before using it.
-    """
-    if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 60}}
-    return {"pool_pre_ping": True}
+__all__ = ["Base", "LayerResult", "BenchResult", "StudyLock", "Store"]
 
 
 class Base(DeclarativeBase):

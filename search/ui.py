@@ -12,7 +12,10 @@ from rich.table import Table
 
 from .objective import TrialHooks
 
-__all__ = ["OP_SYMBOLS", "ops_glance", "trials_table", "plan_table", "studies_table", "RunDisplay"]
+__all__ = [
+    "OP_SYMBOLS", "ops_glance", "pct", "num", "trials_table", "PLAN_COLUMNS", "plan_rows", "plan_table",
+    "best_plan", "studies_table", "bench_table", "RunDisplay",
+]
 
 OP_SYMBOLS = {"none": ".", "merge": "M", "prune": "P", "squeeze": "S", "merge+prune": "MP", "merge+squeeze": "MS"}
 
@@ -22,11 +25,13 @@ def ops_glance(ops: Sequence[str]) -> str:
     return " ".join(OP_SYMBOLS.get(op, "?") for op in ops)
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
+def pct(v: float | None, digits: int = 1) -> str:
+    """An accuracy as a percentage, ``-`` when there is none."""
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
 
 
-def _num(v: float | None, fmt: str = ".3f") -> str:
+def num(v: float | None, fmt: str = ".3f") -> str:
+    """A number in ``fmt``, ``-`` when there is none."""
     return "-" if v is None else format(v, fmt)
 
 
@@ -38,7 +43,7 @@ def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | Non
     for r in rows:
         feasible = {True: "yes", False: "no", None: "-"}[r.get("feasible")]
         table.add_row(
-            str(r["number"]), r["state"], _pct(r["accuracy"]), _num(r["flops_ratio"]), _num(r["gmacs"], ".4g"),
+            str(r["number"]), r["state"], pct(r["accuracy"]), num(r["flops_ratio"]), num(r["gmacs"], ".4g"),
             feasible, ops_glance(r["ops"]) or (r.get("reason") or "")[:40],
             "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s",
         )
@@ -48,17 +53,36 @@ def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | Non
     return table
 
 
+#: Columns of a plan, layer by layer: in the terminal (:func:`plan_table`) and in dashboard notes.
+PLAN_COLUMNS = ("layer", "op", "budget (keep)", "merge threshold", "prune threshold", "mean tokens after")
+
+
+def plan_rows(plan: dict[str, Any], kept: Sequence[float] | None) -> list[tuple[str, ...]]:
+    """The cells of :data:`PLAN_COLUMNS` for every layer of a plan (its JSON form)."""
+    kept = list(kept or [None] * len(plan["layers"]))
+    return [
+        (str(i), layer["op"], f"{layer['keep']:.3f}", num(layer.get("merge_threshold")),
+         num(layer.get("prune_threshold")), num(k, ".1f"))
+        for i, (layer, k) in enumerate(zip(plan["layers"], kept))
+    ]
+
+
 def plan_table(plan: dict[str, Any], kept: Sequence[float] | None, title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for name in ("layer", "op", "budget (keep)", "merge threshold", "prune threshold", "mean tokens after"):
+    for name in PLAN_COLUMNS:
         table.add_column(name, justify="left" if name == "op" else "right")
-    kept = list(kept or [None] * len(plan["layers"]))
-    for i, (layer, k) in enumerate(zip(plan["layers"], kept)):
-        table.add_row(
-            str(i), layer["op"], f"{layer['keep']:.3f}", _num(layer.get("merge_threshold")),
-            _num(layer.get("prune_threshold")), _num(k, ".1f"),
-        )
+    for row in plan_rows(plan, kept):
+        table.add_row(*row)
     return table
+
+
+def best_plan(trial: optuna.trial.FrozenTrial | None) -> Table | str:
+    """The best feasible trial's plan as a table, or the line that says there is none."""
+    if trial is None:
+        return "No feasible trial yet."
+    a = trial.user_attrs
+    return plan_table(a["plan"], a.get("kept_tokens"), f"Best plan: trial {trial.number}, top-1 "
+                      f"{pct(trial.value)}, FLOPs ratio {a['flops_ratio']:.3f}")
 
 
 def studies_table(rows: Sequence[dict[str, Any]], where: str) -> Table:
@@ -67,8 +91,8 @@ def studies_table(rows: Sequence[dict[str, Any]], where: str) -> Table:
         table.add_column(name, justify="left" if name in ("study", "model") else "right")
     for r in rows:
         table.add_row(
-            r["study"], _num(r["target_flops_ratio"], "g"), r["model"] or "-",
-            f"{r['complete']}/{r['pruned']}/{r['failed']}", _pct(r["best_accuracy"]), _num(r["best_flops_ratio"]),
+            r["study"], num(r["target_flops_ratio"], "g"), r["model"] or "-",
+            f"{r['complete']}/{r['pruned']}/{r['failed']}", pct(r["best_accuracy"]), num(r["best_flops_ratio"]),
         )
     return table
 
@@ -78,10 +102,25 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     a = trial.user_attrs
     if trial.state == optuna.trial.TrialState.COMPLETE:
         feasible = "feasible" if a.get("feasible") else "over the target"
-        return (f"trial {trial.number}: top-1 {_pct(trial.value)}, FLOPs ratio {_num(a.get('flops_ratio'))} "
+        return (f"trial {trial.number}: top-1 {pct(trial.value)}, FLOPs ratio {num(a.get('flops_ratio'))} "
                 f"({feasible}), {a.get('gmacs', 0):.4g} GMACs")
     reason = a.get("pruned_reason") or a.get("fail_reason") or ""
     return f"trial {trial.number}: {trial.state.name.lower()}" + (f" ({reason})" if reason else "")
+
+
+def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """``search bench`` measurements, one row per configuration."""
+    table = Table(title=title, title_justify="left")
+    for col in ("plan", "device", "batch", "mode", "FLOPs ratio", "img/s base", "img/s plan", "ms base", "ms plan",
+                "speedup", "of ideal"):
+        table.add_column(col, justify="left" if col in ("plan", "device", "mode") else "right")
+    for r in rows:
+        table.add_row(str(r["plan"]), str(r["device"]), str(r["batch_size"]), r["mode"] + (" bf16" if r["amp"] else ""),
+                      f"{r['flops_ratio']:.3f}", f"{r['images_per_s_base']:.1f}", f"{r['images_per_s_plan']:.1f}",
+                      f"{r['latency_ms_base']:.1f}", f"{r['latency_ms_plan']:.1f}", f"{r['speedup']:.2f}x",
+                      f"{r['ideal_fraction']:.2f}")
+    table.caption = "FLOPs are MACs; 'of ideal' = speedup x FLOPs ratio (1.00 = as fast as the FLOPs say)"
+    return table
 
 
 class RunDisplay:

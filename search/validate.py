@@ -15,12 +15,23 @@ import torch
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
-from .config import StudyConfig
+from .config import StudyConfig, resolve
 from .finetune import evaluate
 from .models import load_base_model
-from .study import open_data, resolve_device
+from .prepare import open_data, resolve_device
 
-__all__ = ["validate_plan"]
+__all__ = ["validate_plan", "plan_config"]
+
+
+def plan_config(plan: ReductionPlan, preset: str | None, overrides: dict[str, Any]) -> StudyConfig:
+    """The configuration to validate ``plan`` with: the preset's, the plan's own model at the size it
+    was searched at unless the flags name another model or size, then the flags."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "model" not in given and plan.model:
+        given["model"] = plan.model
+        if "img_size" not in given and plan.geometry is not None:
+            given["img_size"] = plan.geometry.img_size[0]
+    return resolve(preset, given)
 
 
 def validate_plan(

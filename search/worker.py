@@ -2,8 +2,9 @@
 
 Optuna's RDB storage is the engine; this module adds one rule on top: a study holds exactly
 ``n_trials`` *slots*, Optuna trials in the WAITING state (``Study.enqueue_trial``, which ``ask``
-pops atomically, also across machines). A worker runs a trial only by popping a slot, so the study
-ends with exactly ``n_trials`` finished (complete or pruned) trials however many workers share it:
+pops atomically, also across machines). A worker runs a trial only by popping a slot (a trial that carries the
+user attribute ``slot``), so the study ends with exactly ``n_trials`` finished (complete or pruned)
+trials however many workers share it:
 
 - slots are topped up under a per-study lock (:meth:`search.store.Store.lock`), when a study is
   created or extended, and after a trial fails (its slot was spent without a result);
@@ -32,9 +33,14 @@ from ltmp_core import LTMPError
 
 from .config import StudyConfig
 from .objective import Objective
+from .prepare import build_objective
+from .storage import open_storage, open_study
 from .store import Store
 
-__all__ = ["TrialFailed", "ensure_slots", "work", "run_workers"]
+__all__ = ["TrialFailed", "ensure_slots", "work", "run_workers", "SLOT"]
+
+#: User attribute of the trials that are slots (enqueued by :func:`ensure_slots`; kept by retries).
+SLOT = "slot"
 
 POLL_S = 0.5
 MAX_CONSECUTIVE_FAILURES = 5
@@ -69,7 +75,7 @@ def ensure_slots(
         fresh = not study.trials
         for i in range(need):
             params = first[i] if fresh and first and i < len(first) else {}
-            study.enqueue_trial(params, skip_if_exists=False)
+            study.enqueue_trial(params, user_attrs={SLOT: True}, skip_if_exists=False)
     return need
 
 
@@ -83,8 +89,8 @@ def _guarded(objective: Objective) -> Callable[[optuna.Trial], float]:
     """The objective with the failure policy: record every failure's reason; configuration errors stop."""
 
     def run(trial: optuna.Trial) -> float:
-        # Slots are enqueued trials: Optuna marks them with a "fixed_params" system attribute.
-        if "fixed_params" not in trial.storage.get_trial_system_attrs(trial._trial_id):
+        # A trial that is not a slot was created by `ask` because the last slot was taken meanwhile.
+        if not trial.user_attrs.get(SLOT):
             trial.set_user_attr("fail_reason", "surplus: the study's last slot was taken by another worker")
             raise Surplus()
         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
@@ -166,14 +172,14 @@ class _Job:
 
 def _worker_main(job: _Job) -> None:
     """Entry point of a ``--jobs`` worker process: load the data and model once, then run slots."""
-    from .study import build_objective, open_study_for_worker
-
     torch.set_num_threads(job.threads)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        study, store = open_study_for_worker(job.config, job.url, job.study_name, seed_offset=job.index + 1)
+        # Each worker samples with a seed of its own.
+        study = open_study(job.config, open_storage(job.url, job.config.heartbeat), job.study_name, job.index + 1)
+        store = Store(job.url)
         objective, _, _ = build_objective(job.config, artifacts=job.artifacts)
         work(study, objective, store, job.config.n_trials)
         store.dispose()

@@ -6,15 +6,15 @@ from typing import Sequence
 
 import optuna
 
-from ltmp_core import LayerPlan, ReductionPlan, ViTGeometry, plan_flops_ratio
+from ltmp_core import LayerPlan, ReductionPlan, ViTGeometry
 
 from ._registry import Infeasible, register_space, solve
 
 
-def _plan(geometry: ViTGeometry, ops: Sequence[str], keeps: Sequence[float], space: str, target: float,
+def _plan(geometry: ViTGeometry, ops: Sequence[str], keeps: Sequence[float], space: str,
           importance: str = "mean") -> ReductionPlan:
     layers = tuple(LayerPlan(op=o, keep=k, importance=importance) for o, k in zip(ops, keeps))
-    return ReductionPlan(layers, geometry=geometry, meta={"space": space, "target": target})
+    return ReductionPlan(layers, geometry=geometry, meta={"space": space})
 
 
 @register_space(
@@ -28,7 +28,7 @@ def ltmp(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *,
     trained against LTMP's single FLOPs-ratio loss, free to move the cut between layers."""
     chosen = ["merge+prune"] * geometry.depth
     keeps = solve(chosen, [1.0] * geometry.depth, geometry, target)
-    return _plan(geometry, chosen, keeps, "ltmp", target)
+    return _plan(geometry, chosen, keeps, "ltmp")
 
 
 @register_space(
@@ -41,6 +41,8 @@ def tome(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *,
         importance: Sequence[str] = ("mean",)) -> ReductionPlan:
     """The smallest integer ``r`` whose static plan is at or under the target. As in ToMe, a layer
     merges ``min(r, n // 2)`` tokens when ``n`` enter it, so deep layers may merge fewer."""
+    from ltmp_core import plan_flops_ratio
+
     depth = geometry.depth
 
     def plan_for(r: int) -> ReductionPlan:
@@ -49,12 +51,13 @@ def tome(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *,
             out = n - min(r, n // 2)
             keeps.append(out / n)
             n = out
-        return _plan(geometry, ["merge"] * depth, keeps, "tome", target)
+        return _plan(geometry, ["merge"] * depth, keeps, "tome")
 
     lo, hi = 0, geometry.num_patches
     lowest = plan_flops_ratio(plan_for(hi), static=True)
     if lowest > target:
-        raise Infeasible(f"ToMe's constant merging reaches at best {lowest:.3f} of the FLOPs, above {target:.3f}")
+        raise Infeasible(f"ToMe's constant merging reaches at best {lowest:.3f} of the FLOPs, above {target:.3f}",
+                         ["merge"] * depth)
     while lo < hi:  # smallest r with a static ratio <= target
         mid = (lo + hi) // 2
         if plan_flops_ratio(plan_for(mid), static=True) <= target:
@@ -82,4 +85,4 @@ def tps(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, 
     where = set(tps_layers(geometry.depth))
     chosen = ["squeeze" if i in where else "none" for i in range(geometry.depth)]
     keeps = solve(chosen, [1.0] * geometry.depth, geometry, target)
-    return _plan(geometry, chosen, keeps, "tps", target, "cls" if geometry.num_prefix_tokens else "mean")
+    return _plan(geometry, chosen, keeps, "tps", "cls" if geometry.num_prefix_tokens else "mean")

@@ -1,29 +1,37 @@
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import optuna
 
-from ltmp_core import OPS, LTMPError, ReductionPlan, ViTGeometry, budgets_for_ratio
-from ltmp_core.plan import IMPORTANCE
+from ltmp_core import IMPORTANCE, OPS, LTMPError, ReductionPlan, ViTGeometry
 
 SpaceFn = Callable[..., ReductionPlan]
+SeedFn = Callable[[ViTGeometry, Sequence[str], Sequence[str]], list[dict[str, Any]]]
 
 
 class Infeasible(Exception):
     """The sampled plan cannot reach the FLOPs target; the message says why.
 
-    The objective turns it into a pruned trial before any training.
+    The objective turns it into a pruned trial before any training. ``ops`` are the operations the
+    trial had sampled, per layer, for the record.
     """
+
+    def __init__(self, message: str, ops: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.ops = list(ops)
 
 
 def solve(ops: Sequence[str], weights: Sequence[float], geometry: ViTGeometry, target: float) -> list[float]:
     """Per-layer budgets on the target (:func:`ltmp_core.budgets_for_ratio`), or :class:`Infeasible`."""
+    from ltmp_core import budgets_for_ratio  # the FLOP model needs torch; naming a space does not
+
     try:
         return budgets_for_ratio(ops, weights, geometry, target)
     except LTMPError as e:
-        raise Infeasible(str(e).removeprefix("target: ")) from None
+        raise Infeasible(str(e).removeprefix("target: "), ops) from None
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,8 @@ class Space:
             budget) or ``"global"`` (LTMP's FLOPs ratio against the target).
         tune: Whether thresholds are fine-tuned; ``False`` evaluates the plan in static mode.
         description: One line for ``--help`` and the docs.
+        seeds: ``seeds(geometry, ops, importance)``: parameters of the plans a new study of this space
+            starts from (the published methods' shapes), or ``None``.
     """
 
     name: str
@@ -44,18 +54,30 @@ class Space:
     budget: str = "layer"
     tune: bool = True
     description: str = ""
+    seeds: SeedFn | None = None
+
+    def seed_params(self, geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str]) -> list[dict[str, Any]]:
+        """Parameters to enqueue as a new study's first trials (none for a space without seeds)."""
+        return [] if self.seeds is None else self.seeds(geometry, tuple(ops), tuple(importance))
 
 
 SPACES: dict[str, Space] = {}
 
 
-def register_space(name: str, *, budget: str = "layer", tune: bool = True, description: str = ""):
-    """Register ``fn(trial, geometry, target, *, ops, importance) -> ReductionPlan`` as space ``name``."""
+def register_space(name: str, *, budget: str = "layer", tune: bool = True, description: str = "",
+                   seeds: SeedFn | None = None):
+    """Register ``fn(trial, geometry, target, *, ops, importance) -> ReductionPlan`` as space ``name``.
+
+    Registering a name again replaces the space, with a warning (as timm's model registry does).
+    """
     if budget not in ("layer", "global"):
         raise ValueError(f"budget must be 'layer' or 'global', got {budget!r}")
 
     def wrap(fn: SpaceFn) -> SpaceFn:
-        SPACES[name] = Space(name, fn, budget, tune, description)
+        if name in SPACES:
+            warnings.warn(f"Overwriting search space {name!r} ({SPACES[name].fn.__qualname__}) with "
+                          f"{fn.__qualname__}", stacklevel=2)
+        SPACES[name] = Space(name, fn, budget, tune, description, seeds)
         return fn
 
     return wrap

@@ -33,8 +33,6 @@ def test_quick_look_measures_each_configuration_and_stores_it(tmp_path):
     counted = counted_macs(stock, x) / base
     for r in rows:
         assert r["speedup"] > 0 and r["latency_ms_base"] > 0
-        assert r["speedup"] == pytest.approx(r["images_per_s_plan"] / r["images_per_s_base"])
-        assert r["ideal_fraction"] == pytest.approx(r["speedup"] * r["flops_ratio"])
         if r["mode"] == "static":
             assert r["flops_ratio"] == pytest.approx(counted, rel=0.01)
         else:  # thresholds calibrated for the budgets: near the target, image by image

@@ -312,7 +312,37 @@ def test_saved_config_holds_no_storage(workdir, local):
     assert "storage" not in saved and not any("sqlite" in str(v) for v in saved.values())
 
 
-def test_dashboard_binds_to_loopback_by_default():
-    from search.cli import build_parser
+def test_dashboard_binds_to_loopback_by_default(workdir, local, monkeypatch):
+    import optuna_dashboard
 
-    assert build_parser().parse_args(["dashboard"]).host == "127.0.0.1"
+    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 1), "--storage", local, "--quiet")
+    assert code == 0, err
+    served = {}
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kw: served.update(kw))
+    code, _, err = cli("dashboard", "--storage", local)
+    assert code == 0, err
+    assert served["host"] == "127.0.0.1" and "http://127.0.0.1:8080" in err
+
+
+def test_only_slots_run_a_trial_is_failed_as_surplus(tmp_path):
+    """Slots carry the user attribute ``slot``; a trial `ask` made up (the last slot was taken) never runs."""
+    from search.worker import SLOT, Surplus, _guarded, ensure_slots
+
+    url = f"sqlite:///{tmp_path / 'slots.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    store = Store(url)
+    assert ensure_slots(study, store, 2, [{"x": 1.0}]) == 2
+    assert ensure_slots(study, store, 2) == 0
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs.get(SLOT) for t in waiting] == [True, True]
+    ran = []
+    guarded = _guarded(lambda trial: ran.append(trial.number) or 1.0)
+    slot = study.ask()  # pops the first slot
+    assert guarded(slot) == 1.0
+    study.ask()  # the second slot, taken by "another worker"
+    stray = study.ask()  # nothing waits any more: a fresh trial, not a slot
+    with pytest.raises(Surplus):
+        guarded(stray)
+    assert ran == [slot.number]
+    assert study.trials[stray.number].user_attrs["fail_reason"].startswith("surplus")
+    store.dispose()

@@ -1,0 +1,77 @@
+"""Reading a study back: its trials ranked, its best feasible trial, summaries for the commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = ["FINISHED", "ranked_trials", "best_trial", "trial_summary", "list_studies", "target_of"]
+
+#: States of a trial that counts towards ``--n-trials``.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def target_of(study: optuna.Study | optuna.study.StudySummary) -> float | None:
+    """The FLOPs ratio the user asked the study for (its saved configuration's ``flops``)."""
+    return (study.user_attrs.get("config") or {}).get("flops")
+
+
+def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Complete trials, best first: feasible ones (at or under the target) by accuracy, ties by
+    fewer FLOPs; then the infeasible ones by accuracy. The one ranking every command uses."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    return sorted(complete, key=lambda t: (not t.user_attrs.get("feasible"), -t.value,
+                                           t.user_attrs.get("flops_ratio", 1.0), t.number))
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The most accurate feasible trial (measured FLOPs at or under the target), or ``None``."""
+    ranked = ranked_trials(study)
+    return ranked[0] if ranked and ranked[0].user_attrs.get("feasible") else None
+
+
+def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
+    """What ``search show`` prints of one trial."""
+    plan = trial.user_attrs.get("plan") or {}
+    layers = plan.get("layers", [])
+    ops = [layer["op"] for layer in layers] or list(trial.user_attrs.get("ops", []))
+    duration = trial.duration.total_seconds() if trial.duration else None
+    return {
+        "number": trial.number,
+        "state": trial.state.name.lower(),
+        "accuracy": trial.value,
+        "flops_ratio": trial.user_attrs.get("flops_ratio"),
+        "gmacs": trial.user_attrs.get("gmacs"),
+        "feasible": trial.user_attrs.get("feasible"),
+        "ops": ops,
+        "keeps": [layer["keep"] for layer in layers],
+        "duration_s": duration,
+        "reason": trial.user_attrs.get("pruned_reason") or trial.user_attrs.get("fail_reason"),
+    }
+
+
+def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
+    """One summary per study: name, target, trials by state, best feasible accuracy."""
+    out = []
+    for s in storage.get_all_studies():
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        best = best_trial(study)
+        config = s.user_attrs.get("config") or {}
+        out.append({
+            "study": s.study_name,
+            "target_flops_ratio": config.get("flops"),
+            "model": config.get("model"),
+            "space": config.get("space"),
+            "trials": len(trials),
+            "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "failed": sum(t.state == TrialState.FAIL for t in trials),
+            "best_trial": None if best is None else best.number,
+            "best_accuracy": None if best is None else best.value,
+            "best_flops_ratio": None if best is None else best.user_attrs.get("flops_ratio"),
+            "started": min((t.datetime_start for t in trials if t.datetime_start), default=None),
+        })
+    return out
