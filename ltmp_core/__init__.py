@@ -27,13 +27,14 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LTMPError": "errors",
     **{name: "flops" for name in (
-        "budgets_for_ratio", "count_flops", "expected_flops_ratio", "flops_budget_loss", "image_macs",
+        "budgets_for_ratio", "calibrate_to_flops", "count_flops", "expected_flops_ratio", "flops_budget_loss", "image_macs",
         "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "plan_flops_ratio",
         "plan_macs", "unreduced_macs")},
     "ViTGeometry": "geometry",
     "check_model": "geometry",
     **{name: "patch" for name in (
-        "MODES", "THRESHOLDS", "apply_plan", "calibrate", "get_mode", "get_plan", "is_patched", "own_counts",
+        "MODES", "THRESHOLDS", "apply_plan", "calibrate", "get_mode", "get_plan", "is_patched", "measure_scales",
+        "own_counts", "set_thresholds",
         "remove_plan", "set_mode", "threshold_parameters", "threshold_scales", "token_counts", "trace_tokens",
         "TokenTrace")},
     **{name: "plan" for name in (
@@ -61,12 +62,13 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from .errors import LTMPError
     from .flops import (
-        budgets_for_ratio, count_flops, expected_flops_ratio, flops_budget_loss, image_macs, kept_fractions,
+        budgets_for_ratio, calibrate_to_flops, count_flops, expected_flops_ratio, flops_budget_loss, image_macs, kept_fractions,
         layer_budget_loss, macs_from_counts, measure_flops, plan_flops_ratio, plan_macs, unreduced_macs,
     )
     from .geometry import ViTGeometry, check_model
     from .patch import (
-        MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, get_mode, get_plan, is_patched, own_counts,
+        MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, get_mode, get_plan, is_patched, measure_scales,
+        own_counts, set_thresholds,
         remove_plan, set_mode, threshold_parameters, threshold_scales, token_counts, trace_tokens,
     )
     from .plan import (

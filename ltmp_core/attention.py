@@ -23,7 +23,7 @@ __all__ = ["attend", "importance_scores", "packed"]
 Packing = tuple[Tensor, Tensor]  # flat indices of the live rows and of the padding rows of a padded batch
 
 
-def importance_scores(attn: Tensor, alive: Tensor | None, num_prefix: int) -> Tensor:
+def importance_scores(attn: Tensor, alive: Tensor | None, num_prefix: int, raw: bool = False) -> Tensor:
     """Attention each token receives, relative to a uniform share; ``+inf`` on prefix tokens.
 
     LTMP's importance is the mean attention a token receives (over heads and live queries). Those
@@ -32,17 +32,20 @@ def importance_scores(attn: Tensor, alive: Tensor | None, num_prefix: int) -> Te
     within an image (the same tokens are pruned for a given count) and makes one threshold mean the
     same in every image and layer: a score of 1 is an average token. ``attn`` is ``[B, H, Nq, Nk]``
     (every query: mean importance) or ``[B, H, 1, Nk]`` (the class query: class importance).
+    With ``raw`` the scores are LTMP's own, the mean attention itself (about ``1 / n``).
     """
     attn = attn.detach()
     heads, queries = attn.shape[1], attn.shape[2]
+    n = attn.shape[-1] if alive is None else (alive.detach() > 0.5).sum(dim=1, keepdim=True).float()
     if queries == 1:  # the class token's attention: one row, already over live keys only
-        n = attn.shape[-1] if alive is None else (alive.detach() > 0.5).sum(dim=1, keepdim=True).float()
         imp = attn[:, :, 0].float().mean(dim=1) * n
     elif alive is None:
         imp = attn.float().sum(dim=(1, 2)) / heads  # mean over queries times n: a plain sum
     else:
         w = (alive.detach() > 0.5).to(attn.dtype)
         imp = torch.einsum("bhqk,bq->bk", attn, w).float() / heads
+    if raw:
+        imp = imp / n
     return imp.index_fill(1, torch.arange(num_prefix, device=imp.device), math.inf)
 
 
@@ -56,6 +59,7 @@ def attend(
     packing: Packing | None,
     importance: str | None,
     num_prefix: int,
+    raw: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """timm's ``Attention.forward`` with proportional attention and token masks.
 
@@ -70,6 +74,7 @@ def attend(
         importance: ``None`` (no stage needs scores), ``mean`` (the full attention map) or ``cls`` (the
             class query's row alone, so the attention itself stays fused).
         num_prefix: Leading class, distillation and register tokens (their importance is ``+inf``).
+        raw: LTMP's raw importance units (see :func:`importance_scores`).
 
     Returns:
         The attention output, the keys ``[B, H, N, d]`` and the importance scores (or ``None``).
@@ -96,12 +101,12 @@ def attend(
     if importance == "mean" or soft or not attn.fused_attn:
         probs = normalise((q * attn.scale) @ k.transpose(-2, -1))
         if importance is not None:
-            scores = importance_scores(probs[:, :, :1] if importance == "cls" else probs, alive, num_prefix)
+            scores = importance_scores(probs[:, :, :1] if importance == "cls" else probs, alive, num_prefix, raw)
         out = attn.attn_drop(probs) @ v
     else:
         if importance == "cls":
             row = normalise((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1))
-            scores = importance_scores(row, alive, num_prefix)
+            scores = importance_scores(row, alive, num_prefix, raw)
         mask = bias
         if alive is not None:
             pad = torch.zeros_like(alive, dtype=q.dtype).masked_fill(alive <= 0.5, float("-inf"))[:, None, None, :]

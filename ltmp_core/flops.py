@@ -26,7 +26,9 @@ from torch import Tensor
 
 from .errors import LTMPError
 from .geometry import ViTGeometry
-from .patch import get_mode, get_plan, is_patched, own_counts, token_counts
+from .patch import (
+    THRESHOLDS, get_mode, get_plan, is_patched, measure_scales, own_counts, set_mode, set_thresholds, token_counts,
+)
 from .plan import OPS, LayerPlan, ReductionPlan, kept_count
 from .reducers import REDUCERS
 
@@ -45,6 +47,7 @@ __all__ = [
     "flops_budget_loss",
     "layer_budget_loss",
     "kept_fractions",
+    "calibrate_to_flops",
 ]
 
 Number = Any  # float, int or Tensor: the formulas below are plain arithmetic and work on all three
@@ -55,16 +58,24 @@ def similarities(op: str) -> int:
     return sum(REDUCERS[stage].similarities for stage in OPS[op])
 
 
+def _similarity_width(g: ViTGeometry, op: LayerPlan | str) -> int:
+    """Summed width of the similarity products of an op: keys (``head_dim``), or TPS's token features."""
+    name = op if isinstance(op, str) else op.op
+    tps = not isinstance(op, str) and op.squeeze_host == "tps"
+    return sum(REDUCERS[s].similarities * (g.embed_dim if tps and s == "squeeze" else g.head_dim) for s in OPS[name])
+
+
 def block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str = "none") -> Number:
     """MACs of one block: ``n_in`` tokens enter attention, ``n_out`` enter the MLP (prefix included).
 
     ``op`` is the block's :class:`LayerPlan` (or just its op name): a prune or squeeze scored by
-    ``cls`` importance adds the class query's row of attention logits, ``attn_dim * n_in``.
+    ``cls`` importance adds the class query's row of attention logits, ``attn_dim * n_in``; a TPS
+    squeeze compares token features (``embed_dim`` wide) instead of keys (``head_dim``).
     """
     name = op if isinstance(op, str) else op.op
     cls_row = (not isinstance(op, str) and op.importance == "cls"
                and any(REDUCERS[s].needs_importance for s in OPS[name]))
-    quadratic = 2 * g.attn_dim + similarities(name) * g.head_dim
+    quadratic = 2 * g.attn_dim + _similarity_width(g, op)
     linear = g.attn_macs_per_token + (g.attn_dim if cls_row else 0)
     return linear * n_in + quadratic * n_in * n_in + g.mlp_macs_per_token * n_out
 
@@ -319,3 +330,81 @@ def layer_budget_loss(model: nn.Module) -> Tensor:
     keep = torch.tensor(get_plan(model).keeps, dtype=kept.dtype, device=kept.device).unsqueeze(1)
     budget = (kept_count(keep, n_in) / n_in).mean(dim=1)
     return ((kept - budget) ** 2).sum()
+
+
+@torch.no_grad()
+def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: float, *,
+                       solve: str | None = None) -> ReductionPlan:
+    """Set the thresholds so that ``images`` cost ``flops`` of the unreduced model, with one shared shift.
+
+    One shift ``s``, common to every threshold of one kind (``solve``: ``merge_threshold``, or
+    ``prune_threshold``; by default merge when the plan merges), is found by bisection so that the
+    batch's measured FLOPs ratio (dynamic mode) is at or just under ``flops``; each such threshold
+    becomes its current value (its offset; 0 where it has none) plus ``s``. So a plan without merge
+    thresholds merges, in every merging layer, the tokens more similar than one value ``s``: every
+    layer and every image merges as much as it is redundant, where :func:`ltmp_core.calibrate` would
+    hold each layer to a budget. Thresholds of the other kind must be in the plan and stay as they
+    are. Afterwards every threshold knows its score spread (:func:`ltmp_core.measure_scales`).
+    Leaves the model in dynamic mode. Returns :func:`ltmp_core.get_plan`.
+
+    Raises:
+        LTMPError: ``flops`` cannot be reached by shifting these thresholds (the message says the
+            lowest reachable ratio), or a threshold of the other kind is missing.
+    """
+    if not (isinstance(flops, (int, float)) and 0 < flops):
+        raise LTMPError(f"flops: must be a positive number, got {flops!r}")
+    layers = get_plan(model).layers  # the thresholds it holds now are the offsets
+    uses = {name for layer in layers for name in layer.needs()}
+    name = solve or ("merge_threshold" if "merge_threshold" in uses else "prune_threshold")
+    if name not in THRESHOLDS:
+        raise LTMPError(f"solve: expected one of {', '.join(THRESHOLDS)}, got {name!r}")
+    if name not in uses:
+        raise LTMPError(f"solve: no layer of the plan uses a {name}")
+    for i, layer in enumerate(layers):
+        for other in layer.needs():
+            if other != name and getattr(layer, other) is None:
+                raise LTMPError(f"layers[{i}].{other}: not set; calibrate_to_flops solves the {name}s only")
+    offsets = [(getattr(layer, name) or 0.0) if name in layer.needs() else None for layer in layers]
+    used = [o for o in offsets if o is not None]
+    unreduced = unreduced_macs(ViTGeometry.from_model(model))
+    param = next(iter(model.parameters()))
+    x = (images if isinstance(images, Tensor) else next(iter(images)))
+    x = (x[0] if isinstance(x, (list, tuple)) else x).to(param.device)
+    was_training = model.training
+    model.eval()
+
+    def ratio(shift: float) -> float:
+        set_thresholds(model, name, [None if o is None else o + shift for o in offsets])
+        set_mode(model, "dynamic")
+        model(x)
+        return float(image_macs(model).mean()) / unreduced
+
+    try:
+        if name == "merge_threshold":  # cosine similarities: below -1 everything merges, above 1 nothing does
+            most, least = -1.0 - max(used) - 1e-3, 1.0 - min(used) + 1e-3
+        else:  # importance >= 0: at 0 nothing is pruned; raise the shift until the target is met
+            least, most = -max(used), 1.0 - min(used)
+            while ratio(most) > flops and most < 2.0 ** 30:
+                least, most = most, 2.0 * most + 1.0
+        lowest = ratio(most)
+        if lowest > flops:
+            raise LTMPError(f"flops: a FLOPs ratio of {flops:.3f} cannot be reached by shifting the {name}s "
+                            f"(the lowest reachable on these images is {lowest:.3f})")
+        feasible = least if ratio(least) <= flops else most
+        other = least
+        for _ in range(24 if feasible != least else 0):  # ratio(feasible) <= flops < ratio(other): bisect
+            mid = 0.5 * (feasible + other)
+            r = ratio(mid)
+            if r <= flops:
+                feasible = mid
+                if flops - r <= 2e-3 * flops:
+                    break
+            else:
+                other = mid
+            if abs(feasible - other) < 1e-6:
+                break
+        ratio(feasible)
+        measure_scales(model, x)
+    finally:
+        model.train(was_training)
+    return get_plan(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["threshold_mask", "masked_softmax", "threshold_between"]
+__all__ = ["threshold_mask", "masked_softmax", "threshold_between", "score_spread"]
 
 
 def threshold_mask(score: Tensor, threshold: Tensor | float, tau: float) -> Tensor:
@@ -59,10 +59,25 @@ def threshold_between(
         cum = weight.detach()[eligible].double()[order].cumsum(0)
         cum = torch.cat([cum.new_zeros(1), cum])
         k = int((cum - remove).abs().argmin())
-    w = max(1, n // 10)
-    scale = max(float(values[max(0, k - w)] - values[min(n - 1, k + w)]), 1e-6)
+    scale = _spread(values, k)
     if k <= 0:
         return float(values[0]) + 1e-4 * scale, scale
     if k >= n:
         return float(values[-1]) - 1e-4 * scale, scale
     return 0.5 * float(values[k - 1] + values[k]), scale
+
+
+def _spread(values: Tensor, k: int) -> float:
+    """The gap spanned by the 10% of ``values`` (sorted, descending) on either side of position ``k``."""
+    n = values.numel()
+    w = max(1, n // 10)
+    return max(float(values[max(0, k - w)] - values[min(n - 1, k + w)]), 1e-6)
+
+
+def score_spread(score: Tensor, eligible: Tensor, threshold: float) -> float:
+    """The scale of :func:`threshold_between` for a cut at a given ``threshold`` (``score > threshold``)."""
+    values = score.detach()[eligible].double()
+    if values.numel() == 0:
+        return 1.0
+    values = values.sort(descending=True).values
+    return _spread(values, int((values > threshold).sum()))

@@ -32,7 +32,7 @@ from timm.models.vision_transformer import Block
 from .attention import Packing, attend, packed
 from .errors import LTMPError
 from .geometry import check_model
-from .masking import threshold_between, threshold_mask
+from .masking import score_spread, threshold_between, threshold_mask
 from .plan import LayerPlan, ReductionPlan, kept_count, stage_counts
 from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Reducer, Tokens, top_k_mask
 
@@ -46,6 +46,8 @@ __all__ = [
     "get_plan",
     "is_patched",
     "calibrate",
+    "measure_scales",
+    "set_thresholds",
     "threshold_parameters",
     "threshold_scales",
     "token_counts",
@@ -70,6 +72,7 @@ class _Pass:
     own: list[Tensor] = field(default_factory=list)  # soft mode, [B]: patch tokens each block's own cut kept
     size: Tensor | None = None  # [B, N]: patches each token stands for; None while all are 1
     alive: Tensor | None = None  # [B, N]: 0/1 (soft: straight-through masks); None while every position is live
+    order: Tensor | None = None  # soft mode, [B, N]: sequence order keys after a tome-order merge; None: positions
     packing: Packing | None = None  # hard modes, padded batch: flat indices of the live and the padding rows
 
 
@@ -89,7 +92,9 @@ class _State:
         self.plan = plan
         self.mode = mode
         self.num_prefix = num_prefix
-        self.calibrating = False  # calibrate(): each threshold is set from the batch before its layer reduces
+        # calibrate(): "budgets" sets each threshold from the batch before its layer reduces; "spread"
+        # keeps the thresholds and records how spread the scores are around each one.
+        self.calibrating: str | None = None
         self.tracing = False  # trace_tokens(): follow every patch through the blocks
         self.scales: dict[tuple[int, str], float] = {}  # spread of each threshold's scores at calibration
         self.last: _Pass | None = None
@@ -120,7 +125,8 @@ class LTMPBlock(Block):
         layer = st.plan.layers[index]
         kind = layer.importance if any(REDUCERS[s].needs_importance for s in layer.stages) else None
         y, k, scores = attend(self.attn, self.norm1(x), size=p.size, alive=p.alive, soft=st.mode == "soft",
-                              packing=p.packing, importance=kind, num_prefix=st.num_prefix)
+                              packing=p.packing, importance=kind, num_prefix=st.num_prefix,
+                              raw=layer.importance_scale == "raw")
         x = x + self.drop_path1(self.ls1(y))
         x = _reduce(st, self, index, x, k, scores) if layer.stages else _pass_through(st, x)
 
@@ -143,7 +149,8 @@ def _reduce(st: _State, block: nn.Module, index: int, x: Tensor, k: Tensor, impo
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     ones = torch.ones(b, n, device=x.device, dtype=torch.float32)
     t = Tokens(x=x, size=ones if p.size is None else p.size, alive=ones if p.alive is None else p.alive,
-               metric=metric, importance=importance, num_prefix=st.num_prefix)
+               metric=metric, importance=importance, num_prefix=st.num_prefix, order=p.order,
+               merge_order=layer.merge_order, squeeze_host=layer.squeeze_host)
     if st.trace is not None:
         t.route = torch.arange(n, device=x.device).expand(b, n).clone()
         t.fate = torch.zeros(b, n, dtype=torch.long, device=x.device)
@@ -170,6 +177,7 @@ def _reduce(st: _State, block: nn.Module, index: int, x: Tensor, k: Tensor, impo
     p.alive = before * torch.where(before.detach() > 0.5, own, torch.ones_like(own))
     if fused:
         p.size = t.size
+    p.order = t.order
     p.counts.append(p.alive.sum(dim=1))
     p.own.append(own[:, st.num_prefix:].sum(dim=1))
     return t.x
@@ -199,7 +207,16 @@ def _decider(st: _State, block: nn.Module, index: int, layer: LayerPlan, stage: 
     name = stage.threshold
     # Prune scores are negated importances: "remove the highest score" = "prune the least important".
     sign = 1.0 if name == "merge_threshold" else -1.0
-    if st.calibrating:
+    if st.calibrating == "spread":
+        param = block._parameters[name]
+
+        def measure_and_decide(score: Tensor, eligible: Tensor) -> Tensor:
+            theta = sign * float(param)
+            st.scales[(index, name)] = score_spread(score, eligible, theta)
+            return ((score > theta) & eligible).float()
+
+        return measure_and_decide
+    if st.calibrating == "budgets":
         # Aim at the batch-mean kept fraction: every token of image b weighs 1 / n_in[b].
         n = n_in.float().clamp_min(1)
         live = (t.alive.detach()[:, st.num_prefix:] > 0.5).sum(dim=1).float()
@@ -234,7 +251,7 @@ def _set_threshold(block: nn.Module, name: str, value: float) -> None:
 
 
 def _compact(st: _State, t: Tokens, n_keep: int | None, fused: bool) -> Tensor:
-    """Drop dead tokens: live ones move to the front in order; pad to the longest row (dynamic)."""
+    """Drop dead tokens: live ones move to the front in sequence order; pad to the longest row (dynamic)."""
     alive = t.alive > 0.5
     b, n = alive.shape
     counts = alive.sum(dim=1)
@@ -243,7 +260,10 @@ def _compact(st: _State, t: Tokens, n_keep: int | None, fused: bool) -> Tensor:
         lo, hi = (int(v) for v in counts.aminmax())
         n_keep, padded = hi, lo != hi
     pos = torch.arange(n, device=alive.device)
-    key = torch.where(alive, pos, pos + n)
+    if t.order is None:
+        key = torch.where(alive, pos, pos + n)
+    else:  # a tome-order merge reordered the sequence; the compacted positions are its order from here on
+        key = torch.where(alive, t.order, t.order.amax(dim=1, keepdim=True) + 1 + pos)
     idx = key.topk(n_keep, dim=1, largest=False, sorted=True).indices
     x = t.x.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.x.shape[-1]))
     p = st.last
@@ -458,21 +478,58 @@ def calibrate(model: nn.Module, images: Tensor | Iterable[Any]) -> ReductionPlan
     scores of the tokens the budget removes and those it keeps, pooled over the batch (a quantile of
     the scores), before that layer reduces. ``images`` is a batch tensor, or an iterable of batches
     or ``(images, targets)`` pairs of which the first batch is used. Returns :func:`get_plan`.
+
+    To put the whole model on a FLOPs ratio with one shared threshold instead of per-layer budgets,
+    see :func:`ltmp_core.calibrate_to_flops`.
     """
+    _calibration_pass(model, images, "budgets")
+    return get_plan(model)
+
+
+@torch.no_grad()
+def measure_scales(model: nn.Module, images: Tensor | Iterable[Any]) -> list[float]:
+    """Record, for every threshold as it is, how spread its scores are around it on ``images``.
+
+    The gap spanned by the 10% of eligible tokens on either side of the cut, as :func:`calibrate`
+    records it (:func:`threshold_scales` returns them); for thresholds that were set another way.
+    """
+    _calibration_pass(model, images, "spread")
+    return threshold_scales(model)
+
+
+def _first_batch(images: Tensor | Iterable[Any]) -> Tensor:
+    if isinstance(images, Tensor):
+        return images
+    first = next(iter(images))
+    return first[0] if isinstance(first, (list, tuple)) else first
+
+
+def _calibration_pass(model: nn.Module, images: Tensor | Iterable[Any], kind: str) -> None:
     st = _state(model)
-    if not isinstance(images, Tensor):
-        first = next(iter(images))
-        images = first[0] if isinstance(first, (list, tuple)) else first
     param = next(iter(model.parameters()))
     previous, was_training = st.mode, model.training
-    st.mode, st.calibrating = "dynamic", True
+    st.mode, st.calibrating = "dynamic", kind
     model.eval()
     try:
-        model(images.to(param.device))
+        model(_first_batch(images).to(param.device))
     finally:
-        st.mode, st.calibrating = previous, False
+        st.mode, st.calibrating = previous, None
         model.train(was_training)
-    return get_plan(model)
+
+
+def set_thresholds(model: nn.Module, name: str, values: list[float | None]) -> None:
+    """Give block ``i`` the threshold ``name`` = ``values[i]`` (``None``: leave it as it is)."""
+    st = _state(model)
+    if name not in THRESHOLDS:
+        raise LTMPError(f"name: expected one of {', '.join(THRESHOLDS)}, got {name!r}")
+    if len(values) != st.plan.depth:
+        raise LTMPError(f"values: {len(values)} values for {st.plan.depth} blocks")
+    for i, (block, layer, value) in enumerate(zip(model.blocks, st.plan.layers, values)):
+        if value is None:
+            continue
+        if name not in layer.needs():
+            raise LTMPError(f"layers[{i}].{name}: the layer's op {layer.op!r} has no such threshold")
+        _set_threshold(block, name, float(value))
 
 
 def _last_pass(model: nn.Module) -> _Pass:

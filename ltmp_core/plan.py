@@ -32,6 +32,9 @@ __all__ = [
     "FORMAT_VERSION",
     "OPS",
     "IMPORTANCE",
+    "MERGE_ORDERS",
+    "SQUEEZE_HOSTS",
+    "IMPORTANCE_SCALES",
     "LayerPlan",
     "ReductionPlan",
     "make_plan",
@@ -42,7 +45,9 @@ __all__ = [
 ]
 
 FORMAT = "ltmp-plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :func:`load_plan` reads: version 1 plans are version 2 plans with the default variants.
+READABLE_VERSIONS = (1, 2)
 
 #: Operation name -> the reducer stages it runs, in order (see ``ltmp_core.reducers.REDUCERS``).
 OPS: dict[str, tuple[str, ...]] = {
@@ -62,6 +67,20 @@ DEFAULT_TAU = 0.1
 
 #: Importance scores of prune and squeeze: LTMP's mean attention received, or the class token's.
 IMPORTANCE = ("mean", "cls")
+
+#: Token order after a merge: ``keep`` (the input order; the split alternates over the live patch
+#: tokens) or ``tome`` (ToMe's and LTMP's: unmerged sources, then destinations; the split alternates
+#: over the whole sequence, prefix tokens included).
+MERGE_ORDERS = ("keep", "tome")
+
+#: Where a squeezed token goes and with what weight: ``keys`` (this project: the most similar kept
+#: token by attention keys, weights times token sizes, the host's size grows) or ``tps`` (TPS: by
+#: cosine similarity of the token features, weights e and exp(similarity) without sizes).
+SQUEEZE_HOSTS = ("keys", "tps")
+
+#: Units of the prune threshold: ``relative`` (importance times the live token count: 1 is an average
+#: token in every image and layer) or ``raw`` (LTMP's: the mean attention received itself, about 1/n).
+IMPORTANCE_SCALES = ("relative", "raw")
 
 
 def _number(value: Any, name: str, *, optional: bool = False) -> float | None:
@@ -91,6 +110,9 @@ class LayerPlan:
         importance: How prune and squeeze score tokens: ``mean`` (LTMP: mean attention received,
             needs the full attention map) or ``cls`` (the class token's attention, computed from the
             class query alone, so the block can use fused attention).
+        merge_order: :data:`MERGE_ORDERS`: the token order after a merge and the split's parity.
+        squeeze_host: :data:`SQUEEZE_HOSTS`: how a squeezed token finds and joins its host.
+        importance_scale: :data:`IMPORTANCE_SCALES`: the units of ``prune_threshold``.
     """
 
     op: str = "none"
@@ -100,6 +122,9 @@ class LayerPlan:
     prune_threshold: float | None = None
     tau: float = DEFAULT_TAU
     importance: str = "mean"
+    merge_order: str = "keep"
+    squeeze_host: str = "keys"
+    importance_scale: str = "relative"
 
     def __post_init__(self) -> None:
         if not isinstance(self.op, str) or self.op not in OPS:
@@ -122,8 +147,10 @@ class LayerPlan:
         tau = _number(self.tau, "tau")
         if tau <= 0:
             raise LTMPError(f"tau: must be > 0, got {tau}")
-        if self.importance not in IMPORTANCE:
-            raise LTMPError(f"importance: expected one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        for name, table in (("importance", IMPORTANCE), ("merge_order", MERGE_ORDERS),
+                            ("squeeze_host", SQUEEZE_HOSTS), ("importance_scale", IMPORTANCE_SCALES)):
+            if getattr(self, name) not in table:
+                raise LTMPError(f"{name}: expected one of {', '.join(table)}, got {getattr(self, name)!r}")
         object.__setattr__(self, "keep", keep)
         object.__setattr__(self, "merge_keep", merge_keep)
         object.__setattr__(self, "tau", tau)
@@ -273,8 +300,9 @@ class ReductionPlan:
         if data.get("format") != FORMAT:
             raise LTMPError(f"format: expected {FORMAT!r}, got {data.get('format')!r}; not an ltmp-search plan")
         version = data.get("version")
-        if version != FORMAT_VERSION or isinstance(version, bool):
-            raise LTMPError(f"version: plan format version {version!r} is not supported (expected {FORMAT_VERSION})")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise LTMPError(f"version: plan format version {version!r} is not supported "
+                            f"(this release reads {', '.join(map(str, READABLE_VERSIONS))})")
         known = {"format", "version", "model", "geometry", "layers", "meta"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -328,13 +356,18 @@ def make_plan(
     merge_keep: PerLayer = None,
     tau: PerLayer = DEFAULT_TAU,
     importance: PerLayer = "mean",
+    merge_order: PerLayer = "keep",
+    squeeze_host: PerLayer = "keys",
+    importance_scale: PerLayer = "relative",
     model_name: str | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> ReductionPlan:
     """Build a plan for ``model`` (a timm ViT, or its :class:`ViTGeometry`).
 
-    Each of ``op``, ``keep``, ``merge_keep``, ``tau`` and ``importance`` is one value for every layer
-    or a list with one value per layer. Layers whose op is ``none`` get ``keep=1`` whatever ``keep`` says.
+    Each of ``op``, ``keep``, ``merge_keep``, ``tau``, ``importance`` and the variants
+    (``merge_order``, ``squeeze_host``, ``importance_scale``; see :class:`LayerPlan`) is one value for
+    every layer or a list with one value per layer. Layers whose op is ``none`` get ``keep=1``
+    whatever ``keep`` says.
 
     Example:
         >>> plan = make_plan(model, op=["none", "merge", "merge+prune", "prune"], keep=0.8)
@@ -352,13 +385,16 @@ def make_plan(
     merge_keeps = _per_layer(merge_keep, depth, "merge_keep")
     taus = _per_layer(tau, depth, "tau")
     importances = _per_layer(importance, depth, "importance")
+    variants = [dict(zip(("merge_order", "squeeze_host", "importance_scale"), v)) for v in zip(
+        _per_layer(merge_order, depth, "merge_order"), _per_layer(squeeze_host, depth, "squeeze_host"),
+        _per_layer(importance_scale, depth, "importance_scale"))]
     layers = []
-    for i, (o, k, mk, t, imp) in enumerate(zip(ops, keeps, merge_keeps, taus, importances)):
+    for i, (o, k, mk, t, imp, var) in enumerate(zip(ops, keeps, merge_keeps, taus, importances, variants)):
         if o == "none":
             k, mk = 1.0, None
         elif o not in ("merge+prune", "merge+squeeze"):
             mk = None
-        layers.append(_replace_layer(None, i, op=o, keep=k, merge_keep=mk, tau=t, importance=imp))
+        layers.append(_replace_layer(None, i, op=o, keep=k, merge_keep=mk, tau=t, importance=imp, **var))
     return ReductionPlan(layers=tuple(layers), model=model_name, geometry=geometry, meta=dict(meta or {}))
 
 

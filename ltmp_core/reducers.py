@@ -53,6 +53,11 @@ class Tokens:
             :data:`PRUNED`, :data:`SQUEEZED`).
         needs_metric, needs_importance: Whether a later stage of the block reads these after a fusion;
             when not, fusing skips them (their values are then stale).
+        order: Optional, ``[B, N]`` integer keys: the sequence order of the tokens when it is not their
+            position (a ``tome``-order merge moves its destinations behind the unmerged sources; hard
+            modes then gather in this order, soft mode keeps the keys).
+        merge_order: ``keep`` or ``tome`` (:data:`ltmp_core.plan.MERGE_ORDERS`).
+        squeeze_host: ``keys`` or ``tps`` (:data:`ltmp_core.plan.SQUEEZE_HOSTS`).
     """
 
     x: Tensor
@@ -65,12 +70,25 @@ class Tokens:
     fate: Tensor | None = None
     needs_metric: bool = True  # a later stage of the block reads the (fused) similarity metric
     needs_importance: bool = True  # a later stage of the block reads the (fused) importance
+    order: Tensor | None = None
+    merge_order: str = "keep"
+    squeeze_host: str = "keys"
 
     def candidates(self) -> Tensor:
         """Live patch tokens: the only tokens a reducer may touch, ``[B, N]`` bool."""
         n = self.alive.shape[1]
         patch = torch.arange(n, device=self.alive.device) >= self.num_prefix
         return (self.alive.detach() > 0.5) & patch
+
+    def rank(self) -> Tensor:
+        """Rank of every live patch token in sequence order (0, 1, ...), ``[B, N]``; junk elsewhere."""
+        cand = self.candidates()
+        if self.order is None:  # the sequence order is the position order
+            return cand.long().cumsum(1) - 1
+        key = torch.where(cand, self.order, self.order.amax(dim=1, keepdim=True) + 1)
+        perm = key.argsort(dim=1, stable=True)
+        positions = torch.arange(perm.shape[1], device=perm.device).expand_as(perm)
+        return torch.empty_like(perm).scatter_(1, perm, positions)
 
 
 @dataclass(frozen=True)
@@ -150,12 +168,13 @@ def _reroute(t: Tokens, remove: Tensor, dest: Tensor | None, code: int) -> dict[
     return {"route": route, "fate": fate}
 
 
-def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: Tensor, code: int) -> Tokens:
+def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: Tensor, code: int,
+          grow: bool = True) -> Tokens:
     """Remove tokens with weights ``remove`` and fold them into ``dest``.
 
     The host ``j`` becomes ``(hw_j x_j + sum_i r_i w_i x_i) / (hw_j + sum_i r_i w_i)`` over the
-    tokens ``i`` with ``dest[i] = j``; its size grows by ``sum_i r_i size_i``. Tokens that receive
-    nothing are left bit-for-bit unchanged.
+    tokens ``i`` with ``dest[i] = j``; with ``grow`` its size grows by ``sum_i r_i size_i``. Tokens
+    that receive nothing are left bit-for-bit unchanged.
     """
     wr = remove * weight
     acc_w = torch.zeros_like(wr).scatter_add_(1, dest, wr)
@@ -174,8 +193,10 @@ def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: 
     if t.needs_metric:
         metric = fold(metric)
         metric = torch.where(got.unsqueeze(-1), metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6), metric)
-    moved = remove * t.size * (weight > 0)
-    size = t.size + torch.zeros_like(t.size).scatter_add_(1, dest, moved)
+    size = t.size
+    if grow:
+        moved = remove * t.size * (weight > 0)
+        size = t.size + torch.zeros_like(t.size).scatter_add_(1, dest, moved)
     importance = t.importance
     if importance is not None and t.needs_importance:
         # A host is as important as the most important token it absorbed (LTMP).
@@ -189,18 +210,26 @@ def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: 
 def merge(t: Tokens, decide: Decide) -> Tokens:
     """Bipartite threshold merging (LTMP; ToMe's matching).
 
-    Live patch tokens alternate between a source set (odd rank) and a destination set (even rank).
-    Each source token's score is its best cosine similarity to a destination token; the tokens
-    ``decide`` removes are averaged into their match, weighted by size.
+    Live patch tokens alternate, in sequence order, between a source and a destination set; each
+    source's score is its best cosine similarity to a destination, and the sources ``decide`` removes
+    are averaged into their match, weighted by size. The parity: with ``merge_order="keep"`` the odd
+    patch tokens are sources; with ``"tome"`` the split runs over the whole sequence, prefix tokens
+    included, and tokens at even positions are sources (ToMe's ``a = x[..., ::2, :]``), after which
+    the sequence becomes the unmerged sources, then the destinations (ToMe's ``cat([unm, dst])``).
     """
     cand = t.candidates()
-    rank = cand.long().cumsum(1) - 1
-    src = cand & (rank % 2 == 1)
-    dst = cand & (rank % 2 == 0)
+    offset = t.num_prefix + 1 if t.merge_order == "tome" else 0
+    odd = (t.rank() + offset) % 2 == 1
+    src, dst = cand & odd, cand & ~odd
     best, dest = _similarity(t.metric, dst)
     eligible = src & dst.any(dim=1, keepdim=True)
     remove = decide(best.masked_fill(~eligible, 0.0), eligible) * eligible
-    return _fuse(t, remove, dest, t.size, t.size, MERGED)
+    out = _fuse(t, remove, dest, t.size, t.size, MERGED)
+    if t.merge_order == "tome":
+        n = t.alive.shape[1]
+        base = t.order if t.order is not None else torch.arange(n, device=dst.device).expand_as(dst)
+        out.order = torch.where(dst, base + base.amax(dim=1, keepdim=True) + 1, base)
+    return out
 
 
 def _prune_weights(t: Tokens, decide: Decide) -> Tensor:
@@ -225,12 +254,21 @@ def prune(t: Tokens, decide: Decide) -> Tokens:
 def squeeze(t: Tokens, decide: Decide) -> Tokens:
     """Prune, then fuse every pruned token into its most similar kept token (TPS).
 
-    A host ``k`` with fused tokens ``j`` becomes ``(e s_k x_k + sum_j exp(c_jk) s_j x_j) / (e s_k +
-    sum_j exp(c_jk) s_j)``, with ``c`` the cosine similarity and ``s`` the token sizes (all 1 in
-    TPS, where this is its formula: the host weighs ``e = exp(1)``, its self-similarity).
+    With ``squeeze_host="tps"`` this is TPS's squeeze: the host is the kept token of highest cosine
+    similarity ``c`` of the token features, and a host ``k`` with fused tokens ``j`` becomes
+    ``(e x_k + sum_j exp(c_jk) x_j) / (e + sum_j exp(c_jk))`` (the host weighs ``e = exp(1)``, its
+    self-similarity); sizes do not change. With ``"keys"`` (this project's) the similarity is on the
+    attention keys, as merging's, and every weight is multiplied by the token's size, whose sum the
+    host takes over, so merged tokens count for what they stand for and feed proportional attention.
     """
     remove = _prune_weights(t, decide)
     hosts = t.candidates() & (remove.detach() < 0.5)
+    if t.squeeze_host == "tps":
+        features = t.x.detach().float()
+        features = features / (features.norm(dim=-1, keepdim=True) + 1e-6)
+        best, dest = _similarity(features, hosts)
+        weight = torch.exp(best)  # exp(-inf) = 0: with no host a token is simply pruned
+        return _fuse(t, remove, dest, weight, torch.full_like(t.size, math.e), SQUEEZED, grow=False)
     best, dest = _similarity(t.metric, hosts)
-    weight = torch.exp(best) * t.size  # exp(-inf) = 0: with no host a token is simply pruned
+    weight = torch.exp(best) * t.size
     return _fuse(t, remove, dest, weight, math.e * t.size, SQUEEZED)

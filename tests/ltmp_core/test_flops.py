@@ -54,10 +54,14 @@ PLANS = [
     dict(op="merge+squeeze", keep=0.6, merge_keep=0.8),
     dict(op=["none", "merge", "prune", "squeeze", "merge+prune", "merge+squeeze"] * 2, keep=0.7),
     dict(op=["prune", "squeeze", "merge+prune", "merge+squeeze"] * 3, keep=0.8, importance="cls"),
+    # The published variants: ToMe's order, TPS's squeeze (feature similarity, embed_dim wide), LTMP's units.
+    dict(op=["merge", "merge+squeeze", "squeeze", "merge+prune"] * 3, keep=0.8, merge_order="tome",
+         squeeze_host="tps", importance_scale="raw"),
 ]
 
 
-@pytest.mark.parametrize("plan_kwargs", PLANS, ids=lambda p: str(p["op"])[:30] + p.get("importance", ""))
+@pytest.mark.parametrize("plan_kwargs", PLANS, ids=lambda p: str(p["op"])[:30] + p.get("importance", "")
+                         + p.get("squeeze_host", ""))
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_small_distilled_patch16_224"])
 def test_static_plans_match_pytorch_counter(name, plan_kwargs):
     model = full_size(name)
@@ -257,3 +261,49 @@ def test_geometry_json_round_trip_and_validation():
     with pytest.raises(LTMPError, match="geometry.head_dim"):
         ViTGeometry.from_dict(bad)
     assert GEOMETRY.num_tokens == 197 and GEOMETRY.attn_dim == 384
+
+
+def _measured(model, x) -> float:
+    ltmp_core.set_mode(model, "dynamic")
+    with torch.no_grad():
+        model(x)
+    return float(ltmp_core.image_macs(model).mean()) / ltmp_core.unreduced_macs(ViTGeometry.from_model(model))
+
+
+@pytest.mark.parametrize("target", [0.55, 0.7])
+def test_calibrate_to_flops_puts_the_batch_on_the_target_with_one_shift(target):
+    model = tiny_model("deit_small")
+    offsets = [0.0, 0.01, 0.02, 0.03]
+    plan = ltmp_core.make_plan(model, op="merge", keep=0.9).with_layers(merge_threshold=offsets)
+    ltmp_core.apply_plan(model, plan, mode="static")
+    x = images(16, seed=4)
+    solved = ltmp_core.calibrate_to_flops(model, x, target)
+    thresholds = [layer.merge_threshold for layer in solved.layers]
+    # One shift for all: the offsets between the layers are kept.
+    assert [t - thresholds[0] for t in thresholds] == pytest.approx(offsets, abs=1e-6)  # float32 parameters
+    ratio = _measured(model, x)
+    assert target - 0.01 <= ratio <= target  # on the target, from below
+    # Shifting every threshold further changes the ratio the way the bisection assumes.
+    ltmp_core.set_thresholds(model, "merge_threshold", [t + 0.05 for t in thresholds])
+    assert _measured(model, x) > ratio
+    ltmp_core.set_thresholds(model, "merge_threshold", [t - 0.05 for t in thresholds])
+    assert _measured(model, x) < ratio
+    assert all(s != 1.0 for s in ltmp_core.threshold_scales(model)), "the score spreads were measured"
+
+
+def test_calibrate_to_flops_solves_prune_thresholds_without_merges_and_says_what_is_out_of_reach():
+    model = tiny_model("deit_small")
+    ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op=["none", "prune", "none", "squeeze"], keep=0.9),
+                         mode="static")
+    x = images(16, seed=4)
+    solved = ltmp_core.calibrate_to_flops(model, x, 0.8)
+    assert solved.layers[1].prune_threshold == solved.layers[3].prune_threshold > 0
+    assert _measured(model, x) <= 0.8
+    one = tiny_model("deit_small")
+    ltmp_core.apply_plan(one, ltmp_core.make_plan(one, op=["none", "none", "none", "merge"], keep=0.9), mode="static")
+    with pytest.raises(LTMPError, match=r"flops: a FLOPs ratio of 0.300 cannot be reached .* lowest reachable"):
+        ltmp_core.calibrate_to_flops(one, x, 0.3)
+    both = tiny_model("deit_small")
+    ltmp_core.apply_plan(both, ltmp_core.make_plan(both, op="merge+prune", keep=0.9), mode="static")
+    with pytest.raises(LTMPError, match=r"layers\[0\]\.prune_threshold: not set"):
+        ltmp_core.calibrate_to_flops(both, x, 0.5)

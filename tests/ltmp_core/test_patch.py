@@ -360,3 +360,41 @@ def test_cls_importance_needs_a_class_token():
     plan = ltmp_core.make_plan(model, op="prune", keep=0.5, importance="cls")
     with pytest.raises(LTMPError, match=r"layers\[0\]\.importance: 'cls' needs a class token"):
         ltmp_core.apply_plan(model, plan)
+
+
+@pytest.mark.parametrize("variant", [dict(merge_order="tome"), dict(squeeze_host="tps"),
+                                     dict(importance_scale="raw")], ids=lambda v: "-".join(v.values()))
+@pytest.mark.parametrize("arch", ["deit_small", "deit_small_distilled", "reg4_dinov2"])
+def test_published_variants_keep_the_modes_exact(arch, variant):
+    """ToMe's token order, TPS's squeeze and LTMP's raw importance: soft == dynamic, batch-invariant."""
+    ops = ["merge+squeeze", "merge", "merge+prune", "squeeze"]
+    model = tiny_model(arch)
+    plan = ltmp_core.make_plan(model, op=ops, keep=[0.75, 0.7, 0.7, 0.6], **variant)
+    ltmp_core.apply_plan(model, plan, mode="static")
+    ltmp_core.calibrate(model, images(8, seed=3))
+    x = images(6)
+    with torch.no_grad():
+        ltmp_core.set_mode(model, "dynamic")
+        hard, counts = model(x), ltmp_core.token_counts(model)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+        ltmp_core.set_mode(model, "soft")
+        soft, soft_counts = model(x), ltmp_core.token_counts(model)
+        ltmp_core.set_mode(model, "static")
+        static = model(x)
+    assert (counts.max(dim=1).values > counts.min(dim=1).values).any(), "padding was exercised"
+    torch.testing.assert_close(alone, hard, rtol=0, atol=1e-5)
+    torch.testing.assert_close(soft, hard, rtol=0, atol=1e-5)
+    assert torch.equal(soft_counts, counts) and torch.isfinite(static).all()
+
+
+def test_tome_order_changes_the_next_layers_split():
+    """The same plan in ToMe's order and in this project's order merges differently after layer 0."""
+    model = tiny_model("deit_small")
+    x = images(6)
+    outs = []
+    for order in ("keep", "tome"):
+        plan = ltmp_core.make_plan(model, op="merge", keep=0.75, merge_order=order)
+        ltmp_core.apply_plan(model, plan, mode="static")
+        with torch.no_grad():
+            outs.append(model(x))
+    assert not torch.allclose(outs[0], outs[1])

@@ -43,12 +43,29 @@ def test_json_round_trip(plan, tmp_path):
     loaded = ltmp_core.load_plan(path)
     assert loaded == plan
     data = json.loads(path.read_text())
-    assert data["format"] == "ltmp-plan" and data["version"] == 1
+    assert data["format"] == "ltmp-plan" and data["version"] == 2
     assert data["layers"][1] == {
         "op": "merge+prune", "keep": 0.6, "merge_keep": 0.8,
         "merge_threshold": 0.8, "prune_threshold": 0.01, "tau": 0.1, "importance": "mean",
+        "merge_order": "keep", "squeeze_host": "keys", "importance_scale": "relative",
     }
     assert not list(tmp_path.glob("sub/.*.tmp")), "no temporary file left behind"
+
+
+def test_version_1_plans_load_with_the_default_variants(plan, tmp_path):
+    """A plan written by the first release (no variant fields) still loads, and means what it meant."""
+    data = plan.to_dict()
+    data["version"] = 1
+    for layer in data["layers"]:
+        for name in ("merge_order", "squeeze_host", "importance_scale"):
+            del layer[name]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(data))
+    assert ltmp_core.load_plan(path) == plan
+    data["version"] = 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(LTMPError, match="version: plan format version 3 is not supported"):
+        ltmp_core.load_plan(path)
 
 
 def test_none_layers_keep_everything():
@@ -112,7 +129,7 @@ def _mutations(plan: ReductionPlan):
         return d
 
     yield "format", change(lambda d: d.update(format="torch-checkpoint"))
-    yield "version", change(lambda d: d.update(version=2))
+    yield "version", change(lambda d: d.update(version=3))
     yield "version", change(lambda d: d.pop("version"))
     yield "layers: 3 layers", change(lambda d: d["layers"].pop())
     yield "layers", change(lambda d: d.update(layers={"op": "merge"}))

@@ -98,12 +98,27 @@ def random_tokens(seed: int = 0, b: int = 3, n: int = 11, c: int = 8, prefix: in
     )
 
 
-@pytest.fixture(params=sorted(REDUCERS))
+#: The published variants beside each stage's default: ToMe's token order, TPS's squeeze host.
+VARIANTS = [{}, {"merge_order": "tome"}, {"squeeze_host": "tps"}]
+
+
+@pytest.fixture(params=[(name, v) for name in sorted(REDUCERS) for v in VARIANTS],
+                ids=lambda p: p[0] + "".join(f"-{v}" for v in p[1].values()))
 def reducer(request):
-    return REDUCERS[request.param]
+    """A registered stage whose ``fn`` applies one of the variants to the tokens it is given."""
+    name, variant = request.param
+    stage = REDUCERS[name]
+
+    def fn(t, decide):
+        for key, value in variant.items():
+            setattr(t, key, value)
+        return stage.fn(t, decide)
+
+    return type(stage)(stage.name, fn, stage.threshold, stage.needs_importance, stage.similarities), variant
 
 
 def test_contract_prefix_and_dead_tokens_untouched(reducer):
+    reducer, _ = reducer
     t = random_tokens()
     out = reducer.fn(t, lambda score, eligible: eligible.float())  # remove everything allowed
     p = t.num_prefix
@@ -117,6 +132,7 @@ def test_contract_prefix_and_dead_tokens_untouched(reducer):
 
 
 def test_contract_removing_nothing_changes_nothing(reducer):
+    reducer, _ = reducer
     t = random_tokens()
     out = reducer.fn(t, lambda score, eligible: torch.zeros_like(score))
     for name in ("x", "size", "alive"):
@@ -124,6 +140,7 @@ def test_contract_removing_nothing_changes_nothing(reducer):
 
 
 def test_contract_removed_count_and_size_conservation(reducer):
+    reducer, variant = reducer
     t = random_tokens(seed=3)
     out = reducer.fn(t, partial(top_k_mask, k=2))
     before = (t.alive > 0).sum(1)
@@ -131,13 +148,14 @@ def test_contract_removed_count_and_size_conservation(reducer):
     assert torch.equal(before - after, torch.full_like(before, 2))
     live_size_before = (t.size * t.alive).sum(1)
     live_size_after = (out.size * out.alive).sum(1)
-    if reducer.name == "prune":
-        assert torch.all(live_size_after < live_size_before)
+    if reducer.name == "prune" or (reducer.name == "squeeze" and variant.get("squeeze_host") == "tps"):
+        assert torch.all(live_size_after < live_size_before)  # TPS keeps no sizes: squeezed ones are lost
     else:  # merged or squeezed tokens hand their size to a live host
         torch.testing.assert_close(live_size_after, live_size_before)
 
 
 def test_contract_soft_weights_carry_gradients(reducer):
+    reducer, _ = reducer
     t = random_tokens(seed=5)
     theta = torch.tensor(0.0, requires_grad=True)
     out = reducer.fn(t, lambda score, eligible: threshold_mask(score, theta + score.median(), 0.1))
@@ -189,3 +207,88 @@ def test_registering_a_stage_again_warns_and_replaces():
         assert REDUCERS["prune"].fn is prune
     finally:
         REDUCERS["prune"] = original
+
+
+def nine_tokens(angles: list[float], prefix: int = 1) -> Tokens:
+    """One image: ``prefix`` prefix tokens then patch tokens p0, p1, ... with 2-d metrics at ``angles``;
+    each token's feature is its own index, so where it went can be read off."""
+    n = len(angles)
+    return Tokens(x=torch.arange(n, dtype=torch.float32).view(1, n, 1).repeat(1, 1, 2),
+                  size=torch.ones(1, n), alive=torch.ones(1, n), metric=torch.tensor([[unit(a) for a in angles]]),
+                  importance=None, num_prefix=prefix, merge_order="tome")
+
+
+def sequence(t: Tokens) -> list[int]:
+    """The live tokens in sequence order, by their feature (= the original index of the token)."""
+    key = t.order[0] if t.order is not None else torch.arange(t.alive.shape[1])
+    live = [i for i in key.argsort().tolist() if t.alive[0, i] > 0.5]
+    return [int(t.x[0, i, 0].round()) if t.size[0, i] == 1 else -i for i in live]
+
+
+def test_tome_merge_order_and_parity_by_hand():
+    """ToMe's bipartite_soft_matching on cls + 8 patches, r = 2, then its next layer's split.
+
+    Positions 0..8 = [cls, p0 .. p7]. ToMe: a = even positions = [cls, p1, p3, p5, p7] (sources; the
+    class token never merges), b = odd = [p0, p2, p4, p6]. p1 is 2 degrees from p0, p5 3 degrees from
+    p6; p3 and p7 are far from every destination. r = 2 merges p1 -> p0 and p5 -> p6, and ToMe returns
+    cat([unmerged a, b]) = [cls, p3, p7, p0+p1, p2, p4, p5+p6].
+    """
+    #          cls  p0  p1  p2   p3   p4   p5   p6   p7
+    angles = [180, 0, 2, 40, 120, 80, 63, 60, 150]
+    t = nine_tokens(angles)
+    out = merge(t, partial(top_k_mask, k=2))
+    assert out.alive.tolist() == [[1, 1, 0, 1, 1, 1, 0, 1, 1]]
+    # Merged tokens (size 2) are shown as -index of the destination that holds them.
+    assert sequence(out) == [0, 4, 8, -1, 3, 5, -7]
+    torch.testing.assert_close(out.x[0, 1], torch.tensor([1.5, 1.5]))  # (p0 + p1) / 2: size-weighted mean
+    torch.testing.assert_close(out.x[0, 7], torch.tensor([6.5, 6.5]))
+    # The next layer's split runs over the new order [cls, p3, p7, d0, p2, p4, d6]: ToMe's a = even
+    # positions = [cls, p7, p2, d6] -> sources p7, p2, d6; destinations p3, d0, p4.
+    seen = {}
+
+    def record(score, eligible):
+        seen["sources"] = sorted(eligible[0].nonzero().flatten().tolist())
+        return torch.zeros_like(score)
+
+    merge(out, record)
+    assert seen["sources"] == [3, 7, 8]  # token indices of p2, p6 (holding p5+p6) and p7
+
+
+def test_tome_parity_with_a_distillation_token():
+    """With [cls, dist, p0, ...] ToMe's sources are the even patches (a = even positions): p0, p2, ..."""
+    t = nine_tokens([180, 170, 0, 2, 40, 120, 80, 63, 60], prefix=2)
+    seen = {}
+
+    def record(score, eligible):
+        seen["sources"] = eligible[0].nonzero().flatten().tolist()
+        return torch.zeros_like(score)
+
+    merge(t, record)
+    assert seen["sources"] == [2, 4, 6, 8]  # p0, p2, p4, p6
+    keep = nine_tokens([180, 170, 0, 2, 40, 120, 80, 63, 60], prefix=2)
+    keep.merge_order = "keep"
+    merge(keep, record)
+    assert seen["sources"] == [3, 5, 7]  # this project's order-preserving split: the odd patches
+
+
+def test_tps_squeeze_picks_its_host_by_feature_similarity_by_hand():
+    """TPS: the host is the kept token with the most similar *features*; weights e and exp(cos), no sizes.
+
+    The keys would send p2 to p1 (10 degrees apart); the features send it to p3.
+    """
+    t = five_tokens([math.inf, 0.4, 0.1, 0.3, 0.5], [45, 0, 10, 80, 90], size=[1, 1, 2, 1, 1])
+    t.x = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]]])
+    t.squeeze_host = "tps"
+    # cos(p2, p1) = cos(p2, p3) = 1/sqrt(2), cos(p2, p4) = -1/sqrt(2): a tie, broken towards p3.
+    t.x[0, 3] = torch.tensor([0.1, 1.0])
+    out = squeeze(t, partial(top_k_mask, k=1))  # p2 (importance 0.1) is squeezed
+    c = (1.0 * 0.1 + 1.0 * 1.0) / (math.sqrt(2) * math.sqrt(1.01))
+    w = math.exp(c)
+    expected = [(math.e * 0.1 + w * 1.0) / (math.e + w), (math.e * 1.0 + w * 1.0) / (math.e + w)]
+    assert out.alive.tolist() == [[1, 1, 0, 1, 1]]
+    torch.testing.assert_close(out.x[0, 3], torch.tensor(expected))
+    torch.testing.assert_close(out.x[0, 1], t.x[0, 1], rtol=0, atol=0)  # the key-nearest token is untouched
+    assert out.size.tolist() == t.size.tolist()  # TPS keeps no sizes
+    t.squeeze_host = "keys"
+    by_keys = squeeze(t, partial(top_k_mask, k=1))
+    assert by_keys.size.tolist() == [[1, 3, 2, 1, 1]]  # this project's: p1 (by keys) takes p2's size
