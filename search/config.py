@@ -34,7 +34,7 @@ __all__ = [
     "DEFAULT_PRESET", "RESULT_FIELDS", "MODEL_SHAPE_FIELDS",
 ]
 
-DEFAULT_PRESET = "digits"
+DEFAULT_PRESET = "mnist"
 
 
 def _spaces() -> Iterable[str]:
@@ -93,10 +93,13 @@ def setting(
 class StudyConfig:
     """Everything that decides what a study measures and how it runs (see each field's help)."""
 
-    flops: float = setting(0.35, "target FLOPs ratio: measured FLOPs at most this fraction of the unreduced model's",
-                           flag="--flops", minimum=0)
+    flops: float = setting(0.35, "target FLOPs ratio: measured FLOPs at most this fraction of the unreduced "
+                           "model's; or a range LO:HI (0.25:0.6) for one study over many budgets", flag="--flops",
+                           minimum=0)
+    flops_min: float | None = setting(None, "lower end of a range of targets (--flops LO:HI): one study with two "
+                                      "objectives, top-1 up and measured FLOPs down", minimum=0)
     flops_margin: float = setting(0.02, "plans aim this fraction under the target, for the images that cost more "
-                                  "than the calibration batch", minimum=0)
+                                  "than the calibration batch", minimum=0, flag="--flops-margin")
     preset: str = setting(DEFAULT_PRESET, "name or path of the preset these values came from", result=False)
     model: str = setting("ltmp_vit_digits", "timm model name", flag="--model", group="model")
     model_kwargs: dict[str, Any] = setting(help="extra arguments for timm.create_model, e.g. patch_size=8 depth=4",
@@ -105,12 +108,16 @@ class StudyConfig:
                                group="model")
     checkpoint: str | None = setting(None, "local weights (.pth/.pt/.safetensors; timm, DeiT or LTMP checkpoints)",
                                      flag="--checkpoint", group="model")
-    data: str = setting("digits", "ImageNet-layout folder (train/<class>/..., val/<class>/...) or 'digits'",
+    data: str = setting("digits", "ImageNet-layout folder (train/<class>/..., val/<class>/...), or a built-in "
+                        "data set: mnist, digits",
                         flag="--data-dir", group="model")
     img_size: int | None = setting(None, "input size in pixels (default: the model's own)", flag="--img-size",
                                    group="model", shape=True, minimum=1)
-    holdout: int = setting(360, "held-out images carved from train/ that score the trials", flag="--holdout",
-                           group="model", minimum=1)
+    holdout: int = setting(360, "select split: held-out images (carved from train/) that score and select the "
+                           "trials", flag="--holdout", group="model", minimum=1)
+    test_images: int = setting(360, "test split of a built-in data set (mnist, digits): reported only, never "
+                               "searched on (a folder's test split is val/)", flag="--test-images", group="model",
+                               minimum=1)
     trial_images: int | None = setting(None, "cap on the images a trial tunes its thresholds on",
                                        flag="--trial-images", minimum=1)
     workers: int | None = setting(None, "DataLoader workers (default: cores - 1, at most 8)", flag="--workers",
@@ -173,7 +180,7 @@ class StudyConfig:
         if self.model != base.get("model", StudyConfig.model):
             parts.append(self.model)
         parts.append(self.space)
-        parts.append(f"flops{self.flops:g}")
+        parts.append(f"flops{self.flops:g}" if self.flops_min is None else f"flops{self.flops_min:g}-{self.flops:g}")
         return "-".join(parts)
 
 
@@ -246,6 +253,8 @@ def _check(c: StudyConfig) -> None:
                 object.__setattr__(c, name, tuple(value))
     if not 0.0 < c.flops <= 1.0:
         raise LTMPError(f"{label('flops')}: the target FLOPs ratio must be in (0, 1], got {c.flops}")
+    if c.flops_min is not None and not 0.0 < c.flops_min < c.flops:
+        raise LTMPError(f"{label('flops')}: a range LO:HI needs 0 < LO < HI, got {c.flops_min}:{c.flops}")
     if not c.flops_margin < 0.5:
         raise LTMPError(f"flops_margin: must be in [0, 0.5), got {c.flops_margin}")
     if c.tau == 0:

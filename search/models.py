@@ -1,4 +1,9 @@
-"""Base models: timm ViTs by name, and the embedded digits ViT trained here once and cached.
+"""Base models: timm ViTs by name, and the built-in ViTs of the built-in data sets.
+
+The built-in models (:data:`BUILTIN_MODELS`) are trained by :func:`train_builtin_base` on the tune
+split of their data set. ``ltmp_vit_mnist``, the embedded default, ships its weights with the
+package (``search/weights/``, reproduced by ``python benchmarks/train_base.py``); any other recipe,
+seed or size is trained here once and cached (``studies/cache``, or ``$LTMP_CACHE``).
 
 The base model is loaded once per process; every trial patches a deep copy of it.
 """
@@ -9,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,34 +28,76 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 import ltmp_core
 from ltmp_core import LTMPError
 
-from .data import Splits, StudyData
+from .data import BUILTIN, Splits, StudyData
 
-__all__ = ["ltmp_vit_digits", "check_model_name", "load_base_model", "load_checkpoint", "train_digits_base", "cache_dir"]
+__all__ = [
+    "ltmp_vit_digits", "ltmp_vit_mnist", "BUILTIN_MODELS", "check_model_name", "load_base_model", "load_checkpoint",
+    "train_builtin_base", "cache_dir", "weights_dir",
+]
 
-DIGITS_RECIPE = dict(lr=2e-3, weight_decay=0.05, batch_size=64, label_smoothing=0.1, shift=2, version=2)
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A ViT trained here on a built-in data set: its architecture and its training recipe."""
+
+    data: str
+    arch: dict[str, Any]
+    recipe: dict[str, Any]
 
 
-@register_model
-def ltmp_vit_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """A tiny ViT for the embedded digits preset: 32 px, patch 4 (64 tokens), 4 blocks, width 64."""
+#: Built-in base models by timm name. Recipes: AdamW, one-cycle schedule, label smoothing, random shifts.
+BUILTIN_MODELS = {
+    # 32 px, patch 4 (64 tokens), 4 blocks, width 64: the tests' model, a minute on 2 cores.
+    "ltmp_vit_digits": BuiltinModel("digits", dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                                                   mlp_ratio=2.0),
+                                    dict(lr=2e-3, weight_decay=0.05, batch_size=64, label_smoothing=0.1, shift=2,
+                                         version=2)),
+    # 32 px, patch 4 (64 tokens), DeiT's depth (12 blocks) and MLP ratio, width 64, 4 heads: the share of
+    # the attention products in a block (15%) is DeiT-Ti's.
+    "ltmp_vit_mnist": BuiltinModel("mnist", dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=4,
+                                                 mlp_ratio=4.0),
+                                   dict(lr=1e-3, weight_decay=0.05, batch_size=64, label_smoothing=0.1, shift=2,
+                                        version=1)),
+}
+
+
+def _builtin_vit(name: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
     if pretrained:
-        raise LTMPError("model: ltmp_vit_digits has no published weights; it is trained here on the digits data")
+        raise LTMPError(f"model: {name} has no published weights; it is trained here (or shipped) on "
+                        f"the {BUILTIN_MODELS[name].data} data")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
-    args = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=10)
+    args = dict(BUILTIN_MODELS[name].arch, num_classes=10)
     args.update(kwargs)
     model = VisionTransformer(**args)
     model.pretrained_cfg = model.default_cfg = dict(
-        architecture="ltmp_vit_digits", num_classes=args["num_classes"],
+        architecture=name, num_classes=args["num_classes"],
         input_size=(3, args["img_size"], args["img_size"]), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
         crop_pct=1.0, interpolation="bilinear",
     )
     return model
 
 
+@register_model
+def ltmp_vit_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A tiny ViT for the digits data: 32 px, patch 4 (64 tokens), 4 blocks, width 64."""
+    return _builtin_vit("ltmp_vit_digits", pretrained, kwargs)
+
+
+@register_model
+def ltmp_vit_mnist(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The embedded default's ViT: 32 px, patch 4 (64 tokens), 12 blocks, width 64, 4 heads, MLP ratio 4."""
+    return _builtin_vit("ltmp_vit_mnist", pretrained, kwargs)
+
+
 def cache_dir() -> Path:
     """Where trained base models are cached: ``$LTMP_CACHE`` or ``studies/cache`` here."""
     return Path(os.environ.get("LTMP_CACHE", "studies/cache"))
+
+
+def weights_dir() -> Path:
+    """Weights shipped with the package (``search/weights``): read before the cache."""
+    return Path(__file__).with_name("weights")
 
 
 def _save_atomic(obj: object, path: Path) -> None:
@@ -72,18 +120,19 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def train_digits_base(
+def train_builtin_base(
     model: nn.Module,
     data: Splits,
+    recipe: dict[str, Any],
     epochs: int,
     seed: int,
     on_epoch: Callable[[int, int, float], None] | None = None,
 ) -> float:
-    """Train ``model`` on the tuning split (AdamW, one-cycle, label smoothing, small random shifts).
+    """Train ``model`` on the tune split (AdamW, one-cycle, label smoothing, small random shifts).
 
-    Returns the held-out accuracy. ``on_epoch(epoch, epochs, loss)`` reports progress.
+    Returns the select-split accuracy. ``on_epoch(epoch, epochs, loss)`` reports progress.
     """
-    r = DIGITS_RECIPE
+    r = recipe
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x, y = data.train_x, data.train_y
@@ -108,18 +157,21 @@ def train_digits_base(
     return accuracy(model, data.holdout_x, data.holdout_y)
 
 
-def _digits_key(name: str, img_size: int, num_classes: int, epochs: int, seed: int, data: Splits) -> str:
+def _builtin_key(name: str, img_size: int, num_classes: int, epochs: int, seed: int, data: Splits) -> str:
+    """What decides the weights of a built-in model: a stored file is used only if all of it matches."""
     fingerprint = {
         "model": name, "img_size": img_size, "num_classes": num_classes, "epochs": epochs, "seed": seed,
-        "recipe": DIGITS_RECIPE, "train": len(data.train_x), "holdout": len(data.holdout_x),
+        "recipe": BUILTIN_MODELS[name].recipe, "train": len(data.train_x), "holdout": len(data.holdout_x),
         "timm": timm.__version__.split(".")[0],
     }
+    if name != "ltmp_vit_digits":  # the digits model's key predates the test split; its caches stay valid
+        fingerprint.update(data=data.name, test=len(data.test_x))
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
 
 
 SUPPORTED = (
     "timm VisionTransformer models built from timm's pre-norm Block and Attention: deit_*, "
-    "deit3_*, vit_* (including register-token and qk_norm variants) and ltmp_vit_digits"
+    "deit3_*, vit_* (including register-token and qk_norm variants), ltmp_vit_mnist and ltmp_vit_digits"
 )
 
 
@@ -200,6 +252,22 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     model.load_state_dict(state)
 
 
+def _builtin_weights(model: nn.Module, name: str, data: Splits, epochs: int, seed: int,
+                     on_train: Callable[[int, int, float], None] | None) -> dict[str, Any]:
+    """Shipped weights, else cached ones, else trained here now (and cached) for a built-in model."""
+    key = _builtin_key(name, model.patch_embed.img_size[0], data.num_classes, epochs, seed, data)
+    for folder, source in ((weights_dir(), "shipped"), (cache_dir(), "cached")):
+        path = folder / f"{name}-{key}.pt"
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(saved["state_dict"])
+            return {"source": f"{source} {path}", "select_accuracy": float(saved["holdout_accuracy"])}
+    path = cache_dir() / f"{name}-{key}.pt"
+    acc = train_builtin_base(model, data, BUILTIN_MODELS[name].recipe, epochs, seed, on_train)
+    _save_atomic({"state_dict": model.state_dict(), "holdout_accuracy": acc}, path)
+    return {"source": f"trained here, cached at {path}", "select_accuracy": acc}
+
+
 def load_base_model(
     name: str,
     data: StudyData,
@@ -215,7 +283,7 @@ def load_base_model(
     """Create the base model, load or train its weights, and check ltmp_core can patch it.
 
     Returns the model (eval mode, weights frozen, on the CPU) and facts about it for the study
-    (``source``, and ``holdout_accuracy`` when it was trained here). ``--pretrained`` needs the
+    (``source``, and ``select_accuracy`` for a built-in model). ``--pretrained`` needs the
     network; offline, the error names ``--checkpoint`` instead.
     """
     if not timm.is_model(name):
@@ -247,17 +315,8 @@ def load_base_model(
         info["source"] = f"checkpoint {checkpoint}"
     elif pretrained:
         info["source"] = "timm pretrained"
-    elif name == "ltmp_vit_digits" and data.name == "digits":
-        key = _digits_key(name, model.patch_embed.img_size[0], data.num_classes, base_epochs, seed, data)
-        path = cache_dir() / f"{name}-{key}.pt"
-        if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(saved["state_dict"])
-            info.update(source=f"cached {path}", holdout_accuracy=float(saved["holdout_accuracy"]))
-        else:
-            acc = train_digits_base(model, data, base_epochs, seed, on_train)
-            _save_atomic({"state_dict": model.state_dict(), "holdout_accuracy": acc}, path)
-            info.update(source=f"trained here, cached at {path}", holdout_accuracy=acc)
+    elif name in BUILTIN_MODELS and data.name == BUILTIN_MODELS[name].data:
+        info.update(_builtin_weights(model, name, data, base_epochs, seed, on_train))
     else:
         info["source"] = "random initialisation (no --pretrained or --checkpoint)"
     model.eval()

@@ -14,7 +14,7 @@ import torch
 from ltmp_core import LTMPError
 
 from .config import StudyConfig
-from .data import StudyData, load_data
+from .data import BUILTIN, StudyData, load_data
 from .models import check_model_name, load_base_model
 from .objective import Objective, TrialHooks
 
@@ -34,7 +34,8 @@ def resolve_device(name: str) -> torch.device:
 def open_data(config: StudyConfig, device: torch.device, *, holdout: bool = True) -> StudyData:
     """The study's data, with the model's own preprocessing for folders; checks the model name first.
 
-    ``holdout=False`` carves no held-out split out of a folder (validation on val/ alone).
+    ``holdout=False`` carves no select split out of a folder (validation on val/ alone). A built-in
+    data set is always split as configured: its test split is what remains after the select split.
     """
     from timm.data import create_transform
 
@@ -46,11 +47,13 @@ def open_data(config: StudyConfig, device: torch.device, *, holdout: bool = True
     data_config = check_model_name(config.model, config.model_kwargs)
     img_size = config.img_size or int(data_config["input_size"][-1])
     transform = None
-    if config.data != "digits":
+    if config.data not in BUILTIN:
         data_config = {**data_config, "input_size": (3, img_size, img_size)}
         transform = create_transform(**data_config, is_training=False)
+    carve = holdout or config.data in BUILTIN
     return load_data(
-        config.data, img_size=img_size, holdout=config.holdout if holdout else None, transform=transform,
+        config.data, img_size=img_size, holdout=config.holdout if carve else None, test=config.test_images,
+        transform=transform,
         trial_images=config.trial_images, workers=config.workers, pin_memory=device.type == "cuda",
         mean=data_config["mean"], std=data_config["std"],
     )

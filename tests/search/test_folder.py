@@ -54,7 +54,7 @@ def study(folder, tmp_path_factory):
     """A 3-trial search over the folder with a tiny random ViT at 32 px."""
     work = tmp_path_factory.mktemp("study")
     url = f"sqlite:///{work / 'folder.db'}"
-    code, out, err = cli("run", "--flops", "0.5", "--data-dir", str(folder), *TINY, "--holdout", "15",
+    code, out, err = cli("run", "--flops", "0.5", "--data-dir", str(folder), *TINY, "--holdout", "15", "--flops-margin", "0.1",
                          "--n-trials", "3", "--trial-steps", "3", "-b", "16", "--storage", url, "--study-name", "f",
                          "--quiet")
     assert code == 0, err
@@ -77,7 +77,7 @@ def test_search_over_a_folder_scores_trials_on_the_holdout(study):
 
 def test_default_study_name_names_the_folder(folder):
     config = resolve(None, {"data": str(folder), "model": "deit_tiny_patch16_224"})
-    assert config.default_study_name() == "data-deit_tiny_patch16_224-layerwise-flops0.35"
+    assert config.default_study_name() == "data-deit_tiny_patch16_224-structured-flops0.35"
 
 
 def test_validate_reproduces_the_trial_on_the_holdout(study):
@@ -98,7 +98,7 @@ def test_validate_reproduces_the_trial_on_the_holdout(study):
     assert result["images"] + len(result["skipped_images"]) == 15 and result["mode"] == "dynamic"
     code, out, err = cli("validate", str(plan), "--data-dir", data_dir, *TINY, "--json")
     val = json.loads(out)
-    assert code == 0 and val["split"] == "val" and val["images"] == 15 and 0 <= val["top5"] <= 1
+    assert code == 0 and val["split"] == "test" and val["images"] == 15 and 0 <= val["top5"] <= 1
     assert val["top5"] >= val["top1"] and val["geometry_note"] is None
     # Without --model and --img-size: the plan's own model at the size it was searched at (32 px),
     # not the default preset's; another size still runs, with a warning naming both grids.
@@ -112,13 +112,19 @@ def test_validate_reproduces_the_trial_on_the_holdout(study):
 
 
 def test_another_model_does_not_inherit_the_presets_input_size(folder):
-    digits = resolve(None, {})
-    assert digits.img_size == 32  # the digits preset's size, for its own model
+    default = resolve(None, {})
+    assert default.img_size == 32  # the default preset's size, for its own model
     other = resolve(None, {"data": str(folder), "model": "vit_small_patch16_224"})
     assert other.img_size is None and other.model_kwargs == {}  # the model's own 224 px
     sized = resolve(None, {"model": "vit_small_patch16_224", "img_size": 64, "model_kwargs": {"depth": 4}})
     assert sized.img_size == 64 and sized.model_kwargs == {"depth": 4}
-    assert resolve(None, {"model": "ltmp_vit_digits"}).img_size == 32
+    # A built-in model named with the default preset keeps the size it was built for.
+    from search.models import check_model_name
+
+    other_builtin = resolve(None, {"model": "ltmp_vit_digits"})
+    assert other_builtin.img_size is None  # its own size, which is 32 px:
+    assert check_model_name("ltmp_vit_digits", {})["input_size"][-1] == 32
+    assert resolve("digits", {}).img_size == 32
 
 
 def test_holdout_is_balanced_disjoint_and_the_same_every_time(folder):
