@@ -19,27 +19,22 @@ from typing import Any, Callable, Sequence
 from . import __version__
 
 
-class _Formatter(argparse.HelpFormatter):
-    """Help strings may be callables, evaluated only when help is shown (they may need imports)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help() if callable(action.help) else action.help
-        return text
-
-
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2."""
+    """argparse, but a usage error is one line on stderr and exit code 2, and a help string may be a
+    callable, evaluated only when help is shown (it may need imports that plain parsing avoids)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
+    def format_help(self) -> str:
+        for action in self._actions:
+            if callable(action.help):
+                action.help = action.help()
+        return super().format_help()
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
 
 
-def _target(text: str) -> float:
+def _ratio(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -47,6 +42,17 @@ def _target(text: str) -> float:
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise argparse.ArgumentTypeError(f"expected a FLOPs ratio in (0, 1], got {text!r}")
     return value
+
+
+def _target(text: str) -> float | tuple[float, float]:
+    """A FLOPs ratio (0.35), or a range of them (0.25:0.6) for a study over many budgets."""
+    if ":" not in text:
+        return _ratio(text)
+    lo, _, hi = text.partition(":")
+    low, high = _ratio(lo), _ratio(hi)
+    if not low < high:
+        raise argparse.ArgumentTypeError(f"expected a range LO:HI with LO < HI, got {text!r}")
+    return low, high
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -161,16 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the best feasible plan (or --trial N) as JSON")
     p.add_argument("study_name", metavar="STUDY")
     p.add_argument("--trial", type=int, help="export this trial instead of the best feasible one")
+    p.add_argument("--flops", type=_ratio, help="the best plan at or under this measured FLOPs ratio (for a study "
+                   "over a range of targets)")
     p.add_argument("-o", "--output", default="plan.json", help="output file (default: plan.json)")
     _storage_options(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("validate", help="top-1/top-5 and measured FLOPs of a plan on a data split", description=(
         "Apply a plan to its base model and report top-1, top-5 and the measured FLOPs (MACs) on a split: "
-        "val/ of an ImageNet-layout folder, or the held-out split a search scored its trials on."))
+        "the test split (val/ of an ImageNet-layout folder), or the select split a search scored its trials on."))
     p.add_argument("plan", metavar="PLAN.json")
     p.add_argument("--study", dest="preset", help="preset whose model and data settings to use (default: digits)")
-    p.add_argument("--split", default="val", choices=("val", "holdout"))
+    p.add_argument("--split", default="test", choices=("test", "select", "val", "holdout"),
+                   help="test (default: the built-in test split, or val/ of a folder; never searched on) or "
+                        "select (what the search scored its trials on); val and holdout are their old names")
     p.add_argument("--mode", choices=("dynamic", "static"),
                    help="dynamic (learned thresholds, default when the plan has them) or static (fixed counts)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static model")
@@ -184,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan", nargs="?", metavar="PLAN.json", help="an exported plan (or give --model and --flops)")
     p.add_argument("--model", help="timm model for a quick look without a plan")
     p.add_argument("--model-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE", action=_KwargsAction)
-    p.add_argument("--flops", type=_target, help="with --model: a plan at this FLOPs ratio")
+    p.add_argument("--flops", type=_ratio, help="with --model: a plan at this FLOPs ratio")
     p.add_argument("--op", default="merge+prune", help="with --model: the op of every block (default merge+prune)")
     p.add_argument("--importance", default="cls", choices=("mean", "cls"),
                    help="with --model: prune/squeeze scores (default cls: fused attention)")
@@ -221,7 +231,10 @@ def _settings(args: argparse.Namespace, group: str | None = None) -> dict[str, A
     """The settings the user gave on the command line (``None``: not given, the preset decides)."""
     from .config import option_fields
 
-    return {f.name: getattr(args, f.name) for f in option_fields(group)}
+    given = {f.name: getattr(args, f.name) for f in option_fields(group)}
+    if isinstance(given.get("flops"), tuple):  # --flops LO:HI: a study over a range of targets
+        given["flops_min"], given["flops"] = given["flops"]
+    return given
 
 
 def _consoles():
@@ -376,15 +389,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from . import ui
     from .export import export_plan
+    from .results import accuracy_of
     from .storage import open_storage, resolve_storage
 
     url = resolve_storage(args.storage, create=False)
-    path, plan, trial = export_plan(open_storage(url), args.study_name, args.output, args.trial)
+    path, plan, trial = export_plan(open_storage(url), args.study_name, args.output, args.trial, args.flops)
     if args.json:
         _print_json({"path": str(path), "trial": trial.number, "plan": plan.to_dict()})
         return 0
     out, _ = _consoles()
-    out.print(f"Wrote {path}: trial {trial.number} of {args.study_name}, top-1 {ui.pct(trial.value)}, "
+    out.print(f"Wrote {path}: trial {trial.number} of {args.study_name}, top-1 {ui.pct(accuracy_of(trial))}, "
               f"FLOPs ratio {ui.num(trial.user_attrs.get('flops_ratio'))}.")
     out.print("Apply it:    ltmp_core.apply_plan(model, ltmp_core.load_plan(%r), mode='dynamic')" % str(path))
     return 0

@@ -22,7 +22,7 @@ from ltmp_core import LTMPError
 
 from .data import StudyData
 from .plots import kept_tokens_chart, token_map
-from .results import target_of
+from .results import accuracy_of, target_of
 from .storage import sqlite_file
 from .ui import PLAN_COLUMNS, num, plan_rows
 
@@ -120,7 +120,7 @@ def save_study_note(study: optuna.Study, best: optuna.trial.FrozenTrial | None) 
     if best is None:
         lines.append("No feasible trial yet.")
     else:
-        lines.append(f"Best feasible trial: **{best.number}**, top-1 {100 * best.value:.2f}% at a FLOPs ratio of "
+        lines.append(f"Best feasible trial: **{best.number}**, top-1 {100 * accuracy_of(best):.2f}% at a FLOPs ratio of "
                      f"{num(best.user_attrs.get('flops_ratio'))}. Export it with "
                      f"`search export {study.study_name} -o plan.json`.")
     save_note(study, "\n".join(lines))

@@ -11,19 +11,21 @@ from optuna.trial import TrialState
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
-from .results import best_trial, target_of
+from .results import accuracy_of, best_trial, target_of
 from .storage import load_study
 
 __all__ = ["trial_plan", "export_plan"]
 
 
-def trial_plan(study: optuna.Study, trial_number: int | None = None) -> tuple[ReductionPlan, optuna.trial.FrozenTrial]:
-    """The plan of trial ``trial_number``, or of the best feasible trial, with its learned thresholds."""
+def trial_plan(study: optuna.Study, trial_number: int | None = None,
+               flops: float | None = None) -> tuple[ReductionPlan, optuna.trial.FrozenTrial]:
+    """The plan of trial ``trial_number``, or of the best feasible trial (at or under ``flops`` too,
+    if given), with its learned thresholds."""
     if trial_number is None:
-        trial = best_trial(study)
+        trial = best_trial(study, flops)
         if trial is None:
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            target = target_of(study)
+            target = target_of(study) if flops is None else flops
             raise LTMPError(
                 f"study: {study.study_name!r} has no feasible trial ({done} complete, none at or under "
                 f"the FLOPs target {target}); run more trials or export one with --trial N"
@@ -41,10 +43,10 @@ def trial_plan(study: optuna.Study, trial_number: int | None = None) -> tuple[Re
         **{k: v for k, v in plan.meta.items() if k != "target"},
         "study": study.study_name,
         "trial": trial.number,
-        "accuracy": trial.value,
+        "accuracy": accuracy_of(trial),
         "flops_ratio": trial.user_attrs.get("flops_ratio"),
         "gmacs": trial.user_attrs.get("gmacs"),
-        "target_flops_ratio": target_of(study),
+        "target_flops_ratio": trial.user_attrs.get("target", target_of(study)) if flops is None else flops,
         "eval_mode": trial.user_attrs.get("eval_mode", "dynamic"),
     }
     return ReductionPlan(plan.layers, model=plan.model, geometry=plan.geometry, meta=meta), trial
@@ -55,8 +57,13 @@ def export_plan(
     study_name: str,
     output: str | os.PathLike[str],
     trial_number: int | None = None,
+    flops: float | None = None,
 ) -> tuple[Path, ReductionPlan, optuna.trial.FrozenTrial]:
-    """Write the plan to ``output`` atomically; returns the path, the plan and its trial."""
+    """Write the plan to ``output`` atomically; returns the path, the plan and its trial.
+
+    ``flops``: the best plan at or under this FLOPs ratio (a study over a range of targets has one
+    for every budget in its range).
+    """
     study = load_study(storage, study_name)
-    plan, trial = trial_plan(study, trial_number)
+    plan, trial = trial_plan(study, trial_number, flops)
     return ltmp_core.save_plan(plan, output), plan, trial

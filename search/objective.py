@@ -1,4 +1,19 @@
-"""One trial: sample a plan, patch a copy of the base model, calibrate, tune, score on held-out images."""
+"""One trial: sample a plan, patch a copy of the base model, set its thresholds, tune, score on the select split.
+
+How the thresholds start (:class:`search.finetune.Recipe` ``start``):
+
+- ``solve``: one shift common to every merge threshold (or every prune threshold in a plan without
+  merges) is solved on the calibration batch so that the measured FLOPs ratio is the aim
+  (:func:`ltmp_core.calibrate_to_flops`). A plan that cannot reach the aim is pruned here,
+  before any tuning.
+- ``calibrate``: every layer is put on the budget the space gave it.
+- ``plan``: the thresholds the space wrote into the plan (LTMP's 0.9 and 0).
+
+Then ``steps`` tuning steps (none for a space that does not tune), and the score: top-1 on the whole
+select split with tokens really removed, with the measured FLOPs ratio as the constraint. With a
+range of targets (``--flops LO:HI``) the study has two objectives, top-1 (up) and the measured FLOPs
+ratio (down), and every trial draws its own target in the range.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +27,18 @@ import torch
 import torch.nn as nn
 
 import ltmp_core
-from ltmp_core import ViTGeometry
+from ltmp_core import LTMPError, ViTGeometry
 from spaces import Infeasible, get_space, suggest
 
 from .config import StudyConfig
 from .data import StudyData
-from .finetune import NonFiniteLoss, evaluate, tune_thresholds
+from .finetune import NonFiniteLoss, Recipe, evaluate, tune_thresholds
 
-__all__ = ["Objective", "TrialHooks", "METRIC_NAME"]
+__all__ = ["Objective", "TrialHooks", "METRIC_NAME", "METRIC_NAMES", "recipe_for"]
 
 METRIC_NAME = "top-1 accuracy"
+#: The objectives of a study over a range of targets.
+METRIC_NAMES = (METRIC_NAME, "FLOPs ratio")
 
 
 @dataclass
@@ -30,10 +47,19 @@ class TrialHooks:
 
     on_trial_start: Callable[[int], None] = lambda number: None
     on_step: Callable[[int, int], None] = lambda step, steps: None
+    on_phase: Callable[[str], None] = lambda phase: None
+
+
+def recipe_for(config: StudyConfig, space_budget: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """The study's tuning recipe, then what the space's plan asks for (``plan.meta["tuning"]``)."""
+    base = Recipe(steps=config.trial_steps, lr=config.lr, budget=space_budget if config.budget == "space" else config.budget,
+                  budget_weight=config.budget_weight, tau=config.tau)
+    return base.updated(overrides)
 
 
 class Objective:
-    """Callable for ``study.optimize``: returns held-out top-1 accuracy, sets the FLOPs constraint.
+    """Callable for ``study.optimize``: returns select-split top-1 (and, over a range of targets, the
+    measured FLOPs ratio), sets the FLOPs constraint.
 
     The base model is loaded once by the caller; each trial works on a deep copy.
     """
@@ -59,90 +85,125 @@ class Objective:
         self.unreduced_macs = ltmp_core.unreduced_macs(self.geometry)
         self.space = get_space(config.space)
         self.hooks = hooks or TrialHooks()
-        self.calibration = data.calibration_batch(config.calib_images).to(device)
+        self.calibration = data.calibration_batch(config.calib_images, config.seed).to(device)
+        self.multi = config.flops_min is not None
         self._reported: set[tuple[int, int]] = set()
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         c = self.config
         self.hooks.on_trial_start(trial.number)
         seed = c.seed + trial.number
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("device", str(self.device))
-        aim = c.flops * (1.0 - c.flops_margin)
+        target = trial.suggest_float("flops_target", c.flops_min, c.flops) if self.multi else c.flops
+        trial.set_user_attr("target", target)
+        aim = target * (1.0 - c.flops_margin)
         try:
             plan = suggest(c.space, trial, self.geometry, aim, ops=c.ops, importance=c.importance)
         except Infeasible as e:
-            trial.set_user_attr("ops", e.ops)
-            trial.set_user_attr("pruned_reason", str(e))
-            raise optuna.TrialPruned(str(e)) from None
+            self._infeasible(trial, e.ops, str(e))
         trial.set_user_attr("ops", list(plan.ops))
-        plan = replace(plan, model=c.model).with_layers(tau=[c.tau] * plan.depth)
+        recipe = recipe_for(c, self.space.budget, plan.meta.get("tuning"))
+        plan = replace(plan, model=c.model).with_layers(tau=[recipe.tau] * plan.depth)
         trial.set_user_attr("predicted_flops_ratio", ltmp_core.plan_flops_ratio(plan))
         try:
-            return self._run(trial, plan, seed, c.batch_size)
+            return self._run(trial, plan, recipe, seed, c.batch_size, target, aim)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             half = max(1, c.batch_size // 2)
             trial.set_user_attr("oom_retry_batch_size", half)
             try:
-                return self._run(trial, plan, seed, half)
+                return self._run(trial, plan, recipe, seed, half, target, aim)
             except torch.cuda.OutOfMemoryError:
                 trial.set_user_attr("fail_reason", f"CUDA out of memory at batch size {c.batch_size} and again at {half}")
                 raise
 
-    def _run(self, trial: optuna.Trial, plan: ltmp_core.ReductionPlan, seed: int, batch_size: int) -> float:
+    @staticmethod
+    def _infeasible(trial: optuna.Trial, ops: list[str], reason: str) -> None:
+        trial.set_user_attr("ops", ops)
+        trial.set_user_attr("pruned_reason", reason)
+        raise optuna.TrialPruned(reason)
+
+    def _run(self, trial: optuna.Trial, plan: ltmp_core.ReductionPlan, recipe: Recipe, seed: int, batch_size: int,
+             target: float, aim: float) -> float | tuple[float, float]:
         c = self.config
         torch.manual_seed(seed)
         model = copy.deepcopy(self.base)
         ltmp_core.apply_plan(model, plan, mode="static")
         start = time.perf_counter()
-        mode = "static"
+        mode, images = "static", 0
         if self.space.tune:
             mode = "dynamic"
-            ltmp_core.calibrate(model, self.calibration)
-            self._report(trial, model, 0, batch_size)
-            steps = c.trial_steps
+            self.hooks.on_phase("calibrate")
+            passes = _count_forwards(model)
+            if recipe.start == "plan":
+                ltmp_core.set_mode(model, "dynamic")
+            else:
+                try:
+                    if recipe.start == "solve":
+                        ltmp_core.calibrate_to_flops(model, self.calibration, aim)
+                    else:
+                        ltmp_core.calibrate(model, self.calibration)
+                except LTMPError as e:
+                    if recipe.start == "solve" and str(e).startswith("flops:"):
+                        self._infeasible(trial, list(plan.ops), str(e).removeprefix("flops: "))
+                    raise
+            images += passes() * len(self.calibration)
+            trial.set_user_attr("calibrated_plan", ltmp_core.get_plan(model).to_dict())
 
             def on_step(step: int) -> None:
-                self.hooks.on_step(step, steps)
-                if step % c.eval_every == 0 and step < steps:
+                self.hooks.on_step(step, recipe.steps)
+                # The pruner sees a trial only once it has tuned (never its calibrated start).
+                if step % c.eval_every == 0 and step < recipe.steps and not self.multi:
                     self._report(trial, model, step, batch_size)
 
+            if recipe.steps:
+                self.hooks.on_phase("tune")
             try:
                 tuned = tune_thresholds(
-                    model, self.data.train_batches(batch_size, seed), steps=steps, lr=c.lr,
-                    budget=self.space.budget if c.budget == "space" else c.budget,
-                    budget_weight=c.budget_weight, target=c.flops * (1.0 - c.flops_margin),
-                    teacher=self.base if c.distill else None, device=self.device, amp=self.amp,
-                    on_step=on_step,
+                    model, self.data.train_batches(batch_size, seed), recipe=recipe, target=aim,
+                    teacher=self.base if c.distill else None, device=self.device, amp=self.amp, on_step=on_step,
                 )
             except NonFiniteLoss as e:
                 trial.set_user_attr("fail_reason", str(e))
                 raise
+            images += recipe.steps * batch_size * (2 if c.distill else 1)
             trial.set_user_attr("tune_task_loss", tuned.task_loss)
             trial.set_user_attr("tune_budget_loss", tuned.budget_loss)
+        trial.set_user_attr("recipe", {k: v for k, v in vars(recipe).items()})
         tune_seconds = time.perf_counter() - start
 
+        self.hooks.on_phase("score")
         result = evaluate(model, self.data.holdout_batches(batch_size), device=self.device, amp=self.amp, mode=mode)
+        images += result.images
         ratio = result.macs / self.unreduced_macs
-        trial.set_constraint("flops", ratio - c.flops)
+        trial.set_constraint("flops", ratio - target)
+        final = ltmp_core.get_plan(model)
+        if recipe.start != "calibrate" and mode == "dynamic":
+            # Thresholds, not budgets, decided the counts: the budgets (what static mode keeps) become
+            # the mean fractions the thresholds kept on the select split.
+            final = _with_measured_keeps(final, result.kept_tokens, self.geometry)
         attrs = {
-            "constraint": ratio - c.flops,  # mirrored: optuna-dashboard 0.21 reads user attributes
+            "constraint": ratio - target,  # mirrored: optuna-dashboard 0.21 reads user attributes
+            "accuracy": result.accuracy,
             "flops_ratio": ratio,
             "gmacs": result.macs / 1e9,
-            "feasible": ratio <= c.flops,
+            "feasible": ratio <= target,
             "kept_tokens": result.kept_tokens,
             "eval_mode": mode,
-            "plan": ltmp_core.get_plan(model).to_dict(),
+            "plan": final.to_dict(),
+            "images_processed": images,
             "time_tune_s": tune_seconds,
             "time_eval_s": result.seconds,
         }
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if self.recorder is not None:
-            self.recorder.record(trial, model, mode, attrs["plan"], result.kept_tokens, result.accuracy, ratio, c.flops)
-        if self.space.tune:
-            trial.report(result.accuracy, c.trial_steps)
+            self.recorder.record(trial, model, mode, attrs["plan"], result.kept_tokens, result.accuracy, ratio, target)
+        if self.multi:
+            return result.accuracy, ratio
+        if self.space.tune and recipe.steps:
+            trial.report(result.accuracy, recipe.steps)
         return result.accuracy
 
     def _report(self, trial: optuna.Trial, model: nn.Module, step: int, batch_size: int) -> None:
@@ -158,9 +219,37 @@ class Objective:
 
     @torch.no_grad()
     def base_accuracy(self) -> float:
-        """Held-out accuracy of the unreduced base model."""
+        """Select-split accuracy of the unreduced base model."""
         correct = seen = 0
         for x, y in self.data.holdout_batches(self.config.batch_size):
             correct += int((self.base(x.to(self.device)).argmax(-1) == y.to(self.device)).sum())
             seen += len(y)
         return correct / max(1, seen)
+
+
+def _count_forwards(model: nn.Module) -> Callable[[], int]:
+    """Count the forward passes of ``model`` from now on: returns a function that tells how many."""
+    calls = [0]
+    handle = model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+
+    def count() -> int:
+        handle.remove()
+        return calls[0]
+
+    return count
+
+
+def _with_measured_keeps(plan: ltmp_core.ReductionPlan, kept_tokens: list[float],
+                         geometry: ViTGeometry) -> ltmp_core.ReductionPlan:
+    """``plan`` with every reducing layer's ``keep`` set to the mean fraction of its input patch
+    tokens it kept (``kept_tokens``: mean tokens after each block, prefix included)."""
+    before, keeps = float(geometry.num_patches), []
+    for layer, after in zip(plan.layers, kept_tokens):
+        after = after - geometry.num_prefix_tokens
+        if layer.op == "none":
+            keeps.append(1.0)
+        else:
+            low = 0.5 if layer.op == "merge" else 1.0 / geometry.num_patches
+            keeps.append(min(1.0, max(low, after / max(before, 1e-9))))
+        before = after
+    return plan.with_layers(keep=keeps)

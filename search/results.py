@@ -7,7 +7,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["FINISHED", "ranked_trials", "best_trial", "trial_summary", "list_studies", "target_of"]
+__all__ = ["FINISHED", "ranked_trials", "best_trial", "trial_summary", "list_studies", "target_of", "accuracy_of",
+           "pareto_front"]
 
 #: States of a trial that counts towards ``--n-trials``.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -18,18 +19,43 @@ def target_of(study: optuna.Study | optuna.study.StudySummary) -> float | None:
     return (study.user_attrs.get("config") or {}).get("flops")
 
 
-def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete trials, best first: feasible ones (at or under the target) by accuracy, ties by
-    fewer FLOPs; then the infeasible ones by accuracy. The one ranking every command uses."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    return sorted(complete, key=lambda t: (not t.user_attrs.get("feasible"), -t.value,
+def accuracy_of(trial: FrozenTrial) -> float | None:
+    """A trial's top-1 (its first objective; a study over a range of targets has two)."""
+    return trial.values[0] if trial.values else None
+
+
+def _feasible(trial: FrozenTrial, flops: float | None) -> bool:
+    """At or under its own target and, if given, under ``flops`` too."""
+    ratio = trial.user_attrs.get("flops_ratio")
+    return bool(trial.user_attrs.get("feasible")) and (flops is None or (ratio is not None and ratio <= flops))
+
+
+def ranked_trials(study: optuna.Study, flops: float | None = None) -> list[FrozenTrial]:
+    """Complete trials, best first: feasible ones (at or under the target, and under ``flops`` if
+    given) by accuracy, ties by fewer FLOPs; then the others by accuracy. The one ranking every
+    command uses."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    return sorted(complete, key=lambda t: (not _feasible(t, flops), -accuracy_of(t),
                                            t.user_attrs.get("flops_ratio", 1.0), t.number))
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The most accurate feasible trial (measured FLOPs at or under the target), or ``None``."""
-    ranked = ranked_trials(study)
-    return ranked[0] if ranked and ranked[0].user_attrs.get("feasible") else None
+def best_trial(study: optuna.Study, flops: float | None = None) -> FrozenTrial | None:
+    """The most accurate feasible trial (measured FLOPs at or under the target, and at or under
+    ``flops`` if given: a study over a range of targets answers for any budget in it), or ``None``."""
+    ranked = ranked_trials(study, flops)
+    return ranked[0] if ranked and _feasible(ranked[0], flops) else None
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """Feasible complete trials that no other feasible trial beats in both top-1 and measured FLOPs,
+    by increasing FLOPs."""
+    feasible = [t for t in ranked_trials(study) if _feasible(t, None)]
+    front, best = [], -1.0
+    for t in sorted(feasible, key=lambda t: (t.user_attrs["flops_ratio"], -accuracy_of(t))):
+        if accuracy_of(t) > best:
+            front.append(t)
+            best = accuracy_of(t)
+    return front
 
 
 def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
@@ -41,7 +67,7 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
     return {
         "number": trial.number,
         "state": trial.state.name.lower(),
-        "accuracy": trial.value,
+        "accuracy": accuracy_of(trial),
         "flops_ratio": trial.user_attrs.get("flops_ratio"),
         "gmacs": trial.user_attrs.get("gmacs"),
         "feasible": trial.user_attrs.get("feasible"),
@@ -70,7 +96,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             "pruned": sum(t.state == TrialState.PRUNED for t in trials),
             "failed": sum(t.state == TrialState.FAIL for t in trials),
             "best_trial": None if best is None else best.number,
-            "best_accuracy": None if best is None else best.value,
+            "best_accuracy": None if best is None else accuracy_of(best),
             "best_flops_ratio": None if best is None else best.user_attrs.get("flops_ratio"),
             "started": min((t.datetime_start for t in trials if t.datetime_start), default=None),
         })

@@ -134,10 +134,13 @@ def open_study(config: StudyConfig, storage: optuna.storages.BaseStorage, name: 
                seed_offset: int = 0) -> optuna.Study:
     """Create or load the study ``name`` with the configuration's sampler and pruner.
 
-    ``seed_offset`` gives each ``--jobs`` worker a sampler seed of its own.
+    ``seed_offset`` gives each ``--jobs`` worker a sampler seed of its own. Over a range of targets
+    (``--flops LO:HI``) the study has two objectives, top-1 (up) and the measured FLOPs ratio (down),
+    and no pruner (Optuna's pruners follow one objective).
     """
+    multi = config.flops_min is not None
     return optuna.create_study(
-        study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=make_sampler(config.sampler, config.seed + seed_offset, config.n_trials),
-        pruner=make_pruner(config.pruner, config.trial_steps),
+        study_name=name, storage=storage, directions=["maximize", "minimize"] if multi else ["maximize"],
+        load_if_exists=True, sampler=make_sampler(config.sampler, config.seed + seed_offset, config.n_trials),
+        pruner=make_pruner("none" if multi else config.pruner, config.trial_steps),
     )

@@ -19,7 +19,7 @@ from ltmp_core import LTMPError, ViTGeometry
 from spaces import get_space
 
 from .config import StudyConfig, differences
-from .objective import METRIC_NAME, TrialHooks
+from .objective import METRIC_NAME, METRIC_NAMES, TrialHooks
 from .prepare import build_objective, open_data, resolve_device
 from .results import FINISHED, best_trial
 from .storage import open_storage, open_study, resolve_storage, sqlite_file
@@ -103,13 +103,14 @@ def run(
     first = None
     if "config" not in study.user_attrs:
         geometry = ViTGeometry.from_model(objective.base)
-        study.set_metric_names([METRIC_NAME])
+        study.set_metric_names(list(METRIC_NAMES) if config.flops_min is not None else [METRIC_NAME])
         study.set_user_attr("config", config.to_dict())
         study.set_user_attr("unreduced_gmacs", ltmp_core.unreduced_macs(geometry) / 1e9)
         study.set_user_attr("base", {**base_info, "evaluated_accuracy": objective.base_accuracy()})
         # The plans the published methods use start the study (as far as the space has such seeds).
         first = get_space(config.space).seed_params(geometry, config.ops, config.importance)
         first = first[: max(1, config.n_trials // 3)]
+        study.set_user_attr("seed_trials", len(first))  # trials 0 .. n-1 are the published shapes
     store.sync(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     result = RunResult(study, url, base=study.user_attrs.get("base", base_info), finished_before=finished)

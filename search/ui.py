@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .objective import TrialHooks
+from .results import accuracy_of
 
 __all__ = [
     "OP_SYMBOLS", "ops_glance", "pct", "num", "trials_table", "PLAN_COLUMNS", "plan_rows", "plan_table",
@@ -82,7 +83,7 @@ def best_plan(trial: optuna.trial.FrozenTrial | None) -> Table | str:
         return "No feasible trial yet."
     a = trial.user_attrs
     return plan_table(a["plan"], a.get("kept_tokens"), f"Best plan: trial {trial.number}, top-1 "
-                      f"{pct(trial.value)}, FLOPs ratio {a['flops_ratio']:.3f}")
+                      f"{pct(accuracy_of(trial))}, FLOPs ratio {a['flops_ratio']:.3f}")
 
 
 def studies_table(rows: Sequence[dict[str, Any]], where: str) -> Table:
@@ -102,7 +103,7 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     a = trial.user_attrs
     if trial.state == optuna.trial.TrialState.COMPLETE:
         feasible = "feasible" if a.get("feasible") else "over the target"
-        return (f"trial {trial.number}: top-1 {pct(trial.value)}, FLOPs ratio {num(a.get('flops_ratio'))} "
+        return (f"trial {trial.number}: top-1 {pct(accuracy_of(trial))}, FLOPs ratio {num(a.get('flops_ratio'))} "
                 f"({feasible}), {a.get('gmacs', 0):.4g} GMACs")
     reason = a.get("pruned_reason") or a.get("fail_reason") or ""
     return f"trial {trial.number}: {trial.state.name.lower()}" + (f" ({reason})" if reason else "")

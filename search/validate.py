@@ -1,8 +1,9 @@
 """``search validate``: the figures to report for a plan, on a split of a data set.
 
 Top-1 and top-5 accuracy and the measured FLOPs of the plan applied to its base model, with tokens
-really removed (dynamic mode when the plan carries thresholds, else static), on ``val/`` of an
-ImageNet-layout folder or on the held-out split a search scored its trials on.
+really removed (dynamic mode when the plan carries thresholds, else static), on the test split (the
+built-in data's test split, or ``val/`` of an ImageNet-layout folder) or on the select split the
+search scored its trials on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
 from .config import StudyConfig, resolve
+from .data import SPLITS
 from .finetune import evaluate
 from .models import load_base_model
 from .prepare import open_data, resolve_device
@@ -38,7 +40,7 @@ def validate_plan(
     plan: ReductionPlan | str,
     config: StudyConfig,
     *,
-    split: str = "val",
+    split: str = "test",
     mode: str | None = None,
     compile: bool = False,
     name: str | None = None,
@@ -53,10 +55,9 @@ def validate_plan(
     if not isinstance(plan, ReductionPlan):
         name = name or str(plan)
         plan = ltmp_core.load_plan(plan)
-    if split not in ("val", "holdout"):
-        raise LTMPError(f"split: expected val or holdout, got {split!r}")
-    if config.data == "digits" and split == "val":
-        raise LTMPError("split: the digits data has no val/ split; use --split holdout (what the search scored)")
+    split = {"val": "test", "holdout": "select"}.get(split, split)
+    if split not in SPLITS:
+        raise LTMPError(f"--split: expected test or select, got {split!r}")
     has_thresholds = all(
         getattr(layer, name) is not None for layer in plan.layers for name in layer.needs())
     mode = mode or ("dynamic" if has_thresholds else "static")
@@ -64,7 +65,7 @@ def validate_plan(
         raise LTMPError("mode: the plan has no learned thresholds; use --mode static (fixed token counts)")
     device = resolve_device(config.device)
     amp = config.amp if config.amp is not None else device.type == "cuda"
-    data = open_data(config, device, holdout=split == "holdout")
+    data = open_data(config, device, holdout=split == "select")
     model, info = load_base_model(
         config.model, data, img_size=config.img_size, model_kwargs=config.model_kwargs,
         pretrained=config.pretrained, checkpoint=config.checkpoint, base_epochs=config.base_epochs,
@@ -76,8 +77,7 @@ def validate_plan(
     if plan.geometry is not None and plan.geometry.num_patches != geometry.num_patches:
         note = (f"the plan was searched on {plan.geometry.num_patches} patches ({plan.geometry.img_size[0]} px); "
                 f"{config.model} here has {geometry.num_patches} ({geometry.img_size[0]} px)")
-    batches = data.split_batches(split, config.batch_size) if hasattr(data, "split_batches") else \
-        data.holdout_batches(config.batch_size)
+    batches = data.split_batches(split, config.batch_size)
     runner = model
     if compile:
         if mode != "static":

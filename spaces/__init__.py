@@ -11,6 +11,6 @@ weights and no data. Register one with :func:`register_space`; :data:`SPACES` li
 from __future__ import annotations
 
 from ._registry import SPACES, Infeasible, Space, get_space, register_space, suggest
-from . import _baselines, _layerwise  # noqa: F401  (registration)
+from . import _baselines, _layerwise, _structured  # noqa: F401  (registration)
 
 __all__ = ["SPACES", "Infeasible", "Space", "get_space", "register_space", "suggest"]

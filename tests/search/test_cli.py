@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 import ltmp_core
 from tests.search.helpers import cli, preset
-from search.data import digits, load_data
+from search.data import builtin, load_data
 from search.finetune import evaluate
 from search.models import load_base_model
 from search.store import Store
@@ -214,13 +214,16 @@ def test_version():
     assert e.value.code == 0 and "ltmp-search" in out.getvalue()
 
 
-def test_holdout_split_is_balanced_disjoint_and_fixed():
-    a, b = digits(holdout=360), digits(holdout=360)
-    assert torch.equal(a.holdout_index, b.holdout_index)
-    assert not set(a.holdout_index.tolist()) & set(a.train_index.tolist())
-    assert len(a.holdout_index) + len(a.train_index) == 1797
-    counts = torch.bincount(a.holdout_y, minlength=10)
-    assert counts.max() - counts.min() <= 1 and counts.sum() == 360
+@pytest.mark.parametrize(("name", "total", "select", "test"), [("digits", 1797, 360, 200), ("mnist", 5000, 1000, 1000)])
+def test_tune_select_and_test_splits_are_balanced_disjoint_and_fixed(name, total, select, test):
+    a, b = builtin(name, holdout=select, test=test), builtin(name, holdout=select, test=test)
+    assert torch.equal(a.holdout_index, b.holdout_index) and torch.equal(a.test_index, b.test_index)
+    splits = [set(a.train_index.tolist()), set(a.holdout_index.tolist()), set(a.test_index.tolist())]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    assert sum(len(s) for s in splits) == total and (len(splits[1]), len(splits[2])) == (select, test)
+    for y, n in ((a.holdout_y, select), (a.test_y, test)):
+        counts = torch.bincount(y, minlength=10)
+        assert counts.max() - counts.min() <= 1 and counts.sum() == n
 
 
 def test_search_can_choose_the_importance_per_layer(workdir):
@@ -235,3 +238,41 @@ def test_search_can_choose_the_importance_per_layer(workdir):
         plan = ltmp_core.ReductionPlan.from_dict(t.user_attrs["plan"])
         assert [layer.importance for layer in plan.layers] == [t.params[f"imp_{i}"] for i in range(4)]
     assert study.user_attrs["config"]["importance"] == ["mean", "cls"]
+
+
+def test_a_range_of_targets_is_one_two_objective_study_and_exports_any_budget_in_it(workdir):
+    url = f"sqlite:///{workdir / 'range.db'}"
+    code, out, err = cli("run", "--flops", "0.3:0.7", "--study", "tiny.toml", "--storage", url, "--space", "structured",
+                         "--n-trials", "6", "--quiet", "--json")
+    assert code == 0, err
+    name = json.loads(out)["study"]
+    assert name == "tiny-structured-flops0.3-0.7"
+    study = optuna.load_study(study_name=name, storage=url)
+    assert len(study.directions) == 2 and study.metric_names == ["top-1 accuracy", "FLOPs ratio"]
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert done and all(0.3 <= t.params["flops_target"] <= 0.7 for t in done)
+    for t in done:  # the objectives are what was measured; feasible means under the trial's own target
+        assert t.values == [t.user_attrs["accuracy"], t.user_attrs["flops_ratio"]]
+        assert t.user_attrs["feasible"] == (t.user_attrs["flops_ratio"] <= t.params["flops_target"])
+    limit = sorted(t.user_attrs["flops_ratio"] for t in done if t.user_attrs["feasible"])[-1]
+    code, out, err = cli("export", name, "--storage", url, "--flops", f"{limit:.6f}", "-o", "range.json", "--json")
+    assert code == 0, err
+    exported = json.loads(out)
+    chosen = study.trials[exported["trial"]]
+    under = [t for t in done if t.user_attrs["feasible"] and t.user_attrs["flops_ratio"] <= limit]
+    assert chosen.values[0] == max(t.values[0] for t in under)
+    assert exported["plan"]["meta"]["target_flops_ratio"] == pytest.approx(limit, abs=1e-6)
+    code, _, err = cli("export", name, "--storage", url, "--flops", "0.01", "-o", "none.json")
+    assert code == 2 and "no feasible trial" in err
+
+
+@pytest.mark.parametrize("command", ["run", "export", "validate", "show", "studies", "bench", "dashboard"])
+def test_every_command_prints_its_help(command):
+    # Help strings of the generated flags are evaluated only when help is shown; argparse must get text.
+    code, out, err = cli(command, "--help")
+    assert code == 0, err
+    assert out.startswith("usage: search ")
+    if command != "dashboard":  # every command that prints results takes --json
+        assert "--json" in out
+    if command == "run":
+        assert "--n-trials" in out and "tpe, nsga2, random" in out and "--flops" in out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ltmp_core
-from search.finetune import NonFiniteLoss, evaluate, tune_thresholds
+from search.finetune import LTMP_RECIPE, NonFiniteLoss, Recipe, evaluate, tune_thresholds
 from tests.conftest import images, tiny_model
 
 CPU = torch.device("cpu")
@@ -36,7 +36,8 @@ def test_tuning_changes_thresholds_only():
     model = calibrated()
     weights = {k: v.clone() for k, v in model.state_dict().items() if "threshold" not in k}
     before = [float(p.detach()) for p in ltmp_core.threshold_parameters(model)]
-    tune_thresholds(model, batches(), steps=5, lr=0.5, budget="layer", budget_weight=10.0, target=0.5, device=CPU)
+    tune_thresholds(model, batches(), recipe=Recipe(steps=5, lr=0.5, budget="layer", budget_weight=10.0), target=0.5,
+                    device=CPU)
     after = [float(p.detach()) for p in ltmp_core.threshold_parameters(model)]
     assert before != after
     for k, v in model.state_dict().items():
@@ -61,8 +62,8 @@ def test_tuning_brings_loosened_thresholds_back_in_units_of_score_spread(budget)
             p += s if name == "merge_threshold" else -s
     loose = ratio(model)
     assert loose > start + 0.1
-    tune_thresholds(model, batches(), steps=10, lr=0.05, budget=budget, budget_weight=1000.0, target=start,
-                    device=CPU)
+    tune_thresholds(model, batches(), recipe=Recipe(steps=10, lr=0.05, budget=budget, budget_weight=1000.0),
+                    target=start, device=CPU)
     assert start - 0.03 <= ratio(model) <= loose - 0.05
 
 
@@ -70,7 +71,7 @@ def test_non_finite_loss_is_reported():
     model = calibrated()
     bad = ((torch.full((4, 3, 32, 32), float("nan")), torch.zeros(4, dtype=torch.long)) for _ in itertools.count())
     with pytest.raises(NonFiniteLoss, match="tuning loss is nan at step 1"):
-        tune_thresholds(model, bad, steps=3, lr=0.05, budget="layer", budget_weight=1.0, target=0.5, device=CPU)
+        tune_thresholds(model, bad, recipe=Recipe(steps=3, budget_weight=1.0), target=0.5, device=CPU)
 
 
 def test_evaluate_restores_mode_and_counts_each_image_alone():
@@ -84,3 +85,27 @@ def test_evaluate_restores_mode_and_counts_each_image_alone():
     ltmp_core.set_mode(model, "dynamic")
     alone, _ = ltmp_core.measure_flops(model, [x[i:i + 1] for i in range(6)])
     assert result.macs == pytest.approx(alone) and result.images == 6
+
+
+def test_one_ltmp_sgd_step_is_the_released_recipe_written_out():
+    """LTMP's tools/train.py, one step: loss = label-smoothed CE + 10 * (target - r_flops)^2; plain SGD
+    (no momentum) at 5e-3 for merge and 5e-6 for prune thresholds; then every threshold clamped to [0, 1]."""
+    model = tiny_model("deit_small")
+    plan = ltmp_core.make_plan(model, op="merge+prune", keep=0.7, merge_order="tome", importance_scale="raw", tau=0.5)
+    plan = plan.with_layers(merge_threshold=[0.9, 0.95, 0.99, 1.0], prune_threshold=[0.0, 0.02, 0.05, 0.03])
+    ltmp_core.apply_plan(model, plan, mode="soft")
+    by_hand = ltmp_core.apply_plan(tiny_model("deit_small"), plan, mode="soft")
+    x, y = next(batches(3))
+    # By hand, on the twin model.
+    loss = torch.nn.functional.cross_entropy(by_hand(x), y, label_smoothing=0.1)
+    loss = loss + 10.0 * (0.4 - ltmp_core.expected_flops_ratio(by_hand)) ** 2
+    params = dict(by_hand.named_parameters())
+    names = [n for n in params if n.endswith(("merge_threshold", "prune_threshold"))]
+    grads = torch.autograd.grad(loss, [params[n] for n in names])
+    expected = {n: min(1.0, max(0.0, float(params[n].detach()) - (5e-3 if "merge" in n else 5e-6) * float(g)))
+                for n, g in zip(names, grads)}
+    # The recipe, one step of the same batch.
+    tune_thresholds(model, iter([(x, y)]), recipe=Recipe(steps=1, **LTMP_RECIPE), target=0.4, device=CPU)
+    got = {n: float(p) for n, p in model.named_parameters() if n in expected}
+    assert got == pytest.approx(expected, abs=1e-7)
+    assert any(float(g) != 0 for g in grads) and got["blocks.3.merge_threshold"] <= 1.0

@@ -93,12 +93,26 @@ def test_every_layerwise_plan_lands_on_its_target(g, data, target):
     assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(target, rel=0.005)
 
 
-def test_ltmp_baseline_is_merge_prune_everywhere_with_equal_budgets():
+def test_ltmp_baseline_is_the_released_recipe():
+    """LTMP's tools/train.py and model class: merge then prune everywhere, ToMe's order, raw mean
+    attention, thresholds from 0.9 and 0, SGD at 5e-3 / 5e-6, tau 0.5, smoothing 0.1, clamp, lambda 10."""
     plan = spaces.suggest("ltmp", optuna.trial.FixedTrial({}), DEIT_S, 0.35)
     assert set(plan.ops) == {"merge+prune"}
-    assert len(set(plan.keeps)) == 1
-    assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(0.35, rel=0.005)
-    assert spaces.get_space("ltmp").budget == "global"
+    assert {(l.merge_order, l.importance, l.importance_scale, l.merge_threshold, l.prune_threshold)
+            for l in plan.layers} == {("tome", "mean", "raw", 0.9, 0.0)}
+    assert plan.meta["tuning"] == {"optimizer": "sgd", "lr": 5e-3, "lr_prune": 5e-6, "budget": "global",
+                                   "budget_weight": 10.0, "smoothing": 0.1, "clamp": True, "start": "plan",
+                                   "tau": 0.5}
+
+
+def test_ltmp_search_samples_the_recipe_hyperparameters_and_starts_from_the_released_ones():
+    space = spaces.get_space("ltmp-search")
+    seeds = space.seed_params(DEIT_S, OPS, ["mean"])
+    assert seeds == [{"lr": 5e-3, "lr_prune": 5e-6, "tau": 0.5, "budget_weight": 10.0}]
+    plan = spaces.suggest("ltmp-search", optuna.trial.FixedTrial(
+        {"lr": 0.02, "lr_prune": 1e-5, "tau": 0.2, "budget_weight": 100.0}), DEIT_S, 0.35)
+    t = plan.meta["tuning"]
+    assert (t["lr"], t["lr_prune"], t["tau"], t["budget_weight"], t["optimizer"]) == (0.02, 1e-5, 0.2, 100.0, "sgd")
 
 
 SMALL = geometry("vit_small_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3)  # 16 patches
@@ -122,6 +136,7 @@ def test_tome_baseline_merges_a_constant_count(r, counts):
     plan = spaces.suggest("tome", optuna.trial.FixedTrial({}), SMALL, target)
     assert plan.meta["r"] == r and plan.static_counts() == counts
     assert set(plan.ops) == {"merge"} and not spaces.get_space("tome").tune
+    assert {layer.merge_order for layer in plan.layers} == {"tome"}  # ToMe's order and parity
     # Just under that ratio, ToMe needs a larger r.
     assert spaces.suggest("tome", optuna.trial.FixedTrial({}), SMALL, target * 0.999).meta["r"] > r
 
@@ -132,7 +147,10 @@ def test_tps_baseline_squeezes_three_evenly_spaced_layers():
     plan = spaces.suggest("tps", optuna.trial.FixedTrial({}), DEIT_S, 0.6)
     assert [i for i, op in enumerate(plan.ops) if op != "none"] == [3, 6, 9]
     assert len({plan.keeps[i] for i in (3, 6, 9)}) == 1
-    assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(0.6, rel=0.005)
+    # Fixed counts (TPS keeps top-k), at or just under the target.
+    assert 0.59 <= ltmp_core.plan_flops_ratio(plan, static=True) <= 0.6
+    assert not spaces.get_space("tps").tune
+    assert {plan.layers[i].squeeze_host for i in (3, 6, 9)} == {"tps"}
 
 
 def test_unknown_space_is_a_clear_error():
@@ -167,6 +185,45 @@ def test_layerwise_seeds_are_the_published_shapes():
     # Only the shapes the allowed ops can build; a space without seeds has none.
     assert len(spaces.get_space("layerwise").seed_params(DEIT_S, ["none", "squeeze"], ["mean"])) == 1
     assert spaces.get_space("ltmp").seed_params(DEIT_S, OPS, ["mean"]) == []
+
+
+STRUCTURED = dict(merge=True, merge_from=1, merge_to=9, slope=0.04, order="tome", prune="squeeze", prune_from=7,
+                  prune_level=0.1, host="tps", importance="cls")
+
+
+def test_structured_space_builds_the_shape_by_hand():
+    plan = spaces.suggest("structured", optuna.trial.FixedTrial(STRUCTURED), DEIT_S, 0.35, importance=["mean", "cls"])
+    # Blocks 1-8 merge, blocks from 7 squeeze: 0 none, 1-6 merge, 7-8 merge+squeeze, 9-11 squeeze.
+    assert list(plan.ops) == ["none"] + ["merge"] * 6 + ["merge+squeeze"] * 2 + ["squeeze"] * 3
+    # Merge thresholds are offsets along depth (0.04 * (i / 11 - 0.5)); the trial solves one shift.
+    assert plan.layers[1].merge_threshold == pytest.approx(0.04 * (1 / 11 - 0.5))
+    assert plan.layers[8].merge_threshold == pytest.approx(0.04 * (8 / 11 - 0.5))
+    assert {l.prune_threshold for l in plan.layers[7:]} == {0.1} and plan.layers[0].merge_threshold is None
+    assert {(l.importance, l.merge_order, l.squeeze_host) for l in plan.layers} == {("cls", "tome", "tps")}
+    assert plan.meta["tuning"] == {"start": "solve"}
+    # Without merges the prune thresholds are the ones solved: their offsets are 0.
+    plan = spaces.suggest("structured", optuna.trial.FixedTrial({**STRUCTURED, "merge": False, "prune_from": 3}),
+                          DEIT_S, 0.5, importance=["mean", "cls"])
+    assert list(plan.ops) == ["none"] * 3 + ["squeeze"] * 9 and {l.prune_threshold for l in plan.layers[3:]} == {0.0}
+
+
+def test_structured_space_refuses_shapes_that_cannot_reach_the_target_before_any_work():
+    late = {**STRUCTURED, "merge_from": 6, "merge_to": 7, "prune": "none"}  # one merging block: at best ~0.7
+    with pytest.raises(spaces.Infeasible, match="lowest reachable") as e:
+        spaces.suggest("structured", optuna.trial.FixedTrial(late), DEIT_S, 0.35, importance=["mean", "cls"])
+    assert e.value.ops.count("merge") == 1
+    with pytest.raises(spaces.Infeasible, match="does not allow"):
+        spaces.suggest("structured", optuna.trial.FixedTrial(STRUCTURED), DEIT_S, 0.35, ops=["merge", "squeeze"],
+                       importance=["mean", "cls"])
+
+
+def test_structured_seeds_are_ltmp_tome_and_tps_shapes():
+    seeds = spaces.get_space("structured").seed_params(DEIT_S, OPS, ["mean", "cls"])
+    plans = [spaces.suggest("structured", optuna.trial.FixedTrial(p), DEIT_S, 0.5, importance=["mean", "cls"])
+             for p in seeds]
+    assert [list(p.ops) for p in plans] == [
+        ["merge+prune"] * 12, ["merge"] * 12, ["none"] * 3 + ["squeeze"] * 9]
+    assert plans[0].layers[0].importance == "mean" and plans[2].layers[3].importance == "cls"
 
 
 def test_registering_a_space_again_warns_and_replaces():
