@@ -8,6 +8,7 @@ database (``<db>-artifacts/`` for a SQLite file, ``studies/artifacts/`` otherwis
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,11 +23,11 @@ from ltmp_core import LTMPError
 
 from .data import StudyData
 from .plots import kept_tokens_chart, token_map
-from .results import accuracy_of, target_of
-from .storage import sqlite_file
+from .results import accuracy_of, ranked_trials, target_of
+from .storage import open_storage, sqlite_file
 from .ui import PLAN_COLUMNS, num, plan_rows
 
-__all__ = ["artifact_dir", "TrialRecorder", "plan_note", "save_study_note"]
+__all__ = ["artifact_dir", "DashboardStorage", "TrialRecorder", "plan_note", "save_study_note", "run_dashboard"]
 
 TOKEN_MAP = "token-map.png"
 KEPT_CHART = "kept-tokens.png"
@@ -126,15 +127,53 @@ def save_study_note(study: optuna.Study, best: optuna.trial.FrozenTrial | None) 
     save_note(study, "\n".join(lines))
 
 
+class DashboardStorage(optuna.storages.RDBStorage):
+    """The study's storage as optuna-dashboard 0.21 should read it, so that it agrees with ``search export``.
+
+    - The dashboard takes a trial's constraints from the legacy system attribute ``constraints`` (a
+      list) only, not Optuna 5's ``constraints:<name>``: trials are handed to it with the list filled
+      in, so infeasible trials are marked and left out of the history plot's best line.
+    - Its "Best Trial" is ``storage.get_best_trial``, which ignores constraints: here it is the first
+      trial of :func:`search.results.ranked_trials` (the best feasible one, as ``search export``
+      picks; the most accurate one when none is feasible).
+
+    Reads only: nothing is written back, so studies made by older versions show the same way.
+    """
+
+    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        return _legacy_constraints(super().get_trial(trial_id))
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Any = None) -> list[optuna.trial.FrozenTrial]:
+        return [_legacy_constraints(t) for t in super().get_all_trials(study_id, deepcopy=deepcopy, states=states)]
+
+    def get_best_trial(self, study_id: int) -> optuna.trial.FrozenTrial:
+        study = optuna.load_study(study_name=self.get_study_name_from_id(study_id), storage=self)
+        if len(study.directions) > 1:
+            return super().get_best_trial(study_id)
+        ranked = ranked_trials(study)
+        if not ranked:
+            raise ValueError("no trial is complete yet")
+        return _legacy_constraints(ranked[0])
+
+
+def _legacy_constraints(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """A copy of ``trial`` whose constraints are also in the legacy list attribute."""
+    named = {k: v for k, v in trial.system_attrs.items() if k.startswith("constraints:")}
+    if not named or "constraints" in trial.system_attrs:
+        return trial
+    out = copy.copy(trial)
+    out.system_attrs = {**trial.system_attrs, "constraints": [named[k] for k in sorted(named)]}
+    return out
+
+
 def run_dashboard(url: str, host: str, port: int, artifacts: str | None, on_start: Any = None) -> None:
     """Serve optuna-dashboard for the studies at ``url`` with their pictures, until Ctrl-C."""
     try:
         import optuna_dashboard
     except ImportError:
         raise LTMPError("dashboard: optuna-dashboard is not installed; pip install 'ltmp-search[dashboard]'") from None
-    from .storage import open_storage
-
-    storage = open_storage(url)
+    storage = open_storage(url, cls=DashboardStorage)
     pictures = artifact_dir(url, artifacts)
     pictures.mkdir(parents=True, exist_ok=True)
     if on_start is not None:

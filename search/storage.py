@@ -90,15 +90,17 @@ def redact(url: str) -> str:
         return "<unparseable storage URL>"
 
 
-def open_storage(url: str, heartbeat: int = 60) -> optuna.storages.RDBStorage:
+def open_storage(url: str, heartbeat: int = 60, cls: type[optuna.storages.RDBStorage] | None = None
+                 ) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage with heartbeats, so that trials of crashed workers are failed and retried.
 
     A running trial beats every ``heartbeat`` seconds; one silent for three beats is stale. SQLite
-    files are switched to write-ahead logging, so that readers never block the writer.
+    files are switched to write-ahead logging, so that readers never block the writer. ``cls`` is
+    a subclass of Optuna's RDBStorage to open instead (the dashboard's).
     """
     _sqlite_wal(url)
     try:
-        return optuna.storages.RDBStorage(
+        return (cls or optuna.storages.RDBStorage)(
             url,
             engine_kwargs=engine_kwargs(url),
             heartbeat_interval=heartbeat,

@@ -152,19 +152,8 @@ def chromium(*args: str, timeout: float = 90) -> str:
                     reason="Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
 def test_dashboard_in_a_real_browser(study, tmp_path):
     work, url = study
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", "--storage", url, "--port", str(port)],
-                              cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server, port = serve_dashboard(url, work)
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/meta", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail(f"dashboard did not start: {server.stderr.read() if server.poll() is not None else ''}")
-                time.sleep(0.3)
         study_id = optuna.load_study(study_name="dash", storage=url)._study_id
         profile = ["--user-data-dir=" + str(tmp_path / "profile"), "--virtual-time-budget=15000"]
         page = chromium(*profile, "--dump-dom", f"http://127.0.0.1:{port}/dashboard/studies/{study_id}")
@@ -184,3 +173,89 @@ def test_dashboard_in_a_real_browser(study, tmp_path):
         server.terminate()
         server.wait(timeout=10)
     assert "127.0.0.1" in server.stderr.read()
+
+
+def two_trial_study(url: str, name: str = "two") -> optuna.Study:
+    """Trial 0 feasible (80% at 0.34 of the FLOPs), trial 1 more accurate but over the 0.35 target."""
+    import timm
+
+    study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    study.set_user_attr("config", {"flops": 0.35})
+    model = timm.create_model("vit_small_patch16_224", depth=2, embed_dim=48, num_heads=3, img_size=32, patch_size=8)
+    plan = ltmp_core.make_plan(model, op="merge", keep=0.5).to_dict()
+
+    def objective(trial):
+        accuracy, ratio = [(0.80, 0.34), (0.90, 0.40)][trial.number]
+        trial.set_constraint("flops", ratio - 0.35)
+        for key, value in {"accuracy": accuracy, "flops_ratio": ratio, "feasible": ratio <= 0.35, "plan": plan}.items():
+            trial.set_user_attr(key, value)
+        return accuracy
+
+    study.optimize(objective, n_trials=2)
+    return study
+
+
+def test_dashboard_best_trial_and_infeasible_marks_agree_with_export(tmp_path):
+    # optuna-dashboard 0.21 reads constraints only from the legacy list attribute and takes the best
+    # trial from storage.get_best_trial (constraints ignored): it showed trial 1 as the best.
+    import optuna_dashboard
+
+    from search.dashboard import DashboardStorage
+    from search.results import best_trial
+
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    study = two_trial_study(url)
+    assert best_trial(study).number == 0
+    code, out, err = cli("export", "two", "--storage", url, "-o", str(tmp_path / "plan.json"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["trial"] == 0
+    plain = json.loads(wsgi_get(optuna_dashboard.wsgi(optuna.storages.RDBStorage(url)), f"/api/studies/{study._study_id}")[2])
+    assert [t["number"] for t in plain["best_trials"]] == [1], "the defect this storage exists for"
+    app = optuna_dashboard.wsgi(DashboardStorage(url))
+    data = json.loads(wsgi_get(app, f"/api/studies/{study._study_id}")[2])
+    assert [t["number"] for t in data["best_trials"]] == [0]
+    assert {t["number"]: t["constraints"] for t in data["trials"]} == {0: [pytest.approx(-0.01)],
+                                                                       1: [pytest.approx(0.05)]}
+
+
+def serve_dashboard(url: str, cwd) -> tuple[subprocess.Popen, int]:
+    """`search dashboard` in a process, once it answers."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", "--storage", url, "--port", str(port)],
+                              cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/meta", timeout=1)
+            return server, port
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"dashboard did not start: {server.communicate()[1]}")
+            time.sleep(0.3)
+
+
+def visible_text(html: str) -> str:
+    import re
+
+    html = re.sub(r"<(style|script)[^>]*>.*?</\1>", " ", html, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+def test_browser_shows_the_feasible_best_trial_and_marks_the_infeasible_one(tmp_path):
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    study_id = two_trial_study(url)._study_id
+    server, port = serve_dashboard(url, tmp_path)
+    try:
+        profile = ["--user-data-dir=" + str(tmp_path / "profile"), "--virtual-time-budget=15000"]
+        page = visible_text(chromium(*profile, "--dump-dom", f"http://127.0.0.1:{port}/dashboard/studies/{study_id}"))
+        assert "Best Trial (number=0)" in page, page[:2000]
+        assert "Infeasible" in page, "the history plot's legend marks trial 1 infeasible"
+        listing = visible_text(chromium(*profile, "--dump-dom",
+                                        f"http://127.0.0.1:{port}/dashboard/studies/{study_id}/trials"))
+        assert "Trial 0 Complete Best Trial Trial 1 Complete" in listing, listing[:2000]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
