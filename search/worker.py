@@ -11,7 +11,9 @@ trials however many workers share it:
 - a worker killed mid-trial stops beating its heartbeat; another worker fails the stale trial and
   Optuna's ``RetryHeartbeatStaleTrialCallback`` enqueues a retry with the same parameters (a slot);
 - a worker leaves only when no slot is waiting and no trial is running, so a stale trial is always
-  found and retried by someone.
+  found and retried by someone;
+- a run starts no trial once finished plus running trials reach its ``n_trials``: slots an
+  interrupted run with a larger count left waiting stay for a later, larger run.
 """
 
 from __future__ import annotations
@@ -85,13 +87,23 @@ def _fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def _guarded(objective: Objective) -> Callable[[optuna.Trial], float]:
+def _busy(c: dict[TrialState, int]) -> int:
+    """Trials that count against ``--n-trials``: finished (complete or pruned) and running ones."""
+    return c[TrialState.COMPLETE] + c[TrialState.PRUNED] + c[TrialState.RUNNING]
+
+
+def _guarded(objective: Objective, n_trials: int | None = None) -> Callable[[optuna.Trial], float]:
     """The objective with the failure policy: record every failure's reason; configuration errors stop."""
 
     def run(trial: optuna.Trial) -> float:
         # A trial that is not a slot was created by `ask` because the last slot was taken meanwhile.
         if not trial.user_attrs.get(SLOT):
             trial.set_user_attr("fail_reason", "surplus: the study's last slot was taken by another worker")
+            raise Surplus()
+        # A slot left waiting by an interrupted run with a larger --n-trials, popped by two workers
+        # at once when one trial was missing: this run's count is already reached without it.
+        if n_trials is not None and _busy(counts(trial.study)) > n_trials:
+            trial.set_user_attr("fail_reason", f"surplus: the study already has its {n_trials} trials")
             raise Surplus()
         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
         try:
@@ -123,7 +135,7 @@ def work(
     """Run slots of ``study`` until none is waiting and none is running; returns the trial numbers run."""
     ran: list[int] = []
     failures = 0
-    guarded = _guarded(objective)
+    guarded = _guarded(objective, n_trials)
 
     def record(study: optuna.Study, trial: FrozenTrial) -> None:
         store.record(study.study_name, trial)
@@ -134,6 +146,13 @@ def work(
     while True:
         _fail_stale(study)
         c = counts(study)
+        if _busy(c) >= n_trials:
+            # Enough trials finished or under way for this run's --n-trials, though slots of an
+            # interrupted run with a larger count may still wait (a later, larger run uses them).
+            if c[TrialState.RUNNING] == 0:
+                break
+            time.sleep(POLL_S)  # others are running trials: wait, they may go stale and need a retry
+            continue
         if c[TrialState.WAITING] == 0:
             if c[TrialState.RUNNING] == 0:
                 ensure_slots(study, store, n_trials)  # failed trials whose slots were not replaced

@@ -346,3 +346,29 @@ def test_only_slots_run_a_trial_is_failed_as_surplus(tmp_path):
     assert ran == [slot.number]
     assert study.trials[stray.number].user_attrs["fail_reason"].startswith("surplus")
     store.dispose()
+
+
+def test_slots_left_by_an_interrupted_run_do_not_override_a_smaller_n_trials(tmp_path):
+    # Reproduces: `--n-trials 30` interrupted at trial 11 leaves its unused slots WAITING; a later
+    # `--n-trials 14` with 20 finished ran 9 more trials instead of saying there was nothing to do.
+    from search.worker import SLOT, ensure_slots, work
+
+    url = f"sqlite:///{tmp_path / 'left.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    store = Store(url)
+    objective = lambda trial: trial.suggest_float("x", 0, 1)  # noqa: E731
+    ensure_slots(study, store, 3)
+    assert len(work(study, objective, store, 3)) == 3
+    for _ in range(2):  # what an interrupted `--n-trials 5` leaves behind
+        study.enqueue_trial({}, user_attrs={SLOT: True}, skip_if_exists=False)
+
+    def finished() -> int:
+        return len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+    assert work(study, objective, store, 2) == [] and finished() == 3  # nothing to do
+    assert work(study, objective, store, 3) == [] and finished() == 3
+    assert len(work(study, objective, store, 4)) == 1 and finished() == 4  # one more, from a left slot
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+    assert len(work(study, objective, store, 6)) == 2 and finished() == 6
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.FAIL))
+    store.dispose()
