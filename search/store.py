@@ -7,6 +7,11 @@ query "which layers merge in the feasible trials" with SQL, and benchmark result
 Rows are derived from the trial's user attributes and written in one transaction after the trial
 finished (:meth:`Store.sync` is idempotent and also backfills trials whose worker died between
 finishing a trial and writing its rows).
+
+A study is named by users but deleted by others (optuna-dashboard's trash icon, ``optuna
+delete-study``) who know nothing of these rows, and a new study may take the name again. So rows
+carry the study's ``uid`` (a user attribute set when ``search run`` creates it) beside its name:
+rows of another study of the same name are orphans, never read, and removed by the next sync.
 """
 
 from __future__ import annotations
@@ -15,13 +20,20 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import optuna
-from sqlalchemy import Boolean, Float, Integer, String, UniqueConstraint, create_engine, delete, select
+from sqlalchemy import Boolean, Float, Integer, String, UniqueConstraint, create_engine, delete, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from .storage import engine_kwargs
 
-__all__ = ["Base", "LayerResult", "BenchResult", "StudyLock", "Store"]
+__all__ = ["Base", "LayerResult", "BenchResult", "StudyLock", "Store", "UID"]
+
+#: Study user attribute that tells two studies of the same name apart.
+UID = "uid"
+
+
+def study_uid(study: optuna.Study) -> str | None:
+    return study.user_attrs.get(UID)
 
 
 class Base(DeclarativeBase):
@@ -36,6 +48,7 @@ class LayerResult(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_name: Mapped[str] = mapped_column(String(512), index=True)
+    study_uid: Mapped[str | None] = mapped_column(String(32), nullable=True)
     trial_number: Mapped[int] = mapped_column(Integer)
     layer: Mapped[int] = mapped_column(Integer)
     op: Mapped[str] = mapped_column(String(32))
@@ -46,13 +59,22 @@ class LayerResult(Base):
     kept_tokens: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     @classmethod
-    def for_study(cls, session: Session, study_name: str) -> Sequence["LayerResult"]:
-        return session.scalars(
-            select(cls).where(cls.study_name == study_name).order_by(cls.trial_number, cls.layer)
-        ).all()
+    def of(cls, study_name: str, uid: str | None) -> Any:
+        """The rows of the study with this name and uid (a study made before uids: none)."""
+        return (cls.study_name == study_name) & (cls.study_uid.is_(None) if uid is None else cls.study_uid == uid)
+
+    @classmethod
+    def others(cls, study_name: str, uid: str | None) -> Any:
+        """The rows under this name that belong to another study (one deleted since)."""
+        other = cls.study_uid.is_not(None) if uid is None else (cls.study_uid.is_(None) | (cls.study_uid != uid))
+        return (cls.study_name == study_name) & other
+
+    @classmethod
+    def for_study(cls, session: Session, study_name: str, uid: str | None) -> Sequence["LayerResult"]:
+        return session.scalars(select(cls).where(cls.of(study_name, uid)).order_by(cls.trial_number, cls.layer)).all()
 
 
-def layer_rows(study_name: str, trial: optuna.trial.FrozenTrial) -> list[LayerResult]:
+def layer_rows(study_name: str, trial: optuna.trial.FrozenTrial, uid: str | None = None) -> list[LayerResult]:
     """The rows of a finished trial, from its ``plan`` and ``kept_tokens`` user attributes."""
     plan = trial.user_attrs.get("plan")
     if not plan:
@@ -60,7 +82,7 @@ def layer_rows(study_name: str, trial: optuna.trial.FrozenTrial) -> list[LayerRe
     kept = trial.user_attrs.get("kept_tokens") or [None] * len(plan["layers"])
     return [
         LayerResult(
-            study_name=study_name, trial_number=trial.number, layer=i, op=layer["op"], keep=layer["keep"],
+            study_name=study_name, study_uid=uid, trial_number=trial.number, layer=i, op=layer["op"], keep=layer["keep"],
             merge_keep=layer.get("merge_keep"), merge_threshold=layer.get("merge_threshold"),
             prune_threshold=layer.get("prune_threshold"), kept_tokens=k,
         )
@@ -115,7 +137,15 @@ class Store:
         self.url = url
         self.engine: Engine = create_engine(url, **engine_kwargs(url))
         Base.metadata.create_all(self.engine)
+        self._migrate()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _migrate(self) -> None:
+        """Add what later versions added to a table an earlier version created (rows stay)."""
+        columns = {c["name"] for c in inspect(self.engine).get_columns(LayerResult.__tablename__)}
+        if "study_uid" not in columns:
+            with self.engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {LayerResult.__tablename__} ADD COLUMN study_uid VARCHAR(32)"))
 
     @contextmanager
     def lock(self, study_name: str) -> Iterator[None]:
@@ -173,32 +203,57 @@ class Store:
         finally:
             session.close()
 
-    def record(self, study_name: str, trial: optuna.trial.FrozenTrial) -> int:
+    def record(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int:
         """Write the rows of one finished trial (replacing any); returns the number of rows."""
         if trial.state != optuna.trial.TrialState.COMPLETE:
             return 0
-        rows = layer_rows(study_name, trial)
+        rows = layer_rows(study.study_name, trial, study_uid(study))
         with self.session() as s:
             s.execute(delete(LayerResult).where(
-                LayerResult.study_name == study_name, LayerResult.trial_number == trial.number))
+                LayerResult.study_name == study.study_name, LayerResult.trial_number == trial.number))
             s.add_all(rows)
         return len(rows)
 
     def sync(self, study: optuna.Study) -> int:
-        """Write rows for every finished trial of ``study`` that has none; returns how many trials."""
+        """Remove the rows of other studies that had this name and of trials this study does not
+        have; write rows for every complete trial that has none. Returns how many trials were written."""
+        uid = study_uid(study)
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        numbers = {t.number for t in complete}
         with self.session() as s:
-            done = set(s.scalars(select(LayerResult.trial_number).where(
-                LayerResult.study_name == study.study_name).distinct()))
-        missing = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                   if t.number not in done]
+            s.execute(delete(LayerResult).where(LayerResult.others(study.study_name, uid)))
+            rows = s.scalars(select(LayerResult.trial_number).where(LayerResult.of(study.study_name, uid)).distinct())
+            done = set(rows)
+            gone = done - numbers
+            if gone:
+                s.execute(delete(LayerResult).where(LayerResult.of(study.study_name, uid),
+                                                    LayerResult.trial_number.in_(sorted(gone))))
+        missing = [t for t in complete if t.number not in done]
         for trial in missing:
-            self.record(study.study_name, trial)
+            self.record(study, trial)
         return len(missing)
 
-    def layers(self, study_name: str, trial_number: int | None = None) -> list[LayerResult]:
+    def layers(self, study: optuna.Study, trial_number: int | None = None) -> list[LayerResult]:
+        """The rows of ``study`` (never those of another study that had its name)."""
         with self.session() as s:
-            rows = LayerResult.for_study(s, study_name)
+            rows = LayerResult.for_study(s, study.study_name, study_uid(study))
         return [r for r in rows if trial_number is None or r.trial_number == trial_number]
+
+    def delete_study_rows(self, study_name: str) -> int:
+        """Remove every row under ``study_name`` (all studies that had it) and its lock; returns how many."""
+        with self.session() as s:
+            n = s.execute(delete(LayerResult).where(LayerResult.study_name == study_name)).rowcount
+            s.execute(delete(StudyLock).where(StudyLock.study_name == study_name))
+        return n or 0
+
+    def clean_orphans(self, study_names: set[str]) -> int:
+        """Remove the rows of studies that no longer exist (deleted by other tools); returns how many."""
+        with self.session() as s:
+            names = set(s.scalars(select(LayerResult.study_name).distinct()))
+            gone = sorted(names - study_names)
+            if not gone:
+                return 0
+            return s.execute(delete(LayerResult).where(LayerResult.study_name.in_(gone))).rowcount or 0
 
     def add_bench(self, plan: str, result: dict[str, Any]) -> int:
         """Store one ``search bench`` measurement; returns its id."""

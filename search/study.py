@@ -8,6 +8,7 @@ This module orders them so that everything a user can get wrong fails before any
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,14 +20,15 @@ from ltmp_core import LTMPError, ViTGeometry
 from spaces import get_space
 
 from .config import StudyConfig, differences
+from .models import RANDOM_WEIGHTS
 from .objective import METRIC_NAME, METRIC_NAMES, TrialHooks
 from .prepare import build_objective, open_data, resolve_device
 from .results import FINISHED, best_trial
 from .storage import open_storage, open_study, resolve_storage, sqlite_file
-from .store import Store
+from .store import UID, Store
 from .worker import ensure_slots, run_workers, work
 
-__all__ = ["run", "RunResult"]
+__all__ = ["run", "RunResult", "delete_study"]
 
 
 @dataclass
@@ -68,6 +70,7 @@ def run(
     hooks: TrialHooks | None = None,
     on_base_epoch: Callable[[int, int, float], None] | None = None,
     on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Create or resume a study and run trials until it has ``config.n_trials`` finished ones.
 
@@ -96,14 +99,19 @@ def run(
     file = sqlite_file(url)
     rdb = checked_storage() if file is None or file.exists() else None
     objective, base_info, _ = build_objective(config, hooks, on_base_epoch, pictures, data=data)
+    if base_info.get("source") == RANDOM_WEIGHTS and not config.random_weights and on_warning is not None:
+        on_warning(f"{config.model} is searched with random weights (no --pretrained or --checkpoint): every "
+                   "accuracy is an untrained model's. Pass --random-weights if that is intended.")
     if rdb is None:
         rdb = checked_storage()
     study = open_study(config, rdb, name)
     store = Store(url)
+    store.clean_orphans({s.study_name for s in rdb.get_all_studies()})  # rows of studies other tools deleted
     first = None
     if "config" not in study.user_attrs:
         geometry = ViTGeometry.from_model(objective.base)
         study.set_metric_names(list(METRIC_NAMES) if config.flops_min is not None else [METRIC_NAME])
+        study.set_user_attr(UID, uuid.uuid4().hex)  # tells this study from a deleted one of the same name
         study.set_user_attr("config", config.to_dict())
         study.set_user_attr("unreduced_gmacs", ltmp_core.unreduced_macs(geometry) / 1e9)
         study.set_user_attr("base", {**base_info, "evaluated_accuracy": objective.base_accuracy()})
@@ -130,3 +138,38 @@ def run(
             known = set(study.user_attrs.get("skipped_images", []))
             study.set_user_attr("skipped_images", sorted(known | set(result.skipped)))
     return result
+
+
+def delete_study(url: str, name: str, artifacts: str | None = None) -> dict[str, int]:
+    """Remove a study with everything this project keeps of it: its Optuna trials, its rows in the
+    project's tables and its pictures. Returns what was removed (trials, layer rows, pictures).
+
+    What cannot be removed is named before anything is: an unknown study is an error.
+    """
+    from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    from .dashboard import artifact_dir
+    from .storage import load_study
+
+    rdb = open_storage(url)
+    study = load_study(rdb, name)
+    trials = study.get_trials(deepcopy=False)
+    pictures = artifact_dir(url, artifacts)
+    removed = 0
+    if pictures.is_dir():
+        files = FileSystemArtifactStore(str(pictures))
+        for owner in [study, *trials]:
+            for meta in get_all_artifact_meta(owner, storage=rdb):
+                try:
+                    files.remove(meta.artifact_id)
+                    removed += 1
+                except ArtifactNotFound:
+                    pass
+    store = Store(url)
+    try:
+        rows = store.delete_study_rows(name)
+        optuna.delete_study(study_name=name, storage=rdb)
+    finally:
+        store.dispose()
+    return {"trials": len(trials), "layer_rows": rows, "pictures": removed}

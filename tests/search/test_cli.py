@@ -44,7 +44,7 @@ def first_run(workdir):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
         mp.setenv("LTMP_CACHE", str(workdir / "cache"))
-        code, out, err = cli("run", "--flops", "0.5", "--study", "tiny.toml", "--storage", url,
+        code, out, err = cli("run", "--flops", "0.5", "--preset", "tiny.toml", "--storage", url,
                              "--study-name", "tiny", "--quiet")
     assert code == 0, err
     return url, out
@@ -68,7 +68,7 @@ def test_run_records_trials_constraints_plans_and_layer_rows(first_run):
         plan = ltmp_core.ReductionPlan.from_dict(a["plan"])
         assert plan.depth == 4 and len(a["kept_tokens"]) == 4
         assert a["time_tune_s"] >= 0 and a["time_eval_s"] > 0 and a["device"] == "cpu"
-        rows = store.layers("tiny", trial.number)
+        rows = store.layers(study, trial.number)
         assert [r.layer for r in rows] == [0, 1, 2, 3]
         assert [r.op for r in rows] == list(plan.ops)
         assert [r.kept_tokens for r in rows] == pytest.approx(a["kept_tokens"])
@@ -115,10 +115,10 @@ def test_export_reproduces_the_trial_exactly(first_run, workdir):
 
 def test_rerun_resumes_the_study(first_run):
     url, _ = first_run
-    code, out, _ = cli("run", "--flops", "0.5", "--study", "tiny.toml", "--storage", url, "--study-name", "tiny",
+    code, out, _ = cli("run", "--flops", "0.5", "--preset", "tiny.toml", "--storage", url, "--study-name", "tiny",
                        "--quiet")
     assert code == 0 and "already has 3 finished trials" in out
-    code, _, err = cli("run", "--flops", "0.5", "--study", "tiny.toml", "--storage", url, "--study-name", "tiny",
+    code, _, err = cli("run", "--flops", "0.5", "--preset", "tiny.toml", "--storage", url, "--study-name", "tiny",
                        "--n-trials", "4", "--quiet", "--json")
     assert code == 0, err
     study = optuna.load_study(study_name="tiny", storage=url)
@@ -128,7 +128,7 @@ def test_rerun_resumes_the_study(first_run):
 
 def test_rerun_with_other_settings_is_refused(first_run):
     url, _ = first_run
-    code, out, err = cli("run", "--flops", "0.4", "--study", "tiny.toml", "--storage", url, "--study-name", "tiny")
+    code, out, err = cli("run", "--flops", "0.4", "--preset", "tiny.toml", "--storage", url, "--study-name", "tiny")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "flops=0.5" in err
 
@@ -137,7 +137,7 @@ def test_existing_study_is_checked_before_the_base_model_loads(first_run, tmp_pa
     # An unreadable checkpoint would fail the base model; the resume check comes first and says why.
     url, _ = first_run
     (tmp_path / "junk.pth").write_bytes(b"\x00junk")
-    code, out, err = cli("run", "--flops", "0.4", "--study", "tiny.toml", "--storage", url, "--study-name", "tiny",
+    code, out, err = cli("run", "--flops", "0.4", "--preset", "tiny.toml", "--storage", url, "--study-name", "tiny",
                          "--checkpoint", str(tmp_path / "junk.pth"))
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "other settings" in err and "cannot read" not in err
@@ -147,7 +147,7 @@ def test_same_seed_gives_same_parameters_and_values(workdir):
     results = []
     for name in ("a", "b"):
         url = f"sqlite:///{workdir / f'seed-{name}.db'}"
-        code, _, err = cli("run", "--flops", "0.5", "--study", "tiny.toml", "--storage", url, "--study-name", "s",
+        code, _, err = cli("run", "--flops", "0.5", "--preset", "tiny.toml", "--storage", url, "--study-name", "s",
                            "--n-trials", "3", "--seed", "7", "--quiet")
         assert code == 0, err
         trials = optuna.load_study(study_name="s", storage=url).trials
@@ -158,7 +158,7 @@ def test_same_seed_gives_same_parameters_and_values(workdir):
 def test_export_of_a_study_without_feasible_trial_is_refused(workdir):
     url = f"sqlite:///{workdir / 'tome.db'}"
     # ToMe merges at most half the tokens per layer: 10% of the FLOPs is out of its reach.
-    code, _, err = cli("run", "--flops", "0.1", "--study", "tiny.toml", "--storage", url, "--space", "tome",
+    code, _, err = cli("run", "--flops", "0.1", "--preset", "tiny.toml", "--storage", url, "--space", "tome",
                        "--n-trials", "1", "--quiet")
     assert code == 0, err
     study = optuna.load_study(study_name="tiny-tome-flops0.1", storage=url)
@@ -180,16 +180,22 @@ def test_bad_flops_is_one_line_and_exit_2(workdir, flops):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("run", "--study", "imagenet9"), "unknown preset 'imagenet9'"),
-        (("run", "--ops", "merge,drop", "--study", "tiny.toml"), "unknown operation 'drop'"),
-        (("run", "--space", "grid", "--study", "tiny.toml"), "unknown search space 'grid'"),
-        (("run", "--model", "no_such_vit", "--study", "tiny.toml", "--storage", "sqlite:///x.db"), "unknown timm model"),
+        (("run", "--preset", "imagenet9"), "unknown preset 'imagenet9'"),
+        (("run", "--ops", "merge,drop", "--preset", "tiny.toml"), "unknown operation 'drop'"),
+        (("run", "--space", "grid", "--preset", "tiny.toml"), "unknown search space 'grid'"),
+        (("run", "--model", "no_such_vit", "--preset", "tiny.toml", "--storage", "sqlite:///x.db"), "unknown timm model"),
         (("show", "nope", "--storage", "sqlite:///tiny.db"), "no study named 'nope'"),
         (("export", "nope", "--storage", "sqlite:///tiny.db"), "no study named 'nope'"),
         (("show", "tiny", "--storage", "sqlite:///missing.db"), "no database at missing.db"),
-        (("run", "--model", "resnet18", "--study", "tiny.toml", "--storage", "sqlite:///x.db"), "not a timm VisionTransformer"),
+        (("run", "--model", "resnet18", "--preset", "tiny.toml", "--storage", "sqlite:///x.db"), "not a timm VisionTransformer"),
         (("studies", "--storage", "postgresql+nodriver://u:secret@h/db"), "cannot open"),
         (("studies", "--storage", "not a url"), "not a database URL"),
+        (("show", "tiny", "--storage", "sqlite:///tiny.db", "--plot", "front.txt"), "--plot: cannot draw a .txt file"),
+        (("show", "tiny", "--storage", "sqlite:///tiny.db", "--plot", "no/such/dir/f.png"), "--plot: no folder"),
+        (("run", "--preset", "tiny.toml", "--storage", "sqlite:////nonexistent/dir/x.db"),
+         "--storage: no folder /nonexistent/dir"),
+        (("export", "tiny", "--storage", "sqlite:///tiny.db", "-o", "/nonexistent/dir/p.json"),
+         "-o: no folder /nonexistent/dir"),
     ],
 )
 def test_bad_input_is_one_clear_line(first_run, workdir, args, message):
@@ -198,11 +204,34 @@ def test_bad_input_is_one_clear_line(first_run, workdir, args, message):
     assert err.count("\n") == 1 and message in err, err
     assert "secret" not in err
     assert not (workdir / "x.db").exists() and not (workdir / "missing.db").exists()
+    assert not Path("/nonexistent").exists() and not (workdir / "no").exists() and not (workdir / "front.txt").exists()
+
+
+def test_export_does_not_overwrite_a_plan_without_force(first_run, workdir):
+    target = workdir / "mine.json"
+    target.write_text("my notes, not a plan\n")
+    code, out, err = cli("export", "tiny", "--storage", "sqlite:///tiny.db", "-o", str(target))
+    assert code == 2 and err.count("\n") == 1 and "--force" in err
+    assert target.read_text() == "my notes, not a plan\n"
+    code, _, err = cli("export", "tiny", "--storage", "sqlite:///tiny.db", "-o", str(target), "--force")
+    assert code == 0, err
+    assert ltmp_core.load_plan(target).depth == 4
+
+
+def test_dashboard_on_a_taken_port_is_one_line(first_run, workdir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = cli("dashboard", "--storage", "sqlite:///tiny.db", "--port", str(port))
+    assert code == 2 and err.count("\n") == 1 and f"--port: cannot listen on 127.0.0.1:{port}" in err, err
 
 
 def test_bad_preset_key_is_refused(workdir):
     (workdir / "bad.toml").write_text('model = "ltmp_vit_digits"\nlearning_rate = 0.1\n')
-    code, _, err = cli("run", "--study", "bad.toml")
+    code, _, err = cli("run", "--preset", "bad.toml")
     assert code == 2 and "unknown key 'learning_rate'" in err
 
 
@@ -228,7 +257,7 @@ def test_tune_select_and_test_splits_are_balanced_disjoint_and_fixed(name, total
 
 def test_search_can_choose_the_importance_per_layer(workdir):
     url = f"sqlite:///{workdir / 'imp.db'}"
-    code, _, err = cli("run", "--flops", "0.5", "--study", "tiny.toml", "--storage", url, "--study-name", "imp",
+    code, _, err = cli("run", "--flops", "0.5", "--preset", "tiny.toml", "--storage", url, "--study-name", "imp",
                        "--importance", "mean,cls", "--ops", "prune,squeeze", "--n-trials", "2", "--quiet")
     assert code == 0, err
     study = optuna.load_study(study_name="imp", storage=url)
@@ -242,7 +271,7 @@ def test_search_can_choose_the_importance_per_layer(workdir):
 
 def test_a_range_of_targets_is_one_two_objective_study_and_exports_any_budget_in_it(workdir):
     url = f"sqlite:///{workdir / 'range.db'}"
-    code, out, err = cli("run", "--flops", "0.3:0.7", "--study", "tiny.toml", "--storage", url, "--space", "structured",
+    code, out, err = cli("run", "--flops", "0.3:0.7", "--preset", "tiny.toml", "--storage", url, "--space", "structured",
                          "--n-trials", "6", "--quiet", "--json")
     assert code == 0, err
     name = json.loads(out)["study"]
@@ -276,3 +305,84 @@ def test_every_command_prints_its_help(command):
         assert "--json" in out
     if command == "run":
         assert "--n-trials" in out and "tpe, nsga2, random" in out and "--flops" in out
+
+
+def layer_row_count(url: str, name: str) -> int:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        n = conn.execute(sa.text("select count(*) from ltmp_layer_results where study_name = :n"), {"n": name}).scalar()
+    engine.dispose()
+    return n
+
+
+def test_a_study_deleted_by_another_tool_leaves_nothing_on_a_new_one_of_its_name(workdir):
+    # Reproduces: optuna-dashboard's trash icon (optuna.delete_study) left ltmp_layer_results rows;
+    # a new study of the same name then showed 1 trial but the old study's layer rows.
+    url = f"sqlite:///{workdir / 'reuse.db'}"
+    args = ["run", "--flops", "0.5", "--preset", "tiny.toml", "--storage", url, "--study-name", "again", "--quiet"]
+    assert cli(*args, "--n-trials", "3")[0] == 0
+    old = optuna.load_study(study_name="again", storage=url)
+    assert len(old.get_trials(states=(TrialState.COMPLETE,))) >= 2, "rows the new study's one trial cannot replace"
+    assert layer_row_count(url, "again") == 4 * len(old.get_trials(states=(TrialState.COMPLETE,)))
+    optuna.delete_study(study_name="again", storage=url)
+    code, _, err = cli(*args, "--n-trials", "1")
+    assert code == 0, err
+    new = optuna.load_study(study_name="again", storage=url)
+    complete = new.get_trials(states=(TrialState.COMPLETE,))
+    assert layer_row_count(url, "again") == 4 * len(complete)
+    store = Store(url)
+    assert {r.trial_number for r in store.layers(new)} == {t.number for t in complete}
+    store.dispose()
+
+
+def test_search_delete_removes_the_study_its_rows_and_pictures(workdir, monkeypatch):
+    url = f"sqlite:///{workdir / 'delete.db'}"
+    assert cli("run", "--flops", "0.5", "--preset", "tiny.toml", "--storage", url, "--study-name", "gone",
+               "--n-trials", "2", "--quiet")[0] == 0
+    pictures = workdir / "delete-artifacts"
+    assert any(pictures.iterdir()) and layer_row_count(url, "gone") > 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal: nothing can be asked
+    code, out, err = cli("delete", "gone", "--storage", url)
+    assert code == 2 and err.count("\n") == 1 and "--yes" in err
+    assert optuna.load_study(study_name="gone", storage=url)  # still there
+    code, _, err = cli("delete", "nosuch", "--storage", url, "--yes")
+    assert code == 2 and "no study named 'nosuch'" in err
+    code, out, err = cli("delete", "gone", "--storage", url, "--yes", "--json")
+    assert code == 0, err
+    removed = json.loads(out)["deleted"]
+    assert removed["trials"] == 2 and removed["pictures"] >= 2 and removed["layer_rows"] > 0
+    with pytest.raises(KeyError):
+        optuna.load_study(study_name="gone", storage=url)
+    assert layer_row_count(url, "gone") == 0 and not any(pictures.iterdir())
+
+
+def test_store_adds_the_study_uid_column_to_a_table_an_earlier_version_made(tmp_path):
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # the table as the first version created it, with one row
+        conn.execute(sa.text(
+            "create table ltmp_layer_results (id integer primary key, study_name varchar(512), trial_number integer, "
+            "layer integer, op varchar(32), keep float, merge_keep float, merge_threshold float, "
+            "prune_threshold float, kept_tokens float)"))
+        conn.execute(sa.text("insert into ltmp_layer_results (study_name, trial_number, layer, op, keep) "
+                             "values ('old', 0, 0, 'merge', 0.5)"))
+    engine.dispose()
+    Store(url).dispose()
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("select study_name, study_uid, op from ltmp_layer_results")).all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [("old", None, "merge")]
+
+
+def test_old_study_flag_still_names_a_preset_with_one_deprecation_line(workdir):
+    code, out, err = cli("run", "--study", "imagenet9")
+    assert code == 2
+    assert err.splitlines() == [
+        "search: warning: --study is deprecated and will be removed in the next release; use --preset",
+        err.splitlines()[1],
+    ] and "unknown preset 'imagenet9'" in err.splitlines()[1]
