@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
@@ -126,6 +127,25 @@ def _add_settings(group: argparse._ArgumentGroup, settings: Sequence[Any]) -> No
         group.add_argument(*names, **kw)
 
 
+class _Deprecated(argparse.Action):
+    """An old flag that still works for one release, with one line saying which flag replaces it."""
+
+    def __init__(self, *args: Any, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        sys.stderr.write(f"search: warning: {option_string} is deprecated and will be removed in the next release; "
+                         f"use {self.new}\n")
+        setattr(namespace, self.dest, values)
+
+
+def _preset_options(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--preset", dest="preset", help=help)
+    p.add_argument("--study", dest="preset", action=_Deprecated, new="--preset", help=argparse.SUPPRESS)
+
+
 def _storage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="database URL (default: $OPTUNA_STORAGE, else sqlite:///studies/search.db)")
 
@@ -141,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Run an Optuna study: every trial samples per-layer operations and budgets under the FLOPs target, "
         "tunes the learned thresholds briefly and scores the plan on held-out images with tokens removed. "
         "Re-running the same command resumes the study."))
-    run.add_argument("--study", dest="preset", help="preset name (e.g. digits) or path of a preset TOML file")
+    _preset_options(run, "preset name (mnist, digits, deit_small, ...) or path of a preset TOML file "
+                    "(default: mnist); --study-name names the study")
     _add_settings(run.add_argument_group("model and data (timm style)"), option_fields("model"))
     search_group = run.add_argument_group("search (Optuna style)")
     _add_settings(search_group, option_fields("search"))
@@ -170,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops", type=_ratio, help="the best plan at or under this measured FLOPs ratio (for a study "
                    "over a range of targets)")
     p.add_argument("-o", "--output", default="plan.json", help="output file (default: plan.json)")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite the output file if it exists")
+    _storage_options(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("delete", help="remove a study, its layer rows and its pictures", description=(
+        "Remove a study with everything this project keeps of it: its trials, its rows in the "
+        "project's tables and its dashboard pictures. Asks first unless --yes is given."))
+    p.add_argument("study_name", metavar="STUDY")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask")
+    p.add_argument("--artifacts", help="folder of the pictures (default: as search run)")
     _storage_options(p)
     p.add_argument("--json", action="store_true")
 
@@ -177,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Apply a plan to its base model and report top-1, top-5 and the measured FLOPs (MACs) on a split: "
         "the test split (val/ of an ImageNet-layout folder), or the select split a search scored its trials on."))
     p.add_argument("plan", metavar="PLAN.json")
-    p.add_argument("--study", dest="preset", help="preset whose model and data settings to use (default: digits)")
+    _preset_options(p, "preset whose model and data settings to use (default: the plan's own, else mnist)")
     p.add_argument("--split", default="test", choices=("test", "select", "val", "holdout"),
                    help="test (default: the built-in test split, or val/ of a folder; never searched on) or "
                         "select (what the search scored its trials on); val and holdout are their old names")
@@ -273,7 +304,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with display:
             result = run(config, storage=args.storage, study_name=args.study_name, jobs=args.jobs, artifacts=args.artifacts,
-                         hooks=display.hooks(), on_base_epoch=display.base_epoch, on_trial_end=trial_end)
+                         hooks=display.hooks(), on_base_epoch=display.base_epoch, on_trial_end=trial_end,
+                         on_warning=lambda message: err.print(f"warning: {message}"))
     except KeyboardInterrupt:
         return _interrupted(args, config)
     study = result.study
@@ -357,6 +389,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .storage import load_study, open_storage, resolve_storage
     from .store import Store
 
+    if args.plot:
+        from .plots import check_plot_path
+
+        check_plot_path(args.plot)
     url = resolve_storage(args.storage, create=False)
     study = load_study(open_storage(url), args.study_name)
     rows = [trial_summary(t) for t in study.get_trials(deepcopy=False)]
@@ -373,7 +409,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         layers = [
             {k: getattr(r, k) for k in ("trial_number", "layer", "op", "keep", "merge_keep", "merge_threshold",
                                          "prune_threshold", "kept_tokens")}
-            for r in store.layers(study.study_name)
+            for r in store.layers(study)
         ]
         store.dispose()
         _print_json({"study": study.study_name, "target_flops_ratio": target,
@@ -392,6 +428,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .results import accuracy_of
     from .storage import open_storage, resolve_storage
 
+    from ltmp_core import LTMPError
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise LTMPError(f"-o: {output} exists; pass --force to overwrite it")
+    if not output.parent.is_dir():
+        raise LTMPError(f"-o: no folder {output.parent} (create it first)")
     url = resolve_storage(args.storage, create=False)
     path, plan, trial = export_plan(open_storage(url), args.study_name, args.output, args.trial, args.flops)
     if args.json:
@@ -401,6 +444,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     out.print(f"Wrote {path}: trial {trial.number} of {args.study_name}, top-1 {ui.pct(accuracy_of(trial))}, "
               f"FLOPs ratio {ui.num(trial.user_attrs.get('flops_ratio'))}.")
     out.print("Apply it:    ltmp_core.apply_plan(model, ltmp_core.load_plan(%r), mode='dynamic')" % str(path))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from ltmp_core import LTMPError
+
+    from .storage import load_study, open_storage, redact, resolve_storage
+    from .study import delete_study
+
+    url = resolve_storage(args.storage, create=False)
+    study = load_study(open_storage(url), args.study_name)  # an unknown name fails before the question
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise LTMPError(f"--yes: not a terminal, so nothing can be asked; pass --yes to delete "
+                            f"{args.study_name!r}")
+        n = len(study.get_trials(deepcopy=False))
+        answer = input(f"Delete study {args.study_name!r} ({n} trials) from {redact(url)}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            sys.stderr.write("search: nothing deleted\n")
+            return 1
+    removed = delete_study(url, args.study_name, args.artifacts)
+    if args.json:
+        _print_json({"study": args.study_name, "deleted": removed})
+        return 0
+    out, _ = _consoles()
+    out.print(f"Deleted study {args.study_name!r}: {removed['trials']} trials, {removed['layer_rows']} layer rows, "
+              f"{removed['pictures']} pictures.")
     return 0
 
 
@@ -479,7 +549,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "studies": cmd_studies, "show": cmd_show, "export": cmd_export,
-            "validate": cmd_validate, "bench": cmd_bench, "dashboard": cmd_dashboard}
+            "delete": cmd_delete, "validate": cmd_validate, "bench": cmd_bench, "dashboard": cmd_dashboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -108,6 +108,8 @@ class StudyConfig:
                                group="model")
     checkpoint: str | None = setting(None, "local weights (.pth/.pt/.safetensors; timm, DeiT or LTMP checkpoints)",
                                      flag="--checkpoint", group="model")
+    random_weights: bool = setting(False, "search a model whose weights are random on purpose (timing, tests): "
+                                   "no warning", flag="--random-weights", group="model", result=False)
     data: str = setting("digits", "ImageNet-layout folder (train/<class>/..., val/<class>/...), or a built-in "
                         "data set: mnist, digits",
                         flag="--data-dir", group="model")

@@ -112,12 +112,15 @@ def save_study_note(study: optuna.Study, best: optuna.trial.FrozenTrial | None) 
         "",
         f"Target: measured FLOPs at most **{target}** of the unreduced model's "
         f"({study.user_attrs.get('unreduced_gmacs', 0):.4g} GMACs per image; FLOPs are MACs).",
-        f"Model: `{config.get('model')}` ({base.get('source', '?')}); unreduced held-out top-1 "
+        f"Model: `{config.get('model')}` ({base.get('source', '?')}); unreduced select-split top-1 "
         f"{100 * base.get('evaluated_accuracy', 0):.2f}%.",
-        f"Data: `{config.get('data')}`, {config.get('holdout')} held-out images score every trial. "
+        f"Data: `{config.get('data')}`, {config.get('holdout')} select images score every trial. "
         f"Space: `{config.get('space')}`, sampler `{config.get('sampler')}`, pruner `{config.get('pruner')}`.",
         "",
     ]
+    if str(base.get("source", "")).startswith("random"):
+        lines += ["**Warning: the base model has random weights** (no `--pretrained` or `--checkpoint`): every "
+                  "accuracy here is an untrained model's.", ""]
     if best is None:
         lines.append("No feasible trial yet.")
     else:
@@ -173,6 +176,14 @@ def run_dashboard(url: str, host: str, port: int, artifacts: str | None, on_star
         import optuna_dashboard
     except ImportError:
         raise LTMPError("dashboard: optuna-dashboard is not installed; pip install 'ltmp-search[dashboard]'") from None
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: only a listener blocks
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise LTMPError(f"--port: cannot listen on {host}:{port} ({e.strerror or e}); pass another --port") from None
     storage = open_storage(url, cls=DashboardStorage)
     pictures = artifact_dir(url, artifacts)
     pictures.mkdir(parents=True, exist_ok=True)

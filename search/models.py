@@ -268,6 +268,9 @@ def _builtin_weights(model: nn.Module, name: str, data: Splits, epochs: int, see
     return {"source": f"trained here, cached at {path}", "select_accuracy": acc}
 
 
+RANDOM_WEIGHTS = "random initialisation (no --pretrained or --checkpoint)"
+
+
 def load_base_model(
     name: str,
     data: StudyData,
@@ -318,7 +321,7 @@ def load_base_model(
     elif name in BUILTIN_MODELS and data.name == BUILTIN_MODELS[name].data:
         info.update(_builtin_weights(model, name, data, base_epochs, seed, on_train))
     else:
-        info["source"] = "random initialisation (no --pretrained or --checkpoint)"
+        info["source"] = RANDOM_WEIGHTS
     model.eval()
     model.requires_grad_(False)
     return model, info

@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import colorsys
+from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ltmp_core import PRUNED, SQUEEZED, TokenTrace
+from ltmp_core import PRUNED, SQUEEZED, LTMPError, TokenTrace
 
 __all__ = ["group_colour", "token_map", "kept_tokens_chart", "accuracy_flops_plot", "PRUNED_COLOUR"]
 
@@ -131,6 +132,20 @@ def kept_tokens_chart(kept: Sequence[float], keeps: Sequence[float], num_patches
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def check_plot_path(path: str) -> None:
+    """A picture file matplotlib can write: a known suffix, in a folder that exists."""
+    from matplotlib.figure import Figure
+
+    p = Path(path)
+    kinds = Figure().canvas.get_supported_filetypes()
+    suffix = p.suffix.lower().lstrip(".")
+    if suffix not in kinds:
+        raise LTMPError(f"--plot: cannot draw a {p.suffix or 'suffix-less'} file; use one of "
+                        f"{', '.join('.' + k for k in ('png', 'svg', 'pdf') if k in kinds)}")
+    if not p.parent.is_dir():
+        raise LTMPError(f"--plot: no folder {p.parent} (create it first)")
 
 
 def accuracy_flops_plot(points: Sequence[tuple[float, float, bool, int]], target: float, path: str,

@@ -54,8 +54,10 @@ def engine_kwargs(url: str) -> dict[str, Any]:
 def resolve_storage(url: str | None, *, create: bool = True) -> str:
     """``--storage``, else ``$OPTUNA_STORAGE``, else ``sqlite:///studies/search.db``.
 
-    With ``create`` the folder of a SQLite file is made; without it (commands that only read) a
-    SQLite file that does not exist is an error rather than a new empty database.
+    With ``create`` a new SQLite file may be made: the default's folder (``studies/``) is created,
+    but the folder of a file the user named must exist (a typo must not grow a directory tree).
+    Without it (commands that only read) a SQLite file that does not exist is an error rather than
+    a new empty database.
     """
     url = url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
     try:
@@ -63,8 +65,11 @@ def resolve_storage(url: str | None, *, create: bool = True) -> str:
     except sqlalchemy.exc.ArgumentError:
         raise LTMPError(f"storage: not a database URL: {redact(url)!r}") from None
     if path is not None:
-        if create:
+        if create and url == DEFAULT_STORAGE:
             path.parent.mkdir(parents=True, exist_ok=True)
+        elif create:
+            if not path.parent.is_dir():
+                raise LTMPError(f"--storage: no folder {path.parent} for the SQLite file {path.name} (create it first)")
         elif not path.is_file():
             raise LTMPError(f"storage: no database at {path} (start a study with: search run --flops 0.35)")
     return url

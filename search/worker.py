@@ -18,6 +18,7 @@ trials however many workers share it:
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -81,6 +82,25 @@ def ensure_slots(
     return need
 
 
+class _OneLineFailures(logging.Filter):
+    """Optuna logs a failed trial with its traceback, then "failed with value None". The reason is
+    recorded on the trial and shown by the command line: keep Optuna's first line only, and drop
+    the record of a Ctrl-C entirely (the command prints its own message)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            return False
+        if record.getMessage().endswith("failed with value None."):
+            return False
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+#: Optuna's logger of trial results (``optuna.study._optimize``).
+_OPTIMIZE_LOGGER = logging.getLogger("optuna.study._optimize")
+
+
 def _fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -134,15 +154,26 @@ def work(
 ) -> list[int]:
     """Run slots of ``study`` until none is waiting and none is running; returns the trial numbers run."""
     ran: list[int] = []
-    failures = 0
     guarded = _guarded(objective, n_trials)
 
     def record(study: optuna.Study, trial: FrozenTrial) -> None:
-        store.record(study.study_name, trial)
+        store.record(study, trial)
         ran.append(trial.number)
         if on_trial_end is not None:
             on_trial_end(study, trial)
 
+    quiet = _OneLineFailures()
+    _OPTIMIZE_LOGGER.addFilter(quiet)
+    try:
+        _loop(study, guarded, store, n_trials, record, ran)
+    finally:
+        _OPTIMIZE_LOGGER.removeFilter(quiet)
+    return ran
+
+
+def _loop(study: optuna.Study, guarded: Callable[[optuna.Trial], float], store: Store, n_trials: int,
+          record: Callable[[optuna.Study, FrozenTrial], None], ran: list[int]) -> None:
+    failures = 0
     while True:
         _fail_stale(study)
         c = counts(study)
@@ -176,7 +207,6 @@ def work(
                 )
         else:
             failures = 0
-    return ran
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def study(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         mp.setenv("LTMP_CACHE", str(work / "cache"))
-        code, _, err = cli("run", "--flops", "0.5", "--study", "p.toml", "--storage", url, "--study-name", "dash",
+        code, _, err = cli("run", "--flops", "0.5", "--preset", "p.toml", "--storage", url, "--study-name", "dash",
                            "--quiet")
     assert code == 0, err
     return work, url

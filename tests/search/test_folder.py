@@ -72,6 +72,14 @@ def test_search_over_a_folder_scores_trials_on_the_holdout(study):
     assert s.user_attrs["config"]["holdout"] == 15
     # The corrupt file was skipped, counted and named; the run went on.
     assert "skipped 1 unreadable image" in err and "broken.png" in err
+    # The random weights were named up front, once (no --pretrained, --checkpoint or --random-weights).
+    assert err.count("searched with random weights") == 1 and "--random-weights" in err
+    import optuna_dashboard
+
+    from tests.search.test_dashboard import wsgi_get
+
+    note = json.loads(wsgi_get(optuna_dashboard.wsgi(optuna.storages.RDBStorage(url)), f"/api/studies/{s._study_id}")[2])
+    assert "Warning: the base model has random weights" in note["note"]["body"]
     assert [Path(p).name for p in s.user_attrs["skipped_images"]] == ["broken.png"]
 
 
@@ -267,3 +275,13 @@ def test_compiled_static_plan_gives_the_same_logits_and_counts(tiny):
         compiled = torch.compile(tiny, dynamic=False)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert ltmp_core.token_counts(tiny)[:, 0].tolist() == [17.0] + [1.0 + n for n in plan.static_counts()]
+
+
+def test_random_weights_on_purpose_are_searched_without_a_warning(folder, tmp_path):
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    code, _, err = cli("run", "--flops", "0.5", "--data-dir", str(folder), *TINY, "--holdout", "15", "--n-trials", "1",
+                       "--trial-steps", "0", "--random-weights", "--storage", url, "--study-name", "r", "--quiet")
+    assert code == 0, err
+    assert "random weights" not in err
+    base = optuna.load_study(study_name="r", storage=url).user_attrs["base"]
+    assert base["source"].startswith("random initialisation")

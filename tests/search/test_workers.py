@@ -90,7 +90,7 @@ def check_exact(url: str, name: str, n: int) -> optuna.Study:
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     store = Store(url)
-    rows = store.layers(name)
+    rows = store.layers(study)
     store.dispose()
     for t in finished:
         if t.state == TrialState.COMPLETE:
@@ -103,7 +103,7 @@ def test_postgresql_four_workers_exactly_24_trials(workdir, study_name):
     url = server(POSTGRES)
     urls.append(url)
     start = time.perf_counter()
-    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset_file(workdir, 24), "--storage", url,
+    done = search_cli(workdir, "run", "--flops", "0.5", "--preset", preset_file(workdir, 24), "--storage", url,
                   "--study-name", name, "--jobs", "4", "--quiet")
     assert done.returncode == 0, done.stderr
     study = check_exact(url, name, 24)
@@ -117,7 +117,7 @@ def test_postgresql_worker_killed_mid_trial_is_retried(workdir, study_name):
     url = server(POSTGRES)
     urls.append(url)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "run", "--flops", "0.5", "--study", preset_file(workdir, 24, steps=12),
+        [sys.executable, "-m", "search.cli", "run", "--flops", "0.5", "--preset", preset_file(workdir, 24, steps=12),
          "--storage", url, "--study-name", name, "--jobs", "4", "--quiet"],
         cwd=workdir, env=env(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = None
@@ -153,7 +153,7 @@ def test_mariadb_two_workers(workdir, study_name):
     name, urls = study_name
     url = server(MYSQL)
     urls.append(url)
-    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset_file(workdir, 8), "--storage", url,
+    done = search_cli(workdir, "run", "--flops", "0.5", "--preset", preset_file(workdir, 8), "--storage", url,
                   "--study-name", name, "--jobs", "2", "--quiet")
     assert done.returncode == 0, done.stderr
     check_exact(url, name, 8)
@@ -162,7 +162,7 @@ def test_mariadb_two_workers(workdir, study_name):
 def test_sqlite_three_local_workers(workdir, study_name):
     name, _ = study_name
     url = f"sqlite:///{workdir / 'three.db'}"
-    done = search_cli(workdir, "run", "--flops", "0.5", "--study", preset_file(workdir, 15), "--storage", url,
+    done = search_cli(workdir, "run", "--flops", "0.5", "--preset", preset_file(workdir, 15), "--storage", url,
                   "--study-name", name, "--jobs", "3", "--quiet")
     assert done.returncode == 0, done.stderr
     assert "locked" not in done.stderr
@@ -172,7 +172,7 @@ def test_sqlite_three_local_workers(workdir, study_name):
 def test_ctrl_c_marks_the_trial_interrupted_and_the_study_resumes(workdir, study_name):
     name, _ = study_name
     url = f"sqlite:///{workdir / 'ctrlc.db'}"
-    args = ["run", "--flops", "0.5", "--study", preset_file(workdir, 2, steps=150), "--storage", url, "--study-name", name]
+    args = ["run", "--flops", "0.5", "--preset", preset_file(workdir, 2, steps=150), "--storage", url, "--study-name", name]
     # A shell without job control starts background jobs with SIGINT ignored, and Python then keeps
     # it ignored (as a CLI should). Give the child the default action, as a terminal's Ctrl-C would find.
     proc = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=workdir, env=env(workdir),
@@ -193,6 +193,7 @@ def test_ctrl_c_marks_the_trial_interrupted_and_the_study_resumes(workdir, study
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "so far" in out
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     study = optuna.load_study(study_name=name, storage=url)
     interrupted = study.trials[running.number]
     assert interrupted.state == TrialState.FAIL and "interrupted" in interrupted.user_attrs["fail_reason"]
@@ -239,7 +240,7 @@ def test_nan_loss_fails_the_trial_with_reason_and_the_study_goes_on(workdir, loc
         return loss * float("nan") if calls["n"] == 1 else loss
 
     monkeypatch.setattr(search.finetune.F, "cross_entropy", nan_once)
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 3), "--storage", local, "--study-name", "n",
+    code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 3), "--storage", local, "--study-name", "n",
                        "--quiet")
     assert code == 0, err
     study = check_exact(local, "n", 3)
@@ -249,7 +250,7 @@ def test_nan_loss_fails_the_trial_with_reason_and_the_study_goes_on(workdir, loc
 
 def test_other_exceptions_are_recorded_and_the_worker_goes_on(workdir, local, monkeypatch):
     fail_once(monkeypatch, search.objective, "evaluate", RuntimeError("disk went away"), times=2)
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 3), "--storage", local, "--study-name", "e",
+    code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 3), "--storage", local, "--study-name", "e",
                        "--quiet")
     assert code == 0, err
     study = check_exact(local, "e", 3)
@@ -259,7 +260,7 @@ def test_other_exceptions_are_recorded_and_the_worker_goes_on(workdir, local, mo
 
 def test_cuda_oom_retries_once_with_half_the_batch(workdir, local, monkeypatch):
     calls = fail_once(monkeypatch, search.objective, "tune_thresholds", torch.cuda.OutOfMemoryError("CUDA oom"))
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 2), "--storage", local, "--study-name", "o",
+    code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 2), "--storage", local, "--study-name", "o",
                        "--quiet")
     assert code == 0, err
     study = check_exact(local, "o", 2)
@@ -270,7 +271,7 @@ def test_cuda_oom_retries_once_with_half_the_batch(workdir, local, monkeypatch):
 
 def test_cuda_oom_twice_fails_the_trial_with_reason(workdir, local, monkeypatch):
     fail_once(monkeypatch, search.objective, "tune_thresholds", torch.cuda.OutOfMemoryError("CUDA oom"), times=2)
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 2), "--storage", local, "--study-name", "o2",
+    code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 2), "--storage", local, "--study-name", "o2",
                        "--quiet")
     assert code == 0, err
     study = check_exact(local, "o2", 2)
@@ -279,7 +280,7 @@ def test_cuda_oom_twice_fails_the_trial_with_reason(workdir, local, monkeypatch)
 
 def test_configuration_error_in_a_trial_stops_the_run(workdir, local, monkeypatch):
     fail_once(monkeypatch, search.objective, "evaluate", LTMPError("plan: does not fit"), times=99)
-    code, out, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 3), "--storage", local, "--study-name", "c",
+    code, out, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 3), "--storage", local, "--study-name", "c",
                          "--quiet")
     assert code == 2 and err == "search: error: plan: does not fit\n"
     study = optuna.load_study(study_name="c", storage=local)
@@ -288,7 +289,7 @@ def test_configuration_error_in_a_trial_stops_the_run(workdir, local, monkeypatc
 
 def test_a_trial_that_always_fails_stops_after_five(workdir, local, monkeypatch):
     fail_once(monkeypatch, search.objective, "evaluate", ValueError("always"), times=99)
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 3), "--storage", local, "--study-name", "a",
+    code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 3), "--storage", local, "--study-name", "a",
                        "--quiet")
     assert code == 2 and "5 trials in a row failed" in err and "ValueError: always" in err
 
@@ -298,14 +299,14 @@ def test_a_trial_that_always_fails_stops_after_five(workdir, local, monkeypatch)
     "mysql+pymysql://root:s3cr3t-pw@127.0.0.1:1/nodb",
 ])
 def test_unreachable_storage_never_shows_the_password(workdir, local, url):
-    for args in (("studies", "--storage", url), ("run", "--study", preset_file(workdir, 2), "--storage", url)):
+    for args in (("studies", "--storage", url), ("run", "--preset", preset_file(workdir, 2), "--storage", url)):
         code, out, err = cli(*args)
         assert code == 2 and err.count("\n") == 1 and "cannot open" in err
         assert "s3cr3t" not in out + err and "***" in err
 
 
 def test_saved_config_holds_no_storage(workdir, local):
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 1), "--storage", local, "--study-name", "s",
+    code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 1), "--storage", local, "--study-name", "s",
                        "--quiet")
     assert code == 0, err
     saved = optuna.load_study(study_name="s", storage=local).user_attrs["config"]
@@ -315,7 +316,7 @@ def test_saved_config_holds_no_storage(workdir, local):
 def test_dashboard_binds_to_loopback_by_default(workdir, local, monkeypatch):
     import optuna_dashboard
 
-    code, _, err = cli("run", "--flops", "0.5", "--study", preset_file(workdir, 1), "--storage", local, "--quiet")
+    code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 1), "--storage", local, "--quiet")
     assert code == 0, err
     served = {}
     monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kw: served.update(kw))
