@@ -326,9 +326,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     base = result.base
     if base.get("evaluated_accuracy") is not None:
         out.print(f"Unreduced base model ({base.get('model')}): top-1 {ui.pct(base['evaluated_accuracy'])} "
-                  f"on {config.holdout} held-out images, {study.user_attrs.get('unreduced_gmacs', 0):.4f} GMACs.")
+                  f"on the {config.holdout} select images, {study.user_attrs.get('unreduced_gmacs', 0):.4f} GMACs.")
     rows = [trial_summary(t) for t in ranked_trials(study)[:5]]
-    out.print(ui.trials_table(rows, f"Best trials of {study.study_name}", config.flops))
+    out.print(ui.trials_table(rows, f"Best trials of {study.study_name}", config.flops,
+                              base_accuracy=base.get("evaluated_accuracy")))
     storage_flag = "" if args.storage is None else f" --storage '{where}'"
     if best is None:
         more = len(study.get_trials(deepcopy=False, states=FINISHED)) + config.n_trials
@@ -417,7 +418,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                      "trials": rows, "best_trial": None if best is None else best.number, "layers": layers})
         return 0
     out, _ = _consoles()
-    out.print(ui.trials_table(rows, f"Trials of {study.study_name}", target))
+    out.print(ui.trials_table(rows, f"Trials of {study.study_name}", target,
+                              base_accuracy=(study.user_attrs.get("base") or {}).get("evaluated_accuracy")))
     out.print(ui.best_plan(best))
     return 0
 

@@ -44,10 +44,11 @@ def artifact_dir(url: str, override: str | None = None) -> Path:
 
 
 def plan_note(trial_number: int, plan: dict[str, Any], kept: list[float], accuracy: float, ratio: float,
-              target: float) -> str:
-    """The trial's note: a markdown table of its plan with learned thresholds and kept tokens."""
+              target: float, seed_of: str | None = None) -> str:
+    """The trial's note: a markdown table of its plan with learned thresholds and kept tokens; a
+    seeded trial says whose plan it runs."""
     lines = [
-        f"## Trial {trial_number}",
+        f"## Trial {trial_number}" + (f": the {seed_of} plan (a published method's, seeded)" if seed_of else ""),
         "",
         f"Top-1 **{100 * accuracy:.2f}%** at a measured FLOPs ratio of **{ratio:.3f}** "
         f"({'feasible: at or under' if ratio <= target else 'over'} the target {target:g}). FLOPs are MACs.",
@@ -79,7 +80,8 @@ class TrialRecorder:
             except ImportError:  # the dashboard extra is not installed: pictures only
                 save_note = None
             if save_note is not None:
-                save_note(trial, plan_note(trial.number, plan, kept, accuracy, ratio, target))
+                save_note(trial, plan_note(trial.number, plan, kept, accuracy, ratio, target,
+                                           trial.user_attrs.get("seed_of")))
             ltmp_core.set_mode(model, mode)
             trace = ltmp_core.trace_tokens(model, self.inputs)
             g = plan["geometry"]

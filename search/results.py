@@ -75,6 +75,7 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
         "keeps": [layer["keep"] for layer in layers],
         "duration_s": duration,
         "reason": trial.user_attrs.get("pruned_reason") or trial.user_attrs.get("fail_reason"),
+        "seed_of": trial.user_attrs.get("seed_of"),
     }
 
 

@@ -116,7 +116,7 @@ def run(
         study.set_user_attr("unreduced_gmacs", ltmp_core.unreduced_macs(geometry) / 1e9)
         study.set_user_attr("base", {**base_info, "evaluated_accuracy": objective.base_accuracy()})
         # The plans the published methods use start the study (as far as the space has such seeds).
-        first = get_space(config.space).seed_params(geometry, config.ops, config.importance)
+        first = get_space(config.space).seeded(geometry, config.ops, config.importance)
         first = first[: max(1, config.n_trials // 3)]
         study.set_user_attr("seed_trials", len(first))  # trials 0 .. n-1 are the published shapes
     store.sync(study)

@@ -36,21 +36,36 @@ def num(v: float | None, fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | None) -> Table:
+def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | None,
+                 base_accuracy: float | None = None) -> Table:
+    """Trials, one row each. A seeded trial names the published method whose plan it runs; a pruned
+    or failed trial shows its reason instead of an intermediate score; with ``base_accuracy`` a
+    column gives each top-1's drop from the unreduced model."""
     table = Table(title=title, title_justify="left")
-    for name, justify in [("trial", "right"), ("state", "left"), ("top-1", "right"), ("FLOPs ratio", "right"),
-                          ("GMACs", "right"), ("feasible", "center"), ("ops per layer", "left"), ("time", "right")]:
+    columns = [("trial", "right"), ("state", "left"), ("top-1", "right")]
+    if base_accuracy is not None:
+        columns.append(("drop", "right"))
+    columns += [("FLOPs ratio", "right"), ("GMACs", "right"), ("feasible", "center"), ("ops per layer", "left"),
+                ("time", "right")]
+    for name, justify in columns:
         table.add_column(name, justify=justify)
     for r in rows:
-        feasible = {True: "yes", False: "no", None: "-"}[r.get("feasible")]
-        table.add_row(
-            str(r["number"]), r["state"], pct(r["accuracy"]), num(r["flops_ratio"]), num(r["gmacs"], ".4g"),
-            feasible, ops_glance(r["ops"]) or (r.get("reason") or "")[:40],
-            "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s",
-        )
+        done = r["state"] == "complete"
+        feasible = {True: "yes", False: "no", None: "-"}[r.get("feasible")] if done else "-"
+        label = f"{r['number']} ({r['seed_of']})" if r.get("seed_of") else str(r["number"])
+        cells = [label, r["state"], pct(r["accuracy"]) if done else "-"]
+        if base_accuracy is not None:
+            cells.append(f"{100 * (r['accuracy'] - base_accuracy):+.1f}" if done and r["accuracy"] is not None else "-")
+        reason = (r.get("reason") or "")[:60]
+        cells += [num(r["flops_ratio"]) if done else "-", num(r["gmacs"], ".4g") if done else "-", feasible,
+                  ops_glance(r["ops"]) if done or not reason else reason,
+                  "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s"]
+        table.add_row(*cells)
     if target is not None:
         table.caption = (f"FLOPs ratio = measured MACs / unreduced MACs, target <= {target:g}. "
-                         "Ops: . none, M merge, P prune, S squeeze, MP merge+prune, MS merge+squeeze")
+                         "Ops: . none, M merge, P prune, S squeeze, MP merge+prune, MS merge+squeeze. "
+                         "(LTMP), (ToMe), (TPS): the published methods' plans the study started from"
+                         + ("; drop: points of top-1 against the unreduced model" if base_accuracy is not None else ""))
     return table
 
 

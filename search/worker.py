@@ -44,6 +44,8 @@ __all__ = ["TrialFailed", "ensure_slots", "work", "run_workers", "SLOT"]
 
 #: User attribute of the trials that are slots (enqueued by :func:`ensure_slots`; kept by retries).
 SLOT = "slot"
+#: User attribute naming the published method whose plan a seeded trial runs.
+SEED = "seed_of"
 
 POLL_S = 0.5
 MAX_CONSECUTIVE_FAILURES = 5
@@ -69,7 +71,8 @@ def ensure_slots(
 ) -> int:
     """Enqueue slots until finished + running + waiting trials number ``n_trials``; returns how many.
 
-    ``first``: parameters for the first slots of a new study (the baseline-shaped plans).
+    ``first``: ``(label, parameters)`` of the first slots of a new study (the published methods'
+    plans); the label becomes the trial's user attribute ``seed``.
     """
     with store.lock(study.study_name):
         c = counts(study)
@@ -77,8 +80,9 @@ def ensure_slots(
         need = max(0, n_trials - have)
         fresh = not study.trials
         for i in range(need):
-            params = first[i] if fresh and first and i < len(first) else {}
-            study.enqueue_trial(params, user_attrs={SLOT: True}, skip_if_exists=False)
+            label, params = first[i] if fresh and first and i < len(first) else (None, {})
+            attrs = {SLOT: True} if label is None else {SLOT: True, SEED: label}
+            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
     return need
 
 

@@ -55,9 +55,9 @@ def ltmp(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *,
     return _ltmp_plan(geometry, target, "ltmp", dict(LTMP_TUNING))
 
 
-def _ltmp_seed(geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str]) -> list[dict]:
+def _ltmp_seed(geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str]) -> dict[str, dict]:
     """The released values start the search."""
-    return [{"lr": 5e-3, "lr_prune": 5e-6, "tau": 0.5, "budget_weight": 10.0}]
+    return {"LTMP released": {"lr": 5e-3, "lr_prune": 5e-6, "tau": 0.5, "budget_weight": 10.0}}
 
 
 @register_space("ltmp-search", budget="global", description="LTMP with its recipe's learning rates, tau and "

@@ -19,7 +19,7 @@ def _params(ops: Sequence[str], importance: Sequence[str]) -> dict[str, Any]:
     return params
 
 
-def published_shapes(geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str]) -> list[dict[str, Any]]:
+def published_shapes(geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The plans the papers use, as layerwise parameters, as far as ``ops`` allows.
 
     Uniform merge+prune (LTMP's block everywhere), uniform merge (ToMe-like) and squeeze at three
@@ -28,8 +28,9 @@ def published_shapes(geometry: ViTGeometry, ops: Sequence[str], importance: Sequ
     """
     depth = geometry.depth
     tps = set(tps_layers(depth))
-    shapes = [["merge+prune"] * depth, ["merge"] * depth, ["squeeze" if i in tps else "none" for i in range(depth)]]
-    return [_params(shape, importance) for shape in shapes if all(op in ops for op in shape)]
+    shapes = {"LTMP shape": ["merge+prune"] * depth, "ToMe shape": ["merge"] * depth,
+              "TPS shape": ["squeeze" if i in tps else "none" for i in range(depth)]}
+    return {label: _params(shape, importance) for label, shape in shapes.items() if all(op in ops for op in shape)}
 
 
 @register_space(

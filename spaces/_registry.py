@@ -45,8 +45,9 @@ class Space:
             budget) or ``"global"`` (LTMP's FLOPs ratio against the target).
         tune: Whether thresholds are fine-tuned; ``False`` evaluates the plan in static mode.
         description: One line for ``--help`` and the docs.
-        seeds: ``seeds(geometry, ops, importance)``: parameters of the plans a new study of this space
-            starts from (the published methods' shapes), or ``None``.
+        seeds: ``seeds(geometry, ops, importance)``: the plans a new study of this space starts from
+            (the published methods' shapes), as ``{label: parameters}`` in order, or ``None``. The
+            label names the method on the trial (user attribute ``seed``), in tables and the dashboard.
     """
 
     name: str
@@ -56,9 +57,13 @@ class Space:
     description: str = ""
     seeds: SeedFn | None = None
 
+    def seeded(self, geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+        """``(label, parameters)`` of a new study's first trials (none for a space without seeds)."""
+        return [] if self.seeds is None else list(self.seeds(geometry, tuple(ops), tuple(importance)).items())
+
     def seed_params(self, geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str]) -> list[dict[str, Any]]:
-        """Parameters to enqueue as a new study's first trials (none for a space without seeds)."""
-        return [] if self.seeds is None else self.seeds(geometry, tuple(ops), tuple(importance))
+        """Parameters of a new study's first trials (none for a space without seeds)."""
+        return [params for _, params in self.seeded(geometry, ops, importance)]
 
 
 SPACES: dict[str, Space] = {}

@@ -29,7 +29,7 @@ from ._registry import Infeasible, register_space, solve
 PRUNES = ("none", "prune", "squeeze")
 
 
-def _seeds(geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str]) -> list[dict[str, Any]]:
+def _seeds(geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The published methods' shapes: LTMP's (merge then prune in every block, mean attention),
     ToMe's (merge in every block), TPS's (squeeze at three evenly spaced blocks, class attention)."""
     depth = geometry.depth
@@ -39,12 +39,12 @@ def _seeds(geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str])
     tome = {**common, "merge": True, "prune": "none", "importance": importance[0]}
     tps = {**common, "merge": False, "prune": "squeeze", "prune_from": tps_layers(depth)[0], "host": "tps",
            "importance": "cls", "order": "keep"}
-    out = []
-    for seed in (ltmp, tome, tps):
+    out = {}
+    for label, seed in (("LTMP", ltmp), ("ToMe", tome), ("TPS", tps)):
         if seed["importance"] not in importance:
             seed["importance"] = importance[0]
         if all(op in ops for op in _ops(seed, depth)):
-            out.append({k: v for k, v in seed.items() if k != "importance" or len(importance) > 1})
+            out[label] = {k: v for k, v in seed.items() if k != "importance" or len(importance) > 1}
     return out
 
 

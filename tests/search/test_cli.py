@@ -89,6 +89,25 @@ def test_show_and_studies_print_the_trials(first_run):
     code, out, _ = cli("show", "tiny", "--storage", url, "--json")
     data = json.loads(out)
     assert [t["number"] for t in data["trials"]] == [0, 1, 2]
+    # The study started from LTMP's shape (1 seed for 3 trials): the trial says so, in JSON and in the table.
+    assert [t["seed_of"] for t in data["trials"]] == ["LTMP shape", None, None]
+    wide = io.StringIO()
+    from rich.console import Console
+
+    from search import ui
+    from search.results import trial_summary
+
+    study = optuna.load_study(study_name="tiny", storage=url)
+    rows = [trial_summary(t) for t in study.trials]
+    Console(file=wide, width=250).print(ui.trials_table(rows, "t", 0.5, base_accuracy=0.9))
+    lines = {line.split("│")[1].strip(): line for line in wide.getvalue().splitlines() if line.count("│") > 5}
+    assert "0 (LTMP shape)" in lines and "1" in lines
+    for t in study.trials:
+        cells = [c.strip() for c in lines[f"{t.number} (LTMP shape)" if t.number == 0 else str(t.number)].split("│")]
+        if t.state == TrialState.COMPLETE:  # top-1 and its drop from the unreduced 90%
+            assert cells[3] == f"{100 * t.value:.1f}%" and cells[4] == f"{100 * (t.value - 0.9):+.1f}"
+        else:  # no intermediate score in the top-1 column; the reason instead of ops
+            assert cells[3] == "-" and cells[4] == "-"
     assert {r["trial_number"] for r in data["layers"]} == {t["number"] for t in data["trials"] if t["state"] == "complete"}
     code, out, _ = cli("studies", "--storage", url, "--json")
     assert json.loads(out)[0]["study"] == "tiny"

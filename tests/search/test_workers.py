@@ -332,10 +332,11 @@ def test_only_slots_run_a_trial_is_failed_as_surplus(tmp_path):
     url = f"sqlite:///{tmp_path / 'slots.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")
     store = Store(url)
-    assert ensure_slots(study, store, 2, [{"x": 1.0}]) == 2
+    assert ensure_slots(study, store, 2, [("a seed", {"x": 1.0})]) == 2
     assert ensure_slots(study, store, 2) == 0
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [t.user_attrs.get(SLOT) for t in waiting] == [True, True]
+    assert [t.user_attrs.get("seed_of") for t in waiting] == ["a seed", None]
     ran = []
     guarded = _guarded(lambda trial: ran.append(trial.number) or 1.0)
     slot = study.ask()  # pops the first slot
