@@ -146,6 +146,13 @@ def _preset_options(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--study", dest="preset", action=_Deprecated, new="--preset", help=argparse.SUPPRESS)
 
 
+def _json_options(p: argparse.ArgumentParser, help: str = "print the result as JSON") -> None:
+    """``--json``, and Optuna's CLI spelling ``-f json`` / ``--format json`` for the same."""
+    p.add_argument("--json", action="store_true", help=help)
+    p.add_argument("-f", "--format", choices=("table", "json"), default="table", help="table (default) or json "
+                   "(the same as --json, as Optuna's command line spells it)")
+
+
 def _storage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="database URL (default: $OPTUNA_STORAGE, else sqlite:///studies/search.db)")
 
@@ -158,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", help="run (or resume) a search", description=(
-        "Run an Optuna study: every trial samples per-layer operations and budgets under the FLOPs target, "
-        "tunes the learned thresholds briefly and scores the plan on held-out images with tokens removed. "
-        "Re-running the same command resumes the study."))
+        "Run an Optuna study: every trial samples a plan (which blocks merge, prune or squeeze, and how hard) "
+        "under the FLOPs target, sets its learned thresholds (solved for the target, or tuned briefly) and scores "
+        "it on the select split with tokens removed. Re-running the same command resumes the study."))
     _preset_options(run, "preset name (mnist, digits, deit_small, ...) or path of a preset TOML file "
                     "(default: mnist); --study-name names the study")
     _add_settings(run.add_argument_group("model and data (timm style)"), option_fields("model"))
@@ -173,17 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=int, default=1, help="worker processes on this machine sharing the study "
                      "(workers on other machines join with the same --storage and --study-name)")
     run.add_argument("--quiet", action="store_true", help="no progress, only the result")
-    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    _json_options(run, "print the result as JSON")
 
     p = sub.add_parser("studies", help="list the studies in a storage")
     _storage_options(p)
-    p.add_argument("--json", action="store_true")
+    _json_options(p)
 
     p = sub.add_parser("show", help="trials and best plan of a study")
     p.add_argument("study_name", metavar="STUDY")
     p.add_argument("--plot", metavar="FILE.png", help="draw top-1 against measured FLOPs of every trial")
     _storage_options(p)
-    p.add_argument("--json", action="store_true")
+    _json_options(p)
 
     p = sub.add_parser("export", help="write the best feasible plan (or --trial N) as JSON")
     p.add_argument("study_name", metavar="STUDY")
@@ -191,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops", type=_ratio, help="the best plan at or under this measured FLOPs ratio (for a study "
                    "over a range of targets)")
     p.add_argument("-o", "--output", default="plan.json", help="output file (default: plan.json)")
-    p.add_argument("-f", "--force", action="store_true", help="overwrite the output file if it exists")
+    p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     _storage_options(p)
-    p.add_argument("--json", action="store_true")
+    _json_options(p)
 
     p = sub.add_parser("delete", help="remove a study, its layer rows and its pictures", description=(
         "Remove a study with everything this project keeps of it: its trials, its rows in the "
@@ -202,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-y", "--yes", action="store_true", help="do not ask")
     p.add_argument("--artifacts", help="folder of the pictures (default: as search run)")
     _storage_options(p)
-    p.add_argument("--json", action="store_true")
+    _json_options(p)
 
     p = sub.add_parser("validate", help="top-1/top-5 and measured FLOPs of a plan on a data split", description=(
         "Apply a plan to its base model and report top-1, top-5 and the measured FLOPs (MACs) on a split: "
@@ -216,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic (learned thresholds, default when the plan has them) or static (fixed counts)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static model")
     _add_settings(p.add_argument_group("model and data (timm style)"), option_fields("model"))
-    p.add_argument("--json", action="store_true")
+    _json_options(p)
 
     p = sub.add_parser("bench", help="images/s and latency of a plan against its unreduced model", description=(
         "Time the unreduced model and the plan side by side on random images (warm-up, then the median of "
@@ -238,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--history", action="store_true", help="list stored measurements instead")
     _storage_options(p)
-    p.add_argument("--json", action="store_true", help="one JSON object per measured configuration")
+    _json_options(p, "one JSON object per measured configuration")
 
     p = sub.add_parser("dashboard", help="open the studies in optuna-dashboard")
     _storage_options(p)
@@ -402,7 +409,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.plot:
         from .plots import accuracy_flops_plot
 
-        points = [(r["flops_ratio"], r["accuracy"], bool(r["feasible"]), r["number"]) for r in rows
+        points = [(r["flops_ratio"], r["top1"], bool(r["feasible"]), r["number"]) for r in rows
                   if r["state"] == "complete" and r["flops_ratio"] is not None]
         accuracy_flops_plot(points, target, args.plot, title=study.study_name)
     if args.json:
@@ -557,6 +564,8 @@ COMMANDS = {"run": cmd_run, "studies": cmd_studies, "show": cmd_show, "export": 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "format", None) == "json":
+        args.json = True
     if args.command is None:
         parser.print_help()
         return 0

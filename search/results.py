@@ -67,7 +67,7 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
     return {
         "number": trial.number,
         "state": trial.state.name.lower(),
-        "accuracy": accuracy_of(trial),
+        "top1": accuracy_of(trial),
         "flops_ratio": trial.user_attrs.get("flops_ratio"),
         "gmacs": trial.user_attrs.get("gmacs"),
         "feasible": trial.user_attrs.get("feasible"),
@@ -97,7 +97,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             "pruned": sum(t.state == TrialState.PRUNED for t in trials),
             "failed": sum(t.state == TrialState.FAIL for t in trials),
             "best_trial": None if best is None else best.number,
-            "best_accuracy": None if best is None else accuracy_of(best),
+            "best_top1": None if best is None else accuracy_of(best),
             "best_flops_ratio": None if best is None else best.user_attrs.get("flops_ratio"),
             "started": min((t.datetime_start for t in trials if t.datetime_start), default=None),
         })

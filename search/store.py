@@ -257,7 +257,7 @@ class Store:
 
     def add_bench(self, plan: str, result: dict[str, Any]) -> int:
         """Store one ``search bench`` measurement; returns its id."""
-        row = BenchResult(plan=plan, created=result["time"],
+        row = BenchResult(plan=plan, created=result["created"],
                           **{k: result[k] for k in BenchResult.FIELDS if k not in ("created", "plan")})
         with self.session() as s:
             s.add(row)

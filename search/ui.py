@@ -53,9 +53,9 @@ def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | Non
         done = r["state"] == "complete"
         feasible = {True: "yes", False: "no", None: "-"}[r.get("feasible")] if done else "-"
         label = f"{r['number']} ({r['seed_of']})" if r.get("seed_of") else str(r["number"])
-        cells = [label, r["state"], pct(r["accuracy"]) if done else "-"]
+        cells = [label, r["state"], pct(r["top1"]) if done else "-"]
         if base_accuracy is not None:
-            cells.append(f"{100 * (r['accuracy'] - base_accuracy):+.1f}" if done and r["accuracy"] is not None else "-")
+            cells.append(f"{100 * (r['top1'] - base_accuracy):+.1f}" if done and r["top1"] is not None else "-")
         reason = (r.get("reason") or "")[:60]
         cells += [num(r["flops_ratio"]) if done else "-", num(r["gmacs"], ".4g") if done else "-", feasible,
                   ops_glance(r["ops"]) if done or not reason else reason,
@@ -108,7 +108,7 @@ def studies_table(rows: Sequence[dict[str, Any]], where: str) -> Table:
     for r in rows:
         table.add_row(
             r["study"], num(r["target_flops_ratio"], "g"), r["model"] or "-",
-            f"{r['complete']}/{r['pruned']}/{r['failed']}", pct(r["best_accuracy"]), num(r["best_flops_ratio"]),
+            f"{r['complete']}/{r['pruned']}/{r['failed']}", pct(r["best_top1"]), num(r["best_flops_ratio"]),
         )
     return table
 

@@ -122,7 +122,7 @@ def test_export_reproduces_the_trial_exactly(first_run, workdir):
     trial = study.trials[exported["trial"]]
     assert trial.user_attrs["feasible"]
     plan = ltmp_core.load_plan(workdir / "best.json")
-    assert plan.meta["trial"] == trial.number and plan.meta["accuracy"] == trial.value
+    assert plan.meta["trial"] == trial.number and plan.meta["top1"] == trial.value
 
     data = load_data("digits", img_size=32, holdout=120)
     model, _ = load_base_model("ltmp_vit_digits", data, img_size=32, base_epochs=2)
@@ -405,3 +405,14 @@ def test_old_study_flag_still_names_a_preset_with_one_deprecation_line(workdir):
         "search: warning: --study is deprecated and will be removed in the next release; use --preset",
         err.splitlines()[1],
     ] and "unknown preset 'imagenet9'" in err.splitlines()[1]
+
+
+def test_optunas_format_flag_means_json(first_run):
+    url, _ = first_run
+    code, out, err = cli("show", "tiny", "--storage", url, "-f", "json")
+    assert code == 0, err
+    same = cli("show", "tiny", "--storage", url, "--json")[1]
+    assert json.loads(out) == json.loads(same)
+    studies = json.loads(cli("studies", "--storage", url, "--format", "json")[1])
+    # One name for top-1 in every JSON output: top1 (as search validate reports it).
+    assert "best_top1" in studies[0] and all("top1" in t for t in json.loads(out)["trials"])
