@@ -301,12 +301,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out, err = _consoles()
-    display = ui.RunDisplay(err, config.n_trials, config.trial_steps, quiet=args.quiet or args.json)
+    display = ui.RunDisplay(err, config.n_trials, config.trial_steps, quiet=args.quiet or args.json, jobs=args.jobs)
 
     def trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        display.trial_end(study, trial)
-        if display.progress is not None:
-            display.progress.update(display.trials, completed=len(study.get_trials(deepcopy=False, states=FINISHED)))
+        display.trial_end(study, trial, len(study.get_trials(deepcopy=False, states=FINISHED)))
 
     try:
         with display:
@@ -331,6 +329,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         out.print(f"Study {study.study_name!r} already has {result.finished_before} finished trials "
                   f"(--n-trials {config.n_trials}); nothing to run. Raise --n-trials to continue it.")
     base = result.base
+    out.print(ui.finished_line(study) + f" (this run: {len(result.new_trials)})")
+    if str(base.get("source", "")).startswith("trained here"):
+        cached = str(base["source"]).split("cached at ", 1)[-1]
+        out.print(f"The base model was trained once and cached at {cached}; later runs load it "
+                  "(LTMP_CACHE=DIR moves the cache).")
     if base.get("evaluated_accuracy") is not None:
         out.print(f"Unreduced base model ({base.get('model')}): top-1 {ui.pct(base['evaluated_accuracy'])} "
                   f"on the {config.holdout} select images, {study.user_attrs.get('unreduced_gmacs', 0):.4f} GMACs.")

@@ -48,6 +48,8 @@ class TrialHooks:
     on_trial_start: Callable[[int], None] = lambda number: None
     on_step: Callable[[int, int], None] = lambda step, steps: None
     on_phase: Callable[[str], None] = lambda phase: None
+    #: The study is open: how many of its trials had finished before this run.
+    on_study: Callable[[int], None] = lambda finished: None
 
 
 def recipe_for(config: StudyConfig, space_budget: str, overrides: dict[str, Any] | None = None) -> Recipe:

@@ -121,6 +121,8 @@ def run(
         study.set_user_attr("seed_trials", len(first))  # trials 0 .. n-1 are the published shapes
     store.sync(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if hooks is not None:
+        hooks.on_study(finished)
     result = RunResult(study, url, base=study.user_attrs.get("base", base_info), finished_before=finished)
     try:
         ensure_slots(study, store, config.n_trials, first)

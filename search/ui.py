@@ -7,7 +7,8 @@ from typing import Any, Sequence
 
 import optuna
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from .objective import TrialHooks
@@ -140,61 +141,106 @@ def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 
 class RunDisplay:
-    """Progress of a run: a bar for the trials and one for the current trial's steps.
+    """Progress of a run, as Optuna users know it from ``show_progress_bar``.
 
-    On a terminal this is a rich progress display on stderr; otherwise (or with ``quiet``) it prints
-    plain lines, one per finished trial (none with ``quiet``).
+    On a terminal: a rich display on stderr with the study's trials done of ``--n-trials`` (ETA,
+    best feasible top-1 so far) and the current trial's phase (calibrate, tune step k of n, score);
+    the base model's training gets its own bar with an ETA. Otherwise (logs, pipes): one
+    timestamped line per finished trial and a "best is trial N" line when the best changes
+    (nothing with ``quiet``).
     """
 
-    def __init__(self, console: Console, total: int, steps: int, quiet: bool = False) -> None:
+    def __init__(self, console: Console, total: int, steps: int, quiet: bool = False, jobs: int = 1) -> None:
         self.console = console
         self.total = total
         self.steps = steps
         self.quiet = quiet
+        self.jobs = jobs
         self.live = console.is_terminal and not quiet
         self.progress: Progress | None = None
-        self._started = time.perf_counter()
+        self.base_task = None
+        self.best: int | None = None
+        self._trial: int | None = None
 
     def __enter__(self) -> "RunDisplay":
         if self.live:
             self.progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=self.console, transient=True,
+                TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=True,
             )
             self.progress.start()
-            self.trials = self.progress.add_task("trials", total=self.total)
-            self.step_task = self.progress.add_task("steps", total=max(1, self.steps))
-            self.base_task = None
+            self.trials = self.progress.add_task("opening the data and the base model", total=self.total)
+            self.step_task = self.progress.add_task("", total=max(1, self.steps), visible=False)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:
             self.progress.stop()
 
+    def line(self, text: str) -> None:
+        """A plain line: above the live display on a terminal, timestamped otherwise."""
+        if self.progress is not None:
+            self.progress.console.print(text)
+        elif not self.quiet:
+            self.console.print(f"[{time.strftime('%H:%M:%S')}] {text}", highlight=False)
+
     def base_epoch(self, epoch: int, epochs: int, loss: float) -> None:
         if self.progress is not None:
             if self.base_task is None:
-                self.base_task = self.progress.add_task("training the base model", total=epochs)
-            self.progress.update(self.base_task, completed=epoch, description=f"training the base model (loss {loss:.3f})")
+                self.base_task = self.progress.add_task("training the base model (once; cached)", total=epochs)
+            self.progress.update(self.base_task, completed=epoch,
+                                 description=f"training the base model (once; cached), loss {loss:.3f}")
             if epoch == epochs:
                 self.progress.remove_task(self.base_task)
         elif not self.quiet and (epoch == 1 or epoch % 10 == 0 or epoch == epochs):
-            self.console.print(f"training the base model: epoch {epoch}/{epochs}, loss {loss:.3f}")
+            self.line(f"training the base model (once; it is cached): epoch {epoch}/{epochs}, loss {loss:.3f}")
 
     def hooks(self) -> TrialHooks:
-        def start(number: int) -> None:
+        def study(finished: int) -> None:
             if self.progress is not None:
-                self.progress.update(self.step_task, completed=0, description=f"trial {number} steps")
+                self.progress.update(self.trials, completed=min(finished, self.total),
+                                     description="trials" if self.jobs == 1 else f"trials ({self.jobs} workers)")
+
+        def start(number: int) -> None:
+            self._trial = number
+            if self.progress is not None and self.jobs == 1:
+                self.progress.update(self.step_task, completed=0, visible=True, description=f"trial {number}: start")
+
+        def phase(name: str) -> None:
+            if self.progress is not None and self.jobs == 1:
+                total = self.progress.tasks[self.step_task].total if name == "tune" else 1
+                self.progress.update(self.step_task, completed=0, total=total, description=f"trial {self._trial}: {name}")
 
         def step(done: int, steps: int) -> None:
-            if self.progress is not None:
-                self.progress.update(self.step_task, completed=done, total=max(1, steps))
+            if self.progress is not None and self.jobs == 1:
+                self.progress.update(self.step_task, completed=done, total=max(1, steps),
+                                     description=f"trial {self._trial}: tune step {done}/{steps}")
 
-        return TrialHooks(on_trial_start=start, on_step=step)
+        return TrialHooks(on_trial_start=start, on_step=step, on_phase=phase, on_study=study)
 
-    def trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, finished: int) -> None:
+        """After every finished trial of the study (``finished``: how many it has now)."""
+        from .results import best_trial
+
+        self.line(trial_line(trial))
+        best = best_trial(study)
+        if best is not None and best.number != self.best:
+            self.best = best.number
+            if self.progress is None:
+                self.line(f"best is trial {best.number}: top-1 {pct(accuracy_of(best))} at a FLOPs ratio of "
+                          f"{num(best.user_attrs.get('flops_ratio'))}")
         if self.progress is not None:
-            self.progress.advance(self.trials)
-            self.progress.console.print(trial_line(trial))
-        elif not self.quiet:
-            self.console.print(trial_line(trial))
+            text = "trials" if self.jobs == 1 else f"trials ({self.jobs} workers)"
+            if best is not None:
+                text += f", best {pct(accuracy_of(best))} (trial {best.number})"
+            self.progress.update(self.trials, completed=min(finished, self.total), description=text)
+
+
+def finished_line(study: optuna.Study) -> str:
+    """``24 trials: 20 complete, 4 pruned, 0 failed``: the study's trials by state."""
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    s = optuna.trial.TrialState
+    done = count[s.COMPLETE] + count[s.PRUNED]
+    return (f"{done} trials: {count[s.COMPLETE]} complete, {count[s.PRUNED]} pruned, {count[s.FAIL]} failed"
+            + (f", {count[s.WAITING]} waiting" if count[s.WAITING] else ""))

@@ -416,3 +416,23 @@ def test_optunas_format_flag_means_json(first_run):
     studies = json.loads(cli("studies", "--storage", url, "--format", "json")[1])
     # One name for top-1 in every JSON output: top1 (as search validate reports it).
     assert "best_top1" in studies[0] and all("top1" in t for t in json.loads(out)["trials"])
+
+
+def test_plain_progress_is_timestamped_and_ends_with_the_count_by_state(first_run, workdir):
+    import re
+
+    url = f"sqlite:///{workdir / 'progress.db'}"
+    code, out, err = cli("run", "--flops", "0.5", "--preset", "tiny.toml", "--storage", url, "--study-name", "p",
+                         "--n-trials", "2")
+    assert code == 0, err
+    study = optuna.load_study(study_name="p", storage=url)
+    for t in study.trials:  # not a terminal: one timestamped line per finished trial
+        assert re.search(rf"^\[\d\d:\d\d:\d\d\] trial {t.number}: ", err, re.M), err
+    from search.results import best_trial
+
+    best = best_trial(study)
+    if best is not None:
+        assert re.search(rf"^\[\d\d:\d\d:\d\d\] best is trial {best.number}: top-1 ", err, re.M), err
+    states = [t.state for t in study.trials]
+    assert (f"2 trials: {states.count(TrialState.COMPLETE)} complete, {states.count(TrialState.PRUNED)} pruned, "
+            f"0 failed (this run: 2)") in out
