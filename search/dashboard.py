@@ -57,8 +57,8 @@ def plan_note(trial_number: int, plan: dict[str, Any], kept: list[float], accura
         "|" + "---|" * len(PLAN_COLUMNS),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in plan_rows(plan, kept)]
-    lines += ["", f"Pictures: `{TOKEN_MAP}` (one colour per group of patches merged into one token, grey with "
-              f"a cross = pruned, white stripe = squeezed) and `{KEPT_CHART}`."]
+    lines += ["", f"Pictures: `{TOKEN_MAP}` (the tokens after every reducing block: merged patches share their "
+              f"mean colour inside one outline, pruned patches are dimmed, squeezed ones marked) and `{KEPT_CHART}`."]
     return "\n".join(lines)
 
 
@@ -89,7 +89,7 @@ class TrialRecorder:
             with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 path = Path(tmp) / TOKEN_MAP
-                token_map(self.display, trace).save(path)
+                token_map(self.display, trace, ops=[layer["op"] for layer in plan["layers"]]).save(path)
                 upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial)
                 path = Path(tmp) / KEPT_CHART
                 kept_tokens_chart(a["kept_tokens"], [layer["keep"] for layer in plan["layers"]], g["num_patches"],

@@ -14,11 +14,18 @@ from torch import Tensor
 
 from ltmp_core import PRUNED, SQUEEZED, LTMPError, TokenTrace
 
-__all__ = ["group_colour", "token_map", "kept_tokens_chart", "accuracy_flops_plot", "PRUNED_COLOUR"]
+__all__ = ["group_colour", "token_cell", "token_map", "kept_tokens_chart", "accuracy_flops_plot", "check_plot_path",
+           "DIM", "OUTLINE", "SQUEEZE_MARK"]
 
-PRUNED_COLOUR = (96, 96, 96)  # grey with a light cross: visible on black backgrounds and on photos
-PRUNED_MARK = (200, 200, 200)
-ALPHA = 0.6
+#: A pruned patch keeps this fraction of its brightness (dimmed, still recognisable).
+DIM = 0.3
+OUTLINE = (255, 255, 255)
+SQUEEZE_MARK = (255, 215, 0)
+BACKGROUND = (255, 255, 255)
+TEXT = (0, 0, 0)
+
+_OP_SHORT = {"none": "-", "merge": "merge", "prune": "prune", "squeeze": "squeeze", "merge+prune": "merge+prune",
+             "merge+squeeze": "merge+squeeze"}
 
 
 def group_colour(k: int) -> tuple[int, int, int]:
@@ -27,47 +34,73 @@ def group_colour(k: int) -> tuple[int, int, int]:
     return int(255 * r), int(255 * g), int(255 * b)
 
 
-def _blend(a: tuple[int, int, int], b: tuple[int, int, int], alpha: float) -> tuple[int, int, int]:
-    return tuple(int(round((1 - alpha) * x + alpha * y)) for x, y in zip(a, b))  # type: ignore[return-value]
-
-
 def token_cell(image: Tensor, owner: Tensor, fate: Tensor, grid: tuple[int, int], scale: int) -> Image.Image:
-    """One image with its patches painted by where they went.
+    """One image drawn as its tokens after a block, as in ToMe's figures.
 
-    Patches held alone are left as they are; patches merged together share one colour per group;
-    pruned patches are grey with a cross; squeezed patches carry their group's colour with a diagonal
-    stripe.
+    Every token is one region: the patches merged into it are filled with their mean colour, and
+    the region is outlined (a patch alone keeps its pixels); pruned patches are dimmed; squeezed
+    patches carry the mean colour of the token they were fused into, with a diagonal mark.
     """
+    import numpy as np
+
     rows, cols = grid
     h, w = image.shape[-2:]
     ph, pw = h // rows, w // cols
-    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    img = Image.fromarray(pixels, "RGB").resize((w * scale, h * scale), Image.NEAREST)
-    draw = ImageDraw.Draw(img)
+    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy().astype(np.float64)
+    out = pixels.copy()
     owners = owner.tolist()
-    sizes: dict[int, int] = {}
-    for o in owners:
-        if o >= 0:
-            sizes[o] = sizes.get(o, 0) + 1
-    order = {o: k for k, o in enumerate(sorted(o for o, n in sizes.items() if n > 1))}
-    base = img.copy()
-    for p, (o, f) in enumerate(zip(owners, fate.tolist())):
+    fates = fate.tolist()
+
+    def patch(p: int) -> tuple[slice, slice]:
         r, c = divmod(p, cols)
-        x0, y0 = c * pw * scale, r * ph * scale
-        x1, y1 = x0 + pw * scale, y0 + ph * scale  # exclusive
+        return slice(r * ph, (r + 1) * ph), slice(c * pw, (c + 1) * pw)
+
+    groups: dict[int, list[int]] = {}
+    for p, (o, f) in enumerate(zip(owners, fates)):
+        if o >= 0 and f != PRUNED:
+            groups.setdefault(o, []).append(p)
+    for members in groups.values():
+        if len(members) > 1:
+            mean = np.mean([pixels[patch(p)].reshape(-1, 3).mean(0) for p in members], axis=0)
+            for p in members:
+                out[patch(p)] = mean
+    for p, (o, f) in enumerate(zip(owners, fates)):
         if o < 0 or f == PRUNED:
-            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=PRUNED_COLOUR)
-            if x1 - x0 >= 6:
-                draw.line((x0 + 1, y0 + 1, x1 - 2, y1 - 2), fill=PRUNED_MARK)
-                draw.line((x0 + 1, y1 - 2, x1 - 2, y0 + 1), fill=PRUNED_MARK)
-            continue
-        if sizes[o] <= 1 and f != SQUEEZED:
-            continue
-        colour = group_colour(order.get(o, len(order)))
-        patch = base.crop((x0, y0, x1, y1))
-        img.paste(Image.blend(patch, Image.new("RGB", patch.size, colour), ALPHA), (x0, y0))
-        if f == SQUEEZED:
-            draw.line((x0, y1 - 1, x1 - 1, y0), fill=(255, 255, 255), width=max(1, scale // 2))
+            out[patch(p)] = pixels[patch(p)] * DIM
+    img = Image.fromarray(out.round().clip(0, 255).astype(np.uint8), "RGB").resize((w * scale, h * scale),
+                                                                                   Image.NEAREST)
+    draw = ImageDraw.Draw(img)
+
+    def token(p: int) -> int:
+        return owners[p] if owners[p] >= 0 and fates[p] != PRUNED else -1 - p  # pruned patches: their own region
+
+    for p in range(rows * cols):
+        r, c = divmod(p, cols)
+        x0, y0, x1, y1 = c * pw * scale, r * ph * scale, (c + 1) * pw * scale - 1, (r + 1) * ph * scale - 1
+        if c + 1 < cols and token(p + 1) != token(p):
+            draw.line((x1, y0, x1, y1), fill=OUTLINE)
+        if r + 1 < rows and token(p + cols) != token(p):
+            draw.line((x0, y1, x1, y1), fill=OUTLINE)
+        if fates[p] == SQUEEZED and x1 - x0 >= 4:
+            draw.line((x0 + 1, y1 - 1, x1 - 1, y0 + 1), fill=SQUEEZE_MARK, width=max(1, scale // 3))
+    return img
+
+
+def _legend(width: int, scale: int) -> Image.Image:
+    """Swatches: a merged token, a pruned patch, a squeezed patch."""
+    box = 5 * scale // 2 + 6
+    img = Image.new("RGB", (width, box + 6), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    x = 2
+    for kind, text in (("merged", "merged: one token, mean colour, outlined"), ("pruned", "pruned: dimmed"),
+                       ("squeezed", "squeezed into a kept token: marked")):
+        fill = {"merged": group_colour(0), "pruned": tuple(int(v * DIM) for v in group_colour(0)),
+                "squeezed": group_colour(0)}[kind]
+        draw.rectangle((x, 3, x + box, 3 + box), fill=fill, outline=OUTLINE if kind == "merged" else None)
+        if kind == "squeezed":
+            draw.line((x + 1, 2 + box, x + box - 1, 4), fill=SQUEEZE_MARK, width=max(1, scale // 3))
+        draw.text((x + box + 4, 3 + box // 2 - 5), text, fill=TEXT)
+        x += box + 10 + 6 * len(text)
     return img
 
 
@@ -76,27 +109,36 @@ def token_map(
     trace: TokenTrace,
     depths: Sequence[int] | None = None,
     *,
+    ops: Sequence[str] | None = None,
     scale: int = 4,
     gap: int = 4,
+    legend: bool = True,
 ) -> Image.Image:
-    """A grid of token maps: one row per image, the image then its map after each block in ``depths``.
+    """A grid of token maps: one row per image, the image then its tokens after each block in ``depths``.
 
     Args:
         images: Displayable images in [0, 1], ``[B, 3, H, W]`` (``StudyData.denormalize``).
         trace: :func:`ltmp_core.trace_tokens` of the same images.
-        depths: Blocks to show (default: about a third, two thirds and the last).
+        depths: Blocks to show (default: every block whose op reduces tokens, or every block when
+            ``ops`` is not given).
+        ops: The plan's op per block, named in the column titles.
     """
     depth = trace.owner.shape[0]
     if depths is None:
-        depths = sorted({max(0, round(depth * k / 3) - 1) for k in (1, 2, 3)})
+        depths = [i for i in range(depth) if ops is None or ops[i] != "none"] or list(range(depth))
     b, _, h, w = images.shape
     cell_w, cell_h = w * scale, h * scale
-    header = 14
-    sheet = Image.new("RGB", ((len(depths) + 1) * (cell_w + gap) - gap, header + b * (cell_h + gap) - gap),
-                      (255, 255, 255))
+    header = 26
+    width = (len(depths) + 1) * (cell_w + gap) - gap
+    key = _legend(width, scale) if legend else None
+    height = header + b * (cell_h + gap) - gap + (key.height + gap if key is not None else 0)
+    sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    for j, title in enumerate(["image"] + [f"after block {layer}" for layer in depths]):
-        draw.text((j * (cell_w + gap) + 2, 1), title, fill=(0, 0, 0))
+    titles = [("image", "")] + [(f"block {layer}", _OP_SHORT.get(ops[layer], ops[layer]) if ops else "")
+                                for layer in depths]
+    for j, (title, op) in enumerate(titles):
+        draw.text((j * (cell_w + gap) + 2, 1), title, fill=TEXT)
+        draw.text((j * (cell_w + gap) + 2, 13), op, fill=TEXT)
     for i in range(b):
         y = header + i * (cell_h + gap)
         pixels = (images[i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -104,6 +146,8 @@ def token_map(
         for j, layer in enumerate(depths):
             cell = token_cell(images[i], trace.owner[layer, i], trace.fate[layer, i], trace.grid, scale)
             sheet.paste(cell, ((j + 1) * (cell_w + gap), y))
+    if key is not None:
+        sheet.paste(key, (0, height - key.height))
     return sheet
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 import ltmp_core
 from tests.search.helpers import cli, preset
-from search.plots import ALPHA, PRUNED_COLOUR, accuracy_flops_plot, group_colour, token_map
+from search.plots import DIM, OUTLINE, SQUEEZE_MARK, accuracy_flops_plot, token_map
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run"]
@@ -82,23 +82,43 @@ def test_dashboard_serves_metric_names_constraints_notes_and_pictures(study):
         assert status.startswith("200") and png.startswith(b"\x89PNG")
 
 
-def test_token_map_of_a_hand_built_case_colours_exactly_those_patches():
-    """2x2 patches of 4 px: patches 0 and 1 merged into one token, patch 2 pruned, patch 3 alone."""
-    image = torch.full((1, 3, 8, 8), 0.5)
-    owner = torch.tensor([[[1, 1, -1, 2]]])  # [depth=1, B=1, 4 patches]
-    fate = torch.tensor([[[0, 0, ltmp_core.PRUNED, 0]]])
-    sheet = token_map(image, ltmp_core.TokenTrace(owner, fate, (2, 2)), depths=[0], scale=1, gap=0)
-    cell = sheet.crop((8, 14, 16, 22)).convert("RGB")  # the map after block 0 (header of 14 px)
-    px = lambda x, y: cell.getpixel((x, y))  # noqa: E731
-    grey = (128, 128, 128)
-    merged = tuple(round((1 - ALPHA) * 128 + ALPHA * c) for c in group_colour(0))
-    for x, y in [(0, 0), (3, 3), (4, 0), (7, 3)]:  # patches 0 and 1: one colour
-        assert all(abs(a - b) <= 1 for a, b in zip(px(x, y), merged)), (x, y, px(x, y))
-    for x, y in [(0, 4), (3, 7)]:  # patch 2: pruned
-        assert px(x, y) == PRUNED_COLOUR
-    for x, y in [(4, 4), (7, 7)]:  # patch 3: untouched
-        assert px(x, y) == grey
-    assert sheet.crop((0, 14, 8, 22)).getpixel((3, 3)) == grey, "the first column is the image itself"
+def test_token_map_of_a_hand_built_case_draws_tokens_as_tome_does():
+    """2x2 patches of 4 px: patches 0 (red) and 1 (blue) merged into one token, patch 2 (green)
+    pruned, patch 3 (yellow) alone; a second block squeezes patch 3 into the merged token."""
+    colours = [(200, 0, 0), (0, 0, 200), (0, 200, 0), (200, 200, 0)]
+    image = torch.zeros(1, 3, 8, 8)
+    for p, colour in enumerate(colours):
+        r, c = divmod(p, 2)
+        image[0, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = torch.tensor(colour).view(3, 1, 1) / 255
+    owner = torch.tensor([[[1, 1, -1, 2]], [[1, 1, -1, 1]]])  # [depth=2, B=1, 4 patches]
+    fate = torch.tensor([[[0, 0, ltmp_core.PRUNED, 0]], [[0, 0, ltmp_core.PRUNED, ltmp_core.SQUEEZED]]])
+    trace = ltmp_core.TokenTrace(owner, fate, (2, 2))
+    sheet = token_map(image, trace, ops=["merge+prune", "squeeze"], scale=2, gap=0, legend=False)
+    assert sheet.size == (3 * 16, 26 + 16), "the image, then both reducing blocks"
+    after = lambda block, x, y: sheet.getpixel((16 * (block + 1) + x, 26 + y))  # noqa: E731
+    mean = (100, 0, 100)  # patches 0 and 1: one token, their mean colour
+    for x, y in [(1, 1), (5, 5), (9, 1), (13, 5)]:
+        assert after(0, x, y) == mean, (x, y, after(0, x, y))
+    assert after(0, 7, 3) == mean, "no outline inside a token"
+    assert after(0, 7, 11) == OUTLINE, "an outline between two tokens (the pruned patch and patch 3)"
+    assert after(0, 2, 11) == (0, round(200 * DIM), 0), "pruned: dimmed, still its own colour"
+    assert after(0, 12, 12) == (200, 200, 0), "a patch alone keeps its pixels"
+    # Block 1: patch 3 was squeezed into the merged token: it takes the token's colour and a mark.
+    fused = (133, 67, 67)  # the mean of red, blue and yellow: patches 0, 1 and 3 are one token now
+    assert after(1, 9, 9) == fused and after(1, 1, 1) == fused
+    assert after(1, 9, 14) == SQUEEZE_MARK, "the squeezed patch is marked"
+    assert sheet.getpixel((0 + 3, 26 + 3)) == colours[0], "the first column is the image itself"
+
+
+def test_token_map_titles_every_reducing_block_and_has_a_legend():
+    image = torch.rand(1, 3, 8, 8)
+    owner = torch.tensor([[[0, 1, 2, 3]]] * 4)
+    fate = torch.zeros_like(owner)
+    ops = ["merge", "none", "prune", "merge+squeeze"]
+    plain = token_map(image, ltmp_core.TokenTrace(owner, fate, (2, 2)), ops=ops, scale=4, gap=4, legend=False)
+    assert plain.size[0] == 4 * (32 + 4) - 4, "image + blocks 0, 2 and 3 (block 1 does not reduce)"
+    keyed = token_map(image, ltmp_core.TokenTrace(owner, fate, (2, 2)), ops=ops, scale=4, gap=4)
+    assert keyed.size[1] > plain.size[1], "a legend below the maps"
 
 
 FEASIBLE, OVER, FRONT, TARGET = (0x4C, 0x72, 0xB0), (0xC4, 0x4E, 0x52), (0x55, 0xA8, 0x68), (0x81, 0x72, 0xB2)
