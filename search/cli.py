@@ -506,7 +506,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                   f"e.g. {result['skipped_images'][0]}")
     out.print(f"{result['plan']} on {result['data']} ({result['split']}, {result['images']} images, "
               f"{result['mode']} mode, {result['device']}):")
-    out.print(f"  top-1 {result['top1'] * 100:.2f}%   top-5 {result['top5'] * 100:.2f}%")
+    out.print(f"  top-1 {result['top1'] * 100:.2f}%   top-5 {result['top5'] * 100:.2f}%   (unreduced: top-1 "
+              f"{result['base_top1'] * 100:.2f}%, top-5 {result['base_top5'] * 100:.2f}%; top-1 drop "
+              f"{result['top1_drop'] * 100:.2f} points)")
     out.print(f"  {result['gmacs']:.4g} GMACs per image (FLOPs as MACs), {result['flops_ratio']:.3f} of the unreduced "
               f"model; {result['images_per_s']:.1f} images/s")
     return 0

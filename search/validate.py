@@ -18,7 +18,7 @@ from ltmp_core import LTMPError, ReductionPlan
 
 from .config import StudyConfig, resolve
 from .data import SPLITS
-from .finetune import evaluate
+from .finetune import autocast, evaluate
 from .models import load_base_model
 from .prepare import open_data, resolve_device
 
@@ -70,8 +70,10 @@ def validate_plan(
         config.model, data, img_size=config.img_size, model_kwargs=config.model_kwargs,
         pretrained=config.pretrained, checkpoint=config.checkpoint, base_epochs=config.base_epochs,
     )
-    ltmp_core.apply_plan(model, plan, mode=mode)
     model.to(device)
+    base_top1, base_top5 = _unreduced_accuracy(model, data.split_batches(split, config.batch_size), device, amp)
+    ltmp_core.apply_plan(model, plan, mode=mode)
+    model.to(device)  # the thresholds the plan added
     geometry = ltmp_core.ViTGeometry.from_model(model)
     note = None
     if plan.geometry is not None and plan.geometry.num_patches != geometry.num_patches:
@@ -97,6 +99,9 @@ def validate_plan(
         "images": result.images,
         "top1": result.accuracy,
         "top5": result.top5,
+        "base_top1": base_top1,
+        "base_top5": base_top5,
+        "top1_drop": base_top1 - result.accuracy,
         "gmacs": result.macs / 1e9,
         "flops_ratio": result.macs / unreduced,
         "kept_tokens": result.kept_tokens,
@@ -106,3 +111,17 @@ def validate_plan(
         "skipped_images": data.skipped(),
         "geometry_note": note,
     }
+
+
+@torch.no_grad()
+def _unreduced_accuracy(model: torch.nn.Module, batches: Any, device: torch.device, amp: bool) -> tuple[float, float]:
+    """Top-1 and top-5 of the model before the plan is applied, on the same images."""
+    correct = correct5 = seen = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, amp):
+            logits = model(x)
+        correct += int((logits.argmax(-1) == y).sum())
+        correct5 += int((logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y.unsqueeze(-1)).any(-1).sum())
+        seen += len(y)
+    return correct / max(1, seen), correct5 / max(1, seen)

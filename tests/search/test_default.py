@@ -47,6 +47,10 @@ def test_embedded_default_runs_offline_then_exports_and_validates_on_test(tmp_pa
     result = json.loads(out)
     assert result["split"] == "test" and result["images"] == 1000 and result["flops_ratio"] <= 0.35
     assert result["top1"] > 0.9
+    # The unreduced model on the same 1,000 test images, and the plan's drop from it.
+    assert result["base_top1"] == pytest.approx(0.978, abs=0.002) and result["top1_drop"] == result["base_top1"] - result["top1"]
+    code, out, err = _main("validate", "plan.json")
+    assert code == 0 and "unreduced: top-1 97.80%" in out and "top-1 drop" in out
 
 
 def test_validate_reads_the_same_test_split_as_the_search():
