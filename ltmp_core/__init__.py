@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 #: Public name -> the module of this package that defines it.
 _EXPORTS = {
     "LTMPError": "errors",
+    "Unreachable": "errors",
     **{name: "flops" for name in (
         "budgets_for_ratio", "calibrate_to_flops", "count_flops", "expected_flops_ratio", "flops_budget_loss", "image_macs",
         "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "plan_flops_ratio",
@@ -35,7 +36,7 @@ _EXPORTS = {
     **{name: "patch" for name in (
         "MODES", "THRESHOLDS", "apply_plan", "calibrate", "get_mode", "get_plan", "is_patched", "measure_scales",
         "own_counts", "set_thresholds",
-        "remove_plan", "set_mode", "threshold_parameters", "threshold_scales", "token_counts", "trace_tokens",
+        "remove_plan", "set_mode", "threshold_names", "threshold_parameters", "threshold_scales", "token_counts", "trace_tokens",
         "TokenTrace")},
     **{name: "plan" for name in (
         "IMPORTANCE", "OPS", "LayerPlan", "ReductionPlan", "kept_count", "load_plan", "make_plan", "save_plan",
@@ -60,7 +61,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
-    from .errors import LTMPError
+    from .errors import LTMPError, Unreachable
     from .flops import (
         budgets_for_ratio, calibrate_to_flops, count_flops, expected_flops_ratio, flops_budget_loss, image_macs, kept_fractions,
         layer_budget_loss, macs_from_counts, measure_flops, plan_flops_ratio, plan_macs, unreduced_macs,
@@ -69,7 +70,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .patch import (
         MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, get_mode, get_plan, is_patched, measure_scales,
         own_counts, set_thresholds,
-        remove_plan, set_mode, threshold_parameters, threshold_scales, token_counts, trace_tokens,
+        remove_plan, set_mode, threshold_names, threshold_parameters, threshold_scales, token_counts, trace_tokens,
     )
     from .plan import (
         IMPORTANCE, OPS, LayerPlan, ReductionPlan, kept_count, load_plan, make_plan, save_plan, stage_counts,

@@ -24,10 +24,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .errors import LTMPError
+from .errors import LTMPError, Unreachable
 from .geometry import ViTGeometry
 from .patch import (
-    THRESHOLDS, get_mode, get_plan, is_patched, measure_scales, own_counts, set_mode, set_thresholds, token_counts,
+    THRESHOLDS, first_batch, get_mode, get_plan, is_patched, measure_scales, own_counts, set_mode, set_thresholds,
+    token_counts,
 )
 from .plan import OPS, LayerPlan, ReductionPlan, kept_count
 from .reducers import REDUCERS
@@ -348,8 +349,9 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
     Leaves the model in dynamic mode. Returns :func:`ltmp_core.get_plan`.
 
     Raises:
-        LTMPError: ``flops`` cannot be reached by shifting these thresholds (the message says the
-            lowest reachable ratio), or a threshold of the other kind is missing.
+        Unreachable: ``flops`` cannot be reached by shifting these thresholds (the message says the
+            lowest reachable ratio).
+        LTMPError: a threshold of the other kind is missing, or ``solve`` names no threshold in use.
     """
     if not (isinstance(flops, (int, float)) and 0 < flops):
         raise LTMPError(f"flops: must be a positive number, got {flops!r}")
@@ -368,8 +370,7 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
     used = [o for o in offsets if o is not None]
     unreduced = unreduced_macs(ViTGeometry.from_model(model))
     param = next(iter(model.parameters()))
-    x = (images if isinstance(images, Tensor) else next(iter(images)))
-    x = (x[0] if isinstance(x, (list, tuple)) else x).to(param.device)
+    x = first_batch(images).to(param.device)
     was_training = model.training
     model.eval()
 
@@ -388,8 +389,8 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
                 least, most = most, 2.0 * most + 1.0
         lowest = ratio(most)
         if lowest > flops:
-            raise LTMPError(f"flops: a FLOPs ratio of {flops:.3f} cannot be reached by shifting the {name}s "
-                            f"(the lowest reachable on these images is {lowest:.3f})")
+            raise Unreachable(f"flops: a FLOPs ratio of {flops:.3f} cannot be reached by shifting the {name}s "
+                              f"(the lowest reachable on these images is {lowest:.3f})", lowest)
         feasible = least if ratio(least) <= flops else most
         other = least
         for _ in range(24 if feasible != least else 0):  # ratio(feasible) <= flops < ratio(other): bisect

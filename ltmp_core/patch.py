@@ -19,7 +19,6 @@ current forward pass has recorded (:class:`_Pass`: token sizes, masks, counts). 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable
@@ -48,7 +47,9 @@ __all__ = [
     "calibrate",
     "measure_scales",
     "set_thresholds",
+    "first_batch",
     "threshold_parameters",
+    "threshold_names",
     "threshold_scales",
     "token_counts",
     "own_counts",
@@ -447,6 +448,13 @@ def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [param for _, _, param in _thresholds(model)]
 
 
+def threshold_names(model: nn.Module) -> list[str]:
+    """Which threshold (``merge_threshold`` or ``prune_threshold``) each entry of
+    :func:`threshold_parameters` is, aligned with it (for per-kind learning rates)."""
+    _state(model)
+    return [name for _, name, _ in _thresholds(model)]
+
+
 def threshold_scales(model: nn.Module) -> list[float]:
     """How far each threshold must move to change its cut noticeably, from the calibration batch.
 
@@ -497,7 +505,8 @@ def measure_scales(model: nn.Module, images: Tensor | Iterable[Any]) -> list[flo
     return threshold_scales(model)
 
 
-def _first_batch(images: Tensor | Iterable[Any]) -> Tensor:
+def first_batch(images: Tensor | Iterable[Any]) -> Tensor:
+    """A batch tensor, or the first batch (or the images of the first ``(images, targets)`` pair) of an iterable."""
     if isinstance(images, Tensor):
         return images
     first = next(iter(images))
@@ -511,7 +520,7 @@ def _calibration_pass(model: nn.Module, images: Tensor | Iterable[Any], kind: st
     st.mode, st.calibrating = "dynamic", kind
     model.eval()
     try:
-        model(_first_batch(images).to(param.device))
+        model(first_batch(images).to(param.device))
     finally:
         st.mode, st.calibrating = previous, None
         model.train(was_training)
