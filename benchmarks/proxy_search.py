@@ -88,7 +88,8 @@ def run_method(method: str, flops: float, seed: int, url: str, n_trials: int, lt
 
 def ablation(flops: float, seed: int) -> list[dict]:
     """LTMP's recipe, then one of this project's choices at a time (one trial each, one epoch)."""
-    from search.finetune import LTMP_RECIPE, Recipe, evaluate, tune_thresholds
+    from search.finetune import Recipe, evaluate, tune_thresholds
+    from spaces import LTMP_TUNING
     from search.models import load_base_model
     from search.prepare import open_data
     import copy
@@ -115,7 +116,7 @@ def ablation(flops: float, seed: int) -> list[dict]:
             return p.with_layers(merge_threshold=[0.9] * depth)
         return p.with_layers(merge_threshold=[0.9] * depth, prune_threshold=[0.0] * depth)
 
-    ltmp = dict(LTMP_RECIPE)
+    ltmp = dict(LTMP_TUNING)
     cases = [
         ("LTMP's released recipe", plan(), Recipe(steps=epoch, **ltmp), LTMP_BATCH),
         ("order-preserving merge split (merge_order=keep)", plan(merge_order="keep"), Recipe(steps=epoch, **ltmp),

@@ -330,9 +330,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"(--n-trials {config.n_trials}); nothing to run. Raise --n-trials to continue it.")
     base = result.base
     out.print(ui.finished_line(study) + f" (this run: {len(result.new_trials)})")
-    if str(base.get("source", "")).startswith("trained here"):
-        cached = str(base["source"]).split("cached at ", 1)[-1]
-        out.print(f"The base model was trained once and cached at {cached}; later runs load it "
+    if base.get("cached_at"):
+        out.print(f"The base model was trained once and cached at {base['cached_at']}; later runs load it "
                   "(LTMP_CACHE=DIR moves the cache).")
     if base.get("evaluated_accuracy") is not None:
         out.print(f"Unreduced base model ({base.get('model')}): top-1 {ui.pct(base['evaluated_accuracy'])} "
@@ -462,21 +461,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from ltmp_core import LTMPError
 
-    from .storage import load_study, open_storage, redact, resolve_storage
+    from .storage import redact, resolve_storage
     from .study import delete_study
 
     url = resolve_storage(args.storage, create=False)
-    study = load_study(open_storage(url), args.study_name)  # an unknown name fails before the question
-    if not args.yes:
+
+    def confirm(trials: int) -> bool:
+        if args.yes:
+            return True
         if not sys.stdin.isatty():
             raise LTMPError(f"--yes: not a terminal, so nothing can be asked; pass --yes to delete "
                             f"{args.study_name!r}")
-        n = len(study.get_trials(deepcopy=False))
-        answer = input(f"Delete study {args.study_name!r} ({n} trials) from {redact(url)}? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            sys.stderr.write("search: nothing deleted\n")
-            return 1
-    removed = delete_study(url, args.study_name, args.artifacts)
+        answer = input(f"Delete study {args.study_name!r} ({trials} trials) from {redact(url)}? [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    removed = delete_study(url, args.study_name, args.artifacts, confirm=confirm)
+    if removed is None:
+        sys.stderr.write("search: nothing deleted\n")
+        return 1
     if args.json:
         _print_json({"study": args.study_name, "deleted": removed})
         return 0

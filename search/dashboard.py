@@ -120,7 +120,7 @@ def save_study_note(study: optuna.Study, best: optuna.trial.FrozenTrial | None) 
         f"Space: `{config.get('space')}`, sampler `{config.get('sampler')}`, pruner `{config.get('pruner')}`.",
         "",
     ]
-    if str(base.get("source", "")).startswith("random"):
+    if base.get("random_weights"):
         lines += ["**Warning: the base model has random weights** (no `--pretrained` or `--checkpoint`): every "
                   "accuracy here is an untrained model's.", ""]
     if best is None:

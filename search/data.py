@@ -38,6 +38,13 @@ SPLITS = ("test", "select")
 Batch = tuple[Tensor, Tensor]
 
 
+def _calibration_index(total: int, n: int, seed: int) -> Tensor:
+    """Which ``n`` of ``total`` tune images calibrate: the first ones for seed 0, else a seeded draw."""
+    if seed == 0:
+        return torch.arange(min(n, total))
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 def _balanced_split(y: Tensor, holdout: int, seed: int, what: str = "--holdout") -> tuple[Tensor, Tensor]:
     """Indices (rest, held): ``holdout`` images spread evenly over the classes, then shuffled."""
     if not 0 < holdout < len(y):
@@ -117,10 +124,7 @@ class Splits(StudyData):
     trial_images: int | None = None  # tuning uses the first images of the train split only
 
     def calibration_batch(self, n: int, seed: int = 0) -> Tensor:
-        n = min(n, len(self.train_x))
-        if seed == 0:
-            return self.train_x[:n]
-        return self.train_x[torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(seed))[:n]]
+        return self.train_x[_calibration_index(len(self.train_x), n, seed)]
 
     def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         g = torch.Generator().manual_seed(seed)
@@ -293,10 +297,8 @@ class FolderData(StudyData):
         return [self.samples[i] for i in index.tolist()]
 
     def calibration_batch(self, n: int, seed: int = 0) -> Tensor:
-        index = self.tune_index
-        if seed:
-            index = index[torch.randperm(len(index), generator=torch.Generator().manual_seed(seed))]
-        xs = [x for x, _ in self._batches(self._loader(self._subset(index[:n]), n, None))]
+        index = self.tune_index[_calibration_index(len(self.tune_index), n, seed)]
+        xs = [x for x, _ in self._batches(self._loader(self._subset(index), n, None))]
         if not xs:
             raise LTMPError("data: none of the calibration images could be read")
         return torch.cat(xs)
@@ -354,10 +356,13 @@ def load_data(
 ) -> StudyData:
     """A built-in data set (:data:`BUILTIN`) or an ImageNet-layout folder. ``seed`` fixes the splits.
 
-    ``holdout=None`` carves nothing out of a folder's train/ (for validating on val/ alone).
+    ``holdout=None`` carves nothing out of a folder's train/ (for validating on val/ alone); a built-in
+    data set is always split, its test split being what remains after the select split.
     """
     if name in BUILTIN:
-        data = builtin(name, img_size=img_size, holdout=holdout or 360, test=test, seed=seed)
+        if holdout is None:
+            raise LTMPError(f"holdout: the built-in {name} data set needs the size of its select split")
+        data = builtin(name, img_size=img_size, holdout=holdout, test=test, seed=seed)
         data.trial_images = trial_images
         return data
     if transform is None:

@@ -21,7 +21,7 @@ from torch import Tensor
 import ltmp_core
 from ltmp_core import LTMPError
 
-__all__ = ["Recipe", "LTMP_RECIPE", "TuneResult", "tune_thresholds", "evaluate", "Evaluation", "autocast"]
+__all__ = ["Recipe", "TuneResult", "unreduced_accuracy", "tune_thresholds", "evaluate", "Evaluation", "autocast"]
 
 
 def autocast(device: torch.device, amp: bool):
@@ -31,13 +31,12 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-
 @dataclass(frozen=True)
 class Recipe:
     """How one trial trains its thresholds (the model's weights stay frozen).
 
     Two recipes are named in the docs: this project's (the defaults: a calibrated start, Adam in units
-    of each threshold's score spread, a strong budget term) and LTMP's released one (``LTMP_RECIPE``:
+    of each threshold's score spread, a strong budget term) and LTMP's released one (``spaces.LTMP_TUNING``:
     thresholds start at 0.9 and 0, plain SGD at 5e-3 and 5e-6 on the raw values, clamped to [0, 1],
     label smoothing 0.1, ``10 * (target - r_flops)^2``). A space may override any field for its
     trials through ``plan.meta["tuning"]``.
@@ -85,11 +84,6 @@ class Recipe:
         return replace(self, **overrides)
 
 
-#: LTMP's released recipe (tools/train.py of the LTMP repository); the steps are the caller's (one epoch).
-LTMP_RECIPE = dict(optimizer="sgd", lr=5e-3, lr_prune=5e-6, budget="global", budget_weight=10.0, smoothing=0.1,
-                   clamp=True, start="plan", tau=0.5)
-
-
 @dataclass
 class TuneResult:
     """The last step's task loss (cross-entropy or KL) and budget term."""
@@ -100,8 +94,6 @@ class TuneResult:
 
 class NonFiniteLoss(RuntimeError):
     """The tuning loss became NaN or infinite (a fault of the trial, not of the configuration)."""
-
-
 
 
 def tune_thresholds(
@@ -126,16 +118,15 @@ def tune_thresholds(
         teacher: The unreduced model, for distillation; ``None`` uses the labels.
         on_step: Called after every step with the step number (1-based); may raise to stop.
     """
-    named = [(n, p) for n, p in model.named_parameters() if n.endswith(ltmp_core.THRESHOLDS)]
-    thresholds = [p for _, p in named]
+    thresholds = ltmp_core.threshold_parameters(model)
     model.requires_grad_(False)
     for p in thresholds:
         p.requires_grad_(True)
     task_v = budget_v = 0.0
     if not thresholds or recipe.steps == 0:
         return TuneResult(0.0, 0.0)
-    rates = [recipe.lr if n.endswith("merge_threshold") or recipe.lr_prune is None else recipe.lr_prune
-             for n, _ in named]
+    rates = [recipe.lr if name == "merge_threshold" or recipe.lr_prune is None else recipe.lr_prune
+             for name in ltmp_core.threshold_names(model)]
     if recipe.optimizer == "adam":
         # Each threshold moves in units of its own score spread (Adam steps are about lr in size).
         scales = ltmp_core.threshold_scales(model)
@@ -236,3 +227,19 @@ def evaluate(
         kept_tokens=[float(k) / seen for k in kept],
         seconds=time.perf_counter() - start,
     )
+
+
+@torch.no_grad()
+def unreduced_accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, device: torch.device,
+                       amp: bool = False) -> tuple[float, float]:
+    """Top-1 and top-5 of a model that carries no plan (the unreduced base), in eval mode."""
+    model.eval()
+    correct = correct5 = seen = 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(x)
+        correct += int((logits.argmax(dim=-1) == y).sum())
+        correct5 += int((logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y.unsqueeze(-1)).any(dim=-1).sum())
+        seen += len(y)
+    return correct / max(1, seen), correct5 / max(1, seen)

@@ -28,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 import ltmp_core
 from ltmp_core import LTMPError
 
-from .data import BUILTIN, Splits, StudyData
+from .data import Splits, StudyData
 
 __all__ = [
     "ltmp_vit_digits", "ltmp_vit_mnist", "BUILTIN_MODELS", "check_model_name", "load_base_model", "load_checkpoint",
@@ -265,10 +265,7 @@ def _builtin_weights(model: nn.Module, name: str, data: Splits, epochs: int, see
     path = cache_dir() / f"{name}-{key}.pt"
     acc = train_builtin_base(model, data, BUILTIN_MODELS[name].recipe, epochs, seed, on_train)
     _save_atomic({"state_dict": model.state_dict(), "holdout_accuracy": acc}, path)
-    return {"source": f"trained here, cached at {path}", "select_accuracy": acc}
-
-
-RANDOM_WEIGHTS = "random initialisation (no --pretrained or --checkpoint)"
+    return {"source": f"trained here, cached at {path}", "select_accuracy": acc, "cached_at": str(path)}
 
 
 def load_base_model(
@@ -286,7 +283,8 @@ def load_base_model(
     """Create the base model, load or train its weights, and check ltmp_core can patch it.
 
     Returns the model (eval mode, weights frozen, on the CPU) and facts about it for the study
-    (``source``, and ``select_accuracy`` for a built-in model). ``--pretrained`` needs the
+    (``source``; ``select_accuracy`` for a built-in model, ``cached_at`` when it was trained here
+    now; ``random_weights`` when nothing loaded weights). ``--pretrained`` needs the
     network; offline, the error names ``--checkpoint`` instead.
     """
     if not timm.is_model(name):
@@ -321,7 +319,7 @@ def load_base_model(
     elif name in BUILTIN_MODELS and data.name == BUILTIN_MODELS[name].data:
         info.update(_builtin_weights(model, name, data, base_epochs, seed, on_train))
     else:
-        info["source"] = RANDOM_WEIGHTS
+        info.update(source="random initialisation (no --pretrained or --checkpoint)", random_weights=True)
     model.eval()
     model.requires_grad_(False)
     return model, info

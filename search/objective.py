@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import optuna
@@ -27,12 +27,12 @@ import torch
 import torch.nn as nn
 
 import ltmp_core
-from ltmp_core import LTMPError, ViTGeometry
+from ltmp_core import ViTGeometry
 from spaces import Infeasible, get_space, suggest
 
 from .config import StudyConfig
 from .data import StudyData
-from .finetune import NonFiniteLoss, Recipe, evaluate, tune_thresholds
+from .finetune import NonFiniteLoss, Recipe, evaluate, tune_thresholds, unreduced_accuracy
 
 __all__ = ["Objective", "TrialHooks", "METRIC_NAME", "METRIC_NAMES", "recipe_for"]
 
@@ -146,10 +146,8 @@ class Objective:
                         ltmp_core.calibrate_to_flops(model, self.calibration, aim)
                     else:
                         ltmp_core.calibrate(model, self.calibration)
-                except LTMPError as e:
-                    if recipe.start == "solve" and str(e).startswith("flops:"):
-                        self._infeasible(trial, list(plan.ops), str(e).removeprefix("flops: "))
-                    raise
+                except ltmp_core.Unreachable as e:
+                    self._infeasible(trial, list(plan.ops), str(e).removeprefix("flops: "))
             images += passes() * len(self.calibration)
             trial.set_user_attr("calibrated_plan", ltmp_core.get_plan(model).to_dict())
 
@@ -172,7 +170,7 @@ class Objective:
             images += recipe.steps * batch_size * (2 if c.distill else 1)
             trial.set_user_attr("tune_task_loss", tuned.task_loss)
             trial.set_user_attr("tune_budget_loss", tuned.budget_loss)
-        trial.set_user_attr("recipe", {k: v for k, v in vars(recipe).items()})
+        trial.set_user_attr("recipe", asdict(recipe))
         tune_seconds = time.perf_counter() - start
 
         self.hooks.on_phase("score")
@@ -219,14 +217,10 @@ class Objective:
             trial.set_user_attr("pruned_reason", f"stopped by the pruner: accuracy {quick.accuracy:.3f} at step {step}")
             raise optuna.TrialPruned()
 
-    @torch.no_grad()
     def base_accuracy(self) -> float:
         """Select-split accuracy of the unreduced base model."""
-        correct = seen = 0
-        for x, y in self.data.holdout_batches(self.config.batch_size):
-            correct += int((self.base(x.to(self.device)).argmax(-1) == y.to(self.device)).sum())
-            seen += len(y)
-        return correct / max(1, seen)
+        return unreduced_accuracy(self.base, self.data.holdout_batches(self.config.batch_size), device=self.device,
+                                  amp=self.amp)[0]
 
 
 def _count_forwards(model: nn.Module) -> Callable[[], int]:

@@ -7,8 +7,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["FINISHED", "ranked_trials", "best_trial", "trial_summary", "list_studies", "target_of", "accuracy_of",
-           "pareto_front"]
+__all__ = ["FINISHED", "state_counts", "ranked_trials", "best_trial", "trial_summary", "list_studies", "target_of", "accuracy_of"]
 
 #: States of a trial that counts towards ``--n-trials``.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -17,6 +16,14 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 def target_of(study: optuna.Study | optuna.study.StudySummary) -> float | None:
     """The FLOPs ratio the user asked the study for (its saved configuration's ``flops``)."""
     return (study.user_attrs.get("config") or {}).get("flops")
+
+
+def state_counts(study: optuna.Study) -> dict[TrialState, int]:
+    """How many of the study's trials are in each state (every state present, 0 when none)."""
+    out = {state: 0 for state in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state] += 1
+    return out
 
 
 def accuracy_of(trial: FrozenTrial) -> float | None:
@@ -44,18 +51,6 @@ def best_trial(study: optuna.Study, flops: float | None = None) -> FrozenTrial |
     ``flops`` if given: a study over a range of targets answers for any budget in it), or ``None``."""
     ranked = ranked_trials(study, flops)
     return ranked[0] if ranked and _feasible(ranked[0], flops) else None
-
-
-def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    """Feasible complete trials that no other feasible trial beats in both top-1 and measured FLOPs,
-    by increasing FLOPs."""
-    feasible = [t for t in ranked_trials(study) if _feasible(t, None)]
-    front, best = [], -1.0
-    for t in sorted(feasible, key=lambda t: (t.user_attrs["flops_ratio"], -accuracy_of(t))):
-        if accuracy_of(t) > best:
-            front.append(t)
-            best = accuracy_of(t)
-    return front
 
 
 def trial_summary(trial: FrozenTrial) -> dict[str, Any]:

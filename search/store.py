@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import optuna
 from sqlalchemy import Boolean, Float, Integer, String, UniqueConstraint, create_engine, delete, inspect, select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from .storage import engine_kwargs
@@ -142,10 +143,16 @@ class Store:
 
     def _migrate(self) -> None:
         """Add what later versions added to a table an earlier version created (rows stay)."""
-        columns = {c["name"] for c in inspect(self.engine).get_columns(LayerResult.__tablename__)}
-        if "study_uid" not in columns:
-            with self.engine.begin() as conn:
-                conn.execute(text(f"ALTER TABLE {LayerResult.__tablename__} ADD COLUMN study_uid VARCHAR(32)"))
+        def columns() -> set[str]:
+            return {c["name"] for c in inspect(self.engine).get_columns(LayerResult.__tablename__)}
+
+        if "study_uid" not in columns():
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {LayerResult.__tablename__} ADD COLUMN study_uid VARCHAR(32)"))
+            except SQLAlchemyError:
+                if "study_uid" not in columns():  # not another worker adding it at the same moment
+                    raise
 
     @contextmanager
     def lock(self, study_name: str) -> Iterator[None]:

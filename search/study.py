@@ -20,7 +20,6 @@ from ltmp_core import LTMPError, ViTGeometry
 from spaces import get_space
 
 from .config import StudyConfig, differences
-from .models import RANDOM_WEIGHTS
 from .objective import METRIC_NAME, METRIC_NAMES, TrialHooks
 from .prepare import build_objective, open_data, resolve_device
 from .results import FINISHED, best_trial
@@ -99,7 +98,7 @@ def run(
     file = sqlite_file(url)
     rdb = checked_storage() if file is None or file.exists() else None
     objective, base_info, _ = build_objective(config, hooks, on_base_epoch, pictures, data=data)
-    if base_info.get("source") == RANDOM_WEIGHTS and not config.random_weights and on_warning is not None:
+    if base_info.get("random_weights") and not config.random_weights and on_warning is not None:
         on_warning(f"{config.model} is searched with random weights (no --pretrained or --checkpoint): every "
                    "accuracy is an untrained model's. Pass --random-weights if that is intended.")
     if rdb is None:
@@ -142,11 +141,13 @@ def run(
     return result
 
 
-def delete_study(url: str, name: str, artifacts: str | None = None) -> dict[str, int]:
+def delete_study(url: str, name: str, artifacts: str | None = None,
+                 confirm: Callable[[int], bool] | None = None) -> dict[str, int] | None:
     """Remove a study with everything this project keeps of it: its Optuna trials, its rows in the
     project's tables and its pictures. Returns what was removed (trials, layer rows, pictures).
 
-    What cannot be removed is named before anything is: an unknown study is an error.
+    An unknown study is an error before anything is removed; ``confirm(number of trials)`` is asked
+    then, and when it says no nothing is removed and ``None`` is returned.
     """
     from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
     from optuna.artifacts.exceptions import ArtifactNotFound
@@ -157,6 +158,8 @@ def delete_study(url: str, name: str, artifacts: str | None = None) -> dict[str,
     rdb = open_storage(url)
     study = load_study(rdb, name)
     trials = study.get_trials(deepcopy=False)
+    if confirm is not None and not confirm(len(trials)):
+        return None
     pictures = artifact_dir(url, artifacts)
     removed = 0
     if pictures.is_dir():

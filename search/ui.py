@@ -12,7 +12,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table
 
 from .objective import TrialHooks
-from .results import accuracy_of
+from .results import accuracy_of, best_trial, state_counts
 
 __all__ = [
     "OP_SYMBOLS", "ops_glance", "pct", "num", "trials_table", "PLAN_COLUMNS", "plan_rows", "plan_table",
@@ -220,8 +220,6 @@ class RunDisplay:
 
     def trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, finished: int) -> None:
         """After every finished trial of the study (``finished``: how many it has now)."""
-        from .results import best_trial
-
         self.line(trial_line(trial))
         best = best_trial(study)
         if best is not None and best.number != self.best:
@@ -238,8 +236,7 @@ class RunDisplay:
 
 def finished_line(study: optuna.Study) -> str:
     """``24 trials: 20 complete, 4 pruned, 0 failed``: the study's trials by state."""
-    trials = study.get_trials(deepcopy=False)
-    count = {s: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    count = state_counts(study)
     s = optuna.trial.TrialState
     done = count[s.COMPLETE] + count[s.PRUNED]
     return (f"{done} trials: {count[s.COMPLETE]} complete, {count[s.PRUNED]} pruned, {count[s.FAIL]} failed"

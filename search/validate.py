@@ -18,7 +18,7 @@ from ltmp_core import LTMPError, ReductionPlan
 
 from .config import StudyConfig, resolve
 from .data import SPLITS
-from .finetune import autocast, evaluate
+from .finetune import evaluate, unreduced_accuracy
 from .models import load_base_model
 from .prepare import open_data, resolve_device
 
@@ -71,7 +71,8 @@ def validate_plan(
         pretrained=config.pretrained, checkpoint=config.checkpoint, base_epochs=config.base_epochs,
     )
     model.to(device)
-    base_top1, base_top5 = _unreduced_accuracy(model, data.split_batches(split, config.batch_size), device, amp)
+    base_top1, base_top5 = unreduced_accuracy(model, data.split_batches(split, config.batch_size), device=device,
+                                              amp=amp)
     ltmp_core.apply_plan(model, plan, mode=mode)
     model.to(device)  # the thresholds the plan added
     geometry = ltmp_core.ViTGeometry.from_model(model)
@@ -111,17 +112,3 @@ def validate_plan(
         "skipped_images": data.skipped(),
         "geometry_note": note,
     }
-
-
-@torch.no_grad()
-def _unreduced_accuracy(model: torch.nn.Module, batches: Any, device: torch.device, amp: bool) -> tuple[float, float]:
-    """Top-1 and top-5 of the model before the plan is applied, on the same images."""
-    correct = correct5 = seen = 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast(device, amp):
-            logits = model(x)
-        correct += int((logits.argmax(-1) == y).sum())
-        correct5 += int((logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y.unsqueeze(-1)).any(-1).sum())
-        seen += len(y)
-    return correct / max(1, seen), correct5 / max(1, seen)

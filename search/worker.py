@@ -37,6 +37,7 @@ from ltmp_core import LTMPError
 from .config import StudyConfig
 from .objective import Objective
 from .prepare import build_objective
+from .results import state_counts
 from .storage import open_storage, open_study
 from .store import Store
 
@@ -59,13 +60,6 @@ class Surplus(Exception):
     """A trial started after the study's last slot was taken (a rare race); it is failed as surplus."""
 
 
-def counts(study: optuna.Study) -> dict[TrialState, int]:
-    out = {state: 0 for state in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        out[t.state] += 1
-    return out
-
-
 def ensure_slots(
     study: optuna.Study, store: Store, n_trials: int, first: list[dict] | None = None
 ) -> int:
@@ -75,7 +69,7 @@ def ensure_slots(
     plans); the label becomes the trial's user attribute ``seed``.
     """
     with store.lock(study.study_name):
-        c = counts(study)
+        c = state_counts(study)
         have = c[TrialState.COMPLETE] + c[TrialState.PRUNED] + c[TrialState.RUNNING] + c[TrialState.WAITING]
         need = max(0, n_trials - have)
         fresh = not study.trials
@@ -126,7 +120,7 @@ def _guarded(objective: Objective, n_trials: int | None = None) -> Callable[[opt
             raise Surplus()
         # A slot left waiting by an interrupted run with a larger --n-trials, popped by two workers
         # at once when one trial was missing: this run's count is already reached without it.
-        if n_trials is not None and _busy(counts(trial.study)) > n_trials:
+        if n_trials is not None and _busy(state_counts(trial.study)) > n_trials:
             trial.set_user_attr("fail_reason", f"surplus: the study already has its {n_trials} trials")
             raise Surplus()
         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
@@ -180,7 +174,7 @@ def _loop(study: optuna.Study, guarded: Callable[[optuna.Trial], float], store: 
     failures = 0
     while True:
         _fail_stale(study)
-        c = counts(study)
+        c = state_counts(study)
         if _busy(c) >= n_trials:
             # Enough trials finished or under way for this run's --n-trials, though slots of an
             # interrupted run with a larger count may still wait (a later, larger run uses them).
@@ -191,7 +185,7 @@ def _loop(study: optuna.Study, guarded: Callable[[optuna.Trial], float], store: 
         if c[TrialState.WAITING] == 0:
             if c[TrialState.RUNNING] == 0:
                 ensure_slots(study, store, n_trials)  # failed trials whose slots were not replaced
-                if counts(study)[TrialState.WAITING] == 0:
+                if state_counts(study)[TrialState.WAITING] == 0:
                     break
             else:
                 time.sleep(POLL_S)  # others are running trials: wait, they may go stale

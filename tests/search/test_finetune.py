@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import ltmp_core
-from search.finetune import LTMP_RECIPE, NonFiniteLoss, Recipe, evaluate, tune_thresholds
+from search.finetune import NonFiniteLoss, Recipe, evaluate, tune_thresholds
+from spaces import LTMP_TUNING
 from tests.conftest import images, tiny_model
 
 CPU = torch.device("cpu")
@@ -105,7 +106,7 @@ def test_one_ltmp_sgd_step_is_the_released_recipe_written_out():
     expected = {n: min(1.0, max(0.0, float(params[n].detach()) - (5e-3 if "merge" in n else 5e-6) * float(g)))
                 for n, g in zip(names, grads)}
     # The recipe, one step of the same batch.
-    tune_thresholds(model, iter([(x, y)]), recipe=Recipe(steps=1, **LTMP_RECIPE), target=0.4, device=CPU)
+    tune_thresholds(model, iter([(x, y)]), recipe=Recipe(steps=1, **LTMP_TUNING), target=0.4, device=CPU)
     got = {n: float(p) for n, p in model.named_parameters() if n in expected}
     assert got == pytest.approx(expected, abs=1e-7)
     assert any(float(g) != 0 for g in grads) and got["blocks.3.merge_threshold"] <= 1.0

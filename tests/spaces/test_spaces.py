@@ -224,6 +224,8 @@ def test_structured_seeds_are_ltmp_tome_and_tps_shapes():
     assert [list(p.ops) for p in plans] == [
         ["merge+prune"] * 12, ["merge"] * 12, ["none"] * 3 + ["squeeze"] * 9]
     assert plans[0].layers[0].importance == "mean" and plans[2].layers[3].importance == "cls"
+    labels = [label for label, _ in spaces.get_space("structured").seeded(DEIT_S, OPS, ["mean", "cls"])]
+    assert labels == ["LTMP", "ToMe", "TPS"]  # the names tables and the dashboard show for these trials
 
 
 def test_registering_a_space_again_warns_and_replaces():
