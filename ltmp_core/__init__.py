@@ -11,6 +11,9 @@ patches a timm model in place to follow it::
     ltmp_core.apply_plan(model, plan, mode="static")
     macs = ltmp_core.count_flops(model)
 
+A model trained with a plan (``search train``) is one safetensors file: weights and plan with its
+learned thresholds; ``ltmp_core.load_trained(path)`` applies both.
+
 The public names load their module on first use (PEP 562), so that the plan vocabulary, the plan
 JSON and :class:`LTMPError` are available without importing torch and timm (a command line can
 check its arguments in milliseconds).
@@ -42,6 +45,7 @@ _EXPORTS = {
         "IMPORTANCE", "OPS", "LayerPlan", "ReductionPlan", "kept_count", "load_plan", "make_plan", "save_plan",
         "stage_counts")},
     **{name: "reducers" for name in ("KEPT", "MERGED", "PRUNED", "REDUCERS", "SQUEEZED", "Tokens", "register_reducer")},
+    **{name: "trained" for name in ("TRAINED_FORMAT", "load_trained", "read_trained", "save_trained")},
 }
 
 __all__ = sorted(_EXPORTS)
@@ -76,3 +80,4 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         IMPORTANCE, OPS, LayerPlan, ReductionPlan, kept_count, load_plan, make_plan, save_plan, stage_counts,
     )
     from .reducers import KEPT, MERGED, PRUNED, REDUCERS, SQUEEZED, Tokens, register_reducer
+    from .trained import TRAINED_FORMAT, load_trained, read_trained, save_trained

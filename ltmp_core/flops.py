@@ -157,6 +157,7 @@ def budgets_for_ratio(
     target: float,
     *,
     tol: float = 1e-4,
+    static: bool = False,
 ) -> list[float]:
     """Per-layer ``keep`` budgets with predicted FLOPs ratio ``target``.
 
@@ -165,7 +166,9 @@ def budgets_for_ratio(
     compared among the reducing layers only (a ``none`` layer's weight is ignored); those below
     1e-6 of the largest of them count as zero (the layer keeps everything). The one factor ``s >= 0`` is
     found by bisection on :func:`plan_flops_ratio`, which is monotone in ``s``. The result's ratio
-    is within ``tol`` (relative) of ``target``.
+    is within ``tol`` (relative) of ``target``. With ``static``, the ratio is that of static mode's
+    whole-token counts (:func:`plan_flops_ratio` with ``static=True``), and the result is the cheapest
+    step at or under ``target`` (whole tokens rarely land on it exactly).
 
     Raises:
         LTMPError: the target cannot be reached with these ops and weights (too few reducing
@@ -189,13 +192,13 @@ def budgets_for_ratio(
 
     def ratio(s: float) -> float:
         plan = ReductionPlan(tuple(LayerPlan(op=o, keep=k) for o, k in zip(ops, keeps(s))), geometry=geometry)
-        return plan_flops_ratio(plan, geometry)
+        return plan_flops_ratio(plan, geometry, static=static)
 
     if target >= 1.0 or ratio(0.0) <= target:
         return keeps(0.0)
     floor_plan = ReductionPlan(
         tuple(LayerPlan(op=o, keep=f if w > 0 else 1.0) for o, f, w in zip(ops, floors, weights)), geometry=geometry)
-    lowest = plan_flops_ratio(floor_plan, geometry)
+    lowest = plan_flops_ratio(floor_plan, geometry, static=static)
     if lowest > target * (1 - tol):
         raise LTMPError(
             f"target: a FLOPs ratio of {target:.3f} cannot be reached with these operations "
@@ -207,7 +210,7 @@ def budgets_for_ratio(
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         r = ratio(mid)
-        if abs(r - target) <= tol * target:
+        if abs(r - target) <= tol * target and not (static and r > target):
             return keeps(mid)
         if r > target:
             lo = mid

@@ -153,7 +153,10 @@ def bench_command(
 
     kwargs = dict(model_kwargs or {})
     if plan_path:
-        plan = ltmp_core.load_plan(plan_path)
+        if str(plan_path).endswith(".safetensors"):  # a model trained by search train: its plan
+            plan = ltmp_core.read_trained(plan_path, weights=False)[1]
+        else:
+            plan = ltmp_core.load_plan(plan_path)
         name = model or plan.model
         if not name:
             raise LTMPError("--model: the plan names no model; give --model")

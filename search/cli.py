@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="top-1/top-5 and measured FLOPs of a plan on a data split", description=(
         "Apply a plan to its base model and report top-1, top-5 and the measured FLOPs (MACs) on a split: "
         "the test split (val/ of an ImageNet-layout folder), or the select split a search scored its trials on."))
-    p.add_argument("plan", metavar="PLAN.json")
+    p.add_argument("plan", metavar="PLAN.json", help="an exported plan, or a model trained by search train "
+                   "(MODEL.safetensors: its plan, weights and data settings)")
     _preset_options(p, "preset whose model and data settings to use (default: the plan's own, else mnist)")
     p.add_argument("--split", default="test", choices=("test", "select", "val", "holdout"),
                    help="test (default: the built-in test split, or val/ of a folder; never searched on) or "
@@ -225,11 +226,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p.add_argument_group("model and data (timm style)"), option_fields("model"))
     _json_options(p)
 
+    p = sub.add_parser("train", help="train a plan: thresholds (LTMP's recipe) or weights and thresholds", description=(
+        "Train an exported plan on its model and data: --recipe ltmp (LTMP's released recipe: only the thresholds, "
+        "one epoch, SGD, cosine schedule, CE + 10 (r_flops - r_target)^2) or --recipe full (weights and thresholds, "
+        "AdamW, warm-up, cosine decay, optional distillation). Writes OUT/model.safetensors (weights, with the plan "
+        "and its learned thresholds in the metadata), plan.json, summary.csv (per epoch) and args.yaml; a killed "
+        "run continues with --resume. Many processes: torchrun --nproc_per_node N -m search train ..."))
+    p.add_argument("plan", metavar="PLAN.json")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created; must not hold "
+                   "another run unless --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    _preset_options(p, "preset whose model and data settings to use (default: the plan's own, else mnist)")
+    _add_settings(p.add_argument_group("model and data (timm style)"), option_fields("model"))
+    _add_train_settings(p.add_argument_group("training (timm train.py names)"))
+    p.add_argument("--quiet", action="store_true", help="no progress, only the result")
+    _json_options(p, "print the final figures as JSON")
+
+    p = sub.add_parser("export-model", help="save a trained model as a torch.export program (static mode)",
+                       description=(
+        "Save the trained model of search train in static mode (fixed token counts: what the thresholds kept on "
+        "average on the select split) as a torch.export program: torch.export.load(path).module() runs it with "
+        "torch alone, without timm or this package."))
+    p.add_argument("model", metavar="MODEL.safetensors")
+    p.add_argument("--static", action="store_true", help="static mode (required: the only mode with fixed shapes)")
+    p.add_argument("-o", "--output", default="model.pt2", help="output file (default: model.pt2)")
+    p.add_argument("-b", "--batch-size", type=int, default=2, help="batch size of the example input (default 2)")
+    p.add_argument("--fixed-batch", action="store_true", help="export for that batch size only (default: any "
+                   "batch size from 1 on)")
+    p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    _json_options(p)
+
     p = sub.add_parser("bench", help="images/s and latency of a plan against its unreduced model", description=(
         "Time the unreduced model and the plan side by side on random images (warm-up, then the median of "
         "several runs), with the measured FLOPs ratio, the speedup and the speedup as a fraction of the "
         "FLOP-ideal 1/ratio. Results are stored in the database and listed by --history."))
-    p.add_argument("plan", nargs="?", metavar="PLAN.json", help="an exported plan (or give --model and --flops)")
+    p.add_argument("plan", nargs="?", metavar="PLAN.json", help="an exported plan or a trained MODEL.safetensors "
+                   "(or give --model and --flops)")
     p.add_argument("--model", help="timm model for a quick look without a plan")
     p.add_argument("--model-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE", action=_KwargsAction)
     p.add_argument("--flops", type=_ratio, help="with --model: a plan at this FLOPs ratio")
@@ -253,6 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--artifacts", help="folder of the pictures (default: as search run)")
     return parser
+
+
+def _add_train_settings(group: argparse._ArgumentGroup) -> None:
+    """Flags for the :class:`search.train.TrainSettings` fields (declared there once)."""
+    import dataclasses
+
+    from .train import TrainSettings
+
+    hints = typing.get_type_hints(TrainSettings)
+    for f in dataclasses.fields(TrainSettings):
+        hint, kw = hints[f.name], dict(dest=f"train_{f.name}", default=None, help=f.metadata["help"].replace("%", "%%"))
+        if hint is bool:
+            kw["action"] = "store_true"
+        elif f.name == "flops":
+            kw["type"] = _ratio
+        else:
+            kw["type"] = next(t for t in (int, float, str) if hint in (t, t | None))
+        group.add_argument(f.metadata["flag"], **kw)
 
 
 def _sizes(text: str) -> list[int]:
@@ -488,13 +538,93 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import ltmp_core
 
-    from .validate import plan_config, validate_plan
+    from .train import TrainSettings
+    from .validate import plan_config
 
+    given = {f.name: getattr(args, f"train_{f.name}") for f in dataclasses.fields(TrainSettings)}
+    settings = TrainSettings(**{k: v for k, v in given.items() if v is not None})
     plan = ltmp_core.load_plan(args.plan)
-    config = plan_config(plan, args.preset, _settings(args, "model"))
+    model_settings = _settings(args, "model")
+    config = plan_config(plan, args.preset, model_settings)
+
+    from . import ui
+    from .train import train
+
+    out, err = _consoles()
+    display = ui.TrainDisplay(err, quiet=args.quiet or args.json)
+    try:
+        result = train(args.plan, config, settings, args.output, resume=args.resume,
+                       model_given=model_settings.get("model") is not None, on_start=display.start,
+                       on_step=display.step, on_epoch=display.epoch)
+    except KeyboardInterrupt:
+        display.close()
+        err.print(f"search: interrupted; {args.output} keeps its last checkpoint. Add --resume to the same command "
+                  "to continue.")
+        return 130
+    finally:
+        display.close()
+    f = result.final
+    if not f:  # a rank other than 0 of a distributed run
+        return 0
+    if args.json:
+        _print_json({"output": str(result.out), "epochs": result.epochs, "steps": result.steps,
+                     "resumed_at": result.resumed_at, "history": result.history, **f})
+        return 0
+    drop = "" if f.get("base_test_top1") is None else f" (unreduced {ui.pct(f['base_test_top1'], 2)})"
+    out.print(f"Trained {args.plan} ({f['recipe']}, {result.epochs} epoch(s), {result.steps} steps) -> "
+              f"{result.out}/model.safetensors")
+    out.print(f"  select: top-1 {ui.pct(f['select_top1'], 2)} at a FLOPs ratio of {f['select_flops_ratio']:.3f}"
+              + ("" if f.get("search_top1") is None else f" (search: {ui.pct(f['search_top1'], 2)})"))
+    out.print(f"  test:   top-1 {ui.pct(f['test_top1'], 2)}{drop}, top-5 {ui.pct(f['test_top5'], 2)}, FLOPs ratio "
+              f"{f['test_flops_ratio']:.3f} (target {f['target_flops_ratio']:g})")
+    out.print(f"Validate it: search validate {result.out}/model.safetensors")
+    out.print(f"Deploy it:   search export-model {result.out}/model.safetensors --static -o model.pt2")
+    return 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from ltmp_core import LTMPError
+
+    if not args.static:
+        raise LTMPError("--static: only the static mode (fixed token counts) can be exported; add --static")
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise LTMPError(f"-o: {output} exists; pass --force to overwrite it")
+    if not output.parent.is_dir():
+        raise LTMPError(f"-o: no folder {output.parent} (create it first)")
+    if args.batch_size < 1:
+        raise LTMPError(f"-b: must be >= 1, got {args.batch_size}")
+    from .deploy import export_static
+
+    facts = export_static(args.model, output, batch_size=args.batch_size, dynamic_batch=not args.fixed_batch)
+    if args.json:
+        _print_json(facts)
+        return 0
+    out, _ = _consoles()
+    batches = "any batch size" if facts["dynamic_batch"] else f"batch size {facts['batch_size']}"
+    out.print(f"Wrote {output}: {facts['model']} in static mode ({facts['flops_ratio']:.3f} of the FLOPs, "
+              f"{batches}). Load it with torch alone: torch.export.load({str(output)!r}).module()")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import plan_config, read_any, validate_plan
+
+    plan, trained = read_any(args.plan)
+    given, preset = _settings(args, "model"), args.preset
+    if trained is not None:  # a trained model: its own data settings and weights unless the flags say more
+        trained = dict(trained)
+        preset = preset or trained.pop("preset", None)
+        trained.pop("preset", None)
+        for key, value in trained.items():
+            if given.get(key) is None:
+                given[key] = value
+    config = plan_config(plan, preset, given)
     result = validate_plan(plan, config, split=args.split, mode=args.mode, compile=args.compile,
                            name=str(args.plan))
     out, err = _consoles()
@@ -565,7 +695,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "studies": cmd_studies, "show": cmd_show, "export": cmd_export,
-            "delete": cmd_delete, "validate": cmd_validate, "bench": cmd_bench, "dashboard": cmd_dashboard}
+            "delete": cmd_delete, "validate": cmd_validate, "train": cmd_train, "export-model": cmd_export_model,
+            "bench": cmd_bench, "dashboard": cmd_dashboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -84,6 +84,21 @@ class StudyData(ABC):
     def test_batches(self, batch_size: int) -> Iterable[Batch]:
         """The test split (``val/`` of a folder) in a fixed order; a search never reads it."""
 
+    @abstractmethod
+    def tune_size(self) -> int:
+        """Images in the tune split (after the ``trial_images`` cap): what ``search train`` trains on."""
+
+    @abstractmethod
+    def train_epoch(self, steps: Sequence[Tensor], seed: int, epoch: int,
+                    augment: Callable[[Any], Tensor] | None = None) -> Iterator[Batch]:
+        """One batch per entry of ``steps`` (positions in the tune split), in that order.
+
+        A folder's images go through ``augment`` (a training transform), each with its random state
+        drawn from ``(seed, epoch, image)`` alone: a batch is the same whichever process or loader
+        worker reads it and whether or not the run was resumed. Built-in data sets are tensors
+        already and are not augmented.
+        """
+
     def split_batches(self, split: str, batch_size: int) -> Iterable[Batch]:
         """Batches of the ``test`` or ``select`` split (``search validate``)."""
         return self.test_batches(batch_size) if split == "test" else self.holdout_batches(batch_size)
@@ -140,6 +155,14 @@ class Splits(StudyData):
         if limit is not None:
             x, y = x[:limit], y[:limit]
         return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+    def tune_size(self) -> int:
+        return len(self.train_x) if self.trial_images is None else min(self.trial_images, len(self.train_x))
+
+    def train_epoch(self, steps: Sequence[Tensor], seed: int, epoch: int,
+                    augment: Callable[[Any], Tensor] | None = None) -> Iterator[Batch]:
+        for idx in steps:
+            yield self.train_x[idx], self.train_y[idx]
 
     def holdout_batches(self, batch_size: int, limit: int | None = None) -> list[Batch]:
         return self._batches(self.holdout_x, self.holdout_y, batch_size, limit)
@@ -215,6 +238,24 @@ class _Images(Dataset):
         except Exception:  # a corrupt or unreadable file must not stop a search: it is counted
             return path
         return x, target
+
+
+class _SeededImages(_Images):
+    """Images indexed by ``(position, epoch)``: the transform's random draws (torch's and Python's)
+    are seeded from the seed, the epoch and the position, so they do not depend on the worker."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable[[Any], Tensor], seed: int) -> None:
+        super().__init__(samples, transform)
+        self.seed = seed
+
+    def __getitem__(self, key: Any) -> Any:
+        import random
+
+        index, epoch = key
+        state = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        torch.manual_seed(state % (2**63))
+        random.seed(state)
+        return super().__getitem__(index)
 
 
 def _collate(items: list[Any]) -> tuple[Tensor, Tensor, list[str]]:
@@ -309,6 +350,22 @@ class FolderData(StudyData):
         while True:
             yield from self._batches(self._loader(samples, batch_size, seed * 100_003 + epoch))
             epoch += 1
+
+    def tune_size(self) -> int:
+        return len(self.tune_index)
+
+    def train_epoch(self, steps: Sequence[Tensor], seed: int, epoch: int,
+                    augment: Callable[[Any], Tensor] | None = None) -> Iterator[Batch]:
+        if not steps:
+            return iter(())
+        samples = self._subset(self.tune_index)
+        workers = default_workers() if self.workers is None else self.workers
+        loader = DataLoader(
+            _SeededImages(samples, augment or self.transform, seed),
+            batch_sampler=[[(int(i), epoch) for i in idx] for idx in steps], num_workers=workers,
+            pin_memory=self.pin_memory, collate_fn=_collate, persistent_workers=False,
+        )
+        return self._batches(loader)
 
     def holdout_batches(self, batch_size: int, limit: int | None = None) -> Iterable[Batch]:
         index = self.holdout_index if limit is None else self.holdout_index[:limit]

@@ -16,7 +16,7 @@ from .results import accuracy_of, best_trial, state_counts
 
 __all__ = [
     "OP_SYMBOLS", "ops_glance", "pct", "num", "trials_table", "PLAN_COLUMNS", "plan_rows", "plan_table",
-    "best_plan", "studies_table", "bench_table", "RunDisplay",
+    "best_plan", "studies_table", "bench_table", "RunDisplay", "TrainDisplay",
 ]
 
 OP_SYMBOLS = {"none": ".", "merge": "M", "prune": "P", "squeeze": "S", "merge+prune": "MP", "merge+squeeze": "MS"}
@@ -241,3 +241,59 @@ def finished_line(study: optuna.Study) -> str:
     done = count[s.COMPLETE] + count[s.PRUNED]
     return (f"{done} trials: {count[s.COMPLETE]} complete, {count[s.PRUNED]} pruned, {count[s.FAIL]} failed"
             + (f", {count[s.WAITING]} waiting" if count[s.WAITING] else ""))
+
+
+class TrainDisplay:
+    """Progress of ``search train``: on a terminal, rich bars for the epochs and the steps of the current
+    one (ETA, loss, budget term, FLOPs ratio); otherwise one timestamped line per epoch (and a first
+    line when the run starts). Only rank 0 of a distributed run shows anything."""
+
+    def __init__(self, console: Console, quiet: bool = False) -> None:
+        self.console = console
+        self.quiet = quiet
+        self.progress: Progress | None = None
+        self.show = not quiet
+
+    def line(self, text: str) -> None:
+        if not self.show:
+            return
+        if self.progress is not None:
+            self.progress.console.print(text)
+        else:
+            self.console.print(f"[{time.strftime('%H:%M:%S')}] {text}", highlight=False)
+
+    def start(self, info: dict[str, Any]) -> None:
+        self.show = not self.quiet and info["rank"] == 0
+        self.steps_per_epoch = info["steps_per_epoch"]
+        resumed = f", resumed at step {info['resumed_at']}" if info["resumed_at"] else ""
+        where = f"{info['world']} processes, " if info["world"] > 1 else ""
+        self.line(f"training {info['epochs']} epoch(s) of {info['steps_per_epoch']} steps on {info['images']} images "
+                  f"({where}{info['device']}{resumed}); FLOPs target {info['target']:g} (aim {info['aim']:.3f}); "
+                  f"weights: {info['weights']}")
+        if self.show and self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=True,
+            )
+            self.progress.start()
+            self.epochs = self.progress.add_task("epochs", total=info["epochs"],
+                                                 completed=info["resumed_at"] // info["steps_per_epoch"])
+            self.steps = self.progress.add_task("steps", total=info["steps"], completed=info["resumed_at"])
+
+    def step(self, s: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.steps, completed=s["step"], description=(
+                f"epoch {s['epoch']}/{s['epochs']}  loss {s['loss']:.3f}  budget {s['budget']:.2e}  "
+                f"FLOPs {s['flops_ratio']:.3f}  lr {s['lr']:.2e}"))
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.epochs, completed=row["epoch"])
+        self.line(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, budget term {row['budget_term']:.2e}, "
+                  f"select top-1 {pct(row['eval_top1'], 2)} at a measured FLOPs ratio of "
+                  f"{row['eval_flops_ratio']:.3f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

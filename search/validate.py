@@ -22,7 +22,22 @@ from .finetune import evaluate, unreduced_accuracy
 from .models import load_base_model
 from .prepare import open_data, resolve_device
 
-__all__ = ["validate_plan", "plan_config"]
+__all__ = ["validate_plan", "plan_config", "read_any", "TRAINED_SETTINGS"]
+
+#: Settings a trained model's file carries that ``search validate`` reuses (its data and model).
+TRAINED_SETTINGS = ("model", "model_kwargs", "data", "img_size", "holdout", "test_images", "batch_size")
+
+
+def read_any(path: str) -> tuple[ReductionPlan, dict[str, Any] | None]:
+    """An exported plan (``None`` beside it), or a model trained by ``search train`` (``.safetensors``):
+    its plan and the settings to validate it with (its data and model, its own weights)."""
+    if not str(path).endswith(".safetensors"):
+        return ltmp_core.load_plan(path), None
+    _, plan, facts = ltmp_core.read_trained(path, weights=False)
+    config = facts.get("config") or {}
+    settings = {k: config[k] for k in TRAINED_SETTINGS if k in config}
+    settings.update(checkpoint=str(path), preset=config.get("preset"))
+    return plan, settings
 
 
 def plan_config(plan: ReductionPlan, preset: str | None, overrides: dict[str, Any]) -> StudyConfig:

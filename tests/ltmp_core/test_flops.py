@@ -246,6 +246,23 @@ def test_budgets_for_ratio_lands_on_target_or_says_why(ops, weights, target):
             assert k == 1.0
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 3.0), min_size=12, max_size=12), st.floats(0.3, 0.9))
+def test_static_budgets_cost_at_most_the_target_in_whole_tokens(weights, target):
+    """Static mode keeps whole tokens, so its ratio moves in steps: with ``static=True`` the budgets
+    cost at most the target in static mode (the continuous solution may cost more once rounded), and
+    no more than a few token steps under it."""
+    ops = ["merge+prune"] * 12
+    try:
+        keeps = ltmp_core.budgets_for_ratio(ops, weights, GEOMETRY, target, static=True)
+    except LTMPError as e:
+        assert "cannot be reached" in str(e)
+        return
+    plan = ReductionPlan(tuple(LayerPlan(op=o, keep=k) for o, k in zip(ops, keeps)), geometry=GEOMETRY)
+    ratio = ltmp_core.plan_flops_ratio(plan, static=True)
+    assert target * 0.97 <= ratio <= target or all(k == 1.0 for k in keeps)
+
+
 def test_budgets_for_ratio_orders_layers_by_weight():
     ops = ["prune"] * 12
     weights = [0.0] * 6 + [1.0, 2.0] * 3

@@ -1,0 +1,59 @@
+"""Deployment of a trained model: a static-mode ``torch.export`` program that needs torch alone.
+
+Static mode keeps a fixed number of tokens in every block (the plan's budgets: for a trained model,
+what its thresholds kept on average on the select split), so every shape is known and the program
+has no data-dependent control flow. The batch dimension stays symbolic unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import ltmp_core
+from ltmp_core import LTMPError
+
+__all__ = ["load_trained_model", "export_static"]
+
+
+def load_trained_model(path: str | os.PathLike[str], mode: str = "static") -> nn.Module:
+    """The model of a ``search train`` output with its plan applied (built-in models included)."""
+    import search.models  # noqa: F401  (registers the built-in models with timm)
+
+    return ltmp_core.load_trained(path, mode=mode).eval()
+
+
+def export_static(path: str | os.PathLike[str], output: str | os.PathLike[str], *, batch_size: int = 2,
+                  dynamic_batch: bool = True) -> dict[str, Any]:
+    """Export the static-mode model of ``path`` with ``torch.export`` to ``output``, atomically.
+
+    Returns facts about it: the model, its FLOPs ratio, the example batch size and whether other batch
+    sizes are allowed.
+    """
+    model = load_trained_model(path, "static")
+    g = ltmp_core.ViTGeometry.from_model(model)
+    x = torch.randn(batch_size, 3, *g.img_size)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, (x,), dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # report what torch.export refused, in one line
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise LTMPError(f"export-model: torch.export could not trace the static model ({reason})") from None
+    output = Path(output)
+    tmp = output.with_name(f".tmp{os.getpid()}-{output.name}")
+    if tmp.suffix != ".pt2":
+        tmp = tmp.with_name(tmp.name + ".pt2")  # torch.export.save warns about other names
+    try:
+        torch.export.save(program, str(tmp))
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"output": str(output), "model": ltmp_core.get_plan(model).model, "batch_size": batch_size,
+            "dynamic_batch": dynamic_batch, "flops_ratio": float(ltmp_core.count_flops(model)) /
+            ltmp_core.unreduced_macs(g), "img_size": list(g.img_size)}
