@@ -451,6 +451,10 @@ def train(
             from torch.nn.parallel import DistributedDataParallel
 
             net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1:  # every rank has checked OUT before rank 0 writes to it
+            import torch.distributed as dist
+
+            dist.barrier()
         if rank == 0:
             out.mkdir(exist_ok=True)
             _write_atomic(out / ARGS, _yaml({**args, "world_size": world, "device": str(device),
@@ -580,7 +584,7 @@ def _finish(model: nn.Module, *, calibration: Tensor, data: StudyData, config: S
     model file; then the resume checkpoint is removed (the run is whole).
 
     The budget term holds the soft-mode ratio at the aim, and hard mode may cost a little more. A model
-    whose measured ratio on the select split is over the target gets one shared shift of its thresholds
+    whose measured ratio on the select split is over the aim gets one shared shift of its thresholds
     (:func:`ltmp_core.calibrate_to_flops` on the calibration batch, the learned thresholds as offsets)
     that brings it back onto the aim; ``shifted_to_aim`` says so.
     """
@@ -588,7 +592,7 @@ def _finish(model: nn.Module, *, calibration: Tensor, data: StudyData, config: S
 
     unreduced = ltmp_core.unreduced_macs(geometry)
     select = evaluate(model, data.split_batches("select", batch), device=device, amp=amp, mode="dynamic")
-    shifted = select.macs / unreduced > target
+    shifted = select.macs / unreduced > aim
     if shifted:
         try:
             ltmp_core.calibrate_to_flops(model, calibration.to(device), aim)

@@ -176,7 +176,7 @@ def test_epoch_batches_of_the_ranks_make_up_the_global_batch():
 
 def _train_cmd(plan: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "search", "train", str(plan), "-o", str(out), "--quiet", "--recipe", "full",
-            "--epochs", "3", *QUICK, "--save-every", "2", *extra]
+            "--epochs", "2", *QUICK, "--save-every", "2", *extra]
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -194,7 +194,7 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(plan
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     step = torch.load(cut / "last.pth", weights_only=True)["step"]
-    assert 0 < step < 18 and not (cut / "model.safetensors").exists(), "killed mid-run: the checkpoint is whole"
+    assert 0 < step < 12 and not (cut / "model.safetensors").exists(), "killed mid-run: the checkpoint is whole"
     done = subprocess.run(_train_cmd(plan_file, cut, "--resume", "--json"), env=_env(tmp_path), timeout=300,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -205,7 +205,7 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(plan
     pa = ltmp_core.read_trained(whole / "model.safetensors", weights=False)[1]
     pb = ltmp_core.read_trained(cut / "model.safetensors", weights=False)[1]
     assert pa.layers == pb.layers
-    assert (whole / "summary.csv").read_text().count("\n") == (cut / "summary.csv").read_text().count("\n") == 4
+    assert (whole / "summary.csv").read_text().count("\n") == (cut / "summary.csv").read_text().count("\n") == 3
 
 
 def test_two_gloo_processes_train_as_one_with_the_same_global_batch(plan_file, tmp_path):
@@ -233,3 +233,22 @@ def test_two_gloo_processes_train_as_one_with_the_same_global_batch(plan_file, t
     pb = ltmp_core.read_trained(two / "model.safetensors", weights=False)[1]
     for la, lb in zip(pa.layers, pb.layers):
         assert la.merge_threshold == pytest.approx(lb.merge_threshold, abs=1e-5)  # measured: 1.4e-6
+
+
+def test_full_recipe_options_run_and_the_saved_model_is_the_moving_average(plan_file, tmp_path):
+    """Mixup, CutMix, distillation and clipping run together. With --model-ema the file holds timm's
+    average, which starts as a copy of the weights after the first step (ModelEmaV3) and at decay
+    0.99999 stays there: it lags the weights of the same run without the average, which moved on for two
+    more steps."""
+    runs = {}
+    for name, extra in (("ema", ("--model-ema", "--model-ema-decay", "0.99999")), ("plain", ())):
+        code, text, err = cli("train", str(plan_file), "-o", str(tmp_path / name), "--recipe", "full", "--epochs", "1",
+                              "--train-images", "150", "-b", "50", "--warmup-epochs", "0", "--lr", "1e-3", "--mixup",
+                              "0.8", "--cutmix", "1.0", "--distill", "--clip-grad", "1.0", *extra, "--json")
+        assert code == 0, err
+        assert json.loads(text)["steps"] == 3
+        runs[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    base = _base().state_dict()
+    ema = max((runs["ema"][k] - base[k]).abs().max().item() for k in base)
+    last = max((runs["plain"][k] - base[k]).abs().max().item() for k in base)
+    assert 0 < ema < 0.7 * last, (ema, last)
