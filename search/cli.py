@@ -291,7 +291,7 @@ def _add_train_settings(group: argparse._ArgumentGroup) -> None:
     """Flags for the :class:`search.train.TrainSettings` fields (declared there once)."""
     import dataclasses
 
-    from .train import TrainSettings
+    from .config import TrainSettings
 
     hints = typing.get_type_hints(TrainSettings)
     for f in dataclasses.fields(TrainSettings):
@@ -543,7 +543,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import ltmp_core
 
-    from .train import TrainSettings
+    from .config import TrainSettings
     from .validate import plan_config
 
     given = {f.name: getattr(args, f"train_{f.name}") for f in dataclasses.fields(TrainSettings)}

@@ -36,7 +36,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -48,97 +48,20 @@ from torch import Tensor
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
-from .config import StudyConfig
+from .config import StudyConfig, TrainSettings, train_flag as _flag
 from .data import BUILTIN, StudyData
 from .finetune import autocast, evaluate, unreduced_accuracy
 from .models import load_base_model
 from .prepare import open_data, resolve_device
 
-__all__ = ["TrainSettings", "RECIPES", "train", "TrainResult", "check_output", "LAST", "MODEL_FILE"]
+__all__ = ["train", "TrainResult", "check_output", "LAST", "MODEL_FILE"]
 
-RECIPES = ("ltmp", "full")
 #: Files a run writes in its output folder.
 LAST, MODEL_FILE, PLAN_FILE, SUMMARY, ARGS = "last.pth", "model.safetensors", "plan.json", "summary.csv", "args.yaml"
 #: LTMP's prune-threshold learning rate relative to its merge one (5e-6 / 5e-3), raw units.
 LTMP_PRUNE_LR_RATIO = 1e-3
 #: DeiT's soft distillation: the weight of the teacher term and its temperature.
 DISTILL_ALPHA, DISTILL_TAU = 0.5, 1.0
-
-
-def option(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
-           result: bool = True) -> Any:
-    """A :class:`TrainSettings` field with its flag (timm train.py's name) and help; ``result``: a resumed
-    run must not change it."""
-    return field(default=default, metadata=dict(help=help, flag=flag, short=short, result=result))
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """What ``search train`` does beyond the model and data settings; ``None``: the recipe's default."""
-
-    recipe: str = option("ltmp", "ltmp (LTMP's released recipe: thresholds only, 1 epoch, SGD) or full (weights and "
-                         "thresholds, AdamW, warm-up and cosine decay)", flag="--recipe")
-    epochs: int | None = option(None, "epochs (ltmp: 1, full: 30)", flag="--epochs")
-    lr: float | None = option(None, "learning rate: of the merge thresholds for ltmp (5e-3; prune thresholds get "
-                              "LTMP's 1/1000 of it in raw units), of the weights for full (1e-4)", flag="--lr")
-    opt: str | None = option(None, "full: timm optimizer name (adamw; e.g. momentum, sgd, lamb); ltmp always uses SGD "
-                             "without momentum", flag="--opt")
-    threshold_lr: float | None = option(None, "full: learning rate of the thresholds (1e-3; relative units)",
-                                        flag="--threshold-lr")
-    weight_decay: float | None = option(None, "weight decay (ltmp: 0, full: 0.05; never on thresholds, norms, biases)",
-                                        flag="--weight-decay")
-    warmup_epochs: int | None = option(None, "epochs of linear warm-up (ltmp: 0, full: 1)", flag="--warmup-epochs")
-    min_lr: float | None = option(None, "lowest learning rate of the cosine decay (ltmp: 0, full: 1e-6)",
-                                  flag="--min-lr")
-    smoothing: float = option(0.1, "label smoothing", flag="--smoothing")
-    mixup: float = option(0.0, "full: Mixup alpha (0: off)", flag="--mixup")
-    cutmix: float = option(0.0, "full: CutMix alpha (0: off)", flag="--cutmix")
-    distill: bool = option(False, "full: distil from the unreduced model (DeiT soft distillation)", flag="--distill")
-    clip_grad: float | None = option(None, "clip the gradient norm at this value", flag="--clip-grad")
-    model_ema: bool = option(False, "full: keep an exponential moving average of the weights and save it",
-                             flag="--model-ema")
-    model_ema_decay: float = option(0.9998, "decay of the moving average", flag="--model-ema-decay")
-    budget_weight: float = option(10.0, "weight of the FLOPs budget term (LTMP's lambda)", flag="--budget-weight")
-    flops: float | None = option(None, "target FLOPs ratio (default: the plan's target)", flag="--flops")
-    flops_margin: float = option(0.02, "aim this fraction under the target", flag="--flops-margin")
-    seed: int = option(0, "seed of the data order and of every random draw", flag="--seed")
-    train_images: int | None = option(None, "train on the first N tune images only (quick runs)",
-                                      flag="--train-images")
-    save_every: int = option(100, "steps between checkpoints (also at every epoch's end)", flag="--save-every",
-                             result=False)
-
-    def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
-            raise LTMPError(f"--recipe: expected one of {', '.join(RECIPES)}, got {self.recipe!r}")
-        positive = ("epochs", "lr", "threshold_lr", "train_images", "save_every", "model_ema_decay")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise LTMPError(f"{f.metadata['flag']}: must be finite, got {value}")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if value < 0 or (f.name in positive and value == 0):
-                    raise LTMPError(f"{f.metadata['flag']}: must be {'> 0' if f.name in positive else '>= 0'}, "
-                                    f"got {value}")
-        if self.flops is not None and not 0 < self.flops <= 1:
-            raise LTMPError(f"--flops: the target FLOPs ratio must be in (0, 1], got {self.flops}")
-        if not self.flops_margin < 0.5:
-            raise LTMPError(f"--flops-margin: must be in [0, 0.5), got {self.flops_margin}")
-        if self.model_ema_decay >= 1:
-            raise LTMPError(f"--model-ema-decay: must be below 1, got {self.model_ema_decay}")
-        if self.recipe == "ltmp":
-            for name in ("mixup", "cutmix", "distill", "model_ema", "threshold_lr", "opt"):
-                if getattr(self, name):
-                    raise LTMPError(f"{_flag(name)}: only for --recipe full (ltmp trains the thresholds alone)")
-
-    def resolved(self) -> "TrainSettings":
-        """The recipe's defaults filled in."""
-        defaults = dict(epochs=1, lr=5e-3, weight_decay=0.0, warmup_epochs=0, min_lr=0.0) if self.recipe == "ltmp" else \
-            dict(epochs=30, lr=1e-4, threshold_lr=1e-3, weight_decay=0.05, warmup_epochs=1, min_lr=1e-6, opt="adamw")
-        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-
-
-def _flag(name: str) -> str:
-    return next(f.metadata["flag"] for f in fields(TrainSettings) if f.name == name)
 
 
 @dataclass
