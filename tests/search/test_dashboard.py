@@ -245,7 +245,7 @@ def serve_dashboard(url: str, cwd) -> tuple[subprocess.Popen, int]:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", "--storage", url, "--port", str(port)],
                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
+    deadline = time.time() + 90  # a loaded 2-core machine can take over 30 s to import and bind
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/meta", timeout=1)
