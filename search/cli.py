@@ -302,6 +302,8 @@ def _add_train_settings(group: argparse._ArgumentGroup) -> None:
             kw["type"] = _ratio
         else:
             kw["type"] = next(t for t in (int, float, str) if hint in (t, t | None))
+        if hint is not bool:
+            kw["metavar"] = f.name.upper()
         group.add_argument(f.metadata["flag"], **kw)
 
 
