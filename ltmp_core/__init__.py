@@ -35,6 +35,7 @@ _EXPORTS = {
         "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "plan_flops_ratio",
         "plan_macs", "unreduced_macs")},
     "ViTGeometry": "geometry",
+    **{name: "files" for name in ("state_dict_mismatch", "write_atomic")},
     "check_model": "geometry",
     **{name: "patch" for name in (
         "MODES", "THRESHOLDS", "apply_plan", "calibrate", "get_mode", "get_plan", "is_patched", "measure_scales",
@@ -70,6 +71,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         budgets_for_ratio, calibrate_to_flops, count_flops, expected_flops_ratio, flops_budget_loss, image_macs, kept_fractions,
         layer_budget_loss, macs_from_counts, measure_flops, plan_flops_ratio, plan_macs, unreduced_macs,
     )
+    from .files import state_dict_mismatch, write_atomic
     from .geometry import ViTGeometry, check_model
     from .patch import (
         MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, get_mode, get_plan, is_patched, measure_scales,

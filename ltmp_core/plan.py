@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 from .errors import LTMPError
+from .files import write_atomic
 from .geometry import ViTGeometry
 
 if TYPE_CHECKING:  # the plan vocabulary and its JSON form import without torch (fast command-line checks)
@@ -400,20 +400,15 @@ def make_plan(
 
 def save_plan(plan: ReductionPlan, path: str | os.PathLike[str]) -> Path:
     """Write ``plan`` as JSON, atomically: the file is either the whole plan or untouched."""
-    path = Path(path)
     text = json.dumps(plan.to_dict(), indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomic(path, write)
 
 
 def load_plan(path: str | os.PathLike[str]) -> ReductionPlan:

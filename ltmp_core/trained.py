@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .errors import LTMPError
+from .files import state_dict_mismatch, write_atomic
 from .patch import THRESHOLDS, apply_plan, get_plan, is_patched
 from .plan import ReductionPlan
 
@@ -55,16 +55,8 @@ def save_trained(model: nn.Module, path: str | os.PathLike[str], *, plan: Reduct
         plan = get_plan(model)
     metadata = {"format": TRAINED_FORMAT, "version": "1", "plan": json.dumps(plan.to_dict(), allow_nan=False),
                 "facts": json.dumps(dict(facts or {}), allow_nan=False, default=str)}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(_weights(model), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    weights = _weights(model)
+    return write_atomic(path, lambda tmp: save_file(weights, tmp, metadata=metadata))
 
 
 def read_trained(path: str | os.PathLike[str], *, weights: bool = True
@@ -113,14 +105,9 @@ def load_trained(path: str | os.PathLike[str], model: nn.Module | None = None, *
         model = timm.create_model(plan.model, pretrained=False, **{**kwargs, **create_kwargs})
     if is_patched(model):
         raise LTMPError("model: already carries a plan; pass a stock timm model")
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        first = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
-                 else f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the model's {tuple(expected[wrong[0]].shape)}")
-        raise LTMPError(f"{path}: the weights do not fit {type(model).__name__} ({first})")
+    mismatch = state_dict_mismatch(model, state)
+    if mismatch:
+        raise LTMPError(f"{path}: the weights do not fit {type(model).__name__} ({mismatch})")
     model.load_state_dict(state)
     model.eval()
     return apply_plan(model, plan, mode=mode)

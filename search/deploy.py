@@ -8,7 +8,6 @@ has no data-dependent control flow. The batch dimension stays symbolic unless as
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,16 +43,7 @@ def export_static(path: str | os.PathLike[str], output: str | os.PathLike[str], 
     except Exception as e:  # report what torch.export refused, in one line
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise LTMPError(f"export-model: torch.export could not trace the static model ({reason})") from None
-    output = Path(output)
-    tmp = output.with_name(f".tmp{os.getpid()}-{output.name}")
-    if tmp.suffix != ".pt2":
-        tmp = tmp.with_name(tmp.name + ".pt2")  # torch.export.save warns about other names
-    try:
-        torch.export.save(program, str(tmp))
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    ltmp_core.write_atomic(output, lambda tmp: torch.export.save(program, tmp))
     return {"output": str(output), "model": ltmp_core.get_plan(model).model, "batch_size": batch_size,
             "dynamic_batch": dynamic_batch, "flops_ratio": float(ltmp_core.count_flops(model)) /
             ltmp_core.unreduced_macs(g), "img_size": list(g.img_size)}

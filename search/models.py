@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -98,18 +97,6 @@ def cache_dir() -> Path:
 def weights_dir() -> Path:
     """Weights shipped with the package (``search/weights``): read before the cache."""
     return Path(__file__).with_name("weights")
-
-
-def _save_atomic(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @torch.no_grad()
@@ -238,17 +225,9 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     state = _state_dict(raw)
     if isinstance(model, VisionTransformer):
         state = checkpoint_filter_fn(state, model)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        detail = [f"missing: {', '.join(missing[:3])}" if missing else "",
-                  f"unexpected: {', '.join(unexpected[:3])}" if unexpected else "",
-                  f"wrong shape: {wrong[0]} {tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]].shape)}"
-                  if wrong else ""]
-        raise LTMPError(f"checkpoint: {path} does not fit {type(model).__name__} "
-                        f"({'; '.join(d for d in detail if d)})")
+    mismatch = ltmp_core.state_dict_mismatch(model, state)
+    if mismatch:
+        raise LTMPError(f"checkpoint: {path} does not fit {type(model).__name__} ({mismatch})")
     model.load_state_dict(state)
 
 
@@ -264,7 +243,8 @@ def _builtin_weights(model: nn.Module, name: str, data: Splits, epochs: int, see
             return {"source": f"{source} {path}", "select_accuracy": float(saved["holdout_accuracy"])}
     path = cache_dir() / f"{name}-{key}.pt"
     acc = train_builtin_base(model, data, BUILTIN_MODELS[name].recipe, epochs, seed, on_train)
-    _save_atomic({"state_dict": model.state_dict(), "holdout_accuracy": acc}, path)
+    saved = {"state_dict": model.state_dict(), "holdout_accuracy": acc}
+    ltmp_core.write_atomic(path, lambda tmp: torch.save(saved, tmp))
     return {"source": f"trained here, cached at {path}", "select_accuracy": acc, "cached_at": str(path)}
 
 

@@ -83,18 +83,8 @@ def _yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False)
 
 
-def _write_atomic(path: Path, text: str | bytes | Callable[[str], None]) -> None:
-    """``path`` is either its old content or the whole new one: write beside it, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        if callable(text):
-            text(str(tmp))
-        else:
-            (tmp.write_bytes if isinstance(text, bytes) else tmp.write_text)(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write_text(path: Path, text: str) -> None:
+    ltmp_core.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def check_output(out: Path, resume: bool, args: dict[str, Any]) -> dict[str, Any] | None:
@@ -380,7 +370,7 @@ def train(
             dist.barrier()
         if rank == 0:
             out.mkdir(exist_ok=True)
-            _write_atomic(out / ARGS, _yaml({**args, "world_size": world, "device": str(device),
+            _write_text(out / ARGS, _yaml({**args, "world_size": world, "device": str(device),
                                              "weights": info.get("source")}))
             ltmp_core.save_plan(plan, out / "plan_start.json")
         if on_start is not None:
@@ -396,7 +386,7 @@ def train(
                      "scheduler": scheduler.state_dict(), "ema": None if ema is None else ema.state_dict(),
                      "history": history, "sums": sums, "args": args,
                      "elapsed": elapsed_before + time.perf_counter() - started}
-            _write_atomic(out / LAST, lambda tmp: torch.save(state, tmp))
+            ltmp_core.write_atomic(out / LAST, lambda tmp: torch.save(state, tmp))
 
         def evaluated(module: nn.Module, split: str) -> Any:
             return evaluate(module, data.split_batches(split, batch), device=device, amp=amp, mode="dynamic")
@@ -467,7 +457,7 @@ def train(
                        "eval_flops_ratio": ev.macs / unreduced, "lr": optimizer.param_groups[0]["lr"],
                        "seconds": elapsed_before + time.perf_counter() - started}
                 history.append(row)
-                _write_atomic(out / SUMMARY, _summary_csv(history))
+                _write_text(out / SUMMARY, _summary_csv(history))
                 if on_epoch is not None:
                     on_epoch(row)
             sums = {"loss": 0.0, "budget": 0.0, "ratio": 0.0, "n": 0}

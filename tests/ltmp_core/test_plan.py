@@ -49,7 +49,21 @@ def test_json_round_trip(plan, tmp_path):
         "merge_threshold": 0.8, "prune_threshold": 0.01, "tau": 0.1, "importance": "mean",
         "merge_order": "keep", "squeeze_host": "keys", "importance_scale": "relative",
     }
-    assert not list(tmp_path.glob("sub/.*.tmp")), "no temporary file left behind"
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["plan.json"], "no temporary file left behind"
+
+
+def test_a_write_that_fails_leaves_the_old_file_whole_and_no_temporary_file(plan, tmp_path):
+    path = ltmp_core.save_plan(plan, tmp_path / "plan.json")
+    before = path.read_bytes()
+
+    def half_then_fail(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write('{"format": "ltmp-pl')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ltmp_core.write_atomic(path, half_then_fail)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
 
 
 def test_version_1_plans_load_with_the_default_variants(plan, tmp_path):
