@@ -72,6 +72,11 @@ def block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str 
     ``op`` is the block's :class:`LayerPlan` (or just its op name): a prune or squeeze scored by
     ``cls`` importance adds the class query's row of attention logits, ``attn_dim * n_in``; a TPS
     squeeze compares token features (``embed_dim`` wide) instead of keys (``head_dim``).
+
+    Similarities are counted over the whole sequence (``n_in x n_in``), as the masked reducers of
+    dynamic and soft mode compute them. Static mode's compact stages compare fewer pairs (a merge its
+    sources with its destinations, a squeeze the pruned tokens with the kept ones), so for a static
+    plan this is an upper bound, by about 1% on DeiT-S plans (tests/ltmp_core/test_flops.py).
     """
     name = op if isinstance(op, str) else op.op
     cls_row = (not isinstance(op, str) and op.importance == "cls"

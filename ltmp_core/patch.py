@@ -33,7 +33,7 @@ from .errors import LTMPError
 from .geometry import check_model
 from .masking import score_spread, threshold_between, threshold_mask
 from .plan import LayerPlan, ReductionPlan, kept_count, stage_counts
-from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Reducer, Tokens, top_k_mask
+from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Compact, Reducer, Tokens, top_k_mask
 
 __all__ = [
     "MODES",
@@ -69,7 +69,9 @@ class _Pass:
 
     batch: int
     n_patch: int  # static mode: live patch tokens, the same for every image
-    counts: list[Tensor]  # [B]: tokens (prefix included) entering block 0, then after each block
+    # [B]: tokens (prefix included) entering block 0, then after each block; an int when every image has the same
+    counts: list[Tensor | int]
+    device: torch.device | None = None
     own: list[Tensor] = field(default_factory=list)  # soft mode, [B]: patch tokens each block's own cut kept
     size: Tensor | None = None  # [B, N]: patches each token stands for; None while all are 1
     alive: Tensor | None = None  # [B, N]: 0/1 (soft: straight-through masks); None while every position is live
@@ -100,6 +102,34 @@ class _State:
         self.scales: dict[tuple[int, str], float] = {}  # spread of each threshold's scores at calibration
         self.last: _Pass | None = None
         self.trace: _Trace | None = None
+        self.program: list[list[tuple[Reducer, int]]] | None = None  # static_program() of the last pass
+        self._programs: dict[int, list[list[tuple[Reducer, int]]] | None] = {}
+
+    def static_program(self, x: Tensor) -> list[list[tuple[Reducer, int]]] | None:
+        """Begin a static pass through the stages' fast forms: per block, each stage and how many tokens
+        it removes (worked out once per input length), or ``None`` when a stage has no fast form.
+
+        The pass records token counts as plain integers: every image has the same.
+        """
+        n = x.shape[1]
+        if n not in self._programs:
+            program: list[list[tuple[Reducer, int]]] | None = []
+            current = n - self.num_prefix
+            for layer in self.plan.layers:
+                stages = [REDUCERS[s] for s in layer.stages]
+                if any(stage.static is None for stage in stages):
+                    program = None
+                    break
+                steps = []
+                for stage, target in zip(stages, stage_counts(current, layer)):
+                    steps.append((stage, current - target))
+                    current = target
+                program.append(steps)
+            self._programs[n] = program
+        self.program = self._programs[n]
+        if self.program is not None:
+            self.last = _Pass(batch=x.shape[0], n_patch=n - self.num_prefix, counts=[n], device=x.device)
+        return self.program
 
     def begin(self, x: Tensor) -> _Pass:
         b, n = x.shape[0], x.shape[1]
@@ -122,6 +152,10 @@ class LTMPBlock(Block):
         if attn_mask is not None or is_causal:
             raise LTMPError("a patched block takes no attention mask or causal flag; it masks tokens itself")
         st, index = self._ltmp, self._ltmp_index
+        if st.mode == "static" and not st.tracing:
+            program = st.static_program(x) if index == 0 else st.program
+            if program is not None:
+                return self._static_forward(x, st, index, program[index])
         p = st.begin(x) if index == 0 else st.last
         layer = st.plan.layers[index]
         kind = layer.importance if any(REDUCERS[s].needs_importance for s in layer.stages) else None
@@ -136,6 +170,26 @@ class LTMPBlock(Block):
 
         # A padded batch (dynamic mode) runs its MLP on the live tokens only.
         return x + (mlp(x) if p.packing is None else packed(mlp, x, p.packing))
+
+    def _static_forward(self, x: Tensor, st: _State, index: int, steps: list[tuple[Reducer, int]]) -> Tensor:
+        """Static mode through the stages' fast forms: no masks, no compaction, no host syncs."""
+        p = st.last
+        layer = st.plan.layers[index]
+        kind = layer.importance if any(stage.needs_importance for stage, _ in steps) else None
+        y, k, scores = attend(self.attn, self.norm1(x), size=p.size, alive=None, soft=False, packing=None,
+                              importance=kind, num_prefix=st.num_prefix, raw=layer.importance_scale == "raw")
+        x = x + self.drop_path1(self.ls1(y))
+        if steps:
+            t = Compact(x=x, size=p.size, keys=k, importance=scores, num_prefix=st.num_prefix,
+                        merge_order=layer.merge_order, squeeze_host=layer.squeeze_host)
+            for i, (stage, r) in enumerate(steps):
+                later = [s for s, _ in steps[i + 1:]]
+                t.needs_metric = any(s.similarities for s in later)
+                t.needs_importance = any(s.needs_importance for s in later)
+                t = stage.static(t, r)
+            x, p.size = t.x, t.size
+        p.counts.append(x.shape[1])
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 # -- the reduction between attention and MLP ---------------------------------------------------------
@@ -159,6 +213,8 @@ def _reduce(st: _State, block: nn.Module, index: int, x: Tensor, k: Tensor, impo
     if st.mode == "static":
         current = p.n_patch
         for i, (stage, target) in enumerate(zip(stages, stage_counts(current, layer))):
+            if target == current:  # removes nothing: not even a tome-order merge reorders (ToMe's r = 0)
+                continue
             _tell_later_stages(t, stages[i + 1:])
             t = stage.fn(t, partial(top_k_mask, k=current - target))
             current = target
@@ -555,7 +611,13 @@ def token_counts(model: nn.Module) -> Tensor:
     to the next block. In soft mode the counts are sums of the (straight-through) masks and carry
     gradients to the thresholds.
     """
-    return torch.stack(_last_pass(model).counts)
+    return _counts(_last_pass(model))
+
+
+def _counts(p: _Pass) -> Tensor:
+    """``p.counts`` as one ``[depth + 1, B]`` tensor."""
+    return torch.stack([c if isinstance(c, Tensor) else torch.full((p.batch,), float(c), device=p.device)
+                        for c in p.counts])
 
 
 def own_counts(model: nn.Module) -> Tensor:
@@ -570,7 +632,7 @@ def own_counts(model: nn.Module) -> Tensor:
     p = _last_pass(model)
     if st.mode == "soft":
         return torch.stack(p.own)
-    return torch.stack(p.counts[1:]) - st.num_prefix
+    return _counts(p)[1:] - st.num_prefix
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,15 @@ keeps them masked (soft mode) is the caller's business, so one implementation se
 threshold with a straight-through sigmoid in soft mode, a hard threshold in dynamic mode, top-k in
 static mode. Higher scores are removed first.
 
-The registry :data:`REDUCERS` maps a stage name to its function and what it needs; an operation in
+Static mode (every image keeps the same counts) has a second, faster form of each built-in stage:
+``static(tokens, r) -> tokens`` on a :class:`Compact` sequence, in which every token is live and in
+sequence order. It removes exactly ``r`` tokens and returns the shorter sequence, with index arithmetic
+on strided views instead of masks over the full length, so a block costs a few small kernels besides
+its GEMMs (the batch-1 latency of a deployed plan). It computes what the masked form followed by
+compaction computes, up to float rounding (tested against it); a stage registered without one runs
+the masked form in static mode too.
+
+The registry :data:`REDUCERS` maps a stage name to its functions and what it needs; an operation in
 ``ltmp_core.plan.OPS`` is a sequence of registered stages.
 """
 
@@ -24,11 +32,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Tokens", "Reducer", "REDUCERS", "register_reducer", "merge", "prune", "squeeze", "top_k_mask",
+    "Tokens", "Compact", "Reducer", "REDUCERS", "register_reducer", "merge", "prune", "squeeze", "top_k_mask",
     "KEPT", "MERGED", "PRUNED", "SQUEEZED",
 ]
 
 Decide = Callable[[Tensor, Tensor], Tensor]
+StaticFn = Callable[["Compact", int], "Compact"]
 
 #: How a token left a block (``Tokens.fate``).
 KEPT, MERGED, PRUNED, SQUEEZED = 0, 1, 2, 3
@@ -102,6 +111,8 @@ class Reducer:
             ``prune_threshold``).
         needs_importance: Needs the attention map (mean attention received).
         similarities: Number of ``N x N`` similarity matrices it computes (for the FLOP model).
+        static: ``static(tokens, r) -> tokens``: the stage on a :class:`Compact` sequence, removing
+            exactly ``r`` tokens (static mode's fast form), or ``None``.
     """
 
     name: str
@@ -109,15 +120,19 @@ class Reducer:
     threshold: str
     needs_importance: bool
     similarities: int
+    static: StaticFn | None = None
 
 
 REDUCERS: dict[str, Reducer] = {}
 
 
-def register_reducer(name: str, *, threshold: str, needs_importance: bool, similarities: int):
+def register_reducer(name: str, *, threshold: str, needs_importance: bool, similarities: int,
+                     static: StaticFn | None = None):
     """Register ``fn(tokens, decide) -> tokens`` as the reducer stage ``name``.
 
-    Registering a name again replaces the stage, with a warning (as timm's model registry does).
+    ``static``, optional, is the stage's fast form for static mode (see the module's docstring);
+    without it static mode runs ``fn`` with a top-k ``decide`` and compacts. Registering a name again
+    replaces the stage, with a warning (as timm's model registry does).
     """
     if threshold not in ("merge_threshold", "prune_threshold"):
         raise ValueError(f"threshold must be merge_threshold or prune_threshold, got {threshold!r}")
@@ -126,7 +141,7 @@ def register_reducer(name: str, *, threshold: str, needs_importance: bool, simil
         if name in REDUCERS:
             warnings.warn(f"Overwriting reducer stage {name!r} ({REDUCERS[name].fn.__qualname__}) "
                           f"with {fn.__qualname__}", stacklevel=2)
-        REDUCERS[name] = Reducer(name, fn, threshold, needs_importance, similarities)
+        REDUCERS[name] = Reducer(name, fn, threshold, needs_importance, similarities, static)
         return fn
 
     return wrap
@@ -206,7 +221,194 @@ def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: 
                    **_reroute(t, remove, dest, code))
 
 
-@register_reducer("merge", threshold="merge_threshold", needs_importance=False, similarities=1)
+# -- static mode's fast forms: every token live, in sequence order, the same count in every image ---------
+
+
+@dataclass
+class Compact:
+    """A static-mode token sequence: every token is live and in sequence order.
+
+    Attributes:
+        x: Token features, ``[B, N, C]``.
+        size: Patches each token stands for, ``[B, N]``, or ``None`` while every token is one patch.
+        keys: The attention keys of the block, ``[B, H, N, d]`` (the similarity metric is their mean
+            over heads, made unit-norm on first use: :meth:`unit_metric`).
+        importance: Importance scores, ``[B, N]`` (prefix entries are ignored), or ``None``.
+        num_prefix, merge_order, squeeze_host, needs_metric, needs_importance: as in :class:`Tokens`.
+    """
+
+    x: Tensor
+    size: Tensor | None
+    keys: Tensor | None
+    importance: Tensor | None
+    num_prefix: int
+    merge_order: str = "keep"
+    squeeze_host: str = "keys"
+    needs_metric: bool = True
+    needs_importance: bool = True
+    metric: Tensor | None = None
+
+    def unit_metric(self) -> Tensor:
+        """Unit-norm similarity features, ``[B, N, d]`` (computed from the keys once)."""
+        if self.metric is None:
+            if self.keys is None:
+                raise ValueError("merge and squeeze need the attention keys")
+            m = self.keys.mean(dim=1)
+            self.metric = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        return self.metric
+
+
+def _gather_rows(v: Tensor, idx: Tensor) -> Tensor:
+    """``v[b, idx[b, i]]`` for ``v`` of shape ``[B, N]`` or ``[B, N, C]``."""
+    if v.dim() == 2:
+        return v.gather(1, idx)
+    return v.gather(1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]))
+
+
+def _fold_into(host: Tensor, host_w: Tensor, moved: Tensor, moved_w: Tensor, dest: Tensor) -> Tensor:
+    """``(hw_j h_j + sum_i w_i m_i) / (hw_j + sum_i w_i)`` over the moved tokens ``i`` with ``dest[i] = j``."""
+    w = moved_w.to(host.dtype)
+    hw = host_w.to(host.dtype)
+    num = (host * hw.unsqueeze(-1)).scatter_add(1, dest.unsqueeze(-1).expand_as(moved), moved * w.unsqueeze(-1))
+    den = hw.scatter_add(1, dest, w)
+    return num / den.unsqueeze(-1)
+
+
+def _fold_importance(host: Tensor, moved: Tensor, dest: Tensor) -> Tensor:
+    """A host is as important as the most important token it absorbed (LTMP)."""
+    return host.scatter_reduce(1, dest, moved, reduce="amax", include_self=True)
+
+
+def _static_merge(t: Compact, r: int) -> Compact:
+    """:func:`merge` on a compact sequence: the ``r`` best-matched sources join their destinations."""
+    if r <= 0:
+        return t
+    p, n = t.num_prefix, t.x.shape[1]
+    # Sources: odd patch ranks ("keep"), or even positions of the whole sequence ("tome", ToMe's split).
+    first_src = p + 1 if t.merge_order == "keep" or p % 2 == 1 else p
+    first_dst = p + (first_src == p)
+    src, dst = slice(first_src, n, 2), slice(first_dst, n, 2)
+    metric = t.unit_metric().detach()
+    best, dest = (metric[:, src] @ metric[:, dst].transpose(1, 2)).float().max(dim=-1)
+    ranked = best.argsort(dim=1, descending=True)
+    merged, kept = ranked[:, :r], ranked[:, r:].sort(dim=1).values
+    into = dest.gather(1, merged)
+    x_src, x_dst = t.x[:, src], t.x[:, dst]
+    if t.size is None:
+        ones = x_src.new_ones(x_src.shape[:2], dtype=torch.float32)
+        s_src, s_dst = ones, x_dst.new_ones(x_dst.shape[:2], dtype=torch.float32)
+    else:
+        s_src, s_dst = t.size[:, src], t.size[:, dst]
+    s_moved = _gather_rows(s_src, merged)
+
+    def fold(v_src: Tensor, v_dst: Tensor) -> Tensor:
+        return _fold_into(v_dst, s_dst, _gather_rows(v_src, merged), s_moved, into)
+
+    new_dst = {"x": fold(x_src, x_dst), "size": s_dst.scatter_add(1, into, s_moved)}
+    parts: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # name: (prefix, sources, new destinations)
+    if t.needs_metric:
+        m = fold(metric[:, src], metric[:, dst])
+        new_dst["metric"] = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    if t.needs_importance and t.importance is not None:
+        imp_src = t.importance[:, src]
+        new_dst["importance"] = _fold_importance(t.importance[:, dst], _gather_rows(imp_src, merged), into)
+    full = {"x": t.x, "size": t.size, "metric": metric, "importance": t.importance}
+    for name, v_dst in new_dst.items():
+        v = full[name]
+        if v is None:  # sizes while all were one patch
+            v = v_dst.new_ones(v_dst.shape[0], n)
+        parts[name] = (v[:, :p], v[:, src], v_dst)
+    out: dict[str, Tensor] = {}
+    if t.merge_order == "tome":  # prefix, unmerged sources, destinations (ToMe's cat([unm, dst]))
+        for name, (pre, v_src, v_dst) in parts.items():
+            out[name] = torch.cat([pre, _gather_rows(v_src, kept), v_dst], dim=1)
+    else:  # sequence order: the unmerged sources stay between the destinations
+        b = t.x.shape[0]
+        pos = torch.arange(n, device=t.x.device)
+        order = torch.cat([pos[:p].expand(b, -1), pos[src][kept], pos[dst].expand(b, -1)], dim=1)
+        order = order.argsort(dim=1)
+        for name, (pre, v_src, v_dst) in parts.items():
+            out[name] = _gather_rows(torch.cat([pre, _gather_rows(v_src, kept), v_dst], dim=1), order)
+    return replace(t, x=out["x"], size=out["size"], metric=out.get("metric"), keys=None,
+                   importance=out.get("importance"))
+
+
+def _static_prune_split(t: Compact, r: int) -> tuple[Tensor, Tensor]:
+    """Patch-token indices (from 0 after the prefix) of the kept tokens in sequence order and of the
+    ``r`` least important ones."""
+    if t.importance is None:
+        raise ValueError("prune and squeeze need importance scores")
+    ranked = t.importance[:, t.num_prefix:].argsort(dim=1, descending=True)
+    keep = ranked.shape[1] - r
+    return ranked[:, :keep].sort(dim=1).values, ranked[:, keep:]
+
+
+def _static_select(t: Compact, kept: Tensor, **new: Tensor) -> Compact:
+    """The prefix and the kept patch tokens of every per-token field (``new`` replaces the kept part)."""
+    p = t.num_prefix
+    fields = {"x": t.x, "size": t.size, "importance": t.importance if t.needs_importance else None,
+              "metric": t.metric if t.needs_metric else None}
+    out = {}
+    for name, v in fields.items():
+        if v is None and name not in new:
+            out[name] = None
+            continue
+        part = new[name] if name in new else _gather_rows(v[:, p:], kept)
+        pre = v[:, :p] if v is not None else part.new_ones(part.shape[0], p)
+        out[name] = torch.cat([pre, part], dim=1)
+    keys = t.keys if t.keys is not None and t.needs_metric and t.metric is None else None
+    if keys is not None:
+        out["metric"] = None
+        keys = torch.cat([keys[:, :, :p], keys[:, :, p:].gather(
+            2, kept[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1]))], dim=2)
+    return replace(t, keys=keys, **out)
+
+
+def _static_prune(t: Compact, r: int) -> Compact:
+    """:func:`prune` on a compact sequence: the ``r`` least important patch tokens go."""
+    if r <= 0:
+        return t
+    kept, _ = _static_prune_split(t, r)
+    return _static_select(t, kept)
+
+
+def _static_squeeze(t: Compact, r: int) -> Compact:
+    """:func:`squeeze` on a compact sequence: the ``r`` least important patch tokens join their hosts."""
+    if r <= 0:
+        return t
+    kept, pruned = _static_prune_split(t, r)
+    p = t.num_prefix
+    x = t.x[:, p:]
+    x_host, x_moved = _gather_rows(x, kept), _gather_rows(x, pruned)
+    size = t.size[:, p:] if t.size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
+    s_host, s_moved = _gather_rows(size, kept), _gather_rows(size, pruned)
+    new: dict[str, Tensor] = {}
+    if t.squeeze_host == "tps":
+        f_host, f_moved = (v.detach().float() for v in (x_host, x_moved))
+        f_host = f_host / (f_host.norm(dim=-1, keepdim=True) + 1e-6)
+        f_moved = f_moved / (f_moved.norm(dim=-1, keepdim=True) + 1e-6)
+        best, dest = (f_moved @ f_host.transpose(1, 2)).max(dim=-1)
+        w, hw = torch.exp(best), torch.full_like(s_host, math.e)
+        if t.size is not None:
+            new["size"] = s_host
+    else:
+        metric = t.unit_metric().detach()[:, p:]
+        best, dest = (_gather_rows(metric, pruned) @ _gather_rows(metric, kept).transpose(1, 2)).float().max(dim=-1)
+        w, hw = torch.exp(best) * s_moved, math.e * s_host
+        new["size"] = s_host.scatter_add(1, dest, s_moved)
+    if t.needs_metric:
+        metric = t.unit_metric()[:, p:]
+        m = _fold_into(_gather_rows(metric, kept), hw, _gather_rows(metric, pruned), w, dest)
+        new["metric"] = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    new["x"] = _fold_into(x_host, hw, x_moved, w, dest)
+    if t.needs_importance and t.importance is not None:
+        imp = t.importance[:, p:]
+        new["importance"] = _fold_importance(_gather_rows(imp, kept), _gather_rows(imp, pruned), dest)
+    return _static_select(t, kept, **new)
+
+
+@register_reducer("merge", threshold="merge_threshold", needs_importance=False, similarities=1,
+                  static=_static_merge)
 def merge(t: Tokens, decide: Decide) -> Tokens:
     """Bipartite threshold merging (LTMP; ToMe's matching).
 
@@ -243,14 +445,16 @@ def _prune_weights(t: Tokens, decide: Decide) -> Tensor:
     return decide(score, eligible) * eligible
 
 
-@register_reducer("prune", threshold="prune_threshold", needs_importance=True, similarities=0)
+@register_reducer("prune", threshold="prune_threshold", needs_importance=True, similarities=0,
+                  static=_static_prune)
 def prune(t: Tokens, decide: Decide) -> Tokens:
     """Threshold pruning on importance (LTMP): tokens that receive little attention are dropped."""
     remove = _prune_weights(t, decide)
     return replace(t, alive=t.alive * (1 - remove), **_reroute(t, remove, None, PRUNED))
 
 
-@register_reducer("squeeze", threshold="prune_threshold", needs_importance=True, similarities=1)
+@register_reducer("squeeze", threshold="prune_threshold", needs_importance=True, similarities=1,
+                  static=_static_squeeze)
 def squeeze(t: Tokens, decide: Decide) -> Tokens:
     """Prune, then fuse every pruned token into its most similar kept token (TPS).
 

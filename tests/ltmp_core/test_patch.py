@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import timm
@@ -398,3 +399,83 @@ def test_tome_order_changes_the_next_layers_split():
         with torch.no_grad():
             outs.append(model(x))
     assert not torch.allclose(outs[0], outs[1])
+
+
+STATIC_VARIANTS = [dict(), dict(merge_order="tome"), dict(squeeze_host="tps"), dict(importance="cls"),
+                   dict(merge_order="tome", squeeze_host="tps", importance_scale="raw")]
+
+
+@pytest.mark.parametrize("variant", STATIC_VARIANTS, ids=lambda v: "-".join(v.values()) or "default")
+@pytest.mark.parametrize("arch", ["deit_small", "deit_small_distilled", "reg4_dinov2", "avg_pool"])
+def test_static_fast_forms_equal_the_masked_reducers(arch, variant, monkeypatch):
+    """Static mode's compact stages compute what the masked reducers followed by compaction compute
+    (a stage registered without a fast form runs the masked one): logits and counts, every op."""
+    if arch == "avg_pool" and variant.get("importance") == "cls":
+        pytest.skip("cls importance needs a class token")
+    model = tiny_model(arch)
+    x = images(5, seed=4)
+    for ops, keep in [(["merge", "merge+prune", "squeeze", "merge+squeeze"], [0.6, 0.7, 0.75, 0.7]),
+                      (["merge+squeeze", "prune", "merge", "merge+prune"], [0.5, 0.8, 0.6, 0.55])]:
+        plan = ltmp_core.make_plan(model, op=ops, keep=keep, **variant)
+        outs = []
+        for masked in (False, True):
+            with monkeypatch.context() as m:
+                if masked:
+                    for name, stage in list(ltmp_core.REDUCERS.items()):
+                        m.setitem(ltmp_core.REDUCERS, name, dataclasses.replace(stage, static=None))
+                patched = ltmp_core.apply_plan(copy.deepcopy(model), plan, mode="static")
+                with torch.no_grad():
+                    outs.append((patched(x), ltmp_core.token_counts(patched)))
+        (fast, fast_counts), (masked_out, masked_counts) = outs
+        torch.testing.assert_close(fast, masked_out, rtol=0, atol=1e-5)
+        assert torch.equal(fast_counts, masked_counts)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["fast", "masked"])
+@pytest.mark.parametrize("arch", ["deit_small", "avg_pool"])
+def test_static_merge_that_removes_nothing_is_no_op(arch, masked, monkeypatch):
+    """A merge stage left with nothing to remove does nothing, not even ToMe's reordering (ToMe at
+    r = 0): the plan predicts as the same plan with no op at that layer."""
+    if masked:
+        monkeypatch.setitem(ltmp_core.REDUCERS, "merge", dataclasses.replace(ltmp_core.REDUCERS["merge"], static=None))
+    model = tiny_model(arch)
+    x = images(4, seed=2)
+    outs = []
+    for second in ("merge", "none"):
+        plan = ltmp_core.make_plan(model, op=["merge", second, "merge", "merge"], keep=[0.75, 1.0, 0.7, 0.6],
+                                   merge_order="tome")
+        patched = ltmp_core.apply_plan(copy.deepcopy(model), plan, mode="static")
+        with torch.no_grad():
+            outs.append(patched(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["deit_small", "avg_pool"])
+def test_static_sizes_are_the_traced_groups(arch):
+    """The sizes static mode keeps (they weigh attention and average pooling) are the numbers of
+    patches the trace finds held by each token, position by position."""
+    model = tiny_model(arch)
+    plan = ltmp_core.make_plan(model, op=["merge", "merge+squeeze", "merge", "merge+prune"], keep=[0.6, 0.6, 0.7, 0.6],
+                               merge_order="tome")
+    ltmp_core.apply_plan(model, plan, mode="static")
+    x = images(3, seed=5)
+    with torch.no_grad():
+        model(x)
+    sizes = model._ltmp.last.size[:, model.num_prefix_tokens:]
+    trace = ltmp_core.trace_tokens(model, x)
+    p = model.num_prefix_tokens
+    for b in range(3):
+        held = trace.owner[-1, b]
+        groups = torch.bincount(held[held >= 0] - p, minlength=sizes.shape[1]).float()
+        assert torch.equal(groups, sizes[b]), b
+
+
+def test_static_plan_compiles_to_one_graph():
+    """torch.compile sees the whole static forward as one graph: no graph break, no host sync."""
+    model = tiny_model("deit_small")
+    plan = ltmp_core.make_plan(model, op=["merge+prune", "merge+squeeze", "squeeze", "merge"], keep=[0.6, 0.6, 0.7, 0.6])
+    ltmp_core.apply_plan(model, plan, mode="static")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(images(2))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
