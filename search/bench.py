@@ -22,6 +22,7 @@ import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
 from .finetune import autocast
+from .prepare import compile_static
 
 __all__ = ["time_batches", "bench_plan", "describe_device", "bench_command"]
 
@@ -80,7 +81,7 @@ def bench_plan(
     if compile:
         if mode != "static":
             raise LTMPError("compile: only the static mode has fixed shapes")
-        base_run, plan_run = torch.compile(model, dynamic=False), torch.compile(reduced, dynamic=False)
+        base_run, plan_run = compile_static(model, device), compile_static(reduced, device)
 
     def call(m: Callable) -> Callable[[], Any]:
         def run() -> Any:
@@ -99,7 +100,7 @@ def bench_plan(
     return {
         "model": plan.model or type(model).__name__,
         "device": describe_device(device),
-        "batch_size": batch_size,
+        "batch": batch_size,
         "mode": mode,
         "amp": amp,
         "compiled": compile,

@@ -206,7 +206,7 @@ def evaluate(
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, amp):
-                logits = (runner or model)(x)
+                logits = (model if runner is None else runner)(x)
             correct += int((logits.argmax(dim=-1) == y).sum())
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             correct5 += int((top == y.unsqueeze(-1)).any(dim=-1).sum())

@@ -119,8 +119,12 @@ class BenchResult(Base):
               "images_per_s_base", "images_per_s_plan", "latency_ms_base", "latency_ms_plan", "speedup",
               "ideal_fraction", "runs", "peak_memory_mb")
 
+    #: The column each key of a ``search bench`` row is stored in, where the names differ.
+    COLUMNS = {"batch": "batch_size"}
+
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, **{k: getattr(self, k) for k in self.FIELDS}}
+        keys = {column: key for key, column in self.COLUMNS.items()}
+        return {"id": self.id, **{keys.get(k, k): getattr(self, k) for k in self.FIELDS}}
 
 
 class StudyLock(Base):
@@ -265,7 +269,8 @@ class Store:
     def add_bench(self, plan: str, result: dict[str, Any]) -> int:
         """Store one ``search bench`` measurement; returns its id."""
         row = BenchResult(plan=plan, created=result["created"],
-                          **{k: result[k] for k in BenchResult.FIELDS if k not in ("created", "plan")})
+                          **{BenchResult.COLUMNS.get(k, k): result[k] for k in result
+                             if BenchResult.COLUMNS.get(k, k) in BenchResult.FIELDS and k not in ("created", "plan")})
         with self.session() as s:
             s.add(row)
             s.flush()

@@ -132,7 +132,7 @@ def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
                 "speedup", "of ideal"):
         table.add_column(col, justify="left" if col in ("plan", "device", "mode") else "right")
     for r in rows:
-        table.add_row(str(r["plan"]), str(r["device"]), str(r["batch_size"]), r["mode"] + (" bf16" if r["amp"] else ""),
+        table.add_row(str(r["plan"]), str(r["device"]), str(r["batch"]), r["mode"] + (" bf16" if r["amp"] else ""),
                       f"{r['flops_ratio']:.3f}", f"{r['images_per_s_base']:.1f}", f"{r['images_per_s_plan']:.1f}",
                       f"{r['latency_ms_base']:.1f}", f"{r['latency_ms_plan']:.1f}", f"{r['speedup']:.2f}x",
                       f"{r['ideal_fraction']:.2f}")

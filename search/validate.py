@@ -20,7 +20,7 @@ from .config import StudyConfig, resolve
 from .data import SPLITS
 from .finetune import evaluate, unreduced_accuracy
 from .models import load_base_model
-from .prepare import open_data, resolve_device
+from .prepare import compile_static, open_data, resolve_device
 
 __all__ = ["validate_plan", "plan_config", "read_any", "TRAINED_SETTINGS"]
 
@@ -100,7 +100,7 @@ def validate_plan(
     if compile:
         if mode != "static":
             raise LTMPError("compile: only the static mode has fixed shapes; add --mode static")
-        runner = torch.compile(model, dynamic=False)
+        runner = compile_static(model, device)
     start = time.perf_counter()
     result = evaluate(model, batches, device=device, amp=amp, mode=mode, runner=runner)
     seconds = time.perf_counter() - start

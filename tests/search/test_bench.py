@@ -22,7 +22,7 @@ def test_quick_look_measures_each_configuration_and_stores_it(tmp_path):
                          "--warmup", "1", "--json", "--storage", url)
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
-    assert [(r["mode"], r["batch_size"]) for r in rows] == [("static", 2), ("static", 4), ("dynamic", 2), ("dynamic", 4)]
+    assert [(r["mode"], r["batch"]) for r in rows] == [("static", 2), ("static", 4), ("dynamic", 2), ("dynamic", 4)]
     # The static plan's ratio against PyTorch's own FLOP counter on the same quick-look plan.
     stock = timm.create_model("vit_small_patch16_224", pretrained=False, **KWARGS).eval()
     g = ltmp_core.ViTGeometry.from_model(stock)
@@ -41,6 +41,10 @@ def test_quick_look_measures_each_configuration_and_stores_it(tmp_path):
     code, out, _ = cli("bench", "--history", "--json", "--storage", url)
     history = [json.loads(line) for line in out.splitlines()]
     assert [h["id"] for h in history] == [r["id"] for r in reversed(rows)]
+    for row in (rows[0], history[-1]):  # what scripts read, in the rows and in the stored history alike
+        assert {"batch", "mode", "compiled", "ideal_fraction", "speedup"} <= set(row)
+    assert [(h["batch"], h["mode"], h["compiled"]) for h in history[::-1]] == [(2, "static", False), (4, "static", False),
+                                                                             (2, "dynamic", False), (4, "dynamic", False)]
     assert history[0]["plan"].startswith("vit_small_patch16_224 merge+prune (cls) at 0.5")
     code, out, _ = cli("bench", "--history", "--storage", url)
     assert code == 0 and "of ideal" in out

@@ -108,6 +108,12 @@ def test_validate_reproduces_the_trial_on_the_holdout(study):
     val = json.loads(out)
     assert code == 0 and val["split"] == "test" and val["images"] == 15 and 0 <= val["top5"] <= 1
     assert val["top5"] >= val["top1"] and val["geometry_note"] is None
+    # The static plan compiled (one graph, Inductor) predicts as the eager static plan.
+    static = [cli("validate", str(plan), "--data-dir", data_dir, *TINY, "--mode", "static", "--json", *extra)
+              for extra in ([], ["--compile"])]
+    assert [c for c, _, _ in static] == [0, 0], static[1][2]
+    eager, compiled = (json.loads(o) for _, o, _ in static)
+    assert compiled["top1"] == eager["top1"] and compiled["flops_ratio"] == eager["flops_ratio"]
     # Without --model and --img-size: the plan's own model at the size it was searched at (32 px),
     # not the default preset's; another size still runs, with a warning naming both grids.
     no_size = [a for a in TINY if a not in ("--img-size", "32", "--model", "vit_small_patch16_224")]
