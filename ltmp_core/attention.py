@@ -105,7 +105,8 @@ def attend(
         out = attn.attn_drop(probs) @ v
     else:
         if importance == "cls":
-            row = normalise((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1))
+            # One query: a product and a sum over the keys as they lie (a matmul would copy them first).
+            row = normalise((k * (q[:, :, :1] * attn.scale)).sum(dim=-1).unsqueeze(2))
             scores = importance_scores(row, alive, num_prefix, raw)
         mask = bias
         if alive is not None:

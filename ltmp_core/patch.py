@@ -33,7 +33,7 @@ from .errors import LTMPError
 from .geometry import check_model
 from .masking import score_spread, threshold_between, threshold_mask
 from .plan import LayerPlan, ReductionPlan, kept_count, stage_counts
-from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Compact, Reducer, Tokens, top_k_mask
+from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Compact, Reducer, Tokens, head_mean, top_k_mask
 
 __all__ = [
     "MODES",
@@ -180,14 +180,15 @@ class LTMPBlock(Block):
                               importance=kind, num_prefix=st.num_prefix, raw=layer.importance_scale == "raw")
         x = x + self.drop_path1(self.ls1(y))
         if steps:
-            t = Compact(x=x, size=p.size, keys=k, importance=scores, num_prefix=st.num_prefix,
-                        merge_order=layer.merge_order, squeeze_host=layer.squeeze_host)
+            t = Compact(x=x, index=None, size=p.size, keys=k, importance=scores, num_prefix=st.num_prefix,
+                        merge_order=layer.merge_order, squeeze_host=layer.squeeze_host,
+                        inplace=not (torch.is_grad_enabled() and x.requires_grad))
             for i, (stage, r) in enumerate(steps):
                 later = [s for s, _ in steps[i + 1:]]
                 t.needs_metric = any(s.similarities for s in later)
                 t.needs_importance = any(s.needs_importance for s in later)
                 t = stage.static(t, r)
-            x, p.size = t.x, t.size
+            x, p.size = t.gathered()
         p.counts.append(x.shape[1])
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -200,7 +201,7 @@ def _reduce(st: _State, block: nn.Module, index: int, x: Tensor, k: Tensor, impo
     stages = [REDUCERS[s] for s in layer.stages]
     p = st.last
     b, n, _ = x.shape
-    metric = k.mean(dim=1)
+    metric = head_mean(k)
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     ones = torch.ones(b, n, device=x.device, dtype=torch.float32)
     t = Tokens(x=x, size=ones if p.size is None else p.size, alive=ones if p.alive is None else p.alive,

@@ -26,13 +26,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "Tokens", "Compact", "Reducer", "REDUCERS", "register_reducer", "merge", "prune", "squeeze", "top_k_mask",
+    "head_mean",
     "KEPT", "MERGED", "PRUNED", "SQUEEZED",
 ]
 
@@ -221,23 +222,33 @@ def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: 
                    **_reroute(t, remove, dest, code))
 
 
-# -- static mode's fast forms: every token live, in sequence order, the same count in every image ---------
+# -- static mode's fast forms: every image keeps the same number of tokens -----------------------------
 
 
 @dataclass
 class Compact:
-    """A static-mode token sequence: every token is live and in sequence order.
+    """A static-mode token sequence: the same number of live tokens in every image, in sequence order.
+
+    The per-token tensors keep the block's full length ``N``; ``index`` lists, per image, the
+    positions of the live tokens in sequence order (prefix first), ``None`` while all ``N`` are live.
+    A stage gathers what it reads, writes what it fuses back over the old values (out of place) and
+    narrows ``index``; the block gathers the features once at its end (:meth:`gathered`), so a block
+    that merges and then prunes moves its features once.
 
     Attributes:
         x: Token features, ``[B, N, C]``.
+        index: Positions of the live tokens, ``[B, M]``, or ``None`` (all live).
         size: Patches each token stands for, ``[B, N]``, or ``None`` while every token is one patch.
         keys: The attention keys of the block, ``[B, H, N, d]`` (the similarity metric is their mean
             over heads, made unit-norm on first use: :meth:`unit_metric`).
         importance: Importance scores, ``[B, N]`` (prefix entries are ignored), or ``None``.
         num_prefix, merge_order, squeeze_host, needs_metric, needs_importance: as in :class:`Tokens`.
+        inplace: The per-token tensors belong to this block alone and no gradient flows: stages may
+            write their fused tokens over the old ones in place instead of copying the whole sequence.
     """
 
     x: Tensor
+    index: Tensor | None
     size: Tensor | None
     keys: Tensor | None
     importance: Tensor | None
@@ -247,15 +258,39 @@ class Compact:
     needs_metric: bool = True
     needs_importance: bool = True
     metric: Tensor | None = None
+    inplace: bool = False
+
+    @property
+    def length(self) -> int:
+        """Live tokens per image."""
+        return self.x.shape[1] if self.index is None else self.index.shape[1]
 
     def unit_metric(self) -> Tensor:
         """Unit-norm similarity features, ``[B, N, d]`` (computed from the keys once)."""
         if self.metric is None:
             if self.keys is None:
                 raise ValueError("merge and squeeze need the attention keys")
-            m = self.keys.mean(dim=1)
-            self.metric = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            self.metric = _unit(head_mean(self.keys))
         return self.metric
+
+    def live(self, v: Tensor) -> Tensor:
+        """The live tokens' rows of a full-length ``v``."""
+        return v if self.index is None else _gather_rows(v, self.index)
+
+    def positions(self, local: Tensor) -> Tensor:
+        """Full-length positions of live tokens given by their place among the live ones."""
+        return local if self.index is None else self.index.gather(1, local)
+
+    def sizes(self) -> Tensor:
+        """``size``, or ones while every token is one patch."""
+        if self.size is not None:
+            return self.size
+        return self.x.new_ones(self.x.shape[:2], dtype=torch.float32)
+
+    def gathered(self) -> tuple[Tensor, Tensor | None]:
+        """The live tokens' features and sizes, in sequence order."""
+        size = None if self.size is None else self.live(self.size)
+        return self.live(self.x), size
 
 
 def _gather_rows(v: Tensor, idx: Tensor) -> Tensor:
@@ -265,103 +300,100 @@ def _gather_rows(v: Tensor, idx: Tensor) -> Tensor:
     return v.gather(1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]))
 
 
+def _put_rows(v: Tensor, idx: Tensor, rows: Tensor, inplace: bool) -> Tensor:
+    """``v`` with ``v[b, idx[b, i]] = rows[b, i]``: written into ``v`` itself, or into a copy."""
+    if v.dim() == 3:
+        idx = idx.unsqueeze(-1).expand(-1, -1, v.shape[-1])
+    return v.scatter_(1, idx, rows) if inplace else v.scatter(1, idx, rows)
+
+
+def head_mean(keys: Tensor) -> Tensor:
+    """The similarity features of ToMe and LTMP: attention keys ``[B, H, N, d]`` averaged over heads.
+
+    Reduced over the heads of a ``[B, N, H, d]`` view: in the layout of timm's fused ``qkv`` output
+    the heads of one token lie next to each other, so this reads memory in order.
+    """
+    return keys.transpose(1, 2).mean(dim=2)
+
+
 def _fold_into(host: Tensor, host_w: Tensor, moved: Tensor, moved_w: Tensor, dest: Tensor) -> Tensor:
     """``(hw_j h_j + sum_i w_i m_i) / (hw_j + sum_i w_i)`` over the moved tokens ``i`` with ``dest[i] = j``."""
     w = moved_w.to(host.dtype)
     hw = host_w.to(host.dtype)
     num = (host * hw.unsqueeze(-1)).scatter_add(1, dest.unsqueeze(-1).expand_as(moved), moved * w.unsqueeze(-1))
-    den = hw.scatter_add(1, dest, w)
-    return num / den.unsqueeze(-1)
+    return num / hw.scatter_add(1, dest, w).unsqueeze(-1)
 
 
-def _fold_importance(host: Tensor, moved: Tensor, dest: Tensor) -> Tensor:
-    """A host is as important as the most important token it absorbed (LTMP)."""
-    return host.scatter_reduce(1, dest, moved, reduce="amax", include_self=True)
+def _unit(v: Tensor) -> Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def _fuse_static(t: Compact, host: Tensor, moved: Tensor, dest: Tensor, host_w: Tensor, moved_w: Tensor,
+                 size: Tensor | None, **replaced: Any) -> Compact:
+    """Fold the tokens at full positions ``moved`` into those at ``host`` (``dest``: which host, by
+    its place in ``host``): features, metric (if a later stage reads it), importance (the most
+    important absorbed, LTMP) and, given, the hosts' new ``size``."""
+    x = _put_rows(t.x, host, _fold_into(_gather_rows(t.x, host), host_w, _gather_rows(t.x, moved), moved_w, dest),
+                  t.inplace)
+    metric = None
+    if t.needs_metric:
+        m = t.unit_metric()
+        metric = _put_rows(m, host, _unit(_fold_into(_gather_rows(m, host), host_w, _gather_rows(m, moved),
+                                                     moved_w, dest)), t.inplace)
+    importance = t.importance
+    if t.needs_importance and importance is not None:
+        reduce = importance.scatter_reduce_ if t.inplace else importance.scatter_reduce
+        importance = reduce(1, host.gather(1, dest), importance.gather(1, moved), reduce="amax", include_self=True)
+    if size is not None:
+        size = _put_rows(t.sizes(), host, size, t.inplace)
+    return replace(t, x=x, size=size if size is not None else t.size, metric=metric, importance=importance,
+                   **replaced)
 
 
 def _static_merge(t: Compact, r: int) -> Compact:
     """:func:`merge` on a compact sequence: the ``r`` best-matched sources join their destinations."""
     if r <= 0:
         return t
-    p, n = t.num_prefix, t.x.shape[1]
+    p, n = t.num_prefix, t.length
     # Sources: odd patch ranks ("keep"), or even positions of the whole sequence ("tome", ToMe's split).
     first_src = p + 1 if t.merge_order == "keep" or p % 2 == 1 else p
     first_dst = p + (first_src == p)
     src, dst = slice(first_src, n, 2), slice(first_dst, n, 2)
-    metric = t.unit_metric().detach()
+    metric = t.live(t.unit_metric().detach())
     best, dest = (metric[:, src] @ metric[:, dst].transpose(1, 2)).float().max(dim=-1)
     ranked = best.argsort(dim=1, descending=True)
-    merged, kept = ranked[:, :r], ranked[:, r:].sort(dim=1).values
+    merged, kept = ranked[:, :r], ranked[:, r:]
+    b = best.shape[0]
+    local = torch.arange(n, device=best.device)
+    src_local, dst_local = local[src].expand(b, -1), local[dst].expand(b, -1)
+    host, moved = t.positions(dst_local), t.positions(src_local.gather(1, merged))
     into = dest.gather(1, merged)
-    x_src, x_dst = t.x[:, src], t.x[:, dst]
-    if t.size is None:
-        ones = x_src.new_ones(x_src.shape[:2], dtype=torch.float32)
-        s_src, s_dst = ones, x_dst.new_ones(x_dst.shape[:2], dtype=torch.float32)
-    else:
-        s_src, s_dst = t.size[:, src], t.size[:, dst]
-    s_moved = _gather_rows(s_src, merged)
-
-    def fold(v_src: Tensor, v_dst: Tensor) -> Tensor:
-        return _fold_into(v_dst, s_dst, _gather_rows(v_src, merged), s_moved, into)
-
-    new_dst = {"x": fold(x_src, x_dst), "size": s_dst.scatter_add(1, into, s_moved)}
-    parts: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # name: (prefix, sources, new destinations)
-    if t.needs_metric:
-        m = fold(metric[:, src], metric[:, dst])
-        new_dst["metric"] = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    if t.needs_importance and t.importance is not None:
-        imp_src = t.importance[:, src]
-        new_dst["importance"] = _fold_importance(t.importance[:, dst], _gather_rows(imp_src, merged), into)
-    full = {"x": t.x, "size": t.size, "metric": metric, "importance": t.importance}
-    for name, v_dst in new_dst.items():
-        v = full[name]
-        if v is None:  # sizes while all were one patch
-            v = v_dst.new_ones(v_dst.shape[0], n)
-        parts[name] = (v[:, :p], v[:, src], v_dst)
-    out: dict[str, Tensor] = {}
+    size = t.sizes()
+    s_host, s_moved = size.gather(1, host), size.gather(1, moved)
     if t.merge_order == "tome":  # prefix, unmerged sources, destinations (ToMe's cat([unm, dst]))
-        for name, (pre, v_src, v_dst) in parts.items():
-            out[name] = torch.cat([pre, _gather_rows(v_src, kept), v_dst], dim=1)
+        order = torch.cat([local[:p].expand(b, -1), src_local.gather(1, kept.sort(dim=1).values), dst_local], dim=1)
     else:  # sequence order: the unmerged sources stay between the destinations
-        b = t.x.shape[0]
-        pos = torch.arange(n, device=t.x.device)
-        order = torch.cat([pos[:p].expand(b, -1), pos[src][kept], pos[dst].expand(b, -1)], dim=1)
-        order = order.argsort(dim=1)
-        for name, (pre, v_src, v_dst) in parts.items():
-            out[name] = _gather_rows(torch.cat([pre, _gather_rows(v_src, kept), v_dst], dim=1), order)
-    return replace(t, x=out["x"], size=out["size"], metric=out.get("metric"), keys=None,
-                   importance=out.get("importance"))
+        stay = torch.ones(b, n, dtype=torch.uint8, device=best.device).scatter(1, first_src + 2 * merged, 0)
+        order = stay.argsort(dim=1, descending=True, stable=True)[:, :n - r]
+    return _fuse_static(t, host, moved, into, s_host, s_moved, s_host.scatter_add(1, into, s_moved),
+                        index=t.positions(order))
 
 
 def _static_prune_split(t: Compact, r: int) -> tuple[Tensor, Tensor]:
-    """Patch-token indices (from 0 after the prefix) of the kept tokens in sequence order and of the
-    ``r`` least important ones."""
+    """Places among the live tokens of the kept patch tokens (in sequence order) and of the ``r``
+    least important ones."""
     if t.importance is None:
         raise ValueError("prune and squeeze need importance scores")
-    ranked = t.importance[:, t.num_prefix:].argsort(dim=1, descending=True)
+    p = t.num_prefix
+    ranked = t.live(t.importance)[:, p:].argsort(dim=1, descending=True) + p
     keep = ranked.shape[1] - r
     return ranked[:, :keep].sort(dim=1).values, ranked[:, keep:]
 
 
-def _static_select(t: Compact, kept: Tensor, **new: Tensor) -> Compact:
-    """The prefix and the kept patch tokens of every per-token field (``new`` replaces the kept part)."""
-    p = t.num_prefix
-    fields = {"x": t.x, "size": t.size, "importance": t.importance if t.needs_importance else None,
-              "metric": t.metric if t.needs_metric else None}
-    out = {}
-    for name, v in fields.items():
-        if v is None and name not in new:
-            out[name] = None
-            continue
-        part = new[name] if name in new else _gather_rows(v[:, p:], kept)
-        pre = v[:, :p] if v is not None else part.new_ones(part.shape[0], p)
-        out[name] = torch.cat([pre, part], dim=1)
-    keys = t.keys if t.keys is not None and t.needs_metric and t.metric is None else None
-    if keys is not None:
-        out["metric"] = None
-        keys = torch.cat([keys[:, :, :p], keys[:, :, p:].gather(
-            2, kept[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1]))], dim=2)
-    return replace(t, keys=keys, **out)
+def _with_prefix(t: Compact, kept: Tensor) -> Tensor:
+    """The new ``index``: the prefix, then the kept patch tokens (places among the live ones)."""
+    pre = torch.arange(t.num_prefix, device=kept.device).expand(kept.shape[0], -1)
+    return t.positions(torch.cat([pre, kept], dim=1))
 
 
 def _static_prune(t: Compact, r: int) -> Compact:
@@ -369,7 +401,7 @@ def _static_prune(t: Compact, r: int) -> Compact:
     if r <= 0:
         return t
     kept, _ = _static_prune_split(t, r)
-    return _static_select(t, kept)
+    return replace(t, index=_with_prefix(t, kept))
 
 
 def _static_squeeze(t: Compact, r: int) -> Compact:
@@ -377,34 +409,21 @@ def _static_squeeze(t: Compact, r: int) -> Compact:
     if r <= 0:
         return t
     kept, pruned = _static_prune_split(t, r)
-    p = t.num_prefix
-    x = t.x[:, p:]
-    x_host, x_moved = _gather_rows(x, kept), _gather_rows(x, pruned)
-    size = t.size[:, p:] if t.size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
-    s_host, s_moved = _gather_rows(size, kept), _gather_rows(size, pruned)
-    new: dict[str, Tensor] = {}
+    host, moved = t.positions(kept), t.positions(pruned)
+    size = t.sizes()
+    s_host, s_moved = size.gather(1, host), size.gather(1, moved)
     if t.squeeze_host == "tps":
-        f_host, f_moved = (v.detach().float() for v in (x_host, x_moved))
+        f_host, f_moved = (_gather_rows(t.x, i).detach().float() for i in (host, moved))
         f_host = f_host / (f_host.norm(dim=-1, keepdim=True) + 1e-6)
         f_moved = f_moved / (f_moved.norm(dim=-1, keepdim=True) + 1e-6)
         best, dest = (f_moved @ f_host.transpose(1, 2)).max(dim=-1)
-        w, hw = torch.exp(best), torch.full_like(s_host, math.e)
-        if t.size is not None:
-            new["size"] = s_host
+        w, hw, new_size = torch.exp(best), torch.full_like(s_host, math.e), None
     else:
-        metric = t.unit_metric().detach()[:, p:]
-        best, dest = (_gather_rows(metric, pruned) @ _gather_rows(metric, kept).transpose(1, 2)).float().max(dim=-1)
+        metric = t.unit_metric().detach()
+        best, dest = (_gather_rows(metric, moved) @ _gather_rows(metric, host).transpose(1, 2)).float().max(dim=-1)
         w, hw = torch.exp(best) * s_moved, math.e * s_host
-        new["size"] = s_host.scatter_add(1, dest, s_moved)
-    if t.needs_metric:
-        metric = t.unit_metric()[:, p:]
-        m = _fold_into(_gather_rows(metric, kept), hw, _gather_rows(metric, pruned), w, dest)
-        new["metric"] = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    new["x"] = _fold_into(x_host, hw, x_moved, w, dest)
-    if t.needs_importance and t.importance is not None:
-        imp = t.importance[:, p:]
-        new["importance"] = _fold_importance(_gather_rows(imp, kept), _gather_rows(imp, pruned), dest)
-    return _static_select(t, kept, **new)
+        new_size = s_host.scatter_add(1, dest, s_moved)
+    return _fuse_static(t, host, moved, dest, hw, w, new_size, index=_with_prefix(t, kept))
 
 
 @register_reducer("merge", threshold="merge_threshold", needs_importance=False, similarities=1,

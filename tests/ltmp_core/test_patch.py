@@ -424,10 +424,15 @@ def test_static_fast_forms_equal_the_masked_reducers(arch, variant, monkeypatch)
                     for name, stage in list(ltmp_core.REDUCERS.items()):
                         m.setitem(ltmp_core.REDUCERS, name, dataclasses.replace(stage, static=None))
                 patched = ltmp_core.apply_plan(copy.deepcopy(model), plan, mode="static")
-                with torch.no_grad():
+                with torch.no_grad():  # fused tokens are written in place
                     outs.append((patched(x), ltmp_core.token_counts(patched)))
+                if not masked:  # with gradients they are written to copies, and gradients flow
+                    with_grad = patched(x)
+                    with_grad.sum().backward()
+                    assert patched.head.weight.grad is not None and patched.blocks[0].attn.qkv.weight.grad is not None
         (fast, fast_counts), (masked_out, masked_counts) = outs
         torch.testing.assert_close(fast, masked_out, rtol=0, atol=1e-5)
+        torch.testing.assert_close(with_grad.detach(), fast, rtol=0, atol=1e-6)
         assert torch.equal(fast_counts, masked_counts)
 
 

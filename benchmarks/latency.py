@@ -1,0 +1,125 @@
+"""Static plans at batch 1 and 32, eager and compiled, against ToMe's token counts, side by side.
+
+    python benchmarks/latency.py [-b 1] [--compile none|default|freeze] [--runs 30] [--repeats 3] [--json]
+
+DeiT-S with random weights (speed does not depend on them), 224 px, CPU (2 threads unless
+``--threads``). In one process, the unreduced model and three static plans alternate, one timed
+forward each per round after the warm-up (``search.bench.time_batches``), so load on a shared machine
+hits all of them alike:
+
+- ``merge+prune 0.35``: merge then prune in every block, ``cls`` importance, budgets for 35% of the
+  FLOPs (what ``search bench --model deit_small_patch16_224 --flops 0.35`` times);
+- ``tome r=R``: ToMe's constant merging (ToMe's order and parity, proportional attention) at ToMe's
+  token counts for ``r`` (the ``tome`` space of the search builds the same plan);
+- ``merge+prune at ToMe's counts``: this project's merge+prune plan with the token counts ToMe's
+  ``r`` leaves after every block.
+
+ToMe's own package cannot be installed on a machine that reaches only the package registries (it is
+not on PyPI); if ``import tome`` works (``pip install git+https://github.com/facebookresearch/ToMe``),
+its ``tome.patch.timm`` model at the same ``r`` is timed beside the others.
+
+``--compile`` compiles every model (``torch.compile``, fixed shapes; ``freeze`` also sets Inductor's
+``freezing``, which folds the weights into the program, inference only). Prints one line per model
+and repeat (median ms, speedup over the unreduced model of the same repeat, fraction of the
+FLOP-ideal speedup), then each model's median and range over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+
+import timm
+import torch
+
+import ltmp_core
+from search.bench import describe_device, time_batches
+
+
+def tome_counts(patches: int, depth: int, r: int) -> list[float]:
+    """Patch tokens ToMe keeps after each block: ``min(r, n // 2)`` merged per block."""
+    keeps, n = [], patches
+    for _ in range(depth):
+        out = n - min(r, n // 2)
+        keeps.append(out / n)
+        n = out
+    return keeps
+
+
+def plans(base: torch.nn.Module, r: int) -> dict[str, ltmp_core.ReductionPlan]:
+    g = ltmp_core.ViTGeometry.from_model(base)
+    keeps = ltmp_core.budgets_for_ratio(["merge+prune"] * g.depth, [1.0] * g.depth, g, 0.35)
+    tome_keep = tome_counts(g.num_patches, g.depth, r)
+    return {
+        "merge+prune 0.35": ltmp_core.make_plan(base, op="merge+prune", keep=keeps, importance="cls"),
+        f"tome r={r}": ltmp_core.make_plan(base, op="merge", keep=tome_keep, merge_order="tome"),
+        f"merge+prune at ToMe r={r} counts": ltmp_core.make_plan(base, op="merge+prune", keep=tome_keep,
+                                                                 importance="cls"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-b", "--batch-size", type=int, default=1)
+    parser.add_argument("--compile", default="none", choices=("none", "default", "freeze"))
+    parser.add_argument("--r", type=int, default=22, help="ToMe's tokens merged per block (default 22)")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="one JSON object per model and repeat")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    g = ltmp_core.ViTGeometry.from_model(base)
+    unreduced = ltmp_core.unreduced_macs(g)
+    models: dict[str, torch.nn.Module] = {"unreduced": base}
+    ratios = {"unreduced": 1.0}
+    for label, plan in plans(base, args.r).items():
+        models[label] = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode="static")
+        ratios[label] = ltmp_core.count_flops(models[label]) / unreduced
+    try:
+        import tome  # ToMe's published code, when the user has installed it
+
+        reference = copy.deepcopy(base)
+        tome.patch.timm(reference)
+        reference.r = args.r
+        models[f"ToMe's code r={args.r}"] = reference
+        ratios[f"ToMe's code r={args.r}"] = ratios[f"tome r={args.r}"]
+    except ImportError:
+        pass
+    if args.compile == "freeze":
+        torch._inductor.config.freezing = True
+    runners = {k: (m if args.compile == "none" else torch.compile(m, dynamic=False)) for k, m in models.items()}
+    x = torch.randn(args.batch_size, 3, *g.img_size)
+    device = torch.device("cpu")
+    summary: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
+    with torch.inference_mode():
+        for repeat in range(args.repeats):
+            times = time_batches([lambda m=m: m(x) for m in runners.values()], device,
+                                 args.warmup if repeat else args.warmup + 2, args.runs)
+            medians = {k: statistics.median(t) for k, t in zip(runners, times)}
+            for k, ms in medians.items():
+                speedup = medians["unreduced"] / ms
+                summary[k].append((speedup, speedup * ratios[k]))
+                row = {"model": k, "repeat": repeat, "batch": args.batch_size, "compiled": args.compile,
+                       "flops_ratio": ratios[k], "ms": 1000 * ms, "speedup": speedup,
+                       "ideal_fraction": speedup * ratios[k], "device": describe_device(device),
+                       "torch": torch.__version__, "timm": timm.__version__}
+                print(json.dumps(row) if args.json else
+                      f"{repeat}  {k:36s} {ratios[k]:.3f}  {1000 * ms:7.1f} ms  {speedup:5.2f}x  {speedup * ratios[k]:.2f} of ideal")
+    if not args.json:
+        print(f"\nbatch {args.batch_size}, compile {args.compile}, {describe_device(device)}, "
+              f"torch {torch.__version__}: median (range) over {args.repeats} repeats")
+        for k, rows in summary.items():
+            sp, fr = [s for s, _ in rows], [f for _, f in rows]
+            print(f"{k:36s} {statistics.median(sp):5.2f}x ({min(sp):.2f}-{max(sp):.2f})  "
+                  f"{statistics.median(fr):.2f} of ideal ({min(fr):.2f}-{max(fr):.2f})")
+
+
+if __name__ == "__main__":
+    main()
