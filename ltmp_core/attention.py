@@ -20,7 +20,7 @@ from .masking import masked_softmax
 
 __all__ = ["attend", "importance_scores", "packed"]
 
-Packing = tuple[Tensor, Tensor]  # flat indices of the live rows and of the padding rows of a padded batch
+Packing = Tensor  # flat indices of the live rows of a padded batch
 
 
 def importance_scores(attn: Tensor, alive: Tensor | None, num_prefix: int, raw: bool = False) -> Tensor:
@@ -70,7 +70,7 @@ def attend(
         alive: 1 for live tokens, 0 for removed or padding ones, ``[B, N]``; ``None`` when all are live.
         soft: Soft (training) mode: ``alive`` may carry straight-through gradients; dead keys are
             weighted out of the softmax (:func:`~ltmp_core.masking.masked_softmax`), not set to -inf.
-        packing: For a padded batch, the live and padding rows: token-wise layers run on live rows only.
+        packing: For a padded batch, the live rows: token-wise layers run on live rows only.
         importance: ``None`` (no stage needs scores), ``mean`` (the full attention map) or ``cls`` (the
             class query's row alone, so the attention itself stays fused).
         num_prefix: Leading class, distillation and register tokens (their importance is ``+inf``).
@@ -132,10 +132,7 @@ def _attn_out(attn: nn.Module, out: Tensor, x: Tensor | None) -> Tensor:
 
 def packed(fn: Callable[[Tensor], Tensor], t: Tensor, packing: Packing) -> Tensor:
     """A token-wise ``fn`` on the live tokens of a padded batch only; padding rows come back zero."""
-    live, pad = packing
     b, n, c = t.shape
-    done = fn(t.reshape(b * n, c).index_select(0, live))
-    out = done.new_empty(b * n, done.shape[-1])
-    out.index_copy_(0, live, done)
-    out.index_fill_(0, pad, 0)
-    return out.view(b, n, -1)
+    done = fn(t.reshape(b * n, c).index_select(0, packing))
+    # Zeros, then the live rows: a memset costs less than filling the scattered padding rows.
+    return done.new_zeros(b * n, done.shape[-1]).index_copy_(0, packing, done).view(b, n, -1)

@@ -76,7 +76,7 @@ class _Pass:
     size: Tensor | None = None  # [B, N]: patches each token stands for; None while all are 1
     alive: Tensor | None = None  # [B, N]: 0/1 (soft: straight-through masks); None while every position is live
     order: Tensor | None = None  # soft mode, [B, N]: sequence order keys after a tome-order merge; None: positions
-    packing: Packing | None = None  # hard modes, padded batch: flat indices of the live and the padding rows
+    packing: Packing | None = None  # hard modes, padded batch: flat indices of the live rows
 
 
 @dataclass
@@ -330,7 +330,7 @@ def _compact(st: _State, t: Tokens, n_keep: int | None, fused: bool) -> Tensor:
     p.alive = alive.gather(1, idx).float() if padded else None
     if padded:
         flat = p.alive.flatten() > 0.5
-        p.packing = (flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))
+        p.packing = flat.nonzero().squeeze(1)
     else:
         p.packing = None
     if st.trace is not None:
