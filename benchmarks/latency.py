@@ -18,6 +18,10 @@ ToMe's own package cannot be installed on a machine that reaches only the packag
 not on PyPI); if ``import tome`` works (``pip install git+https://github.com/facebookresearch/ToMe``),
 its ``tome.patch.timm`` model at the same ``r`` is timed beside the others.
 
+``--masked`` adds the first plan run through the masked reducers and compaction (the path of a
+stage registered without a fast form, and of static mode before the fast forms), for a before and
+after in one run.
+
 ``--compile`` compiles every model (``torch.compile``, fixed shapes; ``freeze`` also sets Inductor's
 ``freezing``, which folds the weights into the program, inference only). Prints one line per model
 and repeat (median ms, speedup over the unreduced model of the same repeat, fraction of the
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 
@@ -69,6 +74,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--masked", action="store_true", help="also time the first plan through the masked reducers")
     parser.add_argument("--json", action="store_true", help="one JSON object per model and repeat")
     args = parser.parse_args()
 
@@ -82,6 +88,19 @@ def main() -> None:
     for label, plan in plans(base, args.r).items():
         models[label] = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode="static")
         ratios[label] = ltmp_core.count_flops(models[label]) / unreduced
+    x = torch.randn(args.batch_size, 3, *g.img_size)
+    if args.masked:  # the plan's static program is worked out on its first forward: run it without fast forms
+        label = next(iter(plans(base, args.r)))
+        fast = dict(ltmp_core.REDUCERS)
+        ltmp_core.REDUCERS.update({k: dataclasses.replace(v, static=None) for k, v in fast.items()})
+        try:
+            masked = ltmp_core.apply_plan(copy.deepcopy(base), plans(base, args.r)[label], mode="static")
+            with torch.inference_mode():
+                masked(x)
+        finally:
+            ltmp_core.REDUCERS.update(fast)
+        models[f"{label}, masked reducers"] = masked
+        ratios[f"{label}, masked reducers"] = ratios[label]
     try:
         import tome  # ToMe's published code, when the user has installed it
 
@@ -95,7 +114,6 @@ def main() -> None:
     if args.compile == "freeze":
         torch._inductor.config.freezing = True
     runners = {k: (m if args.compile == "none" else torch.compile(m, dynamic=False)) for k, m in models.items()}
-    x = torch.randn(args.batch_size, 3, *g.img_size)
     device = torch.device("cpu")
     summary: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
     with torch.inference_mode():
