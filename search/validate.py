@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
