@@ -45,7 +45,8 @@ _EXPORTS = {
     **{name: "plan" for name in (
         "IMPORTANCE", "OPS", "LayerPlan", "ReductionPlan", "kept_count", "load_plan", "make_plan", "save_plan",
         "stage_counts")},
-    **{name: "reducers" for name in ("KEPT", "MERGED", "PRUNED", "REDUCERS", "SQUEEZED", "Tokens", "register_reducer")},
+    **{name: "reducers" for name in ("KEPT", "MERGED", "PRUNED", "REDUCERS", "SQUEEZED", "Compact", "Tokens",
+                                     "register_reducer")},
     **{name: "trained" for name in ("TRAINED_FORMAT", "load_trained", "read_trained", "save_trained")},
 }
 
@@ -81,5 +82,5 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .plan import (
         IMPORTANCE, OPS, LayerPlan, ReductionPlan, kept_count, load_plan, make_plan, save_plan, stage_counts,
     )
-    from .reducers import KEPT, MERGED, PRUNED, REDUCERS, SQUEEZED, Tokens, register_reducer
+    from .reducers import KEPT, MERGED, PRUNED, REDUCERS, SQUEEZED, Compact, Tokens, register_reducer
     from .trained import TRAINED_FORMAT, load_trained, read_trained, save_trained
