@@ -140,7 +140,7 @@ def test_bench_reads_the_plan_of_a_trained_file(trained, tmp_path):
                           "--storage", f"sqlite:///{tmp_path}/b.db", "--json")
     assert code == 0, err
     row = json.loads(text.splitlines()[0])
-    assert row["model"] == "ltmp_vit_mnist" and row["mode"] == "static" and row["batch_size"] == 2
+    assert row["model"] == "ltmp_vit_mnist" and row["mode"] == "static" and row["batch"] == 2
 
 
 def test_bad_input_is_one_line_and_writes_nothing(plan_file, trained, tmp_path):
