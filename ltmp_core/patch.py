@@ -33,7 +33,7 @@ from .errors import LTMPError
 from .geometry import check_model
 from .masking import score_spread, threshold_between, threshold_mask
 from .plan import LayerPlan, ReductionPlan, kept_count, stage_counts
-from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Compact, Reducer, Tokens, head_mean, top_k_mask
+from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Compact, Reducer, Tokens, head_mean, top_k_mask, unit_norm
 
 __all__ = [
     "MODES",
@@ -184,9 +184,7 @@ class LTMPBlock(Block):
                         merge_order=layer.merge_order, squeeze_host=layer.squeeze_host,
                         inplace=not (torch.is_grad_enabled() and x.requires_grad))
             for i, (stage, r) in enumerate(steps):
-                later = [s for s, _ in steps[i + 1:]]
-                t.needs_metric = any(s.similarities for s in later)
-                t.needs_importance = any(s.needs_importance for s in later)
+                _tell_later_stages(t, [s for s, _ in steps[i + 1:]])
                 t = stage.static(t, r)
             x, p.size = t.gathered()
         p.counts.append(x.shape[1])
@@ -201,8 +199,7 @@ def _reduce(st: _State, block: nn.Module, index: int, x: Tensor, k: Tensor, impo
     stages = [REDUCERS[s] for s in layer.stages]
     p = st.last
     b, n, _ = x.shape
-    metric = head_mean(k)
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    metric = unit_norm(head_mean(k))
     ones = torch.ones(b, n, device=x.device, dtype=torch.float32)
     t = Tokens(x=x, size=ones if p.size is None else p.size, alive=ones if p.alive is None else p.alive,
                metric=metric, importance=importance, num_prefix=st.num_prefix, order=p.order,
@@ -253,7 +250,7 @@ def _pass_through(st: _State, x: Tensor) -> Tensor:
     return x
 
 
-def _tell_later_stages(t: Tokens, later: list[Reducer]) -> None:
+def _tell_later_stages(t: Tokens | Compact, later: list[Reducer]) -> None:
     """Whether a later stage of the block reads the fused metric and importance (else fusing skips them)."""
     t.needs_metric = any(s.similarities for s in later)
     t.needs_importance = any(s.needs_importance for s in later)

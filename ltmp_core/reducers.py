@@ -10,12 +10,12 @@ threshold with a straight-through sigmoid in soft mode, a hard threshold in dyna
 static mode. Higher scores are removed first.
 
 Static mode (every image keeps the same counts) has a second, faster form of each built-in stage:
-``static(tokens, r) -> tokens`` on a :class:`Compact` sequence, in which every token is live and in
-sequence order. It removes exactly ``r`` tokens and returns the shorter sequence, with index arithmetic
-on strided views instead of masks over the full length, so a block costs a few small kernels besides
-its GEMMs (the batch-1 latency of a deployed plan). It computes what the masked form followed by
-compaction computes, up to float rounding (tested against it); a stage registered without one runs
-the masked form in static mode too.
+``static(tokens, r) -> tokens`` on a :class:`Compact` sequence. It removes exactly ``r`` tokens by
+narrowing the sequence's index of live positions, with index arithmetic on strided halves and top-k
+orders instead of masks over the full length, so a block costs a few small kernels besides its GEMMs
+(the batch-1 latency of a deployed plan). It computes what the masked form followed by compaction
+computes, up to float rounding (tested against it); a stage registered without one runs the masked
+form in static mode too.
 
 The registry :data:`REDUCERS` maps a stage name to its functions and what it needs; an operation in
 ``ltmp_core.plan.OPS`` is a sequence of registered stages.
@@ -33,7 +33,7 @@ from torch import Tensor
 
 __all__ = [
     "Tokens", "Compact", "Reducer", "REDUCERS", "register_reducer", "merge", "prune", "squeeze", "top_k_mask",
-    "head_mean",
+    "head_mean", "unit_norm",
     "KEPT", "MERGED", "PRUNED", "SQUEEZED",
 ]
 
@@ -184,6 +184,25 @@ def _reroute(t: Tokens, remove: Tensor, dest: Tensor | None, code: int) -> dict[
     return {"route": route, "fate": fate}
 
 
+def _fold_into(host: Tensor, host_w: Tensor, moved: Tensor, moved_w: Tensor, dest: Tensor) -> Tensor:
+    """``(hw_j h_j + sum_i w_i m_i) / (hw_j + sum_i w_i)`` over the moved tokens ``i`` with ``dest[i] = j``."""
+    w = moved_w.to(host.dtype)
+    hw = host_w.to(host.dtype)
+    num = (host * hw.unsqueeze(-1)).scatter_add(1, dest.unsqueeze(-1).expand_as(moved), moved * w.unsqueeze(-1))
+    return num / hw.scatter_add(1, dest, w).unsqueeze(-1)
+
+
+def unit_norm(v: Tensor) -> Tensor:
+    """``v`` scaled to unit length along its last dimension (a zero vector stays near zero)."""
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def _tps_features(x: Tensor) -> Tensor:
+    """TPS's similarity features: the tokens themselves, detached, in fp32, made unit-norm."""
+    f = x.detach().float()
+    return f / (f.norm(dim=-1, keepdim=True) + 1e-6)
+
+
 def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: Tensor, code: int,
           grow: bool = True) -> Tokens:
     """Remove tokens with weights ``remove`` and fold them into ``dest``.
@@ -193,22 +212,16 @@ def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: 
     that receive nothing are left bit-for-bit unchanged.
     """
     wr = remove * weight
-    acc_w = torch.zeros_like(wr).scatter_add_(1, dest, wr)
-    got = acc_w > 0
-    idx = dest.unsqueeze(-1)
+    got = (torch.zeros_like(wr).scatter_add_(1, dest, wr) > 0).unsqueeze(-1)
 
     def fold(v: Tensor) -> Tensor:
-        w = wr.to(v.dtype).unsqueeze(-1)
-        acc = torch.zeros_like(v).scatter_add_(1, idx.expand_as(v), w * v)
-        hw = host_weight.to(v.dtype).unsqueeze(-1)
-        folded = (hw * v + acc) / (hw + acc_w.to(v.dtype).unsqueeze(-1))
-        return torch.where(got.unsqueeze(-1), folded, v)
+        return torch.where(got, _fold_into(v, host_weight, v, wr, dest), v)
 
     x = fold(t.x)
     metric = t.metric
     if t.needs_metric:
         metric = fold(metric)
-        metric = torch.where(got.unsqueeze(-1), metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6), metric)
+        metric = torch.where(got, unit_norm(metric), metric)
     size = t.size
     if grow:
         moved = remove * t.size * (weight > 0)
@@ -231,8 +244,8 @@ class Compact:
 
     The per-token tensors keep the block's full length ``N``; ``index`` lists, per image, the
     positions of the live tokens in sequence order (prefix first), ``None`` while all ``N`` are live.
-    A stage gathers what it reads, writes what it fuses back over the old values (out of place) and
-    narrows ``index``; the block gathers the features once at its end (:meth:`gathered`), so a block
+    A stage gathers what it reads, writes the tokens it fuses over the old ones (in place when
+    ``inplace``, else into copies) and narrows ``index``; the block gathers the features once at its end (:meth:`gathered`), so a block
     that merges and then prunes moves its features once.
 
     Attributes:
@@ -270,7 +283,7 @@ class Compact:
         if self.metric is None:
             if self.keys is None:
                 raise ValueError("merge and squeeze need the attention keys")
-            self.metric = _unit(head_mean(self.keys))
+            self.metric = unit_norm(head_mean(self.keys))
         return self.metric
 
     def live(self, v: Tensor) -> Tensor:
@@ -316,18 +329,6 @@ def head_mean(keys: Tensor) -> Tensor:
     return keys.transpose(1, 2).mean(dim=2)
 
 
-def _fold_into(host: Tensor, host_w: Tensor, moved: Tensor, moved_w: Tensor, dest: Tensor) -> Tensor:
-    """``(hw_j h_j + sum_i w_i m_i) / (hw_j + sum_i w_i)`` over the moved tokens ``i`` with ``dest[i] = j``."""
-    w = moved_w.to(host.dtype)
-    hw = host_w.to(host.dtype)
-    num = (host * hw.unsqueeze(-1)).scatter_add(1, dest.unsqueeze(-1).expand_as(moved), moved * w.unsqueeze(-1))
-    return num / hw.scatter_add(1, dest, w).unsqueeze(-1)
-
-
-def _unit(v: Tensor) -> Tensor:
-    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-
-
 def _fuse_static(t: Compact, host: Tensor, moved: Tensor, dest: Tensor, host_w: Tensor, moved_w: Tensor,
                  size: Tensor | None, **replaced: Any) -> Compact:
     """Fold the tokens at full positions ``moved`` into those at ``host`` (``dest``: which host, by
@@ -338,7 +339,7 @@ def _fuse_static(t: Compact, host: Tensor, moved: Tensor, dest: Tensor, host_w: 
     metric = None
     if t.needs_metric:
         m = t.unit_metric()
-        metric = _put_rows(m, host, _unit(_fold_into(_gather_rows(m, host), host_w, _gather_rows(m, moved),
+        metric = _put_rows(m, host, unit_norm(_fold_into(_gather_rows(m, host), host_w, _gather_rows(m, moved),
                                                      moved_w, dest)), t.inplace)
     importance = t.importance
     if t.needs_importance and importance is not None:
@@ -413,9 +414,7 @@ def _static_squeeze(t: Compact, r: int) -> Compact:
     size = t.sizes()
     s_host, s_moved = size.gather(1, host), size.gather(1, moved)
     if t.squeeze_host == "tps":
-        f_host, f_moved = (_gather_rows(t.x, i).detach().float() for i in (host, moved))
-        f_host = f_host / (f_host.norm(dim=-1, keepdim=True) + 1e-6)
-        f_moved = f_moved / (f_moved.norm(dim=-1, keepdim=True) + 1e-6)
+        f_host, f_moved = (_tps_features(_gather_rows(t.x, i)) for i in (host, moved))
         best, dest = (f_moved @ f_host.transpose(1, 2)).max(dim=-1)
         w, hw, new_size = torch.exp(best), torch.full_like(s_host, math.e), None
     else:
@@ -487,9 +486,7 @@ def squeeze(t: Tokens, decide: Decide) -> Tokens:
     remove = _prune_weights(t, decide)
     hosts = t.candidates() & (remove.detach() < 0.5)
     if t.squeeze_host == "tps":
-        features = t.x.detach().float()
-        features = features / (features.norm(dim=-1, keepdim=True) + 1e-6)
-        best, dest = _similarity(features, hosts)
+        best, dest = _similarity(_tps_features(t.x), hosts)
         weight = torch.exp(best)  # exp(-inf) = 0: with no host a token is simply pruned
         return _fuse(t, remove, dest, weight, torch.full_like(t.size, math.e), SQUEEZED, grow=False)
     best, dest = _similarity(t.metric, hosts)

@@ -268,9 +268,9 @@ class Store:
 
     def add_bench(self, plan: str, result: dict[str, Any]) -> int:
         """Store one ``search bench`` measurement; returns its id."""
+        columns = {BenchResult.COLUMNS.get(k, k): v for k, v in result.items() if k not in ("created", "plan")}
         row = BenchResult(plan=plan, created=result["created"],
-                          **{BenchResult.COLUMNS.get(k, k): result[k] for k in result
-                             if BenchResult.COLUMNS.get(k, k) in BenchResult.FIELDS and k not in ("created", "plan")})
+                          **{k: v for k, v in columns.items() if k in BenchResult.FIELDS})
         with self.session() as s:
             s.add(row)
             s.flush()
