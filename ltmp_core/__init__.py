@@ -11,6 +11,10 @@ patches a timm model in place to follow it::
     ltmp_core.apply_plan(model, plan, mode="static")
     macs = ltmp_core.count_flops(model)
 
+A plan may also keep fewer attention heads and MLP hidden units per block:
+``ltmp_core.prune_width(model, plan, images)`` cuts them (through torch-pruning) before
+``apply_plan``.
+
 A model trained with a plan (``search train``) is one safetensors file: weights and plan with its
 learned thresholds; ``ltmp_core.load_trained(path)`` applies both.
 
@@ -37,13 +41,15 @@ _EXPORTS = {
     "ViTGeometry": "geometry",
     **{name: "files" for name in ("state_dict_mismatch", "write_atomic")},
     "check_model": "geometry",
+    "block_widths": "geometry",
+    "prune_width": "width",
     **{name: "patch" for name in (
         "MODES", "THRESHOLDS", "apply_plan", "calibrate", "get_mode", "get_plan", "is_patched", "measure_scales",
         "own_counts", "set_thresholds",
         "remove_plan", "set_mode", "threshold_names", "threshold_parameters", "threshold_scales", "token_counts", "trace_tokens",
         "TokenTrace")},
     **{name: "plan" for name in (
-        "IMPORTANCE", "OPS", "LayerPlan", "ReductionPlan", "kept_count", "load_plan", "make_plan", "save_plan",
+        "IMPORTANCE", "OPS", "WIDTH_IMPORTANCE", "LayerPlan", "ReductionPlan", "kept_count", "load_plan", "make_plan", "save_plan",
         "stage_counts")},
     **{name: "reducers" for name in ("KEPT", "MERGED", "PRUNED", "REDUCERS", "SQUEEZED", "Compact", "Tokens",
                                      "register_reducer")},
@@ -73,14 +79,15 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         layer_budget_loss, macs_from_counts, measure_flops, plan_flops_ratio, plan_macs, unreduced_macs,
     )
     from .files import state_dict_mismatch, write_atomic
-    from .geometry import ViTGeometry, check_model
+    from .geometry import ViTGeometry, block_widths, check_model
     from .patch import (
         MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, get_mode, get_plan, is_patched, measure_scales,
         own_counts, set_thresholds,
         remove_plan, set_mode, threshold_names, threshold_parameters, threshold_scales, token_counts, trace_tokens,
     )
     from .plan import (
-        IMPORTANCE, OPS, LayerPlan, ReductionPlan, kept_count, load_plan, make_plan, save_plan, stage_counts,
+        IMPORTANCE, OPS, WIDTH_IMPORTANCE, LayerPlan, ReductionPlan, kept_count, load_plan, make_plan, save_plan, stage_counts,
     )
     from .reducers import KEPT, MERGED, PRUNED, REDUCERS, SQUEEZED, Compact, Tokens, register_reducer
     from .trained import TRAINED_FORMAT, load_trained, read_trained, save_trained
+    from .width import prune_width

@@ -6,10 +6,13 @@ figures. Every function here returns MACs.
 
 The cost of a block whose attention sees ``n`` tokens (prefix included) and whose MLP sees ``m``::
 
-    attn_macs_per_token * n        qkv, proj (and gate) linears
-    + 2 * attn_dim * n**2          q @ k^T and attn @ v
-    + s * head_dim * n**2          s similarity matrices of the reducers (merge, squeeze)
-    + mlp_macs_per_token * m       MLP linears
+    attn_macs_per_token * h / H * n        qkv, proj (and gate) linears of the h heads it keeps
+    + 2 * h * head_dim * n**2              q @ k^T and attn @ v
+    + s * head_dim * n**2                  s similarity matrices of the reducers (merge, squeeze)
+    + mlp_macs_per_token * u / U * m       MLP linears of the u hidden units it keeps
+
+(``H`` heads and ``U`` hidden units in the unreduced block: every attention linear has the heads'
+width on one side and every MLP linear the hidden width, so their cost is proportional to it)
 
 plus the patch embedding and the classifier head once per image. Elementwise work (softmax, norms,
 scatters, top-k) is not counted, as neither the papers nor PyTorch's counter count it.
@@ -17,6 +20,7 @@ scatters, top-k) is not counted, as neither the papers nor PyTorch's counter cou
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterable, Sequence
 
@@ -25,7 +29,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import LTMPError, Unreachable
-from .geometry import ViTGeometry
+from .geometry import ViTGeometry, block_widths
 from .patch import (
     THRESHOLDS, first_batch, get_mode, get_plan, is_patched, measure_scales, own_counts, set_mode, set_thresholds,
     token_counts,
@@ -69,9 +73,10 @@ def _similarity_width(g: ViTGeometry, op: LayerPlan | str) -> int:
 def block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str = "none") -> Number:
     """MACs of one block: ``n_in`` tokens enter attention, ``n_out`` enter the MLP (prefix included).
 
-    ``op`` is the block's :class:`LayerPlan` (or just its op name): a prune or squeeze scored by
-    ``cls`` importance adds the class query's row of attention logits, ``attn_dim * n_in``; a TPS
-    squeeze compares token features (``embed_dim`` wide) instead of keys (``head_dim``).
+    ``op`` is the block's :class:`LayerPlan` (or just its op name, at full width): its ``heads`` and
+    ``mlp_hidden`` set the widths; a prune or squeeze scored by ``cls`` importance adds the class
+    query's row of attention logits, ``attn_dim * n_in``; a TPS squeeze compares token features
+    (``embed_dim`` wide) instead of keys (``head_dim``).
 
     Similarities are counted over the whole sequence (``n_in x n_in``), as the masked reducers of
     dynamic and soft mode compute them. Static mode's compact stages compare fewer pairs (a merge its
@@ -81,9 +86,15 @@ def block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str 
     name = op if isinstance(op, str) else op.op
     cls_row = (not isinstance(op, str) and op.importance == "cls"
                and any(REDUCERS[s].needs_importance for s in OPS[name]))
-    quadratic = 2 * g.attn_dim + _similarity_width(g, op)
-    linear = g.attn_macs_per_token + (g.attn_dim if cls_row else 0)
-    return linear * n_in + quadratic * n_in * n_in + g.mlp_macs_per_token * n_out
+    heads = (None if isinstance(op, str) else op.heads) or g.num_heads
+    hidden = (None if isinstance(op, str) else op.mlp_hidden) or g.mlp_hidden
+    attn_dim = heads * g.head_dim
+    # Exact in integers: the attention linears cost a multiple of the head count, the MLP's of its width.
+    attn_linear = g.attn_macs_per_token * heads // g.num_heads
+    mlp = g.mlp_macs_per_token * hidden // g.mlp_hidden
+    quadratic = 2 * attn_dim + _similarity_width(g, op)
+    linear = attn_linear + (attn_dim if cls_row else 0)
+    return linear * n_in + quadratic * n_in * n_in + mlp * n_out
 
 
 def macs_from_counts(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[LayerPlan | str]) -> Number:
@@ -107,6 +118,13 @@ def macs_from_counts(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[Lay
 def unreduced_macs(g: ViTGeometry) -> int:
     """MACs of one image through the stock model."""
     return int(macs_from_counts(g, [g.num_tokens] * (g.depth + 1), ["none"] * g.depth))
+
+
+def _model_layers(model: nn.Module) -> tuple[LayerPlan, ...]:
+    """What each block of a model does: its plan's layers when patched, else none at its own width."""
+    if is_patched(model):
+        return get_plan(model).layers
+    return tuple(LayerPlan(heads=h, mlp_hidden=m) for h, m in block_widths(model))
 
 
 def _plan_counts(plan: ReductionPlan, g: ViTGeometry, static: bool) -> list[float]:
@@ -163,6 +181,7 @@ def budgets_for_ratio(
     *,
     tol: float = 1e-4,
     static: bool = False,
+    like: Sequence[LayerPlan] | None = None,
 ) -> list[float]:
     """Per-layer ``keep`` budgets with predicted FLOPs ratio ``target``.
 
@@ -173,7 +192,9 @@ def budgets_for_ratio(
     found by bisection on :func:`plan_flops_ratio`, which is monotone in ``s``. The result's ratio
     is within ``tol`` (relative) of ``target``. With ``static``, the ratio is that of static mode's
     whole-token counts (:func:`plan_flops_ratio` with ``static=True``), and the result is the cheapest
-    step at or under ``target`` (whole tokens rarely land on it exactly).
+    step at or under ``target`` (whole tokens rarely land on it exactly). ``like``: the plan's
+    layers, whose other fields count too (the heads and MLP units a block keeps, ``cls`` importance,
+    TPS's squeeze host): the budgets then cut tokens for what the width does not.
 
     Raises:
         LTMPError: the target cannot be reached with these ops and weights (too few reducing
@@ -186,6 +207,9 @@ def budgets_for_ratio(
         raise LTMPError(f"target: must be a positive number, got {target!r}")
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise LTMPError("weights: must be finite and >= 0")
+    if like is not None and len(like) != depth:
+        raise LTMPError(f"like: need {depth} layers, got {len(like)}")
+    templates = list(like) if like is not None else [LayerPlan()] * depth
     floors = [_min_keep(op, geometry) for op in ops]
     weights = [0.0 if op == "none" else float(w) for op, w in zip(ops, weights)]
     # Only the proportions among reducing layers matter; below 1e-6 of the largest counts as zero.
@@ -195,14 +219,15 @@ def budgets_for_ratio(
     def keeps(s: float) -> list[float]:
         return [1.0 if w == 0 else max(f, math.exp(-s * w)) for f, w in zip(floors, weights)]
 
+    def layers(keeps: list[float]) -> tuple[LayerPlan, ...]:
+        return tuple(dataclasses.replace(t, op=o, keep=k, merge_keep=None) for o, k, t in zip(ops, keeps, templates))
+
     def ratio(s: float) -> float:
-        plan = ReductionPlan(tuple(LayerPlan(op=o, keep=k) for o, k in zip(ops, keeps(s))), geometry=geometry)
-        return plan_flops_ratio(plan, geometry, static=static)
+        return plan_flops_ratio(ReductionPlan(layers(keeps(s)), geometry=geometry), geometry, static=static)
 
     if target >= 1.0 or ratio(0.0) <= target:
         return keeps(0.0)
-    floor_plan = ReductionPlan(
-        tuple(LayerPlan(op=o, keep=f if w > 0 else 1.0) for o, f, w in zip(ops, floors, weights)), geometry=geometry)
+    floor_plan = ReductionPlan(layers([f if w > 0 else 1.0 for f, w in zip(floors, weights)]), geometry=geometry)
     lowest = plan_flops_ratio(floor_plan, geometry, static=static)
     if lowest > target * (1 - tol):
         raise LTMPError(
@@ -225,10 +250,10 @@ def budgets_for_ratio(
 
 
 def count_flops(model: nn.Module) -> int:
-    """MACs of one image: an unpatched model, or a patched one in static mode."""
+    """MACs of one image: an unpatched model, or a patched one in static mode (at its widths)."""
     g = ViTGeometry.from_model(model)
     if not is_patched(model):
-        return unreduced_macs(g)
+        return int(macs_from_counts(g, [g.num_tokens] * (g.depth + 1), _model_layers(model)))
     mode = get_mode(model)
     if mode != "static":
         raise LTMPError(
@@ -288,7 +313,7 @@ def measure_flops(
             kept += token_counts(model)[1:].double().cpu().sum(dim=1)
         else:
             n = (images.shape[-2] // g.patch_size[0]) * (images.shape[-1] // g.patch_size[1]) + g.num_prefix_tokens
-            total += float(macs_from_counts(g, [n] * (g.depth + 1), ("none",) * g.depth)) * images.shape[0]
+            total += float(macs_from_counts(g, [n] * (g.depth + 1), _model_layers(model))) * images.shape[0]
             kept += n * images.shape[0]
         seen += images.shape[0]
         if max_images is not None and seen >= max_images:

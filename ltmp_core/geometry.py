@@ -2,6 +2,10 @@
 
 A :class:`ViTGeometry` is read from a model once (:func:`ViTGeometry.from_model`) and travels with
 every plan, so that a plan's cost can be computed without the model or its weights.
+
+It always describes the model at its full width: a model whose heads or MLP units
+:func:`ltmp_core.prune_width` cut remembers the geometry it was cut from (FLOPs ratios stay ratios of
+the unreduced model), and :func:`block_widths` reads what each block has now.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from .errors import LTMPError
 if TYPE_CHECKING:  # a geometry reads and writes JSON without torch; reading one from a model needs it
     import torch.nn as nn
 
-__all__ = ["ViTGeometry", "check_model"]
+__all__ = ["ViTGeometry", "check_model", "block_widths", "UNPRUNED"]
+
+#: The attribute in which :func:`ltmp_core.prune_width` records the geometry a model was cut from.
+UNPRUNED = "_ltmp_unpruned"
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -22,6 +29,20 @@ def _linear_macs(module: nn.Module) -> int:
     import torch.nn as nn
 
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def block_widths(model: nn.Module) -> list[tuple[int, int]]:
+    """``(attention heads, MLP hidden units)`` of every block of a timm ViT as it is now.
+
+    The hidden units are the first MLP linear's outputs (what :func:`ltmp_core.prune_width` cuts).
+    """
+    import torch.nn as nn
+
+    out = []
+    for block in model.blocks:
+        fc1 = next(m for m in block.mlp.modules() if isinstance(m, nn.Linear))
+        out.append((int(block.attn.num_heads), int(fc1.out_features)))
+    return out
 
 
 def check_model(model: nn.Module) -> None:
@@ -118,15 +139,27 @@ class ViTGeometry:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ViTGeometry":
-        """Read the geometry of a supported timm ViT (see :func:`check_model`)."""
+        """Read the geometry of a supported timm ViT (see :func:`check_model`).
+
+        For a model whose width :func:`ltmp_core.prune_width` cut, the geometry of the model before the
+        cut (every block's width now is at most that).
+        """
         import torch.nn as nn
 
         check_model(model)
+        unpruned = model.__dict__.get(UNPRUNED)
+        if unpruned is not None:
+            widths = block_widths(model)
+            if len(widths) != unpruned.depth or any(
+                    h > unpruned.num_heads or m > unpruned.mlp_hidden for h, m in widths):
+                raise LTMPError("model: its blocks no longer fit the geometry its width was cut from")
+            return unpruned
         block = model.blocks[0]
         attn = block.attn
         for i, other in enumerate(model.blocks):
             if _linear_macs(other.attn) != _linear_macs(attn) or _linear_macs(other.mlp) != _linear_macs(block.mlp):
-                raise LTMPError(f"model.blocks[{i}]: blocks of different widths are not supported")
+                raise LTMPError(f"model.blocks[{i}]: blocks of different widths are supported only when "
+                                "ltmp_core.prune_width cut them (it records the width they were cut from)")
         pe = model.patch_embed
         conv: nn.Conv2d = pe.proj
         grid = tuple(int(g) for g in pe.grid_size)

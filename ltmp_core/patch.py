@@ -30,7 +30,7 @@ from timm.models.vision_transformer import Block
 
 from .attention import Packing, attend, packed
 from .errors import LTMPError
-from .geometry import check_model
+from .geometry import ViTGeometry, block_widths, check_model
 from .masking import score_spread, threshold_between, threshold_mask
 from .plan import LayerPlan, ReductionPlan, kept_count, stage_counts
 from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Compact, Reducer, Tokens, head_mean, top_k_mask, unit_norm
@@ -417,9 +417,10 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
     """Patch a timm ViT in place to reduce tokens as ``plan`` says; returns the model.
 
     Thresholds in the plan become parameters of the blocks (``blocks.i.merge_threshold``,
-    ``blocks.i.prune_threshold``); thresholds the plan lacks must be calibrated
-    (:func:`calibrate`) before soft or dynamic mode can run. A model that is already patched is
-    re-patched with the new plan.
+    ``blocks.i.prune_threshold``). A plan that keeps fewer heads or MLP units than the model has
+    needs the model cut to those widths first (:func:`ltmp_core.prune_width`). Thresholds the plan
+    lacks must be calibrated (:func:`calibrate`) before soft or dynamic mode can run. A model that is
+    already patched is re-patched with the new plan.
 
     Raises:
         LTMPError: the model is not a supported timm ViT, the plan does not fit it, or ``mode``
@@ -435,6 +436,12 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
     depth = len(model.blocks)
     if plan.depth != depth:
         raise LTMPError(f"plan: {plan.depth} layers, but the model has {depth} blocks")
+    for i, ((h, m), (want_h, want_m)) in enumerate(zip(block_widths(model), plan.widths(ViTGeometry.from_model(model)))):
+        if (h, m) != (want_h, want_m):
+            hint = ("cut the width first: ltmp_core.prune_width(model, plan, images)" if want_h <= h and want_m <= m
+                    else "the model's width was cut for another plan")
+            raise LTMPError(f"layers[{i}]: the plan keeps {want_h} heads and {want_m} MLP units, the block has "
+                            f"{h} and {m}; {hint}")
     if getattr(model, "cls_token", None) is None:
         for i, layer in enumerate(plan.layers):
             if layer.importance == "cls" and any(REDUCERS[s].needs_importance for s in layer.stages):
@@ -460,7 +467,10 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
 
 
 def remove_plan(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_plan`: the model is stock timm again (thresholds are dropped)."""
+    """Undo :func:`apply_plan`: the model is stock timm again (thresholds are dropped).
+
+    Width cut by :func:`ltmp_core.prune_width` stays cut: those weights are gone.
+    """
     if not is_patched(model):
         return model
     for block in model.blocks:

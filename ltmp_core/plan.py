@@ -8,6 +8,10 @@ Budgets: ``keep`` of a layer is the fraction of its input *patch* tokens left af
 (prefix tokens - class, distillation, registers - are never reduced and not counted). For the
 combined operations, ``merge_keep`` is the fraction left after the merge stage; the prune or
 squeeze stage then brings it down to ``keep``.
+
+Width: ``heads`` and ``mlp_hidden`` of a layer are the attention heads and MLP hidden units its block
+keeps (``None``: all of the model's). A plan that cuts width is applied to a model whose width was
+cut to match (:func:`ltmp_core.prune_width`); its FLOPs count the narrower blocks.
 """
 
 from __future__ import annotations
@@ -42,12 +46,17 @@ __all__ = [
     "load_plan",
     "stage_counts",
     "kept_count",
+    "WIDTH_FIELDS",
+    "WIDTH_IMPORTANCE",
 ]
 
 FORMAT = "ltmp-plan"
-FORMAT_VERSION = 2
-#: Versions :func:`load_plan` reads: version 1 plans are version 2 plans with the default variants.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions :func:`load_plan` reads: version 1 plans are version 2 plans with the default variants, and
+#: version 2 plans are version 3 plans that keep every block's full width.
+READABLE_VERSIONS = (1, 2, 3)
+#: Layer fields that version 3 added: a plan of an older version cannot carry them.
+WIDTH_FIELDS = ("heads", "mlp_hidden")
 
 #: Operation name -> the reducer stages it runs, in order (see ``ltmp_core.reducers.REDUCERS``).
 OPS: dict[str, tuple[str, ...]] = {
@@ -77,6 +86,10 @@ MERGE_ORDERS = ("keep", "tome")
 #: token by attention keys, weights times token sizes, the host's size grows) or ``tps`` (TPS: by
 #: cosine similarity of the token features, weights e and exp(similarity) without sizes).
 SQUEEZE_HOSTS = ("keys", "tps")
+
+#: How :func:`ltmp_core.prune_width` ranks the heads and MLP hidden units it cuts: torch-pruning's
+#: first-order Taylor criterion on a calibration batch, the weights' L2 magnitude, or at random.
+WIDTH_IMPORTANCE = ("taylor", "magnitude", "random")
 
 #: Units of the prune threshold: ``relative`` (importance times the live token count: 1 is an average
 #: token in every image and layer) or ``raw`` (LTMP's: the mean attention received itself, about 1/n).
@@ -113,6 +126,8 @@ class LayerPlan:
         merge_order: :data:`MERGE_ORDERS`: the token order after a merge and the split's parity.
         squeeze_host: :data:`SQUEEZE_HOSTS`: how a squeezed token finds and joins its host.
         importance_scale: :data:`IMPORTANCE_SCALES`: the units of ``prune_threshold``.
+        heads: Attention heads the block keeps (whole heads); ``None`` keeps all of them.
+        mlp_hidden: Hidden units of the block's MLP it keeps; ``None`` keeps all of them.
     """
 
     op: str = "none"
@@ -125,6 +140,8 @@ class LayerPlan:
     merge_order: str = "keep"
     squeeze_host: str = "keys"
     importance_scale: str = "relative"
+    heads: int | None = None
+    mlp_hidden: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.op, str) or self.op not in OPS:
@@ -156,6 +173,15 @@ class LayerPlan:
         object.__setattr__(self, "tau", tau)
         for name in ("merge_threshold", "prune_threshold"):
             object.__setattr__(self, name, _number(getattr(self, name), name, optional=True))
+        for name in WIDTH_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise LTMPError(f"{name}: expected a whole number >= 1 (or null: all of them), got {value!r}")
+
+    @property
+    def cuts_width(self) -> bool:
+        """Whether this layer keeps fewer heads or MLP hidden units than the model has."""
+        return self.heads is not None or self.mlp_hidden is not None
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -234,9 +260,21 @@ class ReductionPlan:
         for i, layer in enumerate(layers):
             if not isinstance(layer, LayerPlan):
                 raise LTMPError(f"layers[{i}]: expected a LayerPlan, got {type(layer).__name__}")
+        g = self.geometry
+        if g is not None and len(layers) != g.depth:
+            raise LTMPError(f"layers: {len(layers)} layers for a model of depth {g.depth}")
+        if g is not None:
+            checked = []
+            for i, layer in enumerate(layers):
+                for name, full in (("heads", g.num_heads), ("mlp_hidden", g.mlp_hidden)):
+                    value = getattr(layer, name)
+                    if value is not None and value > full:
+                        raise LTMPError(f"layers[{i}].{name}: {value} is more than the model's {full}")
+                # Full width is written as null: a plan that cuts no width reads as one.
+                checked.append(replace(layer, heads=None if layer.heads == g.num_heads else layer.heads,
+                                       mlp_hidden=None if layer.mlp_hidden == g.mlp_hidden else layer.mlp_hidden))
+            layers = tuple(checked)
         object.__setattr__(self, "layers", layers)
-        if self.geometry is not None and len(layers) != self.geometry.depth:
-            raise LTMPError(f"layers: {len(layers)} layers for a model of depth {self.geometry.depth}")
         if self.model is not None and not isinstance(self.model, str):
             raise LTMPError(f"model: expected a string, got {self.model!r}")
         if not isinstance(self.meta, Mapping):
@@ -257,6 +295,18 @@ class ReductionPlan:
     @property
     def keeps(self) -> tuple[float, ...]:
         return tuple(layer.keep for layer in self.layers)
+
+    @property
+    def cuts_width(self) -> bool:
+        """Whether any block keeps fewer heads or MLP hidden units than the model has."""
+        return any(layer.cuts_width for layer in self.layers)
+
+    def widths(self, geometry: ViTGeometry | None = None) -> list[tuple[int, int]]:
+        """``(heads, mlp_hidden)`` every block keeps, in counts (``geometry`` defaults to the plan's)."""
+        g = geometry if geometry is not None else self.geometry
+        if g is None:
+            raise LTMPError("geometry: the plan has no geometry; pass the model's ViTGeometry")
+        return [(layer.heads or g.num_heads, layer.mlp_hidden or g.mlp_hidden) for layer in self.layers]
 
     def with_layers(self, **changes: Sequence[Any]) -> "ReductionPlan":
         """A copy with per-layer fields replaced, e.g. ``plan.with_layers(merge_threshold=[...])``."""
@@ -320,6 +370,9 @@ class ReductionPlan:
             bad = sorted(set(raw) - layer_fields)
             if bad:
                 raise LTMPError(f"layers[{i}].{bad[0]}: unknown field")
+            old = [name for name in WIDTH_FIELDS if name in raw and version < 3]
+            if old:
+                raise LTMPError(f"layers[{i}].{old[0]}: a version {version} plan cannot cut width (version 3 can)")
             layers.append(_replace_layer(None, i, **raw))
         geometry = data.get("geometry")
         geometry = None if geometry is None else ViTGeometry.from_dict(geometry)
@@ -359,15 +412,18 @@ def make_plan(
     merge_order: PerLayer = "keep",
     squeeze_host: PerLayer = "keys",
     importance_scale: PerLayer = "relative",
+    heads: PerLayer = None,
+    mlp_hidden: PerLayer = None,
     model_name: str | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> ReductionPlan:
     """Build a plan for ``model`` (a timm ViT, or its :class:`ViTGeometry`).
 
     Each of ``op``, ``keep``, ``merge_keep``, ``tau``, ``importance`` and the variants
-    (``merge_order``, ``squeeze_host``, ``importance_scale``; see :class:`LayerPlan`) is one value for
-    every layer or a list with one value per layer. Layers whose op is ``none`` get ``keep=1``
-    whatever ``keep`` says.
+    (``merge_order``, ``squeeze_host``, ``importance_scale``) and of the widths (``heads``,
+    ``mlp_hidden``: counts kept, ``None`` for all; default: what the model's blocks have now, see
+    :class:`LayerPlan`) is one value for every layer or a list with one value per layer. Layers whose op is ``none`` get ``keep=1`` whatever
+    ``keep`` says.
 
     Example:
         >>> plan = make_plan(model, op=["none", "merge", "merge+prune", "prune"], keep=0.8)
@@ -375,10 +431,16 @@ def make_plan(
     if isinstance(model, ViTGeometry):
         geometry = model
     else:
+        from .geometry import block_widths
+
         geometry = ViTGeometry.from_model(model)
         if model_name is None:
             cfg = getattr(model, "pretrained_cfg", None) or {}
             model_name = cfg.get("architecture")
+        # A model whose width was cut: the plan keeps the widths it has, unless told otherwise.
+        widths = block_widths(model)
+        heads = [h for h, _ in widths] if heads is None else heads
+        mlp_hidden = [m for _, m in widths] if mlp_hidden is None else mlp_hidden
     depth = geometry.depth
     ops = _per_layer(op, depth, "op")
     keeps = _per_layer(keep, depth, "keep")
@@ -388,6 +450,8 @@ def make_plan(
     variants = [dict(zip(("merge_order", "squeeze_host", "importance_scale"), v)) for v in zip(
         _per_layer(merge_order, depth, "merge_order"), _per_layer(squeeze_host, depth, "squeeze_host"),
         _per_layer(importance_scale, depth, "importance_scale"))]
+    for var, h, m in zip(variants, _per_layer(heads, depth, "heads"), _per_layer(mlp_hidden, depth, "mlp_hidden")):
+        var.update(heads=h, mlp_hidden=m)
     layers = []
     for i, (o, k, mk, t, imp, var) in enumerate(zip(ops, keeps, merge_keeps, taus, importances, variants)):
         if o == "none":

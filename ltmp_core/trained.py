@@ -8,7 +8,8 @@ opens it; :func:`load_trained` turns it back into a patched model in one call::
     import ltmp_core
     model = ltmp_core.load_trained("out/model.safetensors", mode="static")   # timm model + plan
 
-Width pruned by a plan is not restored by :func:`ltmp_core.remove_plan`; plans here cut tokens only.
+A plan that cuts width (fewer heads or MLP units) was trained on a model cut to it; the file holds the
+cut weights, and :func:`load_trained` cuts a stock model to the plan's widths before loading them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .errors import LTMPError
 from .files import state_dict_mismatch, write_atomic
 from .patch import THRESHOLDS, apply_plan, get_plan, is_patched
 from .plan import ReductionPlan
+from .width import prune_width
 
 __all__ = ["TRAINED_FORMAT", "save_trained", "read_trained", "load_trained"]
 
@@ -91,7 +93,8 @@ def load_trained(path: str | os.PathLike[str], model: nn.Module | None = None, *
                  **create_kwargs: Any) -> nn.Module:
     """Weights and plan of a trained file applied to ``model`` (a stock timm ViT of the same
     architecture), or to a new ``timm.create_model`` of the plan's model (``create_kwargs`` are passed
-    to it; the number of classes and the input size come from the plan). Returns the patched model
+    to it; the number of classes and the input size come from the plan). A plan that cuts width cuts
+    the model to its widths first (the file's weights are the cut ones). Returns the patched model
     in ``mode`` (``dynamic``: the learned thresholds decide per image; ``static``: fixed counts)."""
     state, plan, facts = read_trained(path)
     if model is None:
@@ -105,6 +108,8 @@ def load_trained(path: str | os.PathLike[str], model: nn.Module | None = None, *
         model = timm.create_model(plan.model, pretrained=False, **{**kwargs, **create_kwargs})
     if is_patched(model):
         raise LTMPError("model: already carries a plan; pass a stock timm model")
+    if plan.cuts_width:
+        prune_width(model, plan)  # the shapes the weights were saved at; their values come next
     mismatch = state_dict_mismatch(model, state)
     if mismatch:
         raise LTMPError(f"{path}: the weights do not fit {type(model).__name__} ({mismatch})")

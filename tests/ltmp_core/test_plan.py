@@ -43,11 +43,12 @@ def test_json_round_trip(plan, tmp_path):
     loaded = ltmp_core.load_plan(path)
     assert loaded == plan
     data = json.loads(path.read_text())
-    assert data["format"] == "ltmp-plan" and data["version"] == 2
+    assert data["format"] == "ltmp-plan" and data["version"] == 3
     assert data["layers"][1] == {
         "op": "merge+prune", "keep": 0.6, "merge_keep": 0.8,
         "merge_threshold": 0.8, "prune_threshold": 0.01, "tau": 0.1, "importance": "mean",
         "merge_order": "keep", "squeeze_host": "keys", "importance_scale": "relative",
+        "heads": None, "mlp_hidden": None,
     }
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["plan.json"], "no temporary file left behind"
 
@@ -71,15 +72,55 @@ def test_version_1_plans_load_with_the_default_variants(plan, tmp_path):
     data = plan.to_dict()
     data["version"] = 1
     for layer in data["layers"]:
-        for name in ("merge_order", "squeeze_host", "importance_scale"):
+        for name in ("merge_order", "squeeze_host", "importance_scale", "heads", "mlp_hidden"):
             del layer[name]
     path = tmp_path / "v1.json"
     path.write_text(json.dumps(data))
     assert ltmp_core.load_plan(path) == plan
-    data["version"] = 3
+    data["version"] = 4
     path.write_text(json.dumps(data))
-    with pytest.raises(LTMPError, match="version: plan format version 3 is not supported"):
+    with pytest.raises(LTMPError, match="version: plan format version 4 is not supported"):
         ltmp_core.load_plan(path)
+
+
+def test_version_2_plans_load_at_full_width_and_cannot_cut_it(plan, tmp_path):
+    """A plan of the release before width cuts loads as one that keeps every head and MLP unit."""
+    data = plan.to_dict()
+    data["version"] = 2
+    for layer in data["layers"]:
+        del layer["heads"], layer["mlp_hidden"]
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(data))
+    loaded = ltmp_core.load_plan(path)
+    assert loaded == plan and not loaded.cuts_width and loaded.widths() == [(3, 192)] * 4
+    data["layers"][2]["heads"] = 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(LTMPError, match=r"layers\[2\]\.heads: a version 2 plan cannot cut width"):
+        ltmp_core.load_plan(path)
+
+
+def test_width_round_trips_and_full_width_reads_as_none(tmp_path):
+    model = tiny_model("deit_small")  # 3 heads, 192 MLP units
+    plan = ltmp_core.make_plan(model, op=["none", "merge", "prune", "none"], keep=0.8, heads=[3, 2, 1, 3],
+                               mlp_hidden=[192, 100, 192, 8])
+    assert [(layer.heads, layer.mlp_hidden) for layer in plan.layers] == [(None, None), (2, 100), (1, None), (None, 8)]
+    assert plan.widths() == [(3, 192), (2, 100), (1, 192), (3, 8)] and plan.cuts_width
+    assert ltmp_core.load_plan(ltmp_core.save_plan(plan, tmp_path / "w.json")) == plan
+    full = ltmp_core.make_plan(model, op="merge", keep=0.8, heads=3, mlp_hidden=192)
+    assert full == ltmp_core.make_plan(model, op="merge", keep=0.8) and not full.cuts_width
+
+
+@pytest.mark.parametrize(("heads", "mlp_hidden", "message"), [
+    (4, None, r"layers\[1\]\.heads: 4 is more than the model's 3"),
+    (None, 193, r"layers\[1\]\.mlp_hidden: 193 is more than the model's 192"),
+    (0, None, r"layers\[1\]\.heads: expected a whole number >= 1"),
+    (1.5, None, r"layers\[1\]\.heads: expected a whole number"),
+    (None, True, r"layers\[1\]\.mlp_hidden: expected a whole number"),
+])
+def test_widths_the_model_does_not_have_are_refused_naming_the_layer(heads, mlp_hidden, message):
+    with pytest.raises(LTMPError, match=message):
+        ltmp_core.make_plan(tiny_model("deit_small"), op="merge", keep=0.8, heads=[None, heads, None, None],
+                            mlp_hidden=[None, mlp_hidden, None, None])
 
 
 def test_none_layers_keep_everything():
@@ -143,7 +184,7 @@ def _mutations(plan: ReductionPlan):
         return d
 
     yield "format", change(lambda d: d.update(format="torch-checkpoint"))
-    yield "version", change(lambda d: d.update(version=3))
+    yield "version", change(lambda d: d.update(version=4))
     yield "version", change(lambda d: d.pop("version"))
     yield "layers: 3 layers", change(lambda d: d["layers"].pop())
     yield "layers", change(lambda d: d.update(layers={"op": "merge"}))
