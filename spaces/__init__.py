@@ -11,7 +11,7 @@ weights and no data. Register one with :func:`register_space`; :data:`SPACES` li
 from __future__ import annotations
 
 from ._registry import SPACES, Infeasible, Space, get_space, register_space, suggest
-from . import _baselines, _layerwise, _structured  # noqa: F401  (registration)
+from . import _baselines, _joint, _layerwise, _structured  # noqa: F401  (registration)
 from ._baselines import LTMP_TUNING
 
 __all__ = ["SPACES", "Infeasible", "Space", "get_space", "register_space", "suggest", "LTMP_TUNING"]

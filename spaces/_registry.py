@@ -6,7 +6,7 @@ from typing import Any, Callable, Sequence
 
 import optuna
 
-from ltmp_core import IMPORTANCE, OPS, LTMPError, ReductionPlan, ViTGeometry
+from ltmp_core import IMPORTANCE, OPS, LayerPlan, LTMPError, ReductionPlan, ViTGeometry
 
 SpaceFn = Callable[..., ReductionPlan]
 SeedFn = Callable[[ViTGeometry, Sequence[str], Sequence[str]], list[dict[str, Any]]]
@@ -24,12 +24,14 @@ class Infeasible(Exception):
         self.ops = list(ops)
 
 
-def solve(ops: Sequence[str], weights: Sequence[float], geometry: ViTGeometry, target: float) -> list[float]:
-    """Per-layer budgets on the target (:func:`ltmp_core.budgets_for_ratio`), or :class:`Infeasible`."""
+def solve(ops: Sequence[str], weights: Sequence[float], geometry: ViTGeometry, target: float,
+          like: Sequence[LayerPlan] | None = None) -> list[float]:
+    """Per-layer budgets on the target (:func:`ltmp_core.budgets_for_ratio`; ``like``: the plan's layers,
+    whose widths and variants count), or :class:`Infeasible`."""
     from ltmp_core import budgets_for_ratio  # the FLOP model needs torch; naming a space does not
 
     try:
-        return budgets_for_ratio(ops, weights, geometry, target)
+        return budgets_for_ratio(ops, weights, geometry, target, like=like)
     except LTMPError as e:
         raise Infeasible(str(e).removeprefix("target: "), ops) from None
 

@@ -60,20 +60,13 @@ def _ops(p: dict[str, Any], depth: int) -> list[str]:
     return out
 
 
-@register_space(
-    "structured",
-    budget="global",
-    description="nine parameters of a plan's shape; the thresholds solved for the target (default)",
-    seeds=_seeds,
-)
-def structured(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str],
-               importance: Sequence[str] = ("mean",)) -> ReductionPlan:
-    """A plan shape from nine parameters (every one sampled in every trial: a fixed space, as
-    multivariate TPE wants); thresholds are offsets, solved by the trial (``tuning.start = solve``)."""
-    depth = geometry.depth
+def shape_params(trial: optuna.trial.BaseTrial, depth: int, ops: Sequence[str],
+                 importance: Sequence[str]) -> dict[str, Any]:
+    """The nine shape parameters (every one sampled in every trial: a fixed space, as multivariate TPE
+    wants)."""
     can_merge = any("merge" in op for op in ops)
     prunes = [p for p in PRUNES if p == "none" or any(op.endswith(p) for op in ops)]
-    p = {
+    return {
         "merge": trial.suggest_categorical("merge", [True, False] if can_merge else [False]),
         "merge_from": trial.suggest_int("merge_from", 0, depth // 2),
         "merge_to": trial.suggest_int("merge_to", depth // 2 + 1, depth),
@@ -86,21 +79,43 @@ def structured(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: flo
         "importance": trial.suggest_categorical("importance", list(importance)) if len(importance) > 1
         else importance[0],
     }
+
+
+def shape_plan(p: dict[str, Any], geometry: ViTGeometry, target: float, ops: Sequence[str], space: str,
+               widths: Sequence[tuple[int | None, int | None]] | None = None) -> ReductionPlan:
+    """The plan of a shape (and of the blocks' widths, ``(heads, mlp_hidden)``), its thresholds as offsets
+    for the trial to solve (``tuning.start = solve``)."""
+    depth = geometry.depth
     chosen = _ops(p, depth)
     if all(op == "none" for op in chosen):
         raise Infeasible("the sampled shape reduces no block", chosen)
     missing = sorted(set(chosen) - set(ops) - {"none"})
     if missing:
         raise Infeasible(f"the sampled shape needs {', '.join(missing)}, which --ops does not allow", chosen)
-    # Equal budgets: what static mode keeps; their floor check says at once whether the shape can
-    # reach the target at all. The trial's solved thresholds decide what dynamic mode keeps.
-    keeps = solve(chosen, [1.0] * depth, geometry, target)
+    widths = list(widths) if widths is not None else [(None, None)] * depth
     merging = any("merge" in op for op in chosen)
     layers = []
-    for i, (op, keep) in enumerate(zip(chosen, keeps)):
+    for i, (op, (heads, hidden)) in enumerate(zip(chosen, widths)):
         merge_threshold = p["slope"] * (i / max(1, depth - 1) - 0.5) if "merge" in op else None
         prunes_here = op.endswith(("prune", "squeeze"))
         prune_threshold = (p["prune_level"] if merging else 0.0) if prunes_here else None
-        layers.append(LayerPlan(op=op, keep=keep, merge_threshold=merge_threshold, prune_threshold=prune_threshold,
-                                importance=p["importance"], merge_order=p["order"], squeeze_host=p["host"]))
-    return ReductionPlan(tuple(layers), geometry=geometry, meta={"space": "structured", "tuning": {"start": "solve"}})
+        layers.append(LayerPlan(op=op, merge_threshold=merge_threshold, prune_threshold=prune_threshold,
+                                importance=p["importance"], merge_order=p["order"], squeeze_host=p["host"],
+                                heads=heads, mlp_hidden=hidden))
+    # Equal budgets: what static mode keeps; their floor check says at once whether the shape can
+    # reach the target at all. The trial's solved thresholds decide what dynamic mode keeps.
+    keeps = solve(chosen, [1.0] * depth, geometry, target, layers)
+    plan = ReductionPlan(tuple(layers), geometry=geometry, meta={"space": space, "tuning": {"start": "solve"}})
+    return plan.with_layers(keep=keeps)
+
+
+@register_space(
+    "structured",
+    budget="global",
+    description="nine parameters of a plan's shape; the thresholds solved for the target (default)",
+    seeds=_seeds,
+)
+def structured(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str],
+               importance: Sequence[str] = ("mean",)) -> ReductionPlan:
+    """A plan shape from nine parameters; thresholds are offsets, solved by the trial."""
+    return shape_plan(shape_params(trial, geometry.depth, ops, importance), geometry, target, ops, "structured")

@@ -236,3 +236,51 @@ def test_registering_a_space_again_warns_and_replaces():
         assert spaces.SPACES["tps"].fn is original.fn
     finally:
         spaces.SPACES["tps"] = original
+
+
+MNIST = geometry("vit_small_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=4, mlp_ratio=4.0)
+FULL = dict(mlp_keep=1.0, mlp_tilt=0.0, heads_keep=1.0, heads_tilt=0.0)
+
+
+@pytest.mark.parametrize(("profile", "heads", "units"), [
+    (FULL, [4] * 12, [256] * 12),
+    (dict(mlp_keep=0.5, mlp_tilt=0.0, heads_keep=0.75, heads_tilt=0.0), [3] * 12, [128] * 12),
+    # keep + tilt * (i / 11 - 1/2): 1 - 0.5 at block 0, 1 + 0.5 (capped) at block 11; units in steps of 8.
+    # Heads: 4 * (1 - i / 11) = 4, 3.6, 3.3, 2.9, 2.5, 2.2, 1.8, 1.45, 1.1, 0.7, 0.4, 0 -> at least 1.
+    (dict(mlp_keep=1.0, mlp_tilt=1.0, heads_keep=0.5, heads_tilt=-1.0),
+     [4, 4, 3, 3, 3, 2, 2, 1, 1, 1, 1, 1],
+     [128, 152, 176, 200, 224, 248, 256, 256, 256, 256, 256, 256]),
+    # Units: 8 * round(32 * (0.75 - i / 11)) = 8 * (24, 21.1, 18.2, 15.3, 12.4, 9.5, 6.5, 3.6, 0.7, <0 ...).
+    (dict(mlp_keep=0.25, mlp_tilt=-1.0, heads_keep=0.25, heads_tilt=0.0), [1] * 12,
+     [192, 168, 144, 120, 96, 72, 56, 32, 8, 8, 8, 8]),
+])
+def test_joint_width_profile_hand_computed(profile, heads, units):
+    """Heads round to whole heads (at least one), units to steps of 1/32 of the hidden width (at least one step)."""
+    from spaces._joint import block_widths_of
+
+    assert block_widths_of(MNIST, profile) == list(zip(heads, units))
+
+
+def test_joint_plans_cut_width_and_land_on_the_target_with_the_tokens_solving_the_rest():
+    cut = dict(mlp_keep=0.5, mlp_tilt=0.0, heads_keep=0.75, heads_tilt=0.0)
+    for target in (0.35, 0.5):
+        plan = spaces.suggest("joint", optuna.trial.FixedTrial({**STRUCTURED, **cut}), MNIST, target,
+                              importance=["mean", "cls"])
+        assert plan.widths() == [(3, 128)] * 12 and plan.meta["space"] == "joint"
+        # Equal token budgets at the target, counting the narrower blocks: fewer tokens are cut than at full width.
+        assert ltmp_core.plan_flops_ratio(plan) == pytest.approx(target, rel=1e-3)
+        wide = spaces.suggest("structured", optuna.trial.FixedTrial(STRUCTURED), MNIST, target, importance=["mean", "cls"])
+        assert ltmp_core.plan_flops_ratio(wide) == pytest.approx(target, rel=1e-3)
+        assert all(a.keep >= b.keep for a, b in zip(plan.layers, wide.layers)) and plan.keeps != wide.keeps
+        assert [l.op for l in plan.layers] == [l.op for l in wide.layers]
+
+
+def test_joint_seeds_are_the_published_shapes_at_full_width():
+    space = spaces.get_space("joint")
+    labels = [label for label, _ in space.seeded(MNIST, OPS, ["mean", "cls"])]
+    assert labels == ["LTMP", "ToMe", "TPS"]
+    for params in space.seed_params(MNIST, OPS, ["mean", "cls"]):
+        joint = spaces.suggest("joint", optuna.trial.FixedTrial(params), MNIST, 0.5, importance=["mean", "cls"])
+        shape = {k: v for k, v in params.items() if k not in FULL}
+        structured = spaces.suggest("structured", optuna.trial.FixedTrial(shape), MNIST, 0.5, importance=["mean", "cls"])
+        assert not joint.cuts_width and joint.layers == structured.layers
