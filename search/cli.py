@@ -470,7 +470,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         store = Store(url)
         layers = [
             {k: getattr(r, k) for k in ("trial_number", "layer", "op", "keep", "merge_keep", "merge_threshold",
-                                         "prune_threshold", "kept_tokens")}
+                                         "prune_threshold", "kept_tokens", "heads", "mlp_hidden")}
             for r in store.layers(study)
         ]
         store.dispose()

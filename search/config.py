@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from ltmp_core import IMPORTANCE, OPS, LTMPError
+from ltmp_core import IMPORTANCE, OPS, WIDTH_IMPORTANCE, LTMPError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -148,6 +148,13 @@ class StudyConfig:
                                           "fused, faster), or mean,cls (the search chooses per layer)",
                                           flag="--importance", choices=lambda: IMPORTANCE, noun="importance",
                                           factory=lambda: ("mean",))
+    width_importance: str = setting("taylor", "how a plan that cuts width (--space joint) ranks the heads and MLP units "
+                                    "it removes: taylor (torch-pruning's Taylor criterion on the calibration batch), "
+                                    "magnitude or random", flag="--width-importance",
+                                    choices=lambda: WIDTH_IMPORTANCE, noun="width importance")
+    width_recovery: int = setting(30, "steps of recovery after a width cut (64 images each): the remaining norms and "
+                                  "biases learn the unreduced model's predictions again, so that a trial ranks width "
+                                  "cuts closer to how they train (0: none)", flag="--width-recovery", minimum=0)
     sampler: str = setting("tpe", "Optuna sampler", flag="--sampler", result=False, choices=_samplers, noun="sampler")
     pruner: str = setting("median", "Optuna pruner", flag="--pruner", result=False, choices=_pruners, noun="pruner")
     seed: int = setting(0, "seed of the sampler and the data order", flag="--seed", result=False, minimum=0)

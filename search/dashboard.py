@@ -25,7 +25,7 @@ from .data import StudyData
 from .plots import kept_tokens_chart, token_map
 from .results import accuracy_of, ranked_trials, target_of
 from .storage import open_storage, sqlite_file
-from .ui import PLAN_COLUMNS, num, plan_rows
+from .ui import num, plan_columns, plan_rows
 
 __all__ = ["artifact_dir", "DashboardStorage", "TrialRecorder", "plan_note", "save_study_note", "run_dashboard"]
 
@@ -53,8 +53,8 @@ def plan_note(trial_number: int, plan: dict[str, Any], kept: list[float], accura
         f"Top-1 **{100 * accuracy:.2f}%** at a measured FLOPs ratio of **{ratio:.3f}** "
         f"({'feasible: at or under' if ratio <= target else 'over'} the target {target:g}). FLOPs are MACs.",
         "",
-        "| " + " | ".join(PLAN_COLUMNS) + " |",
-        "|" + "---|" * len(PLAN_COLUMNS),
+        "| " + " | ".join(plan_columns(plan)) + " |",
+        "|" + "---|" * len(plan_columns(plan)),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in plan_rows(plan, kept)]
     lines += ["", f"Pictures: `{TOKEN_MAP}` (the tokens after every reducing block: merged patches share their "

@@ -202,11 +202,20 @@ def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def _trained_plan(path: Path) -> ltmp_core.ReductionPlan | None:
+    """The plan inside a model file written by ``search train`` (``None`` for other safetensors files)."""
+    try:
+        return ltmp_core.read_trained(path, weights=False)[1]
+    except LTMPError:
+        return None
+
+
 def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load weights from ``.pth``/``.pt`` (``weights_only=True``) or ``.safetensors`` into ``model``.
 
-    Accepts timm and DeiT checkpoints (``model``/``state_dict``/EMA entries) and LTMP checkpoints
-    (their threshold entries are ignored). A checkpoint that does not fit is a clear error naming the
+    Accepts timm and DeiT checkpoints (``model``/``state_dict``/EMA entries), LTMP checkpoints
+    (their threshold entries are ignored) and ``search train`` model files (a plan that cuts width
+    cuts ``model`` to its widths first). A checkpoint that does not fit is a clear error naming the
     first missing and unexpected keys.
     """
     p = Path(path)
@@ -223,6 +232,10 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LTMPError(f"checkpoint: cannot read {path} ({reason[:200]})") from None
     state = _state_dict(raw)
+    if p.suffix == ".safetensors":
+        trained = _trained_plan(p)
+        if trained is not None and trained.cuts_width:  # weights of a model cut to its plan's widths
+            ltmp_core.prune_width(model, trained)
     if isinstance(model, VisionTransformer):
         state = checkpoint_filter_fn(state, model)
     mismatch = ltmp_core.state_dict_mismatch(model, state)

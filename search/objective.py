@@ -33,6 +33,7 @@ from spaces import Infeasible, get_space, suggest
 from .config import StudyConfig
 from .data import StudyData
 from .finetune import NonFiniteLoss, Recipe, evaluate, tune_thresholds, unreduced_accuracy
+from .width import cut_width, width_cut_for
 
 __all__ = ["Objective", "TrialHooks", "METRIC_NAME", "METRIC_NAMES", "recipe_for"]
 
@@ -131,9 +132,14 @@ class Objective:
         c = self.config
         torch.manual_seed(seed)
         model = copy.deepcopy(self.base)
-        ltmp_core.apply_plan(model, plan, mode="static")
         start = time.perf_counter()
         mode, images = "static", 0
+        if plan.cuts_width:
+            self.hooks.on_phase("cut width")
+            cut = width_cut_for(c)
+            plan = cut_width(model, plan, self.data, cut, device=self.device, amp=self.amp, teacher=self.base)
+            images += (cut.calib_images if cut.importance == "taylor" else 0) + 2 * cut.recover_steps * cut.recover_batch
+        ltmp_core.apply_plan(model, plan, mode="static")
         if self.space.tune:
             mode = "dynamic"
             self.hooks.on_phase("calibrate")

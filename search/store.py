@@ -1,7 +1,8 @@
 """The project's own tables, beside Optuna's in the same database.
 
 Optuna's RDB storage owns studies and trials. What it has no place for lives here: one row per
-layer of every finished trial (op, budget, learned thresholds, mean kept tokens), so that a user can
+layer of every finished trial (op, budget, learned thresholds, mean kept tokens, heads and MLP units
+kept), so that a user can
 query "which layers merge in the feasible trials" with SQL, and benchmark results.
 
 Rows are derived from the trial's user attributes and written in one transaction after the trial
@@ -58,6 +59,11 @@ class LayerResult(Base):
     merge_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     prune_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     kept_tokens: Mapped[float | None] = mapped_column(Float, nullable=True)
+    heads: Mapped[int | None] = mapped_column(Integer, nullable=True)  # heads the block keeps; NULL: all
+    mlp_hidden: Mapped[int | None] = mapped_column(Integer, nullable=True)  # MLP units it keeps; NULL: all
+
+    #: Columns later versions added, with their SQL types: a table an earlier version made gains them.
+    ADDED = {"study_uid": "VARCHAR(32)", "heads": "INTEGER", "mlp_hidden": "INTEGER"}
 
     @classmethod
     def of(cls, study_name: str, uid: str | None) -> Any:
@@ -85,7 +91,8 @@ def layer_rows(study_name: str, trial: optuna.trial.FrozenTrial, uid: str | None
         LayerResult(
             study_name=study_name, study_uid=uid, trial_number=trial.number, layer=i, op=layer["op"], keep=layer["keep"],
             merge_keep=layer.get("merge_keep"), merge_threshold=layer.get("merge_threshold"),
-            prune_threshold=layer.get("prune_threshold"), kept_tokens=k,
+            prune_threshold=layer.get("prune_threshold"), kept_tokens=k, heads=layer.get("heads"),
+            mlp_hidden=layer.get("mlp_hidden"),
         )
         for i, (layer, k) in enumerate(zip(plan["layers"], kept))
     ]
@@ -150,12 +157,14 @@ class Store:
         def columns() -> set[str]:
             return {c["name"] for c in inspect(self.engine).get_columns(LayerResult.__tablename__)}
 
-        if "study_uid" not in columns():
+        for name, kind in LayerResult.ADDED.items():
+            if name in columns():
+                continue
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(text(f"ALTER TABLE {LayerResult.__tablename__} ADD COLUMN study_uid VARCHAR(32)"))
+                    conn.execute(text(f"ALTER TABLE {LayerResult.__tablename__} ADD COLUMN {name} {kind}"))
             except SQLAlchemyError:
-                if "study_uid" not in columns():  # not another worker adding it at the same moment
+                if name not in columns():  # not another worker adding it at the same moment
                     raise
 
     @contextmanager

@@ -53,6 +53,7 @@ from .data import BUILTIN, StudyData
 from .finetune import autocast, evaluate, unreduced_accuracy
 from .models import load_base_model
 from .prepare import open_data, resolve_device
+from .width import WidthCut, cut_width, width_cut_for
 
 __all__ = ["train", "TrainResult", "check_output", "LAST", "MODEL_FILE"]
 
@@ -299,6 +300,9 @@ def train(
         if rank == 0:
             base_top1 = unreduced_accuracy(base, data.split_batches("test", batch), device=device, amp=amp)[0]
         model = base
+        # A plan that cuts width: the base model is cut as the plan's trial cut it, then trained narrower.
+        plan = cut_width(model, plan, data, WidthCut.of(plan, width_cut_for(config)), device=device, amp=amp,
+                         teacher=teacher)
         ltmp_core.apply_plan(model, plan, mode="static")
         missing = any(getattr(layer, name) is None for layer in plan.layers for name in layer.needs())
         calibration = data.calibration_batch(config.calib_images, 0)
@@ -483,7 +487,7 @@ def _static_budgets(plan: ReductionPlan, aim: float) -> ReductionPlan:
     if not any(weights):
         return plan
     try:
-        keeps = ltmp_core.budgets_for_ratio(plan.ops, weights, plan.geometry, aim, static=True)
+        keeps = ltmp_core.budgets_for_ratio(plan.ops, weights, plan.geometry, aim, static=True, like=plan.layers)
     except LTMPError:  # the shape cannot reach the aim in whole tokens: keep the measured budgets
         return plan
     return plan.with_layers(keep=keeps)

@@ -15,7 +15,8 @@ from .objective import TrialHooks
 from .results import accuracy_of, best_trial, state_counts
 
 __all__ = [
-    "OP_SYMBOLS", "ops_glance", "pct", "num", "trials_table", "PLAN_COLUMNS", "plan_rows", "plan_table",
+    "OP_SYMBOLS", "ops_glance", "pct", "num", "trials_table", "PLAN_COLUMNS", "WIDTH_COLUMNS", "plan_columns",
+    "plan_rows", "plan_table",
     "best_plan", "studies_table", "bench_table", "RunDisplay", "TrainDisplay",
 ]
 
@@ -72,21 +73,40 @@ def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | Non
 
 #: Columns of a plan, layer by layer: in the terminal (:func:`plan_table`) and in dashboard notes.
 PLAN_COLUMNS = ("layer", "op", "budget (keep)", "merge threshold", "prune threshold", "mean tokens after")
+#: Columns a plan that cuts width adds: what each block keeps of its heads and MLP units.
+WIDTH_COLUMNS = ("heads", "MLP units")
+
+
+def _cuts_width(plan: dict[str, Any]) -> bool:
+    return any(layer.get("heads") is not None or layer.get("mlp_hidden") is not None for layer in plan["layers"])
+
+
+def plan_columns(plan: dict[str, Any]) -> tuple[str, ...]:
+    """The columns of a plan's table: :data:`PLAN_COLUMNS`, and :data:`WIDTH_COLUMNS` when it cuts width."""
+    return PLAN_COLUMNS + (WIDTH_COLUMNS if _cuts_width(plan) else ())
 
 
 def plan_rows(plan: dict[str, Any], kept: Sequence[float] | None) -> list[tuple[str, ...]]:
-    """The cells of :data:`PLAN_COLUMNS` for every layer of a plan (its JSON form)."""
+    """The cells of :func:`plan_columns` for every layer of a plan (its JSON form)."""
     kept = list(kept or [None] * len(plan["layers"]))
+    geometry = plan.get("geometry") or {}
+    width = _cuts_width(plan)
+
+    def kept_of(value: int | None, full: int | None) -> str:
+        return "all" if value is None else f"{value}/{full}" if full else str(value)
+
     return [
         (str(i), layer["op"], f"{layer['keep']:.3f}", num(layer.get("merge_threshold")),
          num(layer.get("prune_threshold")), num(k, ".1f"))
+        + ((kept_of(layer.get("heads"), geometry.get("num_heads")),
+            kept_of(layer.get("mlp_hidden"), geometry.get("mlp_hidden"))) if width else ())
         for i, (layer, k) in enumerate(zip(plan["layers"], kept))
     ]
 
 
 def plan_table(plan: dict[str, Any], kept: Sequence[float] | None, title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for name in PLAN_COLUMNS:
+    for name in plan_columns(plan):
         table.add_column(name, justify="left" if name == "op" else "right")
     for row in plan_rows(plan, kept):
         table.add_row(*row)

@@ -19,6 +19,7 @@ from .data import SPLITS
 from .finetune import evaluate, unreduced_accuracy
 from .models import load_base_model
 from .prepare import compile_static, open_data, resolve_device
+from .width import WidthCut, cut_width, width_cut_for
 
 __all__ = ["validate_plan", "plan_config", "read_any", "TRAINED_SETTINGS"]
 
@@ -86,6 +87,8 @@ def validate_plan(
     model.to(device)
     base_top1, base_top5 = unreduced_accuracy(model, data.split_batches(split, config.batch_size), device=device,
                                               amp=amp)
+    # An exported plan that cuts width: the base model is cut as its trial cut it (same criterion, images, seed).
+    plan = cut_width(model, plan, data, WidthCut.of(plan, width_cut_for(config)), device=device, amp=amp)
     ltmp_core.apply_plan(model, plan, mode=mode)
     model.to(device)  # the thresholds the plan added
     geometry = ltmp_core.ViTGeometry.from_model(model)

@@ -377,7 +377,7 @@ def test_search_delete_removes_the_study_its_rows_and_pictures(workdir, monkeypa
     assert layer_row_count(url, "gone") == 0 and not any(pictures.iterdir())
 
 
-def test_store_adds_the_study_uid_column_to_a_table_an_earlier_version_made(tmp_path):
+def test_store_adds_the_columns_of_later_versions_to_a_table_an_earlier_version_made(tmp_path):
     import sqlalchemy as sa
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
@@ -393,9 +393,9 @@ def test_store_adds_the_study_uid_column_to_a_table_an_earlier_version_made(tmp_
     Store(url).dispose()
     engine = sa.create_engine(url)
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("select study_name, study_uid, op from ltmp_layer_results")).all()
+        rows = conn.execute(sa.text("select study_name, study_uid, op, heads, mlp_hidden from ltmp_layer_results")).all()
     engine.dispose()
-    assert [tuple(r) for r in rows] == [("old", None, "merge")]
+    assert [tuple(r) for r in rows] == [("old", None, "merge", None, None)]
 
 
 def test_old_study_flag_still_names_a_preset_with_one_deprecation_line(workdir):

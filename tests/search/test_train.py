@@ -252,3 +252,37 @@ def test_full_recipe_options_run_and_the_saved_model_is_the_moving_average(plan_
     ema = max((runs["ema"][k] - base[k]).abs().max().item() for k in base)
     last = max((runs["plain"][k] - base[k]).abs().max().item() for k in base)
     assert 0 < ema < 0.7 * last, (ema, last)
+
+
+def test_a_plan_that_cuts_width_trains_narrower_and_deploys(tmp_path):
+    """A plan keeping 3 of 4 heads and half the MLP units: `search train --recipe full` cuts the base model as
+    the plan says (Taylor on the calibration batch), trains it, and every reader of the file gets that model."""
+    model = _base()
+    g = ltmp_core.ViTGeometry.from_model(model)
+    like = [ltmp_core.LayerPlan(op="merge+prune", heads=3, mlp_hidden=128)] * g.depth
+    keeps = ltmp_core.budgets_for_ratio(["merge+prune"] * g.depth, [1.0] * g.depth, g, 0.4, like=like)
+    plan = ltmp_core.make_plan(model, op="merge+prune", keep=keeps, heads=3, mlp_hidden=128, model_name="ltmp_vit_mnist")
+    ltmp_core.save_plan(plan, tmp_path / "plan.json")
+    out = tmp_path / "out"
+    code, text, err = cli("train", str(tmp_path / "plan.json"), "-o", str(out), *QUICK, "--recipe", "full",
+                          "--epochs", "1", "--json")
+    assert code == 0, err
+    result = json.loads(text)
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights["blocks.0.attn.qkv.weight"].shape == (3 * 3 * 16, 64) and weights["blocks.5.mlp.fc1.weight"].shape == (128, 64)
+    _, trained_plan, facts = ltmp_core.read_trained(out / "model.safetensors", weights=False)
+    assert trained_plan.widths() == [(3, 128)] * 12 and trained_plan.meta["width"]["importance"] == "taylor"
+    # Per-layer budgets calibrated from a plan without thresholds, six steps: far from tuned, far above chance.
+    assert result["test_flops_ratio"] <= 0.4 and result["test_top1"] > 0.5
+    code, text, err = cli("validate", str(out / "model.safetensors"), "--json")
+    assert code == 0, err
+    v = json.loads(text)
+    assert v["top1"] == result["test_top1"] and v["flops_ratio"] == pytest.approx(result["test_flops_ratio"], rel=1e-12)
+    from search.deploy import export_static, load_trained_model
+
+    static = load_trained_model(out / "model.safetensors", "static")
+    assert ltmp_core.block_widths(static) == [(3, 128)] * 12
+    export_static(out / "model.safetensors", tmp_path / "model.pt2")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(tmp_path / "model.pt2").module()(x), static(x), rtol=1e-5, atol=1e-5)
