@@ -10,7 +10,7 @@ For one target and seed, on the embedded default (MNIST proxy):
 4. the test split, which neither search nor training reads: the untrained plan (`search validate`)
    and the trained model.
 
-    python benchmarks/joint_vs_tokens.py --flops 0.35 --seed 0 --epochs 8 --json >> docs/data/joint_vs_tokens.jsonl
+    python benchmarks/joint_vs_tokens.py --flops 0.35 --seed 0 --epochs 8 --keep runs/ --json >> docs/data/joint_vs_tokens.jsonl
 
 Prints one row per space: search select top-1 and FLOPs ratio, images the search processed and its
 seconds, the plan's widths, test top-1 and FLOPs ratio before and after training.
@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--n-trials", type=int, default=24)
     p.add_argument("--spaces", default="structured,joint")
     p.add_argument("--search-args", default="", help="more flags for both searches")
+    p.add_argument("--keep", metavar="DIR", help="copy each plan and trained model here (for search bench later)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     import optuna
@@ -80,6 +81,14 @@ def main() -> None:
                 "static_flops_ratio": out["static_flops_ratio"], "shifted_to_aim": out["shifted_to_aim"],
                 "train_seconds": round(time.perf_counter() - start, 1), "cpus": os.cpu_count(),
             }
+            if a.keep:
+                import shutil
+
+                keep = Path(a.keep) / f"{space}-{a.flops}-{a.seed}"
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(cwd / plan_file, keep / "plan.json")
+                shutil.copy(cwd / f"out-{space}" / "model.safetensors", keep / "model.safetensors")
+                row["kept_at"] = str(keep)
             print(json.dumps(row) if a.json else row, flush=True)
 
 
