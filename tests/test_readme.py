@@ -20,6 +20,10 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(code, str(README), "exec"), namespace)
     assert (tmp_path / "plan.json").exists()
     assert namespace["macs"] < 4.6e9 and namespace["loss"].requires_grad
+    import ltmp_core
+
+    assert ltmp_core.block_widths(namespace["narrow"]) == [(6, 1536)] * 6 + [(4, 768)] * 6
+    assert ltmp_core.get_mode(namespace["narrow"]) == "static"
 
 
 def ci_command(marker: str, readme: Path = README) -> str:
