@@ -15,19 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _search(*args: str, cwd: Path) -> str:
-    exe = Path(sys.executable).with_name("search")
-    done = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"search {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
+from _commands import search as _search
 
 
 def main() -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
 
 from search.cli import main
 
@@ -27,3 +30,17 @@ def cli(*args: str) -> tuple[int, str, str]:
         except SystemExit as e:  # argparse's own exits (usage errors: 2)
             code = e.code
     return code, out.getvalue(), err.getvalue()
+
+
+def isolate(mp: pytest.MonkeyPatch, workdir: Path) -> None:
+    """Work in ``workdir``, with its own cache of trained base models and no ``OPTUNA_STORAGE`` from outside."""
+    mp.chdir(workdir)
+    mp.setenv("LTMP_CACHE", str(workdir / "cache"))
+    mp.delenv("OPTUNA_STORAGE", raising=False)
+
+
+def cli_in(workdir: Path, *args: str) -> tuple[int, str, str]:
+    """:func:`cli` run inside ``workdir`` (:func:`isolate`), for module fixtures, which have no ``monkeypatch``."""
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, workdir)
+        return cli(*args)

@@ -13,7 +13,7 @@ import torch
 from optuna.trial import TrialState
 
 import ltmp_core
-from tests.search.helpers import cli, preset
+from tests.search.helpers import cli, cli_in, isolate, preset
 from search.data import builtin, load_data
 from search.finetune import evaluate
 from search.models import load_base_model
@@ -33,19 +33,14 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated(workdir, monkeypatch):
-    monkeypatch.chdir(workdir)
-    monkeypatch.setenv("LTMP_CACHE", str(workdir / "cache"))
-    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    isolate(monkeypatch, workdir)
 
 
 @pytest.fixture(scope="module")
 def first_run(workdir):
     url = f"sqlite:///{workdir / 'tiny.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(workdir)
-        mp.setenv("LTMP_CACHE", str(workdir / "cache"))
-        code, out, err = cli("run", "--flops", "0.5", "--preset", "tiny.toml", "--storage", url,
-                             "--study-name", "tiny", "--quiet")
+    code, out, err = cli_in(workdir, "run", "--flops", "0.5", "--preset", "tiny.toml", "--storage", url,
+                            "--study-name", "tiny", "--quiet")
     assert code == 0, err
     return url, out
 

@@ -18,7 +18,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from PIL import Image
 
 import ltmp_core
-from tests.search.helpers import cli, preset
+from tests.search.helpers import cli, cli_in, preset
 from search.plots import DIM, OUTLINE, SQUEEZE_MARK, accuracy_flops_plot, token_map
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -32,11 +32,8 @@ def study(tmp_path_factory):
     work = tmp_path_factory.mktemp("dash")
     (work / "p.toml").write_text(preset())
     url = f"sqlite:///{work / 'd.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        mp.setenv("LTMP_CACHE", str(work / "cache"))
-        code, _, err = cli("run", "--flops", "0.5", "--preset", "p.toml", "--storage", url, "--study-name", "dash",
-                           "--quiet")
+    code, _, err = cli_in(work, "run", "--flops", "0.5", "--preset", "p.toml", "--storage", url, "--study-name", "dash",
+                          "--quiet")
     assert code == 0, err
     return work, url
 

@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 import ltmp_core
-from tests.search.helpers import cli, preset
+from tests.search.helpers import cli, cli_in, isolate, preset
 
 JOINT = preset(holdout=120, base_epochs=2, space="joint", width_recovery=2, n_trials=4)
 
@@ -25,19 +25,14 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated(workdir, monkeypatch):
-    monkeypatch.chdir(workdir)
-    monkeypatch.setenv("LTMP_CACHE", str(workdir / "cache"))
-    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    isolate(monkeypatch, workdir)
 
 
 @pytest.fixture(scope="module")
 def study(workdir):
     url = f"sqlite:///{workdir / 'joint.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(workdir)
-        mp.setenv("LTMP_CACHE", str(workdir / "cache"))
-        code, _, err = cli("run", "--flops", "0.5", "--preset", "joint.toml", "--storage", url, "--study-name", "joint",
-                           "--quiet")
+    code, _, err = cli_in(workdir, "run", "--flops", "0.5", "--preset", "joint.toml", "--storage", url,
+                          "--study-name", "joint", "--quiet")
     assert code == 0, err
     return url, optuna.load_study(study_name="joint", storage=url)
 
