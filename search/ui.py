@@ -164,8 +164,8 @@ class RunDisplay:
     """Progress of a run, as Optuna users know it from ``show_progress_bar``.
 
     On a terminal: a rich display on stderr with the study's trials done of ``--n-trials`` (ETA,
-    best feasible top-1 so far) and the current trial's phase (calibrate, tune step k of n, score);
-    the base model's training gets its own bar with an ETA. Otherwise (logs, pipes): one
+    best feasible top-1 so far) and the current trial's phase (cut width, calibrate, tune step k of
+    n, score); the base model's training gets its own bar with an ETA. Otherwise (logs, pipes): one
     timestamped line per finished trial and a "best is trial N" line when the best changes
     (nothing with ``quiet``).
     """
