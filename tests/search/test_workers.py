@@ -81,6 +81,30 @@ def study_name(request):
         store.dispose()
 
 
+def watch(url: str, name: str, deadline: float) -> optuna.Study | None:
+    """The study another process is creating, opened once for polling; None if it is not there by ``deadline``.
+
+    One engine without a pool: a storage opened per poll holds a connection until it is collected,
+    and a slow start of the workers then exhausts the server's connections.
+    """
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        while True:
+            try:
+                with engine.connect() as conn:
+                    if conn.execute(sa.text("select 1 from studies where study_name = :n"), {"n": name}).first():
+                        break
+            except sa.exc.DBAPIError:  # the workers have not created Optuna's tables yet
+                pass
+            if time.time() > deadline:
+                return None
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sa.pool.NullPool})
+    return optuna.load_study(study_name=name, storage=storage)
+
+
 def check_exact(url: str, name: str, n: int) -> optuna.Study:
     study = optuna.load_study(study_name=name, storage=url)
     trials = study.get_trials(deepcopy=False)
@@ -122,12 +146,9 @@ def test_postgresql_worker_killed_mid_trial_is_retried(workdir, study_name):
         cwd=workdir, env=env(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = None
     deadline = time.time() + 120
-    while victim is None and time.time() < deadline:
+    study = watch(url, name, deadline)
+    while study is not None and victim is None and time.time() < deadline:
         time.sleep(0.1)
-        try:
-            study = optuna.load_study(study_name=name, storage=url)
-        except KeyError:
-            continue
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.number >= 2 and "worker" in t.user_attrs:  # mid-trial, after the first ones
                 victim = t
