@@ -220,7 +220,7 @@ def test_ctrl_c_marks_the_trial_interrupted_and_the_study_resumes(workdir, study
     assert interrupted.state == TrialState.FAIL and "interrupted" in interrupted.user_attrs["fail_reason"]
     assert not study.get_trials(states=(TrialState.RUNNING,))
     # The same command resumes and finishes the study.
-    done = search_cli(workdir, *args, "--quiet")
+    done = search_cli(workdir, *args, "--quiet", timeout=600)
     assert done.returncode == 0, done.stderr
     check_exact(url, name, 2)
 
