@@ -44,3 +44,20 @@ def cli_in(workdir: Path, *args: str) -> tuple[int, str, str]:
     with pytest.MonkeyPatch.context() as mp:
         isolate(mp, workdir)
         return cli(*args)
+
+
+def folder_with(factory: pytest.TempPathFactory, name: str, files: dict[str, str]) -> Path:
+    """A fresh module folder holding ``files`` (name: text), e.g. the presets its studies run."""
+    path = factory.mktemp(name)
+    for file, text in files.items():
+        (path / file).write_text(text)
+    return path
+
+
+def run_study(workdir: Path, preset_file: str, name: str, flops: float = 0.5) -> tuple[str, str]:
+    """``search run --flops F --preset P`` into ``workdir/NAME.db`` as study NAME; its URL and stdout."""
+    url = f"sqlite:///{workdir / name}.db"
+    code, out, err = cli_in(workdir, "run", "--flops", str(flops), "--preset", preset_file, "--storage", url,
+                            "--study-name", name, "--quiet")
+    assert code == 0, err
+    return url, out

@@ -13,7 +13,7 @@ import torch
 from optuna.trial import TrialState
 
 import ltmp_core
-from tests.search.helpers import cli, cli_in, isolate, preset
+from tests.search.helpers import cli, folder_with, isolate, preset, run_study
 from search.data import builtin, load_data
 from search.finetune import evaluate
 from search.models import load_base_model
@@ -26,9 +26,7 @@ TINY_PRESET = preset(holdout=120, base_epochs=2, trial_steps=4, eval_every=2, ev
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("search")
-    (path / "tiny.toml").write_text(TINY_PRESET)
-    return path
+    return folder_with(tmp_path_factory, "search", {"tiny.toml": TINY_PRESET})
 
 
 @pytest.fixture(autouse=True)
@@ -38,11 +36,7 @@ def _isolated(workdir, monkeypatch):
 
 @pytest.fixture(scope="module")
 def first_run(workdir):
-    url = f"sqlite:///{workdir / 'tiny.db'}"
-    code, out, err = cli_in(workdir, "run", "--flops", "0.5", "--preset", "tiny.toml", "--storage", url,
-                            "--study-name", "tiny", "--quiet")
-    assert code == 0, err
-    return url, out
+    return run_study(workdir, "tiny.toml", "tiny")
 
 
 def test_run_records_trials_constraints_plans_and_layer_rows(first_run):

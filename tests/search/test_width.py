@@ -11,16 +11,14 @@ import pytest
 from optuna.trial import TrialState
 
 import ltmp_core
-from tests.search.helpers import cli, cli_in, isolate, preset
+from tests.search.helpers import cli, folder_with, isolate, preset, run_study
 
 JOINT = preset(holdout=120, base_epochs=2, space="joint", width_recovery=2, n_trials=4)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("width")
-    (path / "joint.toml").write_text(JOINT)
-    return path
+    return folder_with(tmp_path_factory, "width", {"joint.toml": JOINT})
 
 
 @pytest.fixture(autouse=True)
@@ -30,10 +28,7 @@ def _isolated(workdir, monkeypatch):
 
 @pytest.fixture(scope="module")
 def study(workdir):
-    url = f"sqlite:///{workdir / 'joint.db'}"
-    code, _, err = cli_in(workdir, "run", "--flops", "0.5", "--preset", "joint.toml", "--storage", url,
-                          "--study-name", "joint", "--quiet")
-    assert code == 0, err
+    url, _ = run_study(workdir, "joint.toml", "joint")
     return url, optuna.load_study(study_name="joint", storage=url)
 
 
