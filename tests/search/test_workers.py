@@ -201,12 +201,9 @@ def test_ctrl_c_marks_the_trial_interrupted_and_the_study_resumes(workdir, study
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     running = None
-    while running is None and time.time() < deadline:
+    study = watch(url, name, deadline)
+    while study is not None and running is None and time.time() < deadline:
         time.sleep(0.3)
-        try:
-            study = optuna.load_study(study_name=name, storage=url)
-        except (KeyError, Exception):
-            continue
         running = next(iter(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))), None)
     assert running is not None
     time.sleep(0.5)
