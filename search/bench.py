@@ -48,6 +48,20 @@ def time_batches(runners: list[Callable[[], Any]], device: torch.device, warmup:
     return times
 
 
+def _activation_mb(run: Callable[[], Any], device: torch.device) -> float | None:
+    """CUDA memory one call of ``run`` takes at its peak beyond what was allocated before it (weights,
+    inputs, CUDA graph pools); None on other devices."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        run()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def bench_plan(
     model: nn.Module,
     plan: ReductionPlan,
@@ -63,7 +77,9 @@ def bench_plan(
     """Time the unpatched ``model`` and a patched copy under ``plan``; returns the figures.
 
     ``speedup`` is images/s of the plan over the model's; ``ideal_fraction`` is the speedup times
-    the measured FLOPs ratio (1.0 = as fast as the FLOPs say).
+    the measured FLOPs ratio (1.0 = as fast as the FLOPs say). On CUDA, ``peak_memory_mb`` is the
+    peak over the timed runs of both models, ``activation_mb_base``/``_plan`` what one call of each
+    takes beyond the memory already held.
     """
     if mode not in ("static", "dynamic"):
         raise LTMPError(f"mode: expected static or dynamic, got {mode!r}")
@@ -95,6 +111,8 @@ def bench_plan(
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
         base_t, plan_t = time_batches([call(base_run), call(plan_run)], device, warmup, runs)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    base_mb, plan_mb = (_activation_mb(call(m), device) for m in (base_run, plan_run))
     macs = float(ltmp_core.image_macs(reduced).mean())
     unreduced = ltmp_core.unreduced_macs(g)
     base, red = statistics.median(base_t), statistics.median(plan_t)
@@ -118,7 +136,9 @@ def bench_plan(
         "ideal_speedup": 1 / ratio,
         "ideal_fraction": base / red * ratio,
         "runs": runs,
-        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "peak_memory_mb": peak,
+        "activation_mb_base": base_mb,
+        "activation_mb_plan": plan_mb,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -276,9 +276,18 @@ def _check(c: StudyConfig) -> None:
         raise LTMPError(f"{label('device')}: expected auto, cpu, cuda or cuda:N, got {c.device!r}")
 
 
+def _presets() -> Any:
+    """The folder of the shipped presets: ``search.presets`` when installed, ``studies/`` beside the
+    package when it runs from a source tree on ``PYTHONPATH`` without an install (the GPU machine's way)."""
+    try:
+        return resources.files("search.presets")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "studies"
+
+
 def preset_names() -> list[str]:
     """Presets shipped with the package (``studies/*.toml`` in the source tree)."""
-    return sorted(p.name[:-5] for p in resources.files("search.presets").iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name[:-5] for p in _presets().iterdir() if p.name.endswith(".toml"))
 
 
 def _preset_text(name: str) -> tuple[str, str]:
@@ -288,7 +297,7 @@ def _preset_text(name: str) -> tuple[str, str]:
             return str(path), path.read_text(encoding="utf-8")
         except OSError as e:
             raise LTMPError(f"study: cannot read preset file {name} ({e.strerror or e})") from None
-    resource = resources.files("search.presets") / f"{name}.toml"
+    resource = _presets() / f"{name}.toml"
     if not resource.is_file():
         raise LTMPError(f"study: unknown preset {name!r} (choose from {', '.join(preset_names())}, or give a .toml path)")
     return f"{name}.toml", resource.read_text(encoding="utf-8")

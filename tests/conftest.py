@@ -7,7 +7,10 @@ import os
 # The suite is a CPU suite: it compares figures exactly (fp32, deterministic kernels) and must give the
 # same answers on a machine with a GPU. Hide any GPU before torch looks, also from worker processes
 # the tests start, so that `--device auto` resolves to the CPU. GPU figures come from benchmarks/.
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# `LTMP_TEST_DEVICE=cuda pytest -m cuda` keeps the GPU for the tests marked `cuda` (they compare the
+# device with the CPU; benchmarks/device_check.py runs them).
+if os.environ.get("LTMP_TEST_DEVICE", "cpu") != "cuda":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest  # noqa: E402
 import timm  # noqa: E402
