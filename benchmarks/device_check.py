@@ -14,7 +14,10 @@ its own process and time limit, a failed step recorded with its error without st
 4. ``bench``: ``search bench`` for DeiT-S and DeiT-B (random weights, bf16) at batch 1, 64 and 256,
    static and dynamic, then compiled (``reduce-overhead``) at batch 1 (and 256 when time is left);
 5. ``train``: ``search train --recipe full --epochs 1`` on CUDA with bf16 (images/s), then the same run
-   killed after its first checkpoint and resumed (the weights against the uninterrupted run's).
+   killed after its first checkpoint and resumed (the weights against the uninterrupted run's, and,
+   when they differ, against a second uninterrupted run's);
+6. ``kernels``: ``benchmarks/kernel_count.py``: kernels launched, device busy time and wall time of one
+   eager forward, DeiT-S at batch 1 and DeiT-B at 256 (is eager mode bound by launches?).
 
 Rows go to ``OUT/rows.jsonl`` (one JSON object per line; ``step``, ``ok``, ``seconds``, ``error`` and
 the figures), the pytest report to ``OUT/cuda_tests.xml``, every step's output to ``OUT/log.txt``; the
@@ -23,7 +26,7 @@ last row (``step: targets``) holds the issue's targets against what was measured
 ``--dry-run`` runs every step on the CPU with tiny sizes (CI runs it, so the script cannot rot); the
 CUDA tests are then collected and skipped.
 
-    python benchmarks/device_check.py --out DIR [--wheels .whl] [--budget-s 300] [--dry-run]
+    python benchmarks/device_check.py --out DIR [--wheels .whl] [--budget-s 460] [--dry-run]
 """
 
 from __future__ import annotations
@@ -284,8 +287,21 @@ def train(c: Check, study: str) -> dict[str, Any]:
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     row.update({"resumed_at": resumed["resumed_at"], "resume_max_weight_diff": diff,
                 "resume_bitwise_equal": all(torch.equal(a[k], b[k]) for k in a)})
+    if not row["resume_bitwise_equal"]:
+        # The yardstick: the same uninterrupted run again (CUDA's atomic-add kernels do not add in a fixed order).
+        c.run("train", [*cmd, "-o", str(c.work / "again")], timeout=240)
+        again = load_file(str(c.work / "again" / "model.safetensors"))
+        row["repeat_max_weight_diff"] = max(float((a[k].float() - again[k].float()).abs().max()) for k in a)
     row["ok"] = 0 < (resumed["resumed_at"] or 0) < whole["steps"] and diff < 1e-2
     return row
+
+
+def kernels(c: Check, model: str, batch: int) -> dict[str, Any]:
+    """benchmarks/kernel_count.py: kernels launched, device busy time and wall time of one eager forward."""
+    args = ["--model", "deit_tiny_patch16_224", "--flops", "0.5", "-b", "1", "--device", "cpu", "--runs", "2"] \
+        if c.dry_run else ["--model", model, "-b", str(batch), "--device", "cuda"]
+    return json.loads(c.run("kernels", [sys.executable, str(ROOT / "benchmarks" / "kernel_count.py"), *args, "--json"],
+                            timeout=120).strip().splitlines()[-1])
 
 
 def targets(c: Check) -> dict[str, Any]:
@@ -303,6 +319,7 @@ def targets(c: Check) -> dict[str, Any]:
 
     b_static = bench_row("deit_base_patch16_224", 256, "static", False) or {}
     b_dynamic = bench_row("deit_base_patch16_224", 256, "dynamic", False) or {}
+    b_compiled = bench_row("deit_base_patch16_224", 256, "static", True) or {}
     b_1 = bench_row("deit_base_patch16_224", 1, "static", True) or {}
     s_1 = bench_row("deit_small_patch16_224", 1, "static", True) or {}
     run = first("search_run", amp=True)
@@ -313,6 +330,7 @@ def targets(c: Check) -> dict[str, Any]:
         "fp32_tokens_equal": same.get("fp32_tokens_equal"),
         "bf16_top1_within_0.2": None if "bf16_top1_diff_points" not in same else abs(same["bf16_top1_diff_points"]) <= 0.2,
         "deit_b_static_256_ideal_fraction": b_static.get("ideal_fraction"),
+        "deit_b_static_256_compiled_ideal_fraction": b_compiled.get("ideal_fraction"),
         "deit_b_dynamic_over_static_256": (b_dynamic["images_per_s_plan"] / b_static["images_per_s_plan"]
                                            if b_static and b_dynamic else None),
         "deit_b_compiled_batch1_speedup": b_1.get("speedup"),
@@ -326,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for rows.jsonl, cuda_tests.xml and log.txt")
     p.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheels to install first (default: .whl/)")
     p.add_argument("--site", default=None, help="where to install them (default: a folder under TMPDIR)")
-    p.add_argument("--budget-s", type=float, default=300, help="wall-clock seconds for the whole check (default 300)")
+    p.add_argument("--budget-s", type=float, default=460, help="wall-clock seconds for the whole check (default 460)")
     p.add_argument("--dry-run", action="store_true", help="every step on the CPU at tiny sizes")
+    p.add_argument("--only", help="run these steps alone (comma-separated: cuda_tests, search_run, same_plan, bench, "
+                   "train, kernels)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -348,17 +368,24 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not versions.get("gpu"):
         c.row("gpu", ok=False, error="torch sees no CUDA device; the CUDA steps would measure the CPU")
         return 1
-    # In order of what matters most if time runs short.
-    c.step("cuda_tests", lambda: cuda_tests(c), needs=30)
-    c.step("search_run", lambda: search_run(c, "gpu-bf16"), needs=40)
-    c.step("same_plan", lambda: same_plan(c, "gpu-bf16"), needs=30)
-    for model in ("deit_small_patch16_224", "deit_base_patch16_224"):
-        c.step("bench", lambda: bench(c, model, "1,64,256", "--mode", "static,dynamic"), needs=30)
-    c.step("train", lambda: train(c, "gpu-bf16"), needs=45)
-    for model in ("deit_small_patch16_224", "deit_base_patch16_224"):
-        c.step("bench", lambda: bench(c, model, "1", "--mode", "static", "--compile"), needs=60)
-    c.step("search_run", lambda: search_run(c, "gpu-fp32", "--no-amp"), needs=40)
-    c.step("bench", lambda: bench(c, "deit_base_patch16_224", "256", "--mode", "static", "--compile"), needs=90)
+    # In order of what matters most if time runs short; --only picks some.
+    steps: list[tuple[str, Callable[[], dict[str, Any] | None], float]] = [
+        ("cuda_tests", lambda: cuda_tests(c), 30),
+        ("search_run", lambda: search_run(c, "gpu-bf16"), 40),
+        ("same_plan", lambda: same_plan(c, "gpu-bf16"), 30),
+        ("train", lambda: train(c, "gpu-bf16"), 45),
+        *[("bench", lambda m=m, b=b: bench(c, m, b, "--mode", "static", "--compile"), 60)
+          for m, b in (("deit_base_patch16_224", "256"), ("deit_base_patch16_224", "1"), ("deit_small_patch16_224", "1"))],
+        *[("kernels", lambda m=m, b=b: kernels(c, m, b), 20)
+          for m, b in (("deit_small_patch16_224", 1), ("deit_base_patch16_224", 256))],
+        *[("bench", lambda m=m: bench(c, m, "1,64,256", "--mode", "static,dynamic"), 30)
+          for m in ("deit_small_patch16_224", "deit_base_patch16_224")],
+        ("search_run", lambda: search_run(c, "gpu-fp32", "--no-amp"), 40),
+    ]
+    only = set(args.only.split(",")) if args.only else None
+    for name, fn, needs in steps:
+        if only is None or name in only:
+            c.step(name, fn, needs=needs)
     c.row("targets", **targets(c))
     failed = [r["step"] for r in c.rows if r.get("ok") is False]
     c.row("end", failed=failed, seconds_left=round(c.left()))
