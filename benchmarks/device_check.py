@@ -244,8 +244,8 @@ def bench(c: Check, model: str, batches: str, *extra: str) -> dict[str, Any]:
         args = ["bench", "--model", "deit_tiny_patch16_224", *TINY_VIT, "--flops", "0.5", "-b", "1,2",
                 "--device", "cpu", "--runs", "2", "--warmup", "1", *[e for e in extra if e != "--compile"]]
     else:
-        args = ["bench", "--model", model, "--flops", "0.35", "-b", batches, "--device", "cuda", "--amp",
-                "--runs", "20", "--warmup", "5", *extra]
+        args = ["bench", "--model", model, "--flops", "0.35", "--importance", "cls", "-b", batches, "--device", "cuda",
+                "--amp", "--runs", "20", "--warmup", "5", *extra]
     printed = c.run("bench", [sys.executable, "-m", "search", *args, "--storage", f"sqlite:///{c.work / 'bench.db'}",
                               "--json"], timeout=300)
     rows = [json.loads(line) for line in printed.splitlines() if line.strip()]  # one object per configuration

@@ -91,7 +91,7 @@ def ablation(flops: float, seed: int) -> list[dict]:
     from search.finetune import Recipe, evaluate, tune_thresholds
     from spaces import LTMP_TUNING
     from search.models import load_base_model
-    from search.prepare import open_data
+    from search.workbench import open_data
     import copy
     import torch
 

@@ -31,7 +31,7 @@ def main() -> None:
         os.environ["LTMP_CACHE"] = tmp  # train here, whatever is cached or shipped
         from search import models
         from search.config import load_preset
-        from search.prepare import open_data
+        from search.workbench import open_data
 
         models.weights_dir = lambda: Path(tmp) / "none"  # do not load the shipped file
         config = load_preset("mnist")

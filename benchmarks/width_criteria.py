@@ -24,7 +24,7 @@ import ltmp_core
 from search.config import resolve
 from search.finetune import unreduced_accuracy
 from search.models import load_base_model
-from search.prepare import open_data
+from search.workbench import open_data
 from search.width import WidthCut, cut_width
 
 #: (heads, MLP units) kept in every block of ltmp_vit_mnist (4 heads, 256 units).

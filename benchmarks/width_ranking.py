@@ -31,7 +31,7 @@ import ltmp_core
 from search.config import TrainSettings, resolve
 from search.finetune import evaluate
 from search.models import load_base_model
-from search.prepare import open_data
+from search.workbench import open_data
 from search.train import train
 from search.width import cut_width, width_cut_for
 from spaces import suggest

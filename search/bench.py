@@ -21,8 +21,8 @@ import torch.nn as nn
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
+from .deploy import compile_static
 from .finetune import autocast
-from .prepare import compile_static
 
 __all__ = ["time_batches", "bench_plan", "describe_device", "bench_command"]
 
@@ -150,7 +150,7 @@ def bench_command(
     model_kwargs: dict[str, Any] | None = None,
     flops: float | None = None,
     op: str = "merge+prune",
-    importance: str = "cls",
+    importance: str | None = None,
     batch_sizes: list[int],
     modes: list[str],
     device: str = "auto",
@@ -170,8 +170,9 @@ def bench_command(
 
     import search.models  # noqa: F401  (registers ltmp_vit_digits)
 
-    from .prepare import resolve_device
+    from .config import StudyConfig
     from .storage import resolve_storage
+    from .workbench import runtime
     from .store import Store
 
     kwargs = dict(model_kwargs or {})
@@ -187,6 +188,7 @@ def bench_command(
     else:
         if not model or flops is None:
             raise LTMPError("bench: give PLAN.json, or --model and --flops for a quick look")
+        importance = importance or StudyConfig().importance[0]  # a study's default
         name, plan, label = model, None, f"{model} {op} ({importance}) at {flops:g}"
     if not timm.is_model(name):
         raise LTMPError(f"--model: unknown timm model {name!r}")
@@ -199,8 +201,7 @@ def bench_command(
         g = ltmp_core.ViTGeometry.from_model(net)
         keeps = ltmp_core.budgets_for_ratio([op] * g.depth, [1.0] * g.depth, g, flops)
         plan = ltmp_core.make_plan(net, op=op, keep=keeps, importance=importance, model_name=name)
-    dev = resolve_device(device)
-    use_amp = amp if amp is not None else dev.type == "cuda"
+    dev, use_amp = runtime(device, amp)
     store = Store(resolve_storage(storage))
     rows = []
     try:

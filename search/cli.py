@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import typing
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .record import StudyRecord, TrialRecord
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,13 +36,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _ratio(text: str) -> float:
+    from ltmp_core import LTMPError
+
+    from .budget import check_ratio
+
     try:
-        value = float(text)
-    except ValueError:
+        return check_ratio(text, "FLOPs ratio")
+    except LTMPError:
         raise argparse.ArgumentTypeError(f"expected a FLOPs ratio in (0, 1], got {text!r}") from None
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise argparse.ArgumentTypeError(f"expected a FLOPs ratio in (0, 1], got {text!r}")
-    return value
 
 
 def _target(text: str) -> float | tuple[float, float]:
@@ -266,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE", action=_KwargsAction)
     p.add_argument("--flops", type=_ratio, help="with --model: a plan at this FLOPs ratio")
     p.add_argument("--op", default="merge+prune", help="with --model: the op of every block (default merge+prune)")
-    p.add_argument("--importance", default="cls", choices=("mean", "cls"),
-                   help="with --model: prune/squeeze scores (default cls: fused attention)")
+    p.add_argument("--importance", default=None, choices=("mean", "cls"),
+                   help="with --model: prune/squeeze scores (default: a study's default, mean; cls keeps fused "
+                   "attention)")
     p.add_argument("-b", "--batch-size", default="32", type=_sizes, help="batch size, or several: 1,32")
     p.add_argument("--mode", default="static", type=_names, help="static, dynamic, or both: static,dynamic")
     p.add_argument("--device", default="auto")
@@ -374,7 +376,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_json({
             "study": study.study_name, "storage": where, "target_flops_ratio": config.flops,
             "new_trials": result.new_trials, "base": result.base,
-            "best": None if best is None else {**trial_summary(best), "plan": best.user_attrs.get("plan")},
+            "best": None if best is None else {**trial_summary(best), "plan": TrialRecord.from_trial(best).plan},
         })
         return 0
     if not result.new_trials:
@@ -387,7 +389,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "(LTMP_CACHE=DIR moves the cache).")
     if base.get("evaluated_accuracy") is not None:
         out.print(f"Unreduced base model ({base.get('model')}): top-1 {ui.pct(base['evaluated_accuracy'])} "
-                  f"on the {config.holdout} select images, {study.user_attrs.get('unreduced_gmacs', 0):.4f} GMACs.")
+                  f"on the {config.holdout} select images, {StudyRecord.from_study(study).unreduced_gmacs or 0:.4f} GMACs.")
     rows = [trial_summary(t) for t in ranked_trials(study)[:5]]
     out.print(ui.trials_table(rows, f"Best trials of {study.study_name}", config.flops,
                               base_accuracy=base.get("evaluated_accuracy")))
@@ -474,13 +476,14 @@ def cmd_show(args: argparse.Namespace) -> int:
             for r in store.layers(study)
         ]
         store.dispose()
+        record = StudyRecord.from_study(study)
         _print_json({"study": study.study_name, "target_flops_ratio": target,
-                     "config": study.user_attrs.get("config"), "base": study.user_attrs.get("base"),
+                     "config": record.config, "base": record.base,
                      "trials": rows, "best_trial": None if best is None else best.number, "layers": layers})
         return 0
     out, _ = _consoles()
     out.print(ui.trials_table(rows, f"Trials of {study.study_name}", target,
-                              base_accuracy=(study.user_attrs.get("base") or {}).get("evaluated_accuracy")))
+                              base_accuracy=(StudyRecord.from_study(study).base or {}).get("evaluated_accuracy")))
     out.print(ui.best_plan(best))
     return 0
 
@@ -505,7 +508,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     out, _ = _consoles()
     out.print(f"Wrote {path}: trial {trial.number} of {args.study_name}, top-1 {ui.pct(accuracy_of(trial))}, "
-              f"FLOPs ratio {ui.num(trial.user_attrs.get('flops_ratio'))}.")
+              f"FLOPs ratio {ui.num(TrialRecord.from_trial(trial).flops_ratio)}.")
     out.print("Apply it:    ltmp_core.apply_plan(model, ltmp_core.load_plan(%r), mode='dynamic')" % str(path))
     return 0
 
@@ -546,7 +549,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import ltmp_core
 
     from .config import TrainSettings
-    from .validate import plan_config
+    from .config import plan_config
 
     given = {f.name: getattr(args, f"train_{f.name}") for f in dataclasses.fields(TrainSettings)}
     settings = TrainSettings(**{k: v for k, v in given.items() if v is not None})
@@ -615,7 +618,8 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import plan_config, read_any, validate_plan
+    from .config import plan_config
+    from .validate import read_any, validate_plan
 
     plan, trained = read_any(args.plan)
     given, preset = _settings(args, "model"), args.preset
@@ -645,6 +649,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
               f"{result['top1_drop'] * 100:.2f} points)")
     out.print(f"  {result['gmacs']:.4g} GMACs per image (FLOPs as MACs), {result['flops_ratio']:.3f} of the unreduced "
               f"model; {result['images_per_s']:.1f} images/s")
+    if result.get("target_flops_ratio") is not None:
+        where = "at or under" if result["within_target"] else "OVER"
+        out.print(f"  {where} the plan's FLOPs target {result['target_flops_ratio']:g} (aim "
+                  f"{result['aim']:.3f}, margin {result['flops_margin']:g})")
     return 0
 
 

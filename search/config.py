@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ltmp_core import IMPORTANCE, OPS, WIDTH_IMPORTANCE, LTMPError
 
+from .budget import DEFAULT_MARGIN, Budget, check_margin, check_ratio
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -31,7 +33,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "TrainSettings", "RECIPES", "train_flag",
-    "StudyConfig", "load_preset", "preset_names", "resolve", "differences", "option_fields", "label",
+    "StudyConfig", "load_preset", "preset_names", "resolve", "plan_config", "differences", "option_fields", "label",
     "DEFAULT_PRESET", "RESULT_FIELDS", "MODEL_SHAPE_FIELDS",
 ]
 
@@ -99,8 +101,8 @@ class StudyConfig:
                            minimum=0)
     flops_min: float | None = setting(None, "lower end of a range of targets (--flops LO:HI): one study with two "
                                       "objectives, top-1 up and measured FLOPs down", minimum=0)
-    flops_margin: float = setting(0.02, "plans aim this fraction under the target, for the images that cost more "
-                                  "than the calibration batch", minimum=0, flag="--flops-margin")
+    flops_margin: float = setting(DEFAULT_MARGIN, "plans aim this fraction under the target, for the images that "
+                                  "cost more than the calibration batch", minimum=0, flag="--flops-margin")
     preset: str = setting(DEFAULT_PRESET, "name or path of the preset these values came from", result=False)
     model: str = setting("ltmp_vit_digits", "timm model name", flag="--model", group="model")
     model_kwargs: dict[str, Any] = setting(help="extra arguments for timm.create_model, e.g. patch_size=8 depth=4",
@@ -169,6 +171,10 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         _check(self)
+
+    def flops_budget(self, target: float | None = None) -> Budget:
+        """The study's budget (a trial of a study over a range of targets gives its own ``target``)."""
+        return Budget(self.flops if target is None else target, self.flops_margin)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -261,12 +267,10 @@ def _check(c: StudyConfig) -> None:
                 if not value:
                     raise LTMPError(f"{where}: give at least one of {', '.join(table)}")
                 object.__setattr__(c, name, tuple(value))
-    if not 0.0 < c.flops <= 1.0:
-        raise LTMPError(f"{label('flops')}: the target FLOPs ratio must be in (0, 1], got {c.flops}")
+    check_ratio(c.flops, label("flops"))
+    check_margin(c.flops_margin, label("flops_margin"))
     if c.flops_min is not None and not 0.0 < c.flops_min < c.flops:
         raise LTMPError(f"{label('flops')}: a range LO:HI needs 0 < LO < HI, got {c.flops_min}:{c.flops}")
-    if not c.flops_margin < 0.5:
-        raise LTMPError(f"flops_margin: must be in [0, 0.5), got {c.flops_margin}")
     if c.tau == 0:
         raise LTMPError(f"tau: must be > 0, got {c.tau}")
     for key, value in c.model_kwargs.items():
@@ -347,6 +351,18 @@ def resolve(preset: str | None, overrides: Mapping[str, Any]) -> StudyConfig:
     return replace(base, **given)
 
 
+def plan_config(plan: Any, preset: str | None, overrides: Mapping[str, Any]) -> StudyConfig:
+    """The configuration to run ``plan`` (a :class:`ltmp_core.ReductionPlan`) with: the preset's, the
+    plan's own model at the size it was searched at unless the flags name another model or size, then
+    the flags (``search validate``, ``search train``)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "model" not in given and plan.model:
+        given["model"] = plan.model
+        if "img_size" not in given and plan.geometry is not None:
+            given["img_size"] = plan.geometry.img_size[0]
+    return resolve(preset, given)
+
+
 def differences(saved: Mapping[str, Any], config: StudyConfig) -> list[str]:
     """Result fields whose value differs between a study's saved configuration and ``config``."""
     now = json.loads(json.dumps(config.to_dict()))
@@ -394,7 +410,9 @@ class TrainSettings:
     model_ema_decay: float = train_option(0.9998, "decay of the moving average", flag="--model-ema-decay")
     budget_weight: float = train_option(10.0, "weight of the FLOPs budget term (LTMP's lambda)", flag="--budget-weight")
     flops: float | None = train_option(None, "target FLOPs ratio (default: the plan's target)", flag="--flops")
-    flops_margin: float = train_option(0.02, "aim this fraction under the target", flag="--flops-margin")
+    flops_margin: float | None = train_option(None, "aim this fraction under the target (default: the plan's, i.e. "
+                                              f"its study's margin; {DEFAULT_MARGIN:g} for a plan that records none)",
+                                              flag="--flops-margin")
     seed: int = train_option(0, "seed of the data order and of every random draw", flag="--seed")
     train_images: int | None = train_option(None, "train on the first N tune images only (quick runs)",
                                       flag="--train-images")
@@ -413,10 +431,10 @@ class TrainSettings:
                 if value < 0 or (f.name in positive and value == 0):
                     raise LTMPError(f"{f.metadata['flag']}: must be {'> 0' if f.name in positive else '>= 0'}, "
                                     f"got {value}")
-        if self.flops is not None and not 0 < self.flops <= 1:
-            raise LTMPError(f"--flops: the target FLOPs ratio must be in (0, 1], got {self.flops}")
-        if not self.flops_margin < 0.5:
-            raise LTMPError(f"--flops-margin: must be in [0, 0.5), got {self.flops_margin}")
+        if self.flops is not None:
+            check_ratio(self.flops, "--flops")
+        if self.flops_margin is not None:
+            check_margin(self.flops_margin, "--flops-margin")
         if self.model_ema_decay >= 1:
             raise LTMPError(f"--model-ema-decay: must be below 1, got {self.model_ema_decay}")
         if self.recipe == "ltmp":

@@ -23,11 +23,16 @@ from ltmp_core import LTMPError
 
 from .data import StudyData
 from .plots import kept_tokens_chart, token_map
-from .results import accuracy_of, ranked_trials, target_of
+from .record import StudyRecord, TrialRecord
+from .results import accuracy_of, ranked_trials
 from .storage import open_storage, sqlite_file
 from .ui import num, plan_columns, plan_rows
 
 __all__ = ["artifact_dir", "DashboardStorage", "TrialRecorder", "plan_note", "save_study_note", "run_dashboard"]
+
+#: The system attribute in which optuna-dashboard 0.21 looks for a trial's constraints (a list; Optuna
+#: 5 keeps them under names, read here through ``FrozenTrial.constraints``).
+LEGACY_CONSTRAINTS = "constraints"
 
 TOKEN_MAP = "token-map.png"
 KEPT_CHART = "kept-tokens.png"
@@ -81,7 +86,7 @@ class TrialRecorder:
                 save_note = None
             if save_note is not None:
                 save_note(trial, plan_note(trial.number, plan, kept, accuracy, ratio, target,
-                                           trial.user_attrs.get("seed_of")))
+                                           TrialRecord.from_trial(trial).seed_of))
             ltmp_core.set_mode(model, mode)
             trace = ltmp_core.trace_tokens(model, self.inputs)
             g = plan["geometry"]
@@ -96,7 +101,7 @@ class TrialRecorder:
                                   g["num_prefix_tokens"], [layer["op"] for layer in plan["layers"]], str(path))
                 upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial)
         except Exception as e:  # a picture must never cost a trial its result
-            trial.set_user_attr("artifact_error", f"{type(e).__name__}: {e}"[:300])
+            TrialRecord.write(trial, artifact_error=f"{type(e).__name__}: {e}"[:300])
 
 
 def save_study_note(study: optuna.Study, best: optuna.trial.FrozenTrial | None) -> None:
@@ -106,14 +111,14 @@ def save_study_note(study: optuna.Study, best: optuna.trial.FrozenTrial | None) 
     except ImportError:
         return
 
-    config = study.user_attrs.get("config", {})
-    base = study.user_attrs.get("base", {})
-    target = target_of(study)
+    record = StudyRecord.from_study(study)
+    config, base = record.config or {}, record.base or {}
+    target = record.target
     lines = [
         f"# {study.study_name}",
         "",
         f"Target: measured FLOPs at most **{target}** of the unreduced model's "
-        f"({study.user_attrs.get('unreduced_gmacs', 0):.4g} GMACs per image; FLOPs are MACs).",
+        f"({record.unreduced_gmacs or 0:.4g} GMACs per image; FLOPs are MACs).",
         f"Model: `{config.get('model')}` ({base.get('source', '?')}); unreduced select-split top-1 "
         f"{100 * base.get('evaluated_accuracy', 0):.2f}%.",
         f"Data: `{config.get('data')}`, {config.get('holdout')} select images score every trial. "
@@ -127,7 +132,7 @@ def save_study_note(study: optuna.Study, best: optuna.trial.FrozenTrial | None) 
         lines.append("No feasible trial yet.")
     else:
         lines.append(f"Best feasible trial: **{best.number}**, top-1 {100 * accuracy_of(best):.2f}% at a FLOPs ratio of "
-                     f"{num(best.user_attrs.get('flops_ratio'))}. Export it with "
+                     f"{num(TrialRecord.from_trial(best).flops_ratio)}. Export it with "
                      f"`search export {study.study_name} -o plan.json`.")
     save_note(study, "\n".join(lines))
 
@@ -164,11 +169,11 @@ class DashboardStorage(optuna.storages.RDBStorage):
 
 def _legacy_constraints(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
     """A copy of ``trial`` whose constraints are also in the legacy list attribute."""
-    named = {k: v for k, v in trial.system_attrs.items() if k.startswith("constraints:")}
-    if not named or "constraints" in trial.system_attrs:
+    named = trial.constraints
+    if not named or LEGACY_CONSTRAINTS in trial.system_attrs:
         return trial
     out = copy.copy(trial)
-    out.system_attrs = {**trial.system_attrs, "constraints": [named[k] for k in sorted(named)]}
+    out.system_attrs = {**trial.system_attrs, LEGACY_CONSTRAINTS: [named[k] for k in sorted(named)]}
     return out
 
 

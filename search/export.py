@@ -11,6 +11,8 @@ from optuna.trial import TrialState
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
+from .budget import Budget
+from .record import StudyRecord, TrialRecord
 from .results import accuracy_of, best_trial, target_of
 from .storage import load_study
 
@@ -35,19 +37,27 @@ def trial_plan(study: optuna.Study, trial_number: int | None = None,
         if not trials:
             raise LTMPError(f"trial: study {study.study_name!r} has no trial {trial_number}")
         trial = trials[0]
-        if trial.state != TrialState.COMPLETE or "plan" not in trial.user_attrs:
+        if trial.state != TrialState.COMPLETE or TrialRecord.from_trial(trial).plan is None:
             raise LTMPError(f"trial: trial {trial_number} is {trial.state.name.lower()}; only complete trials have a plan")
-    plan = ReductionPlan.from_dict(trial.user_attrs["plan"])
+    record = TrialRecord.from_trial(trial)
+    plan = ReductionPlan.from_dict(record.plan)
+    # The trial's budget (plans of earlier versions recorded neither the target nor the margin in their
+    # meta: the trial's target and the study's margin); a best plan "at or under --flops" of a study over
+    # a range of targets has that target.
+    config = StudyRecord.from_study(study).config or {}
+    target = flops if flops is not None else record.target if record.target is not None else target_of(study)
+    budget = Budget.from_meta(plan.meta, target=target, margin=None if "flops_margin" in plan.meta
+                              else config.get("flops_margin"))
     meta = {
         # Plans of older versions carried the aim after the margin as "target"; the target is the user's.
         **{k: v for k, v in plan.meta.items() if k != "target"},
+        **(budget.to_meta() if budget is not None else {}),
         "study": study.study_name,
         "trial": trial.number,
         "top1": accuracy_of(trial),
-        "flops_ratio": trial.user_attrs.get("flops_ratio"),
-        "gmacs": trial.user_attrs.get("gmacs"),
-        "target_flops_ratio": trial.user_attrs.get("target", target_of(study)) if flops is None else flops,
-        "eval_mode": trial.user_attrs.get("eval_mode", "dynamic"),
+        "flops_ratio": record.flops_ratio,
+        "gmacs": record.gmacs,
+        "eval_mode": record.eval_mode or "dynamic",
     }
     return ReductionPlan(plan.layers, model=plan.model, geometry=plan.geometry, meta=meta), trial
 

@@ -17,9 +17,9 @@ ratio (down), and every trial draws its own target in the range.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -30,10 +30,12 @@ import ltmp_core
 from ltmp_core import ViTGeometry
 from spaces import Infeasible, get_space, suggest
 
+from .budget import Budget
 from .config import StudyConfig
 from .data import StudyData
 from .finetune import NonFiniteLoss, Recipe, evaluate, tune_thresholds, unreduced_accuracy
-from .width import cut_width, width_cut_for
+from .record import TrialRecord
+from .workbench import Workbench
 
 __all__ = ["Objective", "TrialHooks", "METRIC_NAME", "METRIC_NAMES", "recipe_for"]
 
@@ -64,148 +66,158 @@ class Objective:
     """Callable for ``study.optimize``: returns select-split top-1 (and, over a range of targets, the
     measured FLOPs ratio), sets the FLOPs constraint.
 
-    The base model is loaded once by the caller; each trial works on a deep copy.
+    The base model is set up once (:class:`search.workbench.Workbench`); each trial works on a deep copy.
     """
 
-    def __init__(
-        self,
-        config: StudyConfig,
-        base: nn.Module,
-        data: StudyData,
-        *,
-        device: torch.device,
-        amp: bool,
-        hooks: TrialHooks | None = None,
-        recorder: Any = None,
-    ) -> None:
-        self.config = config
+    def __init__(self, bench: Workbench, *, hooks: TrialHooks | None = None, recorder: Any = None) -> None:
+        self.bench = bench
+        self.config = bench.config
         self.recorder = recorder  # search.dashboard.TrialRecorder: notes and pictures for the dashboard
-        self.device = device
-        self.amp = amp
-        self.base = base.to(device).eval()
-        self.data = data
-        self.geometry = ViTGeometry.from_model(base)
+        self.device, self.amp, self.data, self.base = bench.device, bench.amp, bench.data, bench.base
+        self.geometry = bench.geometry
         self.unreduced_macs = ltmp_core.unreduced_macs(self.geometry)
-        self.space = get_space(config.space)
+        self.space = get_space(self.config.space)
         self.hooks = hooks or TrialHooks()
-        self.calibration = data.calibration_batch(config.calib_images, config.seed).to(device)
-        self.multi = config.flops_min is not None
+        self.calibration = self.data.calibration_batch(self.config.calib_images, self.config.seed).to(self.device)
+        self.multi = self.config.flops_min is not None
         self._reported: set[tuple[int, int]] = set()
+
+    @classmethod
+    def open(cls, config: StudyConfig, hooks: TrialHooks | None = None,
+             on_base_epoch: Callable[[int, int, float], None] | None = None, artifacts: Path | None = None,
+             data: StudyData | None = None) -> "Objective":
+        """The objective of a study: its workbench (data, base model; trained and cached for the digits
+        preset), and with ``artifacts`` (a folder) a dashboard note and pictures for every finished trial."""
+        from .dashboard import TrialRecorder
+
+        bench = Workbench.open(config, data=data, on_base_epoch=on_base_epoch)
+        recorder = None if artifacts is None else TrialRecorder(bench.data, artifacts)
+        return cls(bench, hooks=hooks, recorder=recorder)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         c = self.config
         self.hooks.on_trial_start(trial.number)
         seed = c.seed + trial.number
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("device", str(self.device))
-        target = trial.suggest_float("flops_target", c.flops_min, c.flops) if self.multi else c.flops
-        trial.set_user_attr("target", target)
-        aim = target * (1.0 - c.flops_margin)
+        budget = c.flops_budget(trial.suggest_float("flops_target", c.flops_min, c.flops) if self.multi else None)
+        TrialRecord.write(trial, seed=seed, device=str(self.device), target=budget.target)
         try:
-            plan = suggest(c.space, trial, self.geometry, aim, ops=c.ops, importance=c.importance)
+            plan = suggest(c.space, trial, self.geometry, budget.aim, ops=c.ops, importance=c.importance)
         except Infeasible as e:
             self._infeasible(trial, e.ops, str(e))
-        trial.set_user_attr("ops", list(plan.ops))
         recipe = recipe_for(c, self.space.budget, plan.meta.get("tuning"))
-        plan = replace(plan, model=c.model).with_layers(tau=[recipe.tau] * plan.depth)
-        trial.set_user_attr("predicted_flops_ratio", ltmp_core.plan_flops_ratio(plan))
+        plan = replace(plan, model=c.model, meta={**plan.meta, **budget.to_meta()})
+        plan = plan.with_layers(tau=[recipe.tau] * plan.depth)
+        TrialRecord.write(trial, ops=list(plan.ops), predicted_flops_ratio=ltmp_core.plan_flops_ratio(plan))
         try:
-            return self._run(trial, plan, recipe, seed, c.batch_size, target, aim)
+            return self._run(trial, plan, recipe, seed, c.batch_size, budget)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             half = max(1, c.batch_size // 2)
-            trial.set_user_attr("oom_retry_batch_size", half)
+            TrialRecord.write(trial, oom_retry_batch_size=half)
             try:
-                return self._run(trial, plan, recipe, seed, half, target, aim)
+                return self._run(trial, plan, recipe, seed, half, budget)
             except torch.cuda.OutOfMemoryError:
-                trial.set_user_attr("fail_reason", f"CUDA out of memory at batch size {c.batch_size} and again at {half}")
+                TrialRecord.write(trial, fail_reason=f"CUDA out of memory at batch size {c.batch_size} and again at {half}")
                 raise
 
     @staticmethod
     def _infeasible(trial: optuna.Trial, ops: list[str], reason: str) -> None:
-        trial.set_user_attr("ops", ops)
-        trial.set_user_attr("pruned_reason", reason)
+        TrialRecord.write(trial, ops=ops, pruned_reason=reason)
         raise optuna.TrialPruned(reason)
 
     def _run(self, trial: optuna.Trial, plan: ltmp_core.ReductionPlan, recipe: Recipe, seed: int, batch_size: int,
-             target: float, aim: float) -> float | tuple[float, float]:
-        c = self.config
+             budget: Budget) -> float | tuple[float, float]:
+        """One trial's work on its plan: cut and patch a copy of the base model, start its thresholds,
+        tune them, score it."""
         torch.manual_seed(seed)
-        model = copy.deepcopy(self.base)
         start = time.perf_counter()
-        mode, images = "static", 0
-        if plan.cuts_width:
-            self.hooks.on_phase("cut width")
-            cut = width_cut_for(c)
-            plan = cut_width(model, plan, self.data, cut, device=self.device, amp=self.amp, teacher=self.base)
-            images += (cut.calib_images if cut.importance == "taylor" else 0) + 2 * cut.recover_steps * cut.recover_batch
-        ltmp_core.apply_plan(model, plan, mode="static")
+        model, plan, images = self._reduced(plan)
+        mode = "static"
         if self.space.tune:
             mode = "dynamic"
-            self.hooks.on_phase("calibrate")
-            passes = _count_forwards(model)
-            if recipe.start == "plan":
-                ltmp_core.set_mode(model, "dynamic")
-            else:
-                try:
-                    if recipe.start == "solve":
-                        ltmp_core.calibrate_to_flops(model, self.calibration, aim)
-                    else:
-                        ltmp_core.calibrate(model, self.calibration)
-                except ltmp_core.Unreachable as e:
-                    self._infeasible(trial, list(plan.ops), str(e).removeprefix("flops: "))
-            images += passes() * len(self.calibration)
-            trial.set_user_attr("calibrated_plan", ltmp_core.get_plan(model).to_dict())
-
-            def on_step(step: int) -> None:
-                self.hooks.on_step(step, recipe.steps)
-                # The pruner sees a trial only once it has tuned (never its calibrated start).
-                if step % c.eval_every == 0 and step < recipe.steps and not self.multi:
-                    self._report(trial, model, step, batch_size)
-
-            if recipe.steps:
-                self.hooks.on_phase("tune")
-            try:
-                tuned = tune_thresholds(
-                    model, self.data.train_batches(batch_size, seed), recipe=recipe, target=aim,
-                    teacher=self.base if c.distill else None, device=self.device, amp=self.amp, on_step=on_step,
-                )
-            except NonFiniteLoss as e:
-                trial.set_user_attr("fail_reason", str(e))
-                raise
-            images += recipe.steps * batch_size * (2 if c.distill else 1)
-            trial.set_user_attr("tune_task_loss", tuned.task_loss)
-            trial.set_user_attr("tune_budget_loss", tuned.budget_loss)
-        trial.set_user_attr("recipe", asdict(recipe))
+            images += self._start(trial, model, plan, recipe, budget)
+            images += self._tune(trial, model, recipe, seed, batch_size, budget)
+        TrialRecord.write(trial, recipe=asdict(recipe))
         tune_seconds = time.perf_counter() - start
+        return self._score(trial, model, plan, recipe, mode, batch_size, budget, images, tune_seconds)
 
+    def _reduced(self, plan: ltmp_core.ReductionPlan) -> tuple[nn.Module, ltmp_core.ReductionPlan, int]:
+        """A copy of the base model cut to the plan's widths and patched (static mode); the images the cut
+        passed through the model (the Taylor criterion's batch, the recovery's forward and backward)."""
+        images = 0
+        if plan.cuts_width:
+            self.hooks.on_phase("cut width")
+            cut = self.bench.width_cut(plan)
+            images = (cut.calib_images if cut.importance == "taylor" else 0) + 2 * cut.recover_steps * cut.recover_batch
+        model, plan = self.bench.reduced(plan, "static", teacher=self.base)
+        return model, plan, images
+
+    def _start(self, trial: optuna.Trial, model: nn.Module, plan: ltmp_core.ReductionPlan, recipe: Recipe,
+               budget: Budget) -> int:
+        """Set the thresholds where the recipe starts them; the images that took. An unreachable aim
+        prunes the trial."""
+        self.hooks.on_phase("calibrate")
+        passes = _count_forwards(model)
+        if recipe.start == "plan":
+            ltmp_core.set_mode(model, "dynamic")
+        else:
+            try:
+                if recipe.start == "solve":
+                    ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
+                else:
+                    ltmp_core.calibrate(model, self.calibration)
+            except ltmp_core.Unreachable as e:
+                self._infeasible(trial, list(plan.ops), str(e).removeprefix("flops: "))
+        TrialRecord.write(trial, calibrated_plan=ltmp_core.get_plan(model).to_dict())
+        return passes() * len(self.calibration)
+
+    def _tune(self, trial: optuna.Trial, model: nn.Module, recipe: Recipe, seed: int, batch_size: int,
+              budget: Budget) -> int:
+        """The recipe's tuning steps on the thresholds; the images they took. The pruner sees the trial's
+        intermediate scores."""
+        c = self.config
+
+        def on_step(step: int) -> None:
+            self.hooks.on_step(step, recipe.steps)
+            # The pruner sees a trial only once it has tuned (never its calibrated start).
+            if step % c.eval_every == 0 and step < recipe.steps and not self.multi:
+                self._report(trial, model, step, batch_size)
+
+        if recipe.steps:
+            self.hooks.on_phase("tune")
+        try:
+            tuned = tune_thresholds(
+                model, self.data.train_batches(batch_size, seed), recipe=recipe, target=budget.aim,
+                teacher=self.base if c.distill else None, device=self.device, amp=self.amp, on_step=on_step,
+            )
+        except NonFiniteLoss as e:
+            TrialRecord.write(trial, fail_reason=str(e))
+            raise
+        TrialRecord.write(trial, tune_task_loss=tuned.task_loss, tune_budget_loss=tuned.budget_loss)
+        return recipe.steps * batch_size * (2 if c.distill else 1)
+
+    def _score(self, trial: optuna.Trial, model: nn.Module, plan: ltmp_core.ReductionPlan, recipe: Recipe,
+               mode: str, batch_size: int, budget: Budget, images: int,
+               tune_seconds: float) -> float | tuple[float, float]:
+        """Top-1 on the select split with tokens removed; the measured FLOPs ratio is the constraint."""
         self.hooks.on_phase("score")
         result = evaluate(model, self.data.holdout_batches(batch_size), device=self.device, amp=self.amp, mode=mode)
-        images += result.images
         ratio = result.macs / self.unreduced_macs
-        trial.set_constraint("flops", ratio - target)
-        final = ltmp_core.get_plan(model)
+        trial.set_constraint("flops", ratio - budget.target)
+        final = replace(ltmp_core.get_plan(model), meta=plan.meta)
         if recipe.start != "calibrate" and mode == "dynamic":
             # Thresholds, not budgets, decided the counts: the budgets (what static mode keeps) become
             # the mean fractions the thresholds kept on the select split.
             final = _with_measured_keeps(final, result.kept_tokens, self.geometry)
-        attrs = {
-            "constraint": ratio - target,  # mirrored: optuna-dashboard 0.21 reads user attributes
-            "accuracy": result.accuracy,
-            "flops_ratio": ratio,
-            "gmacs": result.macs / 1e9,
-            "feasible": ratio <= target,
-            "kept_tokens": result.kept_tokens,
-            "eval_mode": mode,
-            "plan": final.to_dict(),
-            "images_processed": images,
-            "time_tune_s": tune_seconds,
-            "time_eval_s": result.seconds,
-        }
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
+        record = TrialRecord(
+            constraint=ratio - budget.target, accuracy=result.accuracy, flops_ratio=ratio, gmacs=result.macs / 1e9,
+            feasible=ratio <= budget.target, kept_tokens=result.kept_tokens, eval_mode=mode, plan=final.to_dict(),
+            images_processed=images + result.images, time_tune_s=tune_seconds, time_eval_s=result.seconds,
+        )
+        TrialRecord.write(trial, **record.to_user_attrs())
         if self.recorder is not None:
-            self.recorder.record(trial, model, mode, attrs["plan"], result.kept_tokens, result.accuracy, ratio, target)
+            self.recorder.record(trial, model, mode, record.plan, result.kept_tokens, result.accuracy, ratio,
+                                 budget.target)
         if self.multi:
             return result.accuracy, ratio
         if self.space.tune and recipe.steps:
@@ -220,7 +232,7 @@ class Objective:
                          device=self.device, amp=self.amp)
         trial.report(quick.accuracy, step)
         if trial.should_prune():
-            trial.set_user_attr("pruned_reason", f"stopped by the pruner: accuracy {quick.accuracy:.3f} at step {step}")
+            TrialRecord.write(trial, pruned_reason=f"stopped by the pruner: accuracy {quick.accuracy:.3f} at step {step}")
             raise optuna.TrialPruned()
 
     def base_accuracy(self) -> float:

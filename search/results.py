@@ -7,6 +7,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .record import StudyRecord, TrialRecord
+
 __all__ = ["FINISHED", "state_counts", "ranked_trials", "best_trial", "trial_summary", "list_studies", "target_of", "accuracy_of"]
 
 #: States of a trial that counts towards ``--n-trials``.
@@ -15,7 +17,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 def target_of(study: optuna.Study | optuna.study.StudySummary) -> float | None:
     """The FLOPs ratio the user asked the study for (its saved configuration's ``flops``)."""
-    return (study.user_attrs.get("config") or {}).get("flops")
+    return StudyRecord.from_study(study).target
 
 
 def state_counts(study: optuna.Study) -> dict[TrialState, int]:
@@ -33,8 +35,8 @@ def accuracy_of(trial: FrozenTrial) -> float | None:
 
 def _feasible(trial: FrozenTrial, flops: float | None) -> bool:
     """At or under its own target and, if given, under ``flops`` too."""
-    ratio = trial.user_attrs.get("flops_ratio")
-    return bool(trial.user_attrs.get("feasible")) and (flops is None or (ratio is not None and ratio <= flops))
+    r = TrialRecord.from_trial(trial)
+    return bool(r.feasible) and (flops is None or (r.flops_ratio is not None and r.flops_ratio <= flops))
 
 
 def ranked_trials(study: optuna.Study, flops: float | None = None) -> list[FrozenTrial]:
@@ -42,8 +44,11 @@ def ranked_trials(study: optuna.Study, flops: float | None = None) -> list[Froze
     given) by accuracy, ties by fewer FLOPs; then the others by accuracy. The one ranking every
     command uses."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
-    return sorted(complete, key=lambda t: (not _feasible(t, flops), -accuracy_of(t),
-                                           t.user_attrs.get("flops_ratio", 1.0), t.number))
+    def ratio(t: FrozenTrial) -> float:
+        value = TrialRecord.from_trial(t).flops_ratio
+        return 1.0 if value is None else value
+
+    return sorted(complete, key=lambda t: (not _feasible(t, flops), -accuracy_of(t), ratio(t), t.number))
 
 
 def best_trial(study: optuna.Study, flops: float | None = None) -> FrozenTrial | None:
@@ -55,22 +60,22 @@ def best_trial(study: optuna.Study, flops: float | None = None) -> FrozenTrial |
 
 def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
     """What ``search show`` prints of one trial."""
-    plan = trial.user_attrs.get("plan") or {}
-    layers = plan.get("layers", [])
-    ops = [layer["op"] for layer in layers] or list(trial.user_attrs.get("ops", []))
+    r = TrialRecord.from_trial(trial)
+    layers = (r.plan or {}).get("layers", [])
+    ops = [layer["op"] for layer in layers] or list(r.ops or [])
     duration = trial.duration.total_seconds() if trial.duration else None
     return {
         "number": trial.number,
         "state": trial.state.name.lower(),
         "top1": accuracy_of(trial),
-        "flops_ratio": trial.user_attrs.get("flops_ratio"),
-        "gmacs": trial.user_attrs.get("gmacs"),
-        "feasible": trial.user_attrs.get("feasible"),
+        "flops_ratio": r.flops_ratio,
+        "gmacs": r.gmacs,
+        "feasible": r.feasible,
         "ops": ops,
         "keeps": [layer["keep"] for layer in layers],
         "duration_s": duration,
-        "reason": trial.user_attrs.get("pruned_reason") or trial.user_attrs.get("fail_reason"),
-        "seed_of": trial.user_attrs.get("seed_of"),
+        "reason": r.reason,
+        "seed_of": r.seed_of,
     }
 
 
@@ -81,7 +86,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
         study = optuna.load_study(study_name=s.study_name, storage=storage)
         trials = study.get_trials(deepcopy=False)
         best = best_trial(study)
-        config = s.user_attrs.get("config") or {}
+        config = StudyRecord.from_study(s).config or {}
         out.append({
             "study": s.study_name,
             "target_flops_ratio": config.get("flops"),
@@ -93,7 +98,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             "failed": sum(t.state == TrialState.FAIL for t in trials),
             "best_trial": None if best is None else best.number,
             "best_top1": None if best is None else accuracy_of(best),
-            "best_flops_ratio": None if best is None else best.user_attrs.get("flops_ratio"),
+            "best_flops_ratio": None if best is None else TrialRecord.from_trial(best).flops_ratio,
             "started": min((t.datetime_start for t in trials if t.datetime_start), default=None),
         })
     return out

@@ -1,7 +1,8 @@
 """``search run``: create or resume a study and run its trials, here or in ``--jobs`` worker processes.
 
 The pieces live in their own modules: the storage (:mod:`search.storage`), samplers and pruners
-(:mod:`search.samplers`), the device, data, base model and objective (:mod:`search.prepare`), the
+(:mod:`search.samplers`), the device, data and base model (:mod:`search.workbench`), one trial
+(:mod:`search.objective`), the
 trial loop and its workers (:mod:`search.worker`), and reading results back (:mod:`search.results`).
 This module orders them so that everything a user can get wrong fails before anything is written.
 """
@@ -20,11 +21,12 @@ from ltmp_core import LTMPError, ViTGeometry
 from spaces import get_space
 
 from .config import StudyConfig, differences
-from .objective import METRIC_NAME, METRIC_NAMES, TrialHooks
-from .prepare import build_objective, open_data, resolve_device
+from .objective import METRIC_NAME, METRIC_NAMES, Objective, TrialHooks
+from .record import StudyRecord
 from .results import FINISHED, best_trial
 from .storage import open_storage, open_study, resolve_storage, sqlite_file
-from .store import UID, Store
+from .store import Store
+from .workbench import open_data, resolve_device
 from .worker import ensure_slots, run_workers, work
 
 __all__ = ["run", "RunResult", "delete_study"]
@@ -47,7 +49,7 @@ def _check_resume(storage: optuna.storages.BaseStorage, name: str, config: Study
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return
-    saved = study.user_attrs.get("config")
+    saved = StudyRecord.from_study(study).config
     if not saved:
         return
     changed = differences(saved, config)
@@ -97,7 +99,8 @@ def run(
     # a wrong checkpoint or unreachable pretrained weights leave no database behind.
     file = sqlite_file(url)
     rdb = checked_storage() if file is None or file.exists() else None
-    objective, base_info, _ = build_objective(config, hooks, on_base_epoch, pictures, data=data)
+    objective = Objective.open(config, hooks, on_base_epoch, pictures, data=data)
+    base_info = objective.bench.info
     if base_info.get("random_weights") and not config.random_weights and on_warning is not None:
         on_warning(f"{config.model} is searched with random weights (no --pretrained or --checkpoint): every "
                    "accuracy is an untrained model's. Pass --random-weights if that is intended.")
@@ -107,22 +110,20 @@ def run(
     store = Store(url)
     store.clean_orphans({s.study_name for s in rdb.get_all_studies()})  # rows of studies other tools deleted
     first = None
-    if "config" not in study.user_attrs:
+    if StudyRecord.from_study(study).config is None:
         geometry = ViTGeometry.from_model(objective.base)
         study.set_metric_names(list(METRIC_NAMES) if config.flops_min is not None else [METRIC_NAME])
-        study.set_user_attr(UID, uuid.uuid4().hex)  # tells this study from a deleted one of the same name
-        study.set_user_attr("config", config.to_dict())
-        study.set_user_attr("unreduced_gmacs", ltmp_core.unreduced_macs(geometry) / 1e9)
-        study.set_user_attr("base", {**base_info, "evaluated_accuracy": objective.base_accuracy()})
         # The plans the published methods use start the study (as far as the space has such seeds).
         first = get_space(config.space).seeded(geometry, config.ops, config.importance)
         first = first[: max(1, config.n_trials // 3)]
-        study.set_user_attr("seed_trials", len(first))  # trials 0 .. n-1 are the published shapes
+        StudyRecord.write(
+            study, uid=uuid.uuid4().hex, config=config.to_dict(), unreduced_gmacs=ltmp_core.unreduced_macs(geometry) / 1e9,
+            base={**base_info, "evaluated_accuracy": objective.base_accuracy()}, seed_trials=len(first))
     store.sync(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     if hooks is not None:
         hooks.on_study(finished)
-    result = RunResult(study, url, base=study.user_attrs.get("base", base_info), finished_before=finished)
+    result = RunResult(study, url, base=StudyRecord.from_study(study).base or base_info, finished_before=finished)
     try:
         ensure_slots(study, store, config.n_trials, first)
         if jobs == 1:
@@ -136,8 +137,8 @@ def run(
         store.dispose()
         result.skipped = data.skipped()
         if result.skipped:
-            known = set(study.user_attrs.get("skipped_images", []))
-            study.set_user_attr("skipped_images", sorted(known | set(result.skipped)))
+            known = set(StudyRecord.from_study(study).skipped_images or [])
+            StudyRecord.write(study, skipped_images=sorted(known | set(result.skipped)))
     return result
 
 

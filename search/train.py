@@ -14,8 +14,9 @@ Two recipes:
   Mixup/CutMix (timm's ``Mixup``), distillation from the unreduced model (DeiT's soft distillation,
   alpha 0.5, temperature 1), gradient clipping, model EMA (timm's ``ModelEmaV3``), bf16 on CUDA.
 
-Both aim the budget term at the plan's target less the study's margin (``--flops-margin``, 2%): the
-images a model is deployed on cost more or less than the training batches, as in the search.
+Both aim the budget term at the plan's target less the study's margin (both recorded in the plan by its
+trial, :class:`search.budget.Budget`; ``--flops`` and ``--flops-margin`` override them): the images a
+model is deployed on cost more or less than the training batches, as in the search.
 
 Determinism: batch ``s`` of epoch ``e`` is fixed by ``(seed, e)``; every random draw of a step
 (dropout, drop-path, Mixup, augmentation) is seeded from ``(seed, step, rank)``. So a run resumed from
@@ -28,6 +29,7 @@ FLOPs ratio, averaged over the ranks with its gradient).
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -36,7 +38,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -48,12 +50,11 @@ from torch import Tensor
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
+from .budget import DEFAULT_MARGIN, Budget
 from .config import StudyConfig, TrainSettings, train_flag as _flag
-from .data import BUILTIN, StudyData
+from .data import BUILTIN
 from .finetune import autocast, evaluate, unreduced_accuracy
-from .models import load_base_model
-from .prepare import open_data, resolve_device
-from .width import WidthCut, cut_width, width_cut_for
+from .workbench import Workbench, resolve_device
 
 __all__ = ["train", "TrainResult", "check_output", "LAST", "MODEL_FILE"]
 
@@ -220,8 +221,13 @@ def _check_geometry(plan: ReductionPlan, config: StudyConfig, num_classes: int) 
 
 
 def prepare(plan_path: str, config: StudyConfig, settings: TrainSettings, *, model_given: bool
-            ) -> tuple[ReductionPlan, float]:
-    """The plan and its target, checked against the configuration before anything loads."""
+            ) -> tuple[ReductionPlan, Budget]:
+    """The plan and its budget, checked against the configuration before anything loads.
+
+    The budget is the plan's own (its study's target and margin, recorded by the trial), unless
+    ``--flops`` or ``--flops-margin`` say otherwise; a plan made by hand without one aims at the FLOPs
+    ratio its budgets predict.
+    """
     if settings.opt is not None:
         from timm.optim import list_optimizers
 
@@ -231,12 +237,264 @@ def prepare(plan_path: str, config: StudyConfig, settings: TrainSettings, *, mod
     if model_given and plan.model and config.model != plan.model:
         raise LTMPError(f"--model: the plan was searched on {plan.model}, not {config.model}; train it on its own "
                         "model (leave out --model)")
-    target = settings.flops if settings.flops is not None else plan.meta.get("target_flops_ratio")
-    if target is None:
-        target = ltmp_core.plan_flops_ratio(plan) if plan.geometry is not None else None
-    if target is None:
+    budget = Budget.from_meta(plan.meta, target=settings.flops, margin=settings.flops_margin)
+    if budget is None and plan.geometry is not None:
+        budget = Budget(ltmp_core.plan_flops_ratio(plan), settings.flops_margin if settings.flops_margin is not None
+                        else DEFAULT_MARGIN)
+    if budget is None:
         raise LTMPError("--flops: the plan names no target FLOPs ratio; give --flops")
-    return plan, float(target)
+    return plan, budget
+
+
+def _zero_sums() -> dict[str, float]:
+    return {"loss": 0.0, "budget": 0.0, "ratio": 0.0, "n": 0}
+
+
+@dataclass
+class _Run:
+    """One training run, set up: what its steps, epoch ends and checkpoints read and advance."""
+
+    settings: TrainSettings
+    bench: Workbench
+    plan: ReductionPlan
+    budget: Budget
+    out: Path
+    args: dict[str, Any]
+    rank: int
+    world: int
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: Any
+    scheduler: Any
+    calibration: Tensor
+    steps_per_epoch: int
+    teacher: nn.Module | None = None
+    ema: Any = None
+    mixup: Any = None
+    augment: Any = None
+    base_top1: float | None = None
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    sums: dict[str, float] = field(default_factory=_zero_sums)
+    elapsed_before: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.settings.epochs
+
+    @property
+    def batch(self) -> int:
+        return self.bench.config.batch_size
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def evaluated(self, split: str) -> Any:
+        """The model being trained (its moving average, if kept) on a split, tokens really removed."""
+        module = self.ema.module if self.ema is not None else self.model
+        return evaluate(module, self.bench.data.split_batches(split, self.batch), device=self.bench.device,
+                        amp=self.bench.amp, mode="dynamic")
+
+
+def _open(plan: ReductionPlan, budget: Budget, config: StudyConfig, s: TrainSettings, out: Path, args: dict[str, Any],
+          rank: int, world: int, device: torch.device) -> _Run:
+    """Data, base model, the plan's cut and patch, optimizer, schedule and extras of a run."""
+    bench = Workbench.open(config, device=device,
+                           before_weights=lambda data: _check_geometry(plan, config, data.num_classes))
+    data = bench.data
+    if s.train_images is not None:
+        data.trial_images = s.train_images
+        if hasattr(data, "tune_index"):
+            data.tune_index = data.tune_index[: s.train_images]
+    steps_per_epoch = _steps_per_epoch(data.tune_size(), config.batch_size, world, s)
+    teacher = copy.deepcopy(bench.base).eval() if s.distill else None
+    base_top1 = None
+    if rank == 0:
+        base_top1 = unreduced_accuracy(bench.base, data.split_batches("test", config.batch_size), device=device,
+                                       amp=bench.amp)[0]
+    # A plan that cuts width: the base model is cut as the plan's trial cut it, then trained narrower.
+    model, plan = bench.reduced(plan, "static", fresh=False, teacher=teacher)
+    calibration = data.calibration_batch(config.calib_images, 0)
+    if any(getattr(layer, name) is None for layer in plan.layers for name in layer.needs()):
+        ltmp_core.calibrate(model, calibration.to(device))  # budgets only: each layer starts at its budget
+    ltmp_core.set_mode(model, "soft")
+    optimizer, scheduler = _optimizer(model, s, bench.geometry.num_patches, steps_per_epoch)
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Run(s, bench, plan, budget, out, args, rank, world, model, net, optimizer, scheduler, calibration,
+                steps_per_epoch, teacher=teacher, base_top1=base_top1, **_extras(model, s, config, data.num_classes))
+
+
+def _steps_per_epoch(n: int, batch: int, world: int, s: TrainSettings) -> int:
+    if batch % world:
+        raise LTMPError(f"-b: the global batch {batch} must divide among {world} processes")
+    if n // batch == 0:
+        raise LTMPError(f"-b: {batch} is more than the {n} training images")
+    if (s.mixup or s.cutmix) and (batch // world) % 2:
+        raise LTMPError("--mixup: needs an even batch per process")
+    return n // batch
+
+
+def _optimizer(model: nn.Module, s: TrainSettings, num_patches: int, steps_per_epoch: int) -> tuple[Any, Any]:
+    """timm's optimizer and cosine schedule: the thresholds in groups of their own (no weight decay), the
+    weights too for ``--recipe full``."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    trainable = ltmp_core.threshold_parameters(model)
+    if not trainable:
+        raise LTMPError("plan: no layer reduces tokens; there is nothing for the thresholds to learn")
+    model.requires_grad_(s.recipe == "full")
+    for p in trainable:
+        p.requires_grad_(True)
+    groups = _threshold_groups(model, s, num_patches)
+    if s.recipe == "ltmp":
+        optimizer = create_optimizer_v2(groups, opt="momentum", lr=s.lr, momentum=0.0, weight_decay=0.0)
+    else:
+        ids = {id(p) for p in trainable}
+        decay = [p for p in model.parameters() if p.requires_grad and id(p) not in ids and p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.requires_grad and id(p) not in ids and p.ndim <= 1]
+        optimizer = create_optimizer_v2(
+            [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}, *groups],
+            opt=s.opt, lr=s.lr, weight_decay=s.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=s.epochs, min_lr=s.min_lr,
+                                       warmup_epochs=s.warmup_epochs, warmup_lr=min(1e-6, s.lr),
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return optimizer, scheduler
+
+
+def _extras(model: nn.Module, s: TrainSettings, config: StudyConfig, num_classes: int) -> dict[str, Any]:
+    """The model EMA, Mixup/CutMix and a folder's training transform, where asked for."""
+    extras: dict[str, Any] = {}
+    if s.model_ema:
+        from timm.utils import ModelEmaV3
+
+        extras["ema"] = ModelEmaV3(model, decay=s.model_ema_decay)
+    if s.mixup or s.cutmix:
+        from timm.data import Mixup
+
+        extras["mixup"] = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, label_smoothing=s.smoothing,
+                                num_classes=num_classes)
+    if config.data not in BUILTIN:  # a folder: timm's training transform (built-in sets are tensors)
+        from timm.data import create_transform, resolve_model_data_config
+
+        g = ltmp_core.ViTGeometry.from_model(model)  # the input size is the unreduced model's
+        dc = resolve_model_data_config(model)
+        dc["input_size"] = (3, g.img_size[0], g.img_size[1])
+        extras["augment"] = create_transform(**dc, is_training=True)
+    return extras
+
+
+def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
+    """Continue from a checkpoint: weights, thresholds, optimizer, schedule, step, the epoch's sums."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(ckpt["ema"])
+    run.step, run.history, run.sums = int(ckpt["step"]), list(ckpt["history"]), dict(ckpt["sums"])
+    run.elapsed_before = float(ckpt.get("elapsed", 0.0))
+
+
+def _save(run: _Run) -> None:
+    """The resume checkpoint, written whole or not at all (rank 0 only)."""
+    if run.rank != 0:
+        return
+    state = {"version": 1, "step": run.step, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "ema": None if run.ema is None else run.ema.state_dict(),
+             "history": run.history, "sums": run.sums, "args": run.args, "elapsed": run.elapsed()}
+    ltmp_core.write_atomic(run.out / LAST, lambda tmp: torch.save(state, tmp))
+
+
+def _train_step(run: _Run, x: Tensor, y: Tensor) -> tuple[float, float, float]:
+    """One optimizer step on a batch: task loss (with distillation), the budget term, the update."""
+    s, device = run.settings, run.bench.device
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    soft_y = None
+    if run.mixup is not None:
+        x, soft_y = run.mixup(x, y)
+    with autocast(device, run.bench.amp):
+        logits = run.net(x).float()
+        if soft_y is not None:
+            task = torch.sum(-soft_y * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        else:
+            task = F.cross_entropy(logits, y, label_smoothing=s.smoothing)
+        if run.teacher is not None:
+            with torch.no_grad():
+                t_logits = run.teacher(x).float()
+            kd = F.kl_div(F.log_softmax(logits / DISTILL_TAU, dim=-1), F.log_softmax(t_logits / DISTILL_TAU, dim=-1),
+                          reduction="batchmean", log_target=True) * DISTILL_TAU ** 2
+            task = (1 - DISTILL_ALPHA) * task + DISTILL_ALPHA * kd
+    ratio = ltmp_core.expected_flops_ratio(run.model)
+    if run.world > 1:  # the ratio of the whole batch, as one process would see it (with its gradient)
+        from torch.distributed.nn.functional import all_reduce
+
+        ratio = all_reduce(ratio) / run.world
+    term = (run.budget.aim - ratio) ** 2
+    loss = task + s.budget_weight * term
+    if not torch.isfinite(loss):
+        raise LTMPError(f"train: the loss is {loss.item()} at step {run.step + 1}; lower --lr")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if s.clip_grad is not None:
+        from timm.utils import dispatch_clip_grad
+
+        dispatch_clip_grad([p for p in run.model.parameters() if p.requires_grad], s.clip_grad)
+    run.optimizer.step()
+    if s.recipe == "ltmp":
+        _clamp(run.model)
+    return task.item(), term.item(), ratio.item()
+
+
+def train_one_epoch(run: _Run, on_step: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """The steps of the current epoch from the run's step on (a resumed run starts mid-epoch); returns
+    the epoch (0-based)."""
+    s = run.settings
+    epoch, first = divmod(run.step, run.steps_per_epoch)
+    positions = epoch_steps(run.bench.data.tune_size(), run.batch, s.seed, epoch, run.rank, run.world)[first:]
+    run.net.train(s.recipe == "full")
+    for x, y in run.bench.data.train_epoch(positions, s.seed, epoch, run.augment):
+        _seed_step(s.seed, run.step, run.rank)
+        task, term, ratio = _train_step(run, x, y)
+        run.step += 1
+        run.scheduler.step_update(num_updates=run.step)
+        if run.ema is not None:
+            run.ema.update(run.model, step=run.step)
+        run.sums = {"loss": run.sums["loss"] + task, "budget": run.sums["budget"] + term,
+                    "ratio": run.sums["ratio"] + ratio, "n": run.sums["n"] + 1}
+        if on_step is not None:
+            on_step({"step": run.step, "steps": run.total_steps, "epoch": epoch + 1, "epochs": s.epochs,
+                     "loss": task, "budget": term, "flops_ratio": ratio, "lr": run.optimizer.param_groups[0]["lr"]})
+        if run.step % run.steps_per_epoch and run.step % s.save_every == 0:
+            _save(run)
+    if run.step % run.steps_per_epoch:  # the epoch's data ran short (unreadable images): count it done
+        run.step = (run.step // run.steps_per_epoch + 1) * run.steps_per_epoch
+    return epoch
+
+
+def _end_epoch(run: _Run, epoch: int, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Score the select split, write the summary and the checkpoint."""
+    if run.rank == 0:
+        ev = run.evaluated("select")
+        k = max(1, run.sums["n"])
+        row = {"epoch": epoch + 1, "train_loss": run.sums["loss"] / k, "budget_term": run.sums["budget"] / k,
+               "train_flops_ratio": run.sums["ratio"] / k, "eval_top1": ev.accuracy, "eval_top5": ev.top5,
+               "eval_flops_ratio": ev.macs / ltmp_core.unreduced_macs(run.bench.geometry),
+               "lr": run.optimizer.param_groups[0]["lr"], "seconds": run.elapsed()}
+        run.history.append(row)
+        _write_text(run.out / SUMMARY, _summary_csv(run.history))
+        if on_epoch is not None:
+            on_epoch(row)
+    run.sums = _zero_sums()
+    _save(run)
+    if run.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def train(
@@ -257,117 +515,19 @@ def train(
     """
     s = settings.resolved()
     out = Path(out)
-    plan, target = prepare(plan_path, config, s, model_given=model_given)
-    aim = target * (1.0 - s.flops_margin)
+    plan, budget = prepare(plan_path, config, s, model_given=model_given)
     config_facts = {k: v for k, v in config.to_dict().items() if k in (
         "preset", "model", "model_kwargs", "data", "img_size", "holdout", "test_images", "checkpoint", "pretrained",
         "calib_images", "batch_size")}
-    args = {**asdict(s), "plan": plan.to_dict(), "config": config_facts, "target": target, "aim": aim}
+    args = {**asdict(s), "plan": plan.to_dict(), "config": config_facts, "target": budget.target, "aim": budget.aim}
     with _distributed(config.device) as (rank, world, device):
         ckpt = check_output(out, resume, args)
         if ckpt is not None and ckpt.get("finished"):
             raise LTMPError(f"--resume: {out} holds a finished run ({MODEL_FILE}); nothing to resume")
-        amp = config.amp if config.amp is not None else device.type == "cuda"
-        data = open_data(config, device)
-        if s.train_images is not None:
-            data.trial_images = s.train_images
-            if hasattr(data, "tune_index"):
-                data.tune_index = data.tune_index[: s.train_images]
-        _check_geometry(plan, config, data.num_classes)  # before any weights load (or train)
-        base, info = load_base_model(
-            config.model, data, img_size=config.img_size, model_kwargs=config.model_kwargs,
-            pretrained=config.pretrained, checkpoint=config.checkpoint, base_epochs=config.base_epochs)
-        geometry = ltmp_core.ViTGeometry.from_model(base)
-        batch = config.batch_size
-        if batch % world:
-            raise LTMPError(f"-b: the global batch {batch} must divide among {world} processes")
-        n = data.tune_size()
-        steps_per_epoch = n // batch
-        if steps_per_epoch == 0:
-            raise LTMPError(f"-b: {batch} is more than the {n} training images")
-        if s.mixup or s.cutmix:
-            if (batch // world) % 2:
-                raise LTMPError("--mixup: needs an even batch per process")
-        total_steps = steps_per_epoch * s.epochs
-
-        teacher = None
-        if s.distill:
-            import copy
-
-            teacher = copy.deepcopy(base).to(device).eval()
-        base.to(device)
-        base_top1 = None
-        if rank == 0:
-            base_top1 = unreduced_accuracy(base, data.split_batches("test", batch), device=device, amp=amp)[0]
-        model = base
-        # A plan that cuts width: the base model is cut as the plan's trial cut it, then trained narrower.
-        plan = cut_width(model, plan, data, WidthCut.of(plan, width_cut_for(config)), device=device, amp=amp,
-                         teacher=teacher)
-        ltmp_core.apply_plan(model, plan, mode="static")
-        missing = any(getattr(layer, name) is None for layer in plan.layers for name in layer.needs())
-        calibration = data.calibration_batch(config.calib_images, 0)
-        model.to(device)
-        if missing:  # a plan with budgets only: thresholds placed so each layer keeps its budget
-            ltmp_core.calibrate(model, calibration.to(device))
-        ltmp_core.set_mode(model, "soft")
-        trainable = ltmp_core.threshold_parameters(model)
-        if not trainable:
-            raise LTMPError("plan: no layer reduces tokens; there is nothing for the thresholds to learn")
-        model.requires_grad_(s.recipe == "full")
-        for p in trainable:
-            p.requires_grad_(True)
-
-        groups = _threshold_groups(model, s, geometry.num_patches)
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-
-        if s.recipe == "ltmp":
-            optimizer = create_optimizer_v2(groups, opt="momentum", lr=s.lr, momentum=0.0, weight_decay=0.0)
-        else:
-            ids = {id(p) for p in trainable}
-            decay = [p for p in model.parameters() if p.requires_grad and id(p) not in ids and p.ndim > 1]
-            no_decay = [p for p in model.parameters() if p.requires_grad and id(p) not in ids and p.ndim <= 1]
-            optimizer = create_optimizer_v2(
-                [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}, *groups],
-                opt=s.opt, lr=s.lr, weight_decay=s.weight_decay)
-        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=s.epochs, min_lr=s.min_lr,
-                                           warmup_epochs=s.warmup_epochs, warmup_lr=min(1e-6, s.lr),
-                                           step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-        ema = None
-        if s.model_ema:
-            from timm.utils import ModelEmaV3
-
-            ema = ModelEmaV3(model, decay=s.model_ema_decay)
-        mixup = None
-        if s.mixup or s.cutmix:
-            from timm.data import Mixup
-
-            mixup = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, label_smoothing=s.smoothing,
-                          num_classes=data.num_classes)
-        augment = None
-        if config.data not in BUILTIN:  # a folder: timm's training transform (built-in sets are tensors)
-            from timm.data import create_transform, resolve_model_data_config
-
-            dc = resolve_model_data_config(model)
-            dc["input_size"] = (3, geometry.img_size[0], geometry.img_size[1])
-            augment = create_transform(**dc, is_training=True)
-
-        step, history, sums = 0, [], {"loss": 0.0, "budget": 0.0, "ratio": 0.0, "n": 0}
-        elapsed_before = 0.0
+        run = _open(plan, budget, config, s, out, args, rank, world, device)
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(ckpt["ema"])
-            step, history, sums = int(ckpt["step"]), list(ckpt["history"]), dict(ckpt["sums"])
-            elapsed_before = float(ckpt.get("elapsed", 0.0))
-        resumed_at = step
-        net: nn.Module = model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            _restore(run, ckpt)
+        resumed_at = run.step
         if world > 1:  # every rank has checked OUT before rank 0 writes to it
             import torch.distributed as dist
 
@@ -375,108 +535,18 @@ def train(
         if rank == 0:
             out.mkdir(exist_ok=True)
             _write_text(out / ARGS, _yaml({**args, "world_size": world, "device": str(device),
-                                             "weights": info.get("source")}))
-            ltmp_core.save_plan(plan, out / "plan_start.json")
+                                             "weights": run.bench.info.get("source")}))
+            ltmp_core.save_plan(run.plan, out / "plan_start.json")
         if on_start is not None:
-            on_start({"epochs": s.epochs, "steps": total_steps, "steps_per_epoch": steps_per_epoch, "resumed_at": step,
-                      "rank": rank, "world": world, "device": str(device), "target": target, "aim": aim,
-                      "weights": info.get("source"), "images": n})
-        started = time.perf_counter()
-
-        def save(step: int) -> None:
-            if rank != 0:
-                return
-            state = {"version": 1, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "ema": None if ema is None else ema.state_dict(),
-                     "history": history, "sums": sums, "args": args,
-                     "elapsed": elapsed_before + time.perf_counter() - started}
-            ltmp_core.write_atomic(out / LAST, lambda tmp: torch.save(state, tmp))
-
-        def evaluated(module: nn.Module, split: str) -> Any:
-            return evaluate(module, data.split_batches(split, batch), device=device, amp=amp, mode="dynamic")
-
-        unreduced = ltmp_core.unreduced_macs(geometry)
-        while step < total_steps:
-            epoch, first = divmod(step, steps_per_epoch)
-            positions = epoch_steps(n, batch, s.seed, epoch, rank, world)[first:]
-            net.train(s.recipe == "full")
-            for x, y in data.train_epoch(positions, s.seed, epoch, augment):
-                _seed_step(s.seed, step, rank)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                soft_y = None
-                if mixup is not None:
-                    x, soft_y = mixup(x, y)
-                with autocast(device, amp):
-                    logits = net(x).float()
-                    if soft_y is not None:
-                        task = torch.sum(-soft_y * F.log_softmax(logits, dim=-1), dim=-1).mean()
-                    else:
-                        task = F.cross_entropy(logits, y, label_smoothing=s.smoothing)
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(x).float()
-                        kd = F.kl_div(F.log_softmax(logits / DISTILL_TAU, dim=-1),
-                                      F.log_softmax(t_logits / DISTILL_TAU, dim=-1), reduction="batchmean",
-                                      log_target=True) * DISTILL_TAU ** 2
-                        task = (1 - DISTILL_ALPHA) * task + DISTILL_ALPHA * kd
-                ratio = ltmp_core.expected_flops_ratio(model)
-                if world > 1:  # the ratio of the whole batch, as one process would see it (with its gradient)
-                    from torch.distributed.nn.functional import all_reduce
-
-                    ratio = all_reduce(ratio) / world
-                term = (aim - ratio) ** 2
-                loss = task + s.budget_weight * term
-                if not torch.isfinite(loss):
-                    raise LTMPError(f"train: the loss is {loss.item()} at step {step + 1}; lower --lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if s.clip_grad is not None:
-                    from timm.utils import dispatch_clip_grad
-
-                    dispatch_clip_grad([p for p in model.parameters() if p.requires_grad], s.clip_grad)
-                optimizer.step()
-                if s.recipe == "ltmp":
-                    _clamp(model)
-                step += 1
-                scheduler.step_update(num_updates=step)
-                if ema is not None:
-                    ema.update(model, step=step)
-                task_v, term_v, ratio_v = task.item(), term.item(), ratio.item()
-                sums = {"loss": sums["loss"] + task_v, "budget": sums["budget"] + term_v,
-                        "ratio": sums["ratio"] + ratio_v, "n": sums["n"] + 1}
-                if on_step is not None:
-                    on_step({"step": step, "steps": total_steps, "epoch": epoch + 1, "epochs": s.epochs,
-                             "loss": task_v, "budget": term_v, "flops_ratio": ratio_v,
-                             "lr": optimizer.param_groups[0]["lr"]})
-                if step % steps_per_epoch and step % s.save_every == 0:
-                    save(step)
-            if step % steps_per_epoch:  # the epoch's data ran short (unreadable images): count it done
-                step = (step // steps_per_epoch + 1) * steps_per_epoch
-            if rank == 0:
-                evaluated_model = ema.module if ema is not None else model
-                ev = evaluated(evaluated_model, "select")
-                k = max(1, sums["n"])
-                row = {"epoch": epoch + 1, "train_loss": sums["loss"] / k, "budget_term": sums["budget"] / k,
-                       "train_flops_ratio": sums["ratio"] / k, "eval_top1": ev.accuracy, "eval_top5": ev.top5,
-                       "eval_flops_ratio": ev.macs / unreduced, "lr": optimizer.param_groups[0]["lr"],
-                       "seconds": elapsed_before + time.perf_counter() - started}
-                history.append(row)
-                _write_text(out / SUMMARY, _summary_csv(history))
-                if on_epoch is not None:
-                    on_epoch(row)
-            sums = {"loss": 0.0, "budget": 0.0, "ratio": 0.0, "n": 0}
-            save(step)
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.barrier()
-
-        final: dict[str, Any] = {}
-        if rank == 0:
-            final = _finish(model if ema is None else ema.module, calibration=calibration, data=data, config=config,
-                            settings=s, out=out, plan=plan, target=target, aim=aim, device=device, amp=amp, batch=batch,
-                            geometry=geometry, info=info, config_facts=config_facts, steps=step, base_top1=base_top1)
-        return TrainResult(out=out, epochs=s.epochs, steps=step, resumed_at=resumed_at, history=history, final=final)
+            on_start({"epochs": s.epochs, "steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch,
+                      "resumed_at": run.step, "rank": rank, "world": world, "device": str(device),
+                      "target": budget.target, "aim": budget.aim, "weights": run.bench.info.get("source"),
+                      "images": run.bench.data.tune_size()})
+        while run.step < run.total_steps:
+            _end_epoch(run, train_one_epoch(run, on_step), on_epoch)
+        final = _finish(run) if rank == 0 else {}
+        return TrainResult(out=out, epochs=s.epochs, steps=run.step, resumed_at=resumed_at, history=run.history,
+                           final=final)
 
 
 def _static_budgets(plan: ReductionPlan, aim: float) -> ReductionPlan:
@@ -493,10 +563,7 @@ def _static_budgets(plan: ReductionPlan, aim: float) -> ReductionPlan:
     return plan.with_layers(keep=keeps)
 
 
-def _finish(model: nn.Module, *, calibration: Tensor, data: StudyData, config: StudyConfig, settings: TrainSettings, out: Path,
-            plan: ReductionPlan, target: float, aim: float, device: torch.device, amp: bool, batch: int,
-            geometry: ltmp_core.ViTGeometry, info: dict[str, Any], config_facts: dict[str, Any], steps: int,
-            base_top1: float | None) -> dict[str, Any]:
+def _finish(run: _Run) -> dict[str, Any]:
     """Final figures on the select and test splits, the plan with the counts the thresholds keep, and the
     model file; then the resume checkpoint is removed (the run is whole).
 
@@ -507,29 +574,33 @@ def _finish(model: nn.Module, *, calibration: Tensor, data: StudyData, config: S
     """
     from .objective import _with_measured_keeps
 
+    model = run.model if run.ema is None else run.ema.module
+    aim, geometry = run.budget.aim, run.bench.geometry
     unreduced = ltmp_core.unreduced_macs(geometry)
-    select = evaluate(model, data.split_batches("select", batch), device=device, amp=amp, mode="dynamic")
+    select = run.evaluated("select")
     shifted = select.macs / unreduced > aim
     if shifted:
         try:
-            ltmp_core.calibrate_to_flops(model, calibration.to(device), aim)
+            ltmp_core.calibrate_to_flops(model, run.calibration.to(run.bench.device), aim)
         except ltmp_core.Unreachable as e:
             raise LTMPError(f"train: the trained model is over the FLOPs target and cannot be brought back ({e})") \
                 from None
-        select = evaluate(model, data.split_batches("select", batch), device=device, amp=amp, mode="dynamic")
-    test = evaluate(model, data.split_batches("test", batch), device=device, amp=amp, mode="dynamic")
+        select = run.evaluated("select")
+    test = run.evaluated("test")
     trained = _static_budgets(_with_measured_keeps(ltmp_core.get_plan(model), select.kept_tokens, geometry), aim)
+    s, plan, config = run.settings, run.plan, run.bench.config
     facts = {
-        "recipe": settings.recipe, "epochs": settings.epochs, "steps": steps, "target_flops_ratio": target,
-        "aim": aim, "shifted_to_aim": shifted, "select_top1": select.accuracy, "select_flops_ratio": select.macs / unreduced,
+        "recipe": s.recipe, "epochs": s.epochs, "steps": run.step, **run.budget.to_meta(),
+        "shifted_to_aim": shifted, "select_top1": select.accuracy, "select_flops_ratio": select.macs / unreduced,
         "test_top1": test.accuracy, "test_top5": test.top5, "test_flops_ratio": test.macs / unreduced,
-        "base_test_top1": base_top1,
-        "search_top1": plan.meta.get("top1"), "config": config_facts, "model_kwargs": dict(config.model_kwargs), "weights": info.get("source"),
+        "base_test_top1": run.base_top1, "search_top1": plan.meta.get("top1"), "config": run.args["config"],
+        "model_kwargs": dict(config.model_kwargs), "weights": run.bench.info.get("source"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     facts["static_flops_ratio"] = ltmp_core.plan_flops_ratio(trained, static=True)
-    trained = replace(trained, model=plan.model or config.model, meta={**plan.meta, "trained": facts})
-    ltmp_core.save_trained(model, out / MODEL_FILE, plan=trained, facts=facts)
-    ltmp_core.save_plan(trained, out / PLAN_FILE)
-    (out / LAST).unlink(missing_ok=True)
+    trained = replace(trained, model=plan.model or config.model,
+                      meta={**plan.meta, **run.budget.to_meta(), "trained": facts})
+    ltmp_core.save_trained(model, run.out / MODEL_FILE, plan=trained, facts=facts)
+    ltmp_core.save_plan(trained, run.out / PLAN_FILE)
+    (run.out / LAST).unlink(missing_ok=True)
     return facts

@@ -12,6 +12,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table
 
 from .objective import TrialHooks
+from .record import TrialRecord
 from .results import accuracy_of, best_trial, state_counts
 
 __all__ = [
@@ -117,9 +118,9 @@ def best_plan(trial: optuna.trial.FrozenTrial | None) -> Table | str:
     """The best feasible trial's plan as a table, or the line that says there is none."""
     if trial is None:
         return "No feasible trial yet."
-    a = trial.user_attrs
-    return plan_table(a["plan"], a.get("kept_tokens"), f"Best plan: trial {trial.number}, top-1 "
-                      f"{pct(accuracy_of(trial))}, FLOPs ratio {a['flops_ratio']:.3f}")
+    r = TrialRecord.from_trial(trial)
+    return plan_table(r.plan, r.kept_tokens, f"Best plan: trial {trial.number}, top-1 "
+                      f"{pct(accuracy_of(trial))}, FLOPs ratio {r.flops_ratio:.3f}")
 
 
 def studies_table(rows: Sequence[dict[str, Any]], where: str) -> Table:
@@ -136,12 +137,12 @@ def studies_table(rows: Sequence[dict[str, Any]], where: str) -> Table:
 
 def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     """One plain line per finished trial."""
-    a = trial.user_attrs
+    r = TrialRecord.from_trial(trial)
     if trial.state == optuna.trial.TrialState.COMPLETE:
-        feasible = "feasible" if a.get("feasible") else "over the target"
-        return (f"trial {trial.number}: top-1 {pct(accuracy_of(trial))}, FLOPs ratio {num(a.get('flops_ratio'))} "
-                f"({feasible}), {a.get('gmacs', 0):.4g} GMACs")
-    reason = a.get("pruned_reason") or a.get("fail_reason") or ""
+        feasible = "feasible" if r.feasible else "over the target"
+        return (f"trial {trial.number}: top-1 {pct(accuracy_of(trial))}, FLOPs ratio {num(r.flops_ratio)} "
+                f"({feasible}), {r.gmacs or 0:.4g} GMACs")
+    reason = r.reason or ""
     return f"trial {trial.number}: {trial.state.name.lower()}" + (f" ({reason})" if reason else "")
 
 
@@ -246,7 +247,7 @@ class RunDisplay:
             self.best = best.number
             if self.progress is None:
                 self.line(f"best is trial {best.number}: top-1 {pct(accuracy_of(best))} at a FLOPs ratio of "
-                          f"{num(best.user_attrs.get('flops_ratio'))}")
+                          f"{num(TrialRecord.from_trial(best).flops_ratio)}")
         if self.progress is not None:
             text = "trials" if self.jobs == 1 else f"trials ({self.jobs} workers)"
             if best is not None:

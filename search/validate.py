@@ -14,14 +14,14 @@ from typing import Any
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
-from .config import StudyConfig, resolve
+from .budget import Budget
+from .config import StudyConfig
 from .data import SPLITS
+from .deploy import compile_static
 from .finetune import evaluate, unreduced_accuracy
-from .models import load_base_model
-from .prepare import compile_static, open_data, resolve_device
-from .width import WidthCut, cut_width, width_cut_for
+from .workbench import Workbench
 
-__all__ = ["validate_plan", "plan_config", "read_any", "TRAINED_SETTINGS"]
+__all__ = ["validate_plan", "read_any", "TRAINED_SETTINGS"]
 
 #: Settings a trained model's file carries that ``search validate`` reuses (its data and model).
 TRAINED_SETTINGS = ("model", "model_kwargs", "data", "img_size", "holdout", "test_images", "batch_size")
@@ -39,17 +39,6 @@ def read_any(path: str) -> tuple[ReductionPlan, dict[str, Any] | None]:
     return plan, settings
 
 
-def plan_config(plan: ReductionPlan, preset: str | None, overrides: dict[str, Any]) -> StudyConfig:
-    """The configuration to validate ``plan`` with: the preset's, the plan's own model at the size it
-    was searched at unless the flags name another model or size, then the flags."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if "model" not in given and plan.model:
-        given["model"] = plan.model
-        if "img_size" not in given and plan.geometry is not None:
-            given["img_size"] = plan.geometry.img_size[0]
-    return resolve(preset, given)
-
-
 def validate_plan(
     plan: ReductionPlan | str,
     config: StudyConfig,
@@ -62,9 +51,11 @@ def validate_plan(
     """Evaluate ``plan`` (or the plan file at that path) on ``config``'s model, data and preprocessing.
 
     ``search validate`` puts the plan's own model and input size into ``config`` unless the user
-    named others. A plan applies to any timm ViT (its budgets are fractions, its thresholds relative
-    scores); when the model's token grid differs from the one the plan was searched on, the result
-    says so in ``geometry_note``. ``name`` labels the plan in the result (default: its path).
+    named others (:func:`search.config.plan_config`). A plan applies to any timm ViT (its budgets are
+    fractions, its thresholds relative scores); when the model's token grid differs from the one the
+    plan was searched on, the result says so in ``geometry_note``. ``name`` labels the plan in the
+    result (default: its path). The plan's budget (its study's target and aim) is reported beside
+    the measured ratio.
     """
     if not isinstance(plan, ReductionPlan):
         name = name or str(plan)
@@ -77,39 +68,29 @@ def validate_plan(
     mode = mode or ("dynamic" if has_thresholds else "static")
     if mode == "dynamic" and not has_thresholds:
         raise LTMPError("mode: the plan has no learned thresholds; use --mode static (fixed token counts)")
-    device = resolve_device(config.device)
-    amp = config.amp if config.amp is not None else device.type == "cuda"
-    data = open_data(config, device, holdout=split == "select")
-    model, info = load_base_model(
-        config.model, data, img_size=config.img_size, model_kwargs=config.model_kwargs,
-        pretrained=config.pretrained, checkpoint=config.checkpoint, base_epochs=config.base_epochs,
-    )
-    model.to(device)
-    base_top1, base_top5 = unreduced_accuracy(model, data.split_batches(split, config.batch_size), device=device,
-                                              amp=amp)
+    if compile and mode != "static":
+        raise LTMPError("compile: only the static mode has fixed shapes; add --mode static")
+    bench = Workbench.open(config, holdout=split == "select")
+    base_top1, base_top5 = unreduced_accuracy(bench.base, bench.data.split_batches(split, config.batch_size),
+                                              device=bench.device, amp=bench.amp)
     # An exported plan that cuts width: the base model is cut as its trial cut it (same criterion, images, seed).
-    plan = cut_width(model, plan, data, WidthCut.of(plan, width_cut_for(config)), device=device, amp=amp)
-    ltmp_core.apply_plan(model, plan, mode=mode)
-    model.to(device)  # the thresholds the plan added
+    model, plan = bench.reduced(plan, mode, fresh=False)
     geometry = ltmp_core.ViTGeometry.from_model(model)
     note = None
     if plan.geometry is not None and plan.geometry.num_patches != geometry.num_patches:
         note = (f"the plan was searched on {plan.geometry.num_patches} patches ({plan.geometry.img_size[0]} px); "
                 f"{config.model} here has {geometry.num_patches} ({geometry.img_size[0]} px)")
-    batches = data.split_batches(split, config.batch_size)
-    runner = model
-    if compile:
-        if mode != "static":
-            raise LTMPError("compile: only the static mode has fixed shapes; add --mode static")
-        runner = compile_static(model, device)
+    runner = compile_static(model, bench.device) if compile else model
     start = time.perf_counter()
-    result = evaluate(model, batches, device=device, amp=amp, mode=mode, runner=runner)
+    result = evaluate(model, bench.data.split_batches(split, config.batch_size), device=bench.device, amp=bench.amp,
+                      mode=mode, runner=runner)
     seconds = time.perf_counter() - start
-    unreduced = ltmp_core.unreduced_macs(geometry)
+    ratio = result.macs / ltmp_core.unreduced_macs(geometry)
+    budget = Budget.from_meta(plan.meta)
     return {
         "plan": name or "plan",
         "model": config.model,
-        "weights": info["source"],
+        "weights": bench.info["source"],
         "data": config.data,
         "split": split,
         "mode": mode,
@@ -120,11 +101,13 @@ def validate_plan(
         "base_top5": base_top5,
         "top1_drop": base_top1 - result.accuracy,
         "gmacs": result.macs / 1e9,
-        "flops_ratio": result.macs / unreduced,
+        "flops_ratio": ratio,
+        **(budget.to_meta() if budget is not None else {}),
+        "within_target": None if budget is None else ratio <= budget.target,
         "kept_tokens": result.kept_tokens,
         "seconds": seconds,
         "images_per_s": result.images / seconds if seconds > 0 else None,
-        "device": str(device),
-        "skipped_images": data.skipped(),
+        "device": str(bench.device),
+        "skipped_images": bench.data.skipped(),
         "geometry_note": note,
     }

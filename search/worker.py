@@ -2,8 +2,8 @@
 
 Optuna's RDB storage is the engine; this module adds one rule on top: a study holds exactly
 ``n_trials`` *slots*, Optuna trials in the WAITING state (``Study.enqueue_trial``, which ``ask``
-pops atomically, also across machines). A worker runs a trial only by popping a slot (a trial that carries the
-user attribute ``slot``), so the study ends with exactly ``n_trials`` finished (complete or pruned)
+pops atomically, also across machines). A worker runs a trial only by popping a slot (a trial whose
+record says ``slot``, :class:`search.record.TrialRecord`), so the study ends with exactly ``n_trials`` finished (complete or pruned)
 trials however many workers share it:
 
 - slots are topped up under a per-study lock (:meth:`search.store.Store.lock`), when a study is
@@ -36,17 +36,12 @@ from ltmp_core import LTMPError
 
 from .config import StudyConfig
 from .objective import Objective
-from .prepare import build_objective
+from .record import TrialRecord
 from .results import state_counts
 from .storage import open_storage, open_study
 from .store import Store
 
-__all__ = ["TrialFailed", "ensure_slots", "work", "run_workers", "SLOT"]
-
-#: User attribute of the trials that are slots (enqueued by :func:`ensure_slots`; kept by retries).
-SLOT = "slot"
-#: User attribute naming the published method whose plan a seeded trial runs.
-SEED = "seed_of"
+__all__ = ["TrialFailed", "ensure_slots", "work", "run_workers"]
 
 POLL_S = 0.5
 MAX_CONSECUTIVE_FAILURES = 5
@@ -66,7 +61,7 @@ def ensure_slots(
     """Enqueue slots until finished + running + waiting trials number ``n_trials``; returns how many.
 
     ``first``: ``(label, parameters)`` of the first slots of a new study (the published methods'
-    plans); the label becomes the trial's user attribute ``seed``.
+    plans); the label becomes the trial's ``seed_of``.
     """
     with store.lock(study.study_name):
         c = state_counts(study)
@@ -75,7 +70,7 @@ def ensure_slots(
         fresh = not study.trials
         for i in range(need):
             label, params = first[i] if fresh and first and i < len(first) else (None, {})
-            attrs = {SLOT: True} if label is None else {SLOT: True, SEED: label}
+            attrs = TrialRecord(slot=True, seed_of=label).to_user_attrs()
             study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
     return need
 
@@ -95,8 +90,8 @@ class _OneLineFailures(logging.Filter):
         return True
 
 
-#: Optuna's logger of trial results (``optuna.study._optimize``).
-_OPTIMIZE_LOGGER = logging.getLogger("optuna.study._optimize")
+#: Optuna's package logger: its handlers write every record of Optuna's modules.
+_OPTUNA_LOGGER = logging.getLogger("optuna")
 
 
 def _fail_stale(study: optuna.Study) -> None:
@@ -115,30 +110,30 @@ def _guarded(objective: Objective, n_trials: int | None = None) -> Callable[[opt
 
     def run(trial: optuna.Trial) -> float:
         # A trial that is not a slot was created by `ask` because the last slot was taken meanwhile.
-        if not trial.user_attrs.get(SLOT):
-            trial.set_user_attr("fail_reason", "surplus: the study's last slot was taken by another worker")
+        if not TrialRecord.from_trial(trial).slot:
+            TrialRecord.write(trial, fail_reason="surplus: the study's last slot was taken by another worker")
             raise Surplus()
         # A slot left waiting by an interrupted run with a larger --n-trials, popped by two workers
         # at once when one trial was missing: this run's count is already reached without it.
         if n_trials is not None and _busy(state_counts(trial.study)) > n_trials:
-            trial.set_user_attr("fail_reason", f"surplus: the study already has its {n_trials} trials")
+            TrialRecord.write(trial, fail_reason=f"surplus: the study already has its {n_trials} trials")
             raise Surplus()
-        trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
+        TrialRecord.write(trial, worker=f"{os.uname().nodename}:{os.getpid()}")
         try:
             return objective(trial)
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+            TrialRecord.write(trial, fail_reason="interrupted (Ctrl-C)")
             raise
         except LTMPError as e:
-            trial.set_user_attr("fail_reason", f"configuration error: {e}")
+            TrialRecord.write(trial, fail_reason=f"configuration error: {e}")
             raise  # stops the run with its message
         except Exception as e:
             message = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            if "fail_reason" not in trial.user_attrs:
-                trial.set_user_attr("fail_reason", f"{type(e).__name__}: {message}")
-            raise TrialFailed(trial.user_attrs.get("fail_reason", type(e).__name__)) from e
+            if TrialRecord.from_trial(trial).fail_reason is None:
+                TrialRecord.write(trial, fail_reason=f"{type(e).__name__}: {message}")
+            raise TrialFailed(TrialRecord.from_trial(trial).fail_reason or type(e).__name__) from e
 
     return run
 
@@ -161,11 +156,14 @@ def work(
             on_trial_end(study, trial)
 
     quiet = _OneLineFailures()
-    _OPTIMIZE_LOGGER.addFilter(quiet)
+    handlers = list(_OPTUNA_LOGGER.handlers)  # a handler's filter sees the records of every Optuna module
+    for handler in handlers:
+        handler.addFilter(quiet)
     try:
         _loop(study, guarded, store, n_trials, record, ran)
     finally:
-        _OPTIMIZE_LOGGER.removeFilter(quiet)
+        for handler in handlers:
+            handler.removeFilter(quiet)
     return ran
 
 
@@ -194,14 +192,15 @@ def _loop(study: optuna.Study, guarded: Callable[[optuna.Trial], float], store: 
         study.optimize(guarded, n_trials=1, catch=(TrialFailed, Surplus), callbacks=[record])
         trial = study.trials[ran[-1]] if len(ran) > before else None
         if trial is not None and trial.state == TrialState.FAIL:
-            if trial.user_attrs.get("fail_reason", "").startswith("surplus"):
+            reason = TrialRecord.from_trial(trial).fail_reason or ""
+            if reason.startswith("surplus"):
                 continue
             failures += 1
             ensure_slots(study, store, n_trials)  # the failed trial's slot is replaced
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 raise LTMPError(
                     f"trials: {failures} trials in a row failed in this worker; the last one: "
-                    f"{trial.user_attrs.get('fail_reason', 'no reason recorded')}"
+                    f"{reason or 'no reason recorded'}"
                 )
         else:
             failures = 0
@@ -227,7 +226,7 @@ def _worker_main(job: _Job) -> None:
         # Each worker samples with a seed of its own.
         study = open_study(job.config, open_storage(job.url, job.config.heartbeat), job.study_name, job.index + 1)
         store = Store(job.url)
-        objective, _, _ = build_objective(job.config, artifacts=job.artifacts)
+        objective = Objective.open(job.config, artifacts=job.artifacts)
         work(study, objective, store, job.config.n_trials)
         store.dispose()
     except KeyboardInterrupt:

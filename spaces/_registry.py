@@ -49,7 +49,7 @@ class Space:
         description: One line for ``--help`` and the docs.
         seeds: ``seeds(geometry, ops, importance)``: the plans a new study of this space starts from
             (the published methods' shapes), as ``{label: parameters}`` in order, or ``None``. The
-            label names the method on the trial (user attribute ``seed``), in tables and the dashboard.
+            label names the method on the trial (its record's ``seed_of``), in tables and the dashboard.
     """
 
     name: str

@@ -29,7 +29,7 @@ def test_quick_look_measures_each_configuration_and_stores_it(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     base = counted_macs(stock, x)
     keeps = ltmp_core.budgets_for_ratio(["merge+prune"] * 4, [1.0] * 4, g, 0.5)
-    ltmp_core.apply_plan(stock, ltmp_core.make_plan(stock, op="merge+prune", keep=keeps, importance="cls"))
+    ltmp_core.apply_plan(stock, ltmp_core.make_plan(stock, op="merge+prune", keep=keeps, importance="mean"))
     counted = counted_macs(stock, x) / base
     for r in rows:
         assert r["speedup"] > 0 and r["latency_ms_base"] > 0
@@ -45,7 +45,8 @@ def test_quick_look_measures_each_configuration_and_stores_it(tmp_path):
         assert {"batch", "mode", "compiled", "ideal_fraction", "speedup"} <= set(row)
     assert [(h["batch"], h["mode"], h["compiled"]) for h in history[::-1]] == [(2, "static", False), (4, "static", False),
                                                                              (2, "dynamic", False), (4, "dynamic", False)]
-    assert history[0]["plan"].startswith("vit_small_patch16_224 merge+prune (cls) at 0.5")
+    # The quick look scores prune tokens as a study does by default (mean attention received).
+    assert history[0]["plan"].startswith("vit_small_patch16_224 merge+prune (mean) at 0.5")
     code, out, _ = cli("bench", "--history", "--storage", url)
     assert code == 0 and "of ideal" in out
 

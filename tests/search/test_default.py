@@ -59,7 +59,7 @@ def test_validate_reads_the_same_test_split_as_the_search():
     import torch
 
     from search.config import resolve
-    from search.prepare import open_data
+    from search.workbench import open_data
 
     config = resolve("mnist", {"flops": 0.35})
     searched = open_data(config, torch.device("cpu"))

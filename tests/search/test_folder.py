@@ -18,7 +18,7 @@ from tests.search.helpers import cli
 from ltmp_core import LTMPError
 from search.data import FolderData
 from search.models import load_base_model, load_checkpoint
-from search.prepare import open_data
+from search.workbench import open_data
 from search.config import resolve
 
 TINY = ["--model", "vit_small_patch16_224", "--model-kwargs", "patch_size=8", "depth=4", "embed_dim=48",

@@ -286,3 +286,28 @@ def test_a_plan_that_cuts_width_trains_narrower_and_deploys(tmp_path):
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(torch.export.load(tmp_path / "model.pt2").module()(x), static(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_study_margin_is_the_aim_of_training_unless_overridden(tmp_path, monkeypatch):
+    """A study run with --flops-margin 0.05 records its budget in every plan; `search train` aims there."""
+    from tests.search.helpers import isolate, preset, run_study
+
+    isolate(monkeypatch, tmp_path)
+    (tmp_path / "p.toml").write_text(preset(flops_margin=0.05, space="structured", n_trials=2))
+    url, _ = run_study(tmp_path, "p.toml", "margin", flops=0.5)
+    code, _, err = cli("export", "margin", "--storage", url, "-o", str(tmp_path / "plan.json"))
+    assert code == 0, err
+    meta = ltmp_core.load_plan(tmp_path / "plan.json").meta
+    assert (meta["target_flops_ratio"], meta["flops_margin"]) == (0.5, 0.05)
+    assert meta["aim"] == pytest.approx(0.475)
+    quick = ("--preset", "p.toml", "--train-images", "64", "-b", "32", "--json")
+    code, text, err = cli("train", str(tmp_path / "plan.json"), "-o", str(tmp_path / "study"), *quick)
+    assert code == 0, err
+    result = json.loads(text)
+    assert (result["target_flops_ratio"], result["flops_margin"]) == (0.5, 0.05)
+    assert result["aim"] == pytest.approx(0.475) and result["select_flops_ratio"] <= 0.475 + 1e-9
+    assert yaml.safe_load((tmp_path / "study" / "args.yaml").read_text())["aim"] == pytest.approx(0.475)
+    code, text, err = cli("train", str(tmp_path / "plan.json"), "-o", str(tmp_path / "mine"), *quick,
+                          "--flops-margin", "0.1")
+    assert code == 0, err
+    assert json.loads(text)["aim"] == pytest.approx(0.45), "--flops-margin overrides the study's"

@@ -345,7 +345,8 @@ def test_dashboard_binds_to_loopback_by_default(workdir, local, monkeypatch):
 
 def test_only_slots_run_a_trial_is_failed_as_surplus(tmp_path):
     """Slots carry the user attribute ``slot``; a trial `ask` made up (the last slot was taken) never runs."""
-    from search.worker import SLOT, Surplus, _guarded, ensure_slots
+    from search.record import TrialRecord
+    from search.worker import Surplus, _guarded, ensure_slots
 
     url = f"sqlite:///{tmp_path / 'slots.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")
@@ -353,8 +354,8 @@ def test_only_slots_run_a_trial_is_failed_as_surplus(tmp_path):
     assert ensure_slots(study, store, 2, [("a seed", {"x": 1.0})]) == 2
     assert ensure_slots(study, store, 2) == 0
     waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert [t.user_attrs.get(SLOT) for t in waiting] == [True, True]
-    assert [t.user_attrs.get("seed_of") for t in waiting] == ["a seed", None]
+    assert [TrialRecord.from_trial(t).slot for t in waiting] == [True, True]
+    assert [TrialRecord.from_trial(t).seed_of for t in waiting] == ["a seed", None]
     ran = []
     guarded = _guarded(lambda trial: ran.append(trial.number) or 1.0)
     slot = study.ask()  # pops the first slot
@@ -371,7 +372,8 @@ def test_only_slots_run_a_trial_is_failed_as_surplus(tmp_path):
 def test_slots_left_by_an_interrupted_run_do_not_override_a_smaller_n_trials(tmp_path):
     # Reproduces: `--n-trials 30` interrupted at trial 11 leaves its unused slots WAITING; a later
     # `--n-trials 14` with 20 finished ran 9 more trials instead of saying there was nothing to do.
-    from search.worker import SLOT, ensure_slots, work
+    from search.record import TrialRecord
+    from search.worker import ensure_slots, work
 
     url = f"sqlite:///{tmp_path / 'left.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")
@@ -380,7 +382,7 @@ def test_slots_left_by_an_interrupted_run_do_not_override_a_smaller_n_trials(tmp
     ensure_slots(study, store, 3)
     assert len(work(study, objective, store, 3)) == 3
     for _ in range(2):  # what an interrupted `--n-trials 5` leaves behind
-        study.enqueue_trial({}, user_attrs={SLOT: True}, skip_if_exists=False)
+        study.enqueue_trial({}, user_attrs=TrialRecord(slot=True).to_user_attrs(), skip_if_exists=False)
 
     def finished() -> int:
         return len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))

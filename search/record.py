@@ -1,0 +1,148 @@
+"""What a study and each of its trials record in Optuna's storage: one declaration of every user
+attribute, written and read through these dataclasses only.
+
+Optuna keeps a trial's parameters, values, state and intermediate values itself; everything else this
+project knows of a trial (its plan, measured FLOPs, why it was pruned or failed, ...) is a user
+attribute, which the dashboard also shows. A trial writes its record in steps (what it knows when it
+starts, when it is pruned or fails, when it is scored): :meth:`TrialRecord.write` sets some fields,
+checked against the declaration; every reader takes :meth:`TrialRecord.from_trial`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = ["TrialRecord", "StudyRecord"]
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """The user attributes of one trial; ``None``: not recorded (yet, or for this kind of trial).
+
+    Attributes:
+        slot: The trial is one of the study's slots (:mod:`search.worker`); a retry keeps it.
+        seed_of: For the study's first trials, the published method whose plan shape it runs
+            (``LTMP``, ``ToMe``, ``TPS``).
+        worker: ``host:pid`` of the process that ran it.
+        seed: Seed of the trial's data order and random draws (the study's seed plus its number).
+        device: Where it ran.
+        target: Its FLOPs target (a study over a range of targets draws one per trial).
+        ops: The operation of every block.
+        predicted_flops_ratio: The plan's FLOPs ratio from its budgets, before calibration.
+        oom_retry_batch_size: The batch size of the retry after CUDA ran out of memory.
+        calibrated_plan: The plan with its thresholds as calibration set them, before tuning.
+        tune_task_loss: Mean task loss of the tuning steps.
+        tune_budget_loss: Mean budget term of the tuning steps.
+        recipe: The tuning recipe it ran (:class:`search.finetune.Recipe`).
+        constraint: Measured FLOPs ratio minus the target (feasible when <= 0); Optuna's constraint,
+            mirrored here because optuna-dashboard 0.21 reads constraints from user attributes.
+        accuracy: Top-1 on the select split.
+        flops_ratio: Measured FLOPs over the unreduced model's, on the select split.
+        gmacs: Measured GMACs per image.
+        feasible: ``flops_ratio <= target``.
+        kept_tokens: Mean tokens after each block (prefix included), on the select split.
+        eval_mode: ``dynamic`` (thresholds) or ``static`` (fixed counts).
+        plan: The plan as it was scored (``ReductionPlan.to_dict``), with its budget in ``meta``.
+        images_processed: Images the trial passed through the model.
+        time_tune_s: Seconds of calibration and tuning.
+        time_eval_s: Seconds of the final score.
+        pruned_reason: Why it was pruned (an unreachable shape, or the pruner).
+        fail_reason: Why it failed.
+        artifact_error: Why its dashboard pictures could not be saved.
+    """
+
+    slot: bool | None = None
+    seed_of: str | None = None
+    worker: str | None = None
+    seed: int | None = None
+    device: str | None = None
+    target: float | None = None
+    ops: list[str] | None = None
+    predicted_flops_ratio: float | None = None
+    oom_retry_batch_size: int | None = None
+    calibrated_plan: dict[str, Any] | None = None
+    tune_task_loss: float | None = None
+    tune_budget_loss: float | None = None
+    recipe: dict[str, Any] | None = None
+    constraint: float | None = None
+    accuracy: float | None = None
+    flops_ratio: float | None = None
+    gmacs: float | None = None
+    feasible: bool | None = None
+    kept_tokens: list[float] | None = None
+    eval_mode: str | None = None
+    plan: dict[str, Any] | None = None
+    images_processed: int | None = None
+    time_tune_s: float | None = None
+    time_eval_s: float | None = None
+    pruned_reason: str | None = None
+    fail_reason: str | None = None
+    artifact_error: str | None = None
+
+    def to_user_attrs(self) -> dict[str, Any]:
+        """The recorded fields, as Optuna stores them."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_trial(cls, trial: Any) -> "TrialRecord":
+        """The record of a trial (an ``optuna.Trial`` or ``FrozenTrial``); attributes it does not declare
+        (written by other tools) are left out."""
+        attrs = trial.user_attrs
+        return cls(**{name: attrs[name] for name in _TRIAL_FIELDS if name in attrs})
+
+    @classmethod
+    def write(cls, trial: Any, **values: Any) -> None:
+        """Record ``values`` on a running trial (names are checked: an undeclared one is a TypeError)."""
+        for name, value in cls(**values).to_user_attrs().items():
+            trial.set_user_attr(name, value)
+
+    @property
+    def reason(self) -> str | None:
+        """Why the trial was pruned or failed."""
+        return self.pruned_reason or self.fail_reason
+
+
+_TRIAL_FIELDS = tuple(f.name for f in fields(TrialRecord))
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """The user attributes of a study.
+
+    Attributes:
+        uid: Tells this study from a deleted one of the same name (the project's tables key on it).
+        config: The resolved configuration (:meth:`search.config.StudyConfig.to_dict`).
+        unreduced_gmacs: GMACs per image of the unreduced model.
+        base: The base model: name, where its weights came from, its select-split accuracy.
+        seed_trials: How many of the first trials run published plan shapes.
+        skipped_images: Unreadable images the study's data skipped.
+    """
+
+    uid: str | None = None
+    config: dict[str, Any] | None = None
+    unreduced_gmacs: float | None = None
+    base: dict[str, Any] | None = None
+    seed_trials: int | None = None
+    skipped_images: list[str] | None = None
+
+    @classmethod
+    def from_study(cls, study: Any) -> "StudyRecord":
+        """The record of a study (an ``optuna.Study`` or a ``StudySummary``)."""
+        attrs = study.user_attrs
+        return cls(**{name: attrs[name] for name in _STUDY_FIELDS if name in attrs})
+
+    @classmethod
+    def write(cls, study: Any, **values: Any) -> None:
+        """Record ``values`` on a study (names are checked: an undeclared one is a TypeError)."""
+        for name, value in asdict(cls(**values)).items():
+            if name in values:
+                study.set_user_attr(name, value)
+
+    @property
+    def target(self) -> float | None:
+        """The FLOPs ratio the user asked the study for."""
+        return (self.config or {}).get("flops")
+
+
+_STUDY_FIELDS = tuple(f.name for f in fields(StudyRecord))
