@@ -15,8 +15,8 @@ Modes:
 The blocks of a model share one :class:`_State` (``model._ltmp``, the model's
 :class:`~ltmp_core.geometry.ModelState`): the plan, the mode, the geometry a width-cut model was cut
 from, and what the current forward pass has recorded (:class:`_Pass`: token sizes, masks, counts).
-The accessors below (:func:`token_counts`, :func:`own_counts`, :func:`get_plan`, ...) are how
-anything outside reads it; :func:`remove_plan` drops it.
+The accessors below (:func:`token_counts`, :func:`own_counts`, :func:`get_plan`, :func:`thresholds`,
+...) are how anything outside reads it; :func:`remove_plan` drops it.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ __all__ = [
     "measure_scales",
     "set_thresholds",
     "first_batch",
+    "thresholds",
+    "clamp_thresholds",
     "threshold_parameters",
     "threshold_names",
     "threshold_scales",
@@ -407,13 +409,30 @@ def _state(model: nn.Module) -> _State:
     return model._ltmp
 
 
-def _thresholds(model: nn.Module) -> Iterable[tuple[int, str, nn.Parameter]]:
-    """``(block index, name, parameter)`` of every threshold the model holds, in block order."""
-    for i, block in enumerate(model.blocks):
-        for name in THRESHOLDS:
-            param = block._parameters.get(name)
-            if param is not None:
-                yield i, name, param
+def thresholds(model: nn.Module) -> list[tuple[int, str, nn.Parameter]]:
+    """``(block index, name, parameter)`` of every learned threshold of a patched model.
+
+    In block order, and within a block in the order of :data:`THRESHOLDS` (merge, then prune). A block
+    holds a threshold exactly when it has a value (from the plan, or set by :func:`calibrate`); the
+    parameters are the model's own (``blocks.i.merge_threshold``), so an optimiser can take them.
+    """
+    _state(model)
+    return [(i, name, block._parameters[name]) for i, block in enumerate(model.blocks) for name in THRESHOLDS
+            if block._parameters.get(name) is not None]
+
+
+@torch.no_grad()
+def clamp_thresholds(model: nn.Module) -> None:
+    """Clamp every threshold of a patched model in place, as LTMP does after every optimiser step.
+
+    Thresholds go into [0, 1]; a prune threshold in ``relative`` units (``importance_scale``: the
+    importance times the live token count, so 1 is an average token and a threshold above 1 means
+    something) is clamped only from below, at 0.
+    """
+    layers = _state(model).plan.layers
+    for i, name, param in thresholds(model):
+        relative = name == "prune_threshold" and layers[i].importance_scale == "relative"
+        param.clamp_(0.0, None if relative else 1.0)
 
 
 def _cut_from(model: nn.Module, plan: ReductionPlan) -> ViTGeometry | None:
@@ -541,16 +560,14 @@ def get_mode(model: nn.Module) -> str:
 
 
 def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The learned thresholds of a patched model (two scalars per block at most)."""
-    _state(model)
-    return [param for _, _, param in _thresholds(model)]
+    """The learned thresholds of a patched model (two scalars per block at most), as :func:`thresholds`."""
+    return [param for _, _, param in thresholds(model)]
 
 
 def threshold_names(model: nn.Module) -> list[str]:
     """Which threshold (``merge_threshold`` or ``prune_threshold``) each entry of
     :func:`threshold_parameters` is, aligned with it (for per-kind learning rates)."""
-    _state(model)
-    return [name for _, name, _ in _thresholds(model)]
+    return [name for _, name, _ in thresholds(model)]
 
 
 def threshold_scales(model: nn.Module) -> list[float]:
@@ -563,14 +580,14 @@ def threshold_scales(model: nn.Module) -> list[float]:
     these units.
     """
     st = _state(model)
-    return [st.scales.get((i, name), 1.0) for i, name, _ in _thresholds(model)]
+    return [st.scales.get((i, name), 1.0) for i, name, _ in thresholds(model)]
 
 
 def get_plan(model: nn.Module) -> ReductionPlan:
     """The model's plan with the thresholds it holds now (learned or calibrated)."""
     st = _state(model)
     values: dict[str, list[float | None]] = {name: [None] * st.plan.depth for name in THRESHOLDS}
-    for i, name, param in _thresholds(model):
+    for i, name, param in thresholds(model):
         if name in st.plan.layers[i].needs():
             values[name][i] = float(param.detach())
     return st.plan.with_layers(**values)
