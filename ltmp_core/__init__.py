@@ -37,20 +37,20 @@ _EXPORTS = {
     **{name: "flops" for name in (
         "budgets_for_ratio", "calibrate_to_flops", "count_flops", "expected_flops_ratio", "flops_budget_loss", "image_macs",
         "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "plan_flops_ratio",
-        "plan_macs", "unreduced_macs")},
+        "plan_macs", "static_budgets", "unreduced_macs")},
     "ViTGeometry": "geometry",
     **{name: "files" for name in ("state_dict_mismatch", "write_atomic")},
     "check_model": "geometry",
     "block_widths": "geometry",
     "prune_width": "width",
     **{name: "patch" for name in (
-        "MODES", "THRESHOLDS", "apply_plan", "calibrate", "get_mode", "get_plan", "is_patched", "measure_scales",
-        "own_counts", "set_thresholds",
+        "MODES", "THRESHOLDS", "apply_plan", "calibrate", "clamp_thresholds", "get_mode", "get_plan", "is_patched",
+        "measure_scales", "own_counts", "set_thresholds", "thresholds",
         "remove_plan", "set_mode", "threshold_names", "threshold_parameters", "threshold_scales", "token_counts", "trace_tokens",
         "TokenTrace")},
     **{name: "plan" for name in (
-        "IMPORTANCE", "OPS", "WIDTH_IMPORTANCE", "LayerPlan", "ReductionPlan", "kept_count", "load_plan", "make_plan", "save_plan",
-        "stage_counts")},
+        "IMPORTANCE", "OPS", "WIDTH_IMPORTANCE", "LayerPlan", "ReductionPlan", "kept_count", "load_plan", "lowest_keep",
+        "make_plan", "measured_plan", "save_plan", "stage_counts")},
     **{name: "reducers" for name in ("KEPT", "MERGED", "PRUNED", "REDUCERS", "SQUEEZED", "Compact", "Tokens",
                                      "register_reducer")},
     **{name: "trained" for name in ("TRAINED_FORMAT", "load_trained", "read_trained", "save_trained")},
@@ -76,17 +76,18 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .errors import LTMPError, Unreachable
     from .flops import (
         budgets_for_ratio, calibrate_to_flops, count_flops, expected_flops_ratio, flops_budget_loss, image_macs, kept_fractions,
-        layer_budget_loss, macs_from_counts, measure_flops, plan_flops_ratio, plan_macs, unreduced_macs,
+        layer_budget_loss, macs_from_counts, measure_flops, plan_flops_ratio, plan_macs, static_budgets, unreduced_macs,
     )
     from .files import state_dict_mismatch, write_atomic
     from .geometry import ViTGeometry, block_widths, check_model
     from .patch import (
-        MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, get_mode, get_plan, is_patched, measure_scales,
-        own_counts, set_thresholds,
+        MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, clamp_thresholds, get_mode, get_plan, is_patched,
+        measure_scales, own_counts, set_thresholds, thresholds,
         remove_plan, set_mode, threshold_names, threshold_parameters, threshold_scales, token_counts, trace_tokens,
     )
     from .plan import (
-        IMPORTANCE, OPS, WIDTH_IMPORTANCE, LayerPlan, ReductionPlan, kept_count, load_plan, make_plan, save_plan, stage_counts,
+        IMPORTANCE, OPS, WIDTH_IMPORTANCE, LayerPlan, ReductionPlan, kept_count, load_plan, lowest_keep, make_plan,
+        measured_plan, save_plan, stage_counts,
     )
     from .reducers import KEPT, MERGED, PRUNED, REDUCERS, SQUEEZED, Compact, Tokens, register_reducer
     from .trained import TRAINED_FORMAT, load_trained, read_trained, save_trained

@@ -34,7 +34,7 @@ from .patch import (
     THRESHOLDS, first_batch, get_mode, get_plan, is_patched, measure_scales, own_counts, set_mode, set_thresholds,
     token_counts,
 )
-from .plan import OPS, LayerPlan, ReductionPlan, kept_count
+from .plan import OPS, LayerPlan, ReductionPlan, kept_count, lowest_keep
 from .reducers import REDUCERS
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "plan_macs",
     "plan_flops_ratio",
     "budgets_for_ratio",
+    "static_budgets",
     "count_flops",
     "image_macs",
     "measure_flops",
@@ -165,14 +166,6 @@ def plan_flops_ratio(plan: ReductionPlan, geometry: ViTGeometry | None = None, *
     return plan_macs(plan, g, static=static) / unreduced_macs(g)
 
 
-def _min_keep(op: str, g: ViTGeometry) -> float:
-    if op == "none":
-        return 1.0
-    if op == "merge":
-        return 0.5
-    return 1.0 / g.num_patches
-
-
 def budgets_for_ratio(
     ops: Sequence[str],
     weights: Sequence[float],
@@ -210,7 +203,7 @@ def budgets_for_ratio(
     if like is not None and len(like) != depth:
         raise LTMPError(f"like: need {depth} layers, got {len(like)}")
     templates = list(like) if like is not None else [LayerPlan()] * depth
-    floors = [_min_keep(op, geometry) for op in ops]
+    floors = [lowest_keep(op, geometry.num_patches) for op in ops]
     weights = [0.0 if op == "none" else float(w) for op, w in zip(ops, weights)]
     # Only the proportions among reducing layers matter; below 1e-6 of the largest counts as zero.
     top = max(weights, default=0.0)
@@ -247,6 +240,30 @@ def budgets_for_ratio(
         else:
             hi = mid
     return keeps(hi)
+
+
+def static_budgets(plan: ReductionPlan, aim: float, geometry: ViTGeometry | None = None) -> ReductionPlan:
+    """``plan`` with budgets of the same shape that static mode keeps at a FLOPs ratio ``aim``.
+
+    The shape is the plan's budgets (typically what thresholds kept, :func:`ltmp_core.measured_plan`):
+    every reducing layer's ``keep`` is raised to one common power ``p >= 0``, ``keep ** p`` (at least
+    what its op can keep), and :func:`budgets_for_ratio` with ``static=True`` finds ``p``: the static
+    model's whole-token counts cost at most ``aim``, as close under it as the shape's steps allow, or
+    keep every token when that costs less. Mean counts per layer are not the mean cost, so a plan
+    whose budgets are the mean counts of a dynamic run misses the ratio that run reached; this puts
+    it back on it. Widths, importance and the other fields of each layer count (``like``); layers that
+    keep everything keep everything, and a ``merge_keep`` under its new ``keep`` rises to it.
+
+    Raises:
+        LTMPError: no geometry, or ``aim`` cannot be reached with this shape in whole tokens (the
+            message says the lowest reachable ratio).
+    """
+    g = geometry if geometry is not None else plan.geometry
+    if g is None:
+        raise LTMPError("geometry: the plan carries no geometry; pass the model's ViTGeometry")
+    weights = [0.0 if layer.op == "none" else -math.log(max(layer.keep, 1e-9)) for layer in plan.layers]
+    keeps = budgets_for_ratio(plan.ops, weights, g, aim, static=True, like=plan.layers)
+    return plan.with_keeps(keeps)
 
 
 def count_flops(model: nn.Module) -> int:

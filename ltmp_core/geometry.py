@@ -3,14 +3,16 @@
 A :class:`ViTGeometry` is read from a model once (:func:`ViTGeometry.from_model`) and travels with
 every plan, so that a plan's cost can be computed without the model or its weights.
 
-It always describes the model at its full width: a model whose heads or MLP units
-:func:`ltmp_core.prune_width` cut remembers the geometry it was cut from (FLOPs ratios stay ratios of
-the unreduced model), and :func:`block_widths` reads what each block has now.
+It describes the model at its full width: a model whose heads or MLP units
+:func:`ltmp_core.prune_width` cut carries the geometry it was cut from in its :class:`ModelState`
+(FLOPs ratios stay ratios of the unreduced model), and :func:`block_widths` reads what each block has
+now. :func:`ltmp_core.remove_plan` drops that state: the model is from then on a stock timm model of
+its own, narrower widths.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import LTMPError
@@ -18,10 +20,10 @@ from .errors import LTMPError
 if TYPE_CHECKING:  # a geometry reads and writes JSON without torch; reading one from a model needs it
     import torch.nn as nn
 
-__all__ = ["ViTGeometry", "check_model", "block_widths", "UNPRUNED"]
+__all__ = ["ViTGeometry", "check_model", "block_widths", "STATE", "ModelState", "model_state", "is_cut_from"]
 
-#: The attribute in which :func:`ltmp_core.prune_width` records the geometry a model was cut from.
-UNPRUNED = "_ltmp_unpruned"
+#: The one attribute in which ltmp_core keeps what it knows about a model it cut or patched (:class:`ModelState`).
+STATE = "_ltmp"
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -142,24 +144,37 @@ class ViTGeometry:
         """Read the geometry of a supported timm ViT (see :func:`check_model`).
 
         For a model whose width :func:`ltmp_core.prune_width` cut, the geometry of the model before the
-        cut (every block's width now is at most that).
+        cut (every block's width now is at most that), as long as the model carries its
+        :class:`ModelState`; after :func:`ltmp_core.remove_plan`, the geometry it has now.
+
+        Raises:
+            LTMPError: the model is not supported, or its blocks differ in width and it carries no
+                record of the width they were cut from.
         """
+        check_model(model)
+        state = model_state(model)
+        if state is not None and state.cut_from is not None:
+            full = state.cut_from
+            widths = block_widths(model)
+            if len(widths) != full.depth or any(h > full.num_heads or m > full.mlp_hidden for h, m in widths):
+                raise LTMPError("model: its blocks no longer fit the geometry its width was cut from")
+            return full
+        block = model.blocks[0]
+        for i, other in enumerate(model.blocks):
+            if _linear_macs(other.attn) != _linear_macs(block.attn) or _linear_macs(other.mlp) != _linear_macs(block.mlp):
+                raise LTMPError(
+                    f"model.blocks[{i}]: the blocks differ in width, which no one geometry describes; the geometry "
+                    "ltmp_core.prune_width cut them from stays with the model until ltmp_core.remove_plan, and "
+                    "ltmp_core.apply_plan(model, plan) takes it from the plan they were cut for")
+        return cls._read(model)
+
+    @classmethod
+    def _read(cls, model: nn.Module) -> "ViTGeometry":
+        """The geometry of ``model`` with the widths of its first block, unchecked."""
         import torch.nn as nn
 
-        check_model(model)
-        unpruned = model.__dict__.get(UNPRUNED)
-        if unpruned is not None:
-            widths = block_widths(model)
-            if len(widths) != unpruned.depth or any(
-                    h > unpruned.num_heads or m > unpruned.mlp_hidden for h, m in widths):
-                raise LTMPError("model: its blocks no longer fit the geometry its width was cut from")
-            return unpruned
         block = model.blocks[0]
         attn = block.attn
-        for i, other in enumerate(model.blocks):
-            if _linear_macs(other.attn) != _linear_macs(attn) or _linear_macs(other.mlp) != _linear_macs(block.mlp):
-                raise LTMPError(f"model.blocks[{i}]: blocks of different widths are supported only when "
-                                "ltmp_core.prune_width cut them (it records the width they were cut from)")
         pe = model.patch_embed
         conv: nn.Conv2d = pe.proj
         grid = tuple(int(g) for g in pe.grid_size)
@@ -222,3 +237,43 @@ class ViTGeometry:
                 raise LTMPError(f"{where}.{name}: must be >= {low}, got {v}")
             values[name] = v
         return cls(**values)
+
+
+@dataclass(eq=False)
+class ModelState:
+    """What ltmp_core keeps on a model it cut or patched: one object, ``model._ltmp`` (:data:`STATE`).
+
+    :func:`ltmp_core.prune_width` leaves one on a model it cut; :func:`ltmp_core.apply_plan` replaces
+    it by the patch's state (a subclass that adds the plan, the mode and the record of the last
+    forward pass) and carries ``cut_from`` over; :func:`ltmp_core.remove_plan` drops it, and with it
+    everything ltmp_core kept on the model.
+
+    Attributes:
+        cut_from: The geometry of the model before :func:`ltmp_core.prune_width` cut its width, what
+            its FLOPs ratios are ratios of; ``None`` for a model at its full width.
+    """
+
+    cut_from: ViTGeometry | None = None
+
+
+def model_state(model: nn.Module) -> ModelState | None:
+    """The :class:`ModelState` of ``model``, or ``None`` for a model ltmp_core has not cut or patched."""
+    state = model.__dict__.get(STATE)
+    return state if isinstance(state, ModelState) else None
+
+
+def is_cut_from(model: nn.Module, full: ViTGeometry) -> bool:
+    """Whether ``model`` is the model ``full`` describes with the width of some of its blocks cut.
+
+    Every block keeps at most ``full``'s heads and MLP units, at least one keeps fewer, and all else
+    (depth, residual width, head width, tokens, patch embedding, head) is ``full``'s.
+    """
+    check_model(model)
+    widths = block_widths(model)
+    if len(widths) != full.depth or any(h > full.num_heads or m > full.mlp_hidden for h, m in widths):
+        return False
+    if all((h, m) == (full.num_heads, full.mlp_hidden) for h, m in widths):
+        return False
+    read = ViTGeometry._read(model)
+    return replace(read, num_heads=full.num_heads, mlp_hidden=full.mlp_hidden,
+                   attn_macs_per_token=full.attn_macs_per_token, mlp_macs_per_token=full.mlp_macs_per_token) == full

@@ -12,9 +12,11 @@ Modes:
         to its longest sequence, padded keys masked. Each image gets its batch-of-one result.
     static: deployment. Each layer keeps the plan's token counts (top-k); fixed shapes, no padding.
 
-The blocks of a model share one :class:`_State` (``model._ltmp``): the plan, the mode, and what the
-current forward pass has recorded (:class:`_Pass`: token sizes, masks, counts). The accessors below
-(:func:`token_counts`, :func:`own_counts`, :func:`get_plan`, ...) are how anything outside reads it.
+The blocks of a model share one :class:`_State` (``model._ltmp``, the model's
+:class:`~ltmp_core.geometry.ModelState`): the plan, the mode, the geometry a width-cut model was cut
+from, and what the current forward pass has recorded (:class:`_Pass`: token sizes, masks, counts).
+The accessors below (:func:`token_counts`, :func:`own_counts`, :func:`get_plan`, :func:`thresholds`,
+...) are how anything outside reads it; :func:`remove_plan` drops it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from timm.models.vision_transformer import Block
 
 from .attention import Packing, attend, packed
 from .errors import LTMPError
-from .geometry import ViTGeometry, block_widths, check_model
+from .geometry import STATE, ModelState, ViTGeometry, block_widths, check_model, is_cut_from, model_state
 from .masking import score_spread, threshold_between, threshold_mask
 from .plan import LayerPlan, ReductionPlan, kept_count, stage_counts
 from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Compact, Reducer, Tokens, head_mean, top_k_mask, unit_norm
@@ -48,6 +50,8 @@ __all__ = [
     "measure_scales",
     "set_thresholds",
     "first_batch",
+    "thresholds",
+    "clamp_thresholds",
     "threshold_parameters",
     "threshold_names",
     "threshold_scales",
@@ -88,10 +92,11 @@ class _Trace:
     steps: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
 
-class _State:
+class _State(ModelState):
     """The plan and mode of a patched model, and the record of its last forward pass."""
 
-    def __init__(self, plan: ReductionPlan, mode: str, num_prefix: int) -> None:
+    def __init__(self, plan: ReductionPlan, mode: str, num_prefix: int, cut_from: ViTGeometry | None = None) -> None:
+        super().__init__(cut_from)
         self.plan = plan
         self.mode = mode
         self.num_prefix = num_prefix
@@ -404,39 +409,48 @@ def _state(model: nn.Module) -> _State:
     return model._ltmp
 
 
-def _thresholds(model: nn.Module) -> Iterable[tuple[int, str, nn.Parameter]]:
-    """``(block index, name, parameter)`` of every threshold the model holds, in block order."""
-    for i, block in enumerate(model.blocks):
-        for name in THRESHOLDS:
-            param = block._parameters.get(name)
-            if param is not None:
-                yield i, name, param
+def thresholds(model: nn.Module) -> list[tuple[int, str, nn.Parameter]]:
+    """``(block index, name, parameter)`` of every learned threshold of a patched model.
 
-
-def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> nn.Module:
-    """Patch a timm ViT in place to reduce tokens as ``plan`` says; returns the model.
-
-    Thresholds in the plan become parameters of the blocks (``blocks.i.merge_threshold``,
-    ``blocks.i.prune_threshold``). A plan that keeps fewer heads or MLP units than the model has
-    needs the model cut to those widths first (:func:`ltmp_core.prune_width`). Thresholds the plan
-    lacks must be calibrated (:func:`calibrate`) before soft or dynamic mode can run. A model that is
-    already patched is re-patched with the new plan.
-
-    Raises:
-        LTMPError: the model is not a supported timm ViT, the plan does not fit it, or ``mode``
-            needs thresholds the plan lacks.
+    In block order, and within a block in the order of :data:`THRESHOLDS` (merge, then prune). A block
+    holds a threshold exactly when it has a value (from the plan, or set by :func:`calibrate`); the
+    parameters are the model's own (``blocks.i.merge_threshold``), so an optimiser can take them.
     """
-    check_model(model)
-    if mode not in MODES:
-        raise LTMPError(f"mode: unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    if not isinstance(plan, ReductionPlan):
-        raise LTMPError(f"plan: expected a ReductionPlan, got {type(plan).__name__}")
-    if model.global_pool not in ("token", "") and not hasattr(type(model), "pool"):
-        raise LTMPError("model: average or max pooling needs timm's VisionTransformer.pool (upgrade timm)")
-    depth = len(model.blocks)
-    if plan.depth != depth:
-        raise LTMPError(f"plan: {plan.depth} layers, but the model has {depth} blocks")
-    for i, ((h, m), (want_h, want_m)) in enumerate(zip(block_widths(model), plan.widths(ViTGeometry.from_model(model)))):
+    _state(model)
+    return [(i, name, block._parameters[name]) for i, block in enumerate(model.blocks) for name in THRESHOLDS
+            if block._parameters.get(name) is not None]
+
+
+@torch.no_grad()
+def clamp_thresholds(model: nn.Module) -> None:
+    """Clamp every threshold of a patched model in place, as LTMP does after every optimiser step.
+
+    Thresholds go into [0, 1]; a prune threshold in ``relative`` units (``importance_scale``: the
+    importance times the live token count, so 1 is an average token and a threshold above 1 means
+    something) is clamped only from below, at 0.
+    """
+    layers = _state(model).plan.layers
+    for i, name, param in thresholds(model):
+        relative = name == "prune_threshold" and layers[i].importance_scale == "relative"
+        param.clamp_(0.0, None if relative else 1.0)
+
+
+def _cut_from(model: nn.Module, plan: ReductionPlan) -> ViTGeometry | None:
+    """The geometry ``model``'s width was cut from: its state's, else the plan's when the model is the
+    plan's model cut narrower (cut by :func:`ltmp_core.prune_width`, its state since dropped by
+    :func:`remove_plan`); ``None`` for a model at its full width."""
+    state = model_state(model)
+    if state is not None and state.cut_from is not None:
+        return state.cut_from
+    if plan.geometry is not None and is_cut_from(model, plan.geometry):
+        return plan.geometry
+    return None
+
+
+def _check_fit(model: nn.Module, plan: ReductionPlan, g: ViTGeometry) -> None:
+    """Raise :class:`LTMPError` unless the blocks have the widths the plan keeps of ``g`` and the model
+    has the class token that ``cls`` importance reads."""
+    for i, ((h, m), (want_h, want_m)) in enumerate(zip(block_widths(model), plan.widths(g))):
         if (h, m) != (want_h, want_m):
             hint = ("cut the width first: ltmp_core.prune_width(model, plan, images)" if want_h <= h and want_m <= m
                     else "the model's width was cut for another plan")
@@ -446,11 +460,52 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
         for i, layer in enumerate(plan.layers):
             if layer.importance == "cls" and any(REDUCERS[s].needs_importance for s in layer.stages):
                 raise LTMPError(f"layers[{i}].importance: 'cls' needs a class token, and this model has none")
-    if is_patched(model):
-        remove_plan(model)
-    st = _State(plan, mode, int(model.num_prefix_tokens))
+
+
+def _check_thresholds(plan: ReductionPlan, mode: str, has: Callable[[int, str], bool]) -> None:
+    """Raise :class:`LTMPError` unless ``mode`` is static or every threshold the plan uses is set (``has``)."""
+    if mode not in MODES:
+        raise LTMPError(f"mode: unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if mode == "static":
+        return
+    for i, layer in enumerate(plan.layers):
+        for name in layer.needs():
+            if not has(i, name):
+                raise LTMPError(
+                    f"layers[{i}].{name}: not set, and mode {mode!r} needs it; calibrate the thresholds "
+                    "with ltmp_core.calibrate(model, images) or use mode='static'"
+                )
+
+
+def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> nn.Module:
+    """Patch a timm ViT in place to reduce tokens as ``plan`` says; returns the model.
+
+    Thresholds in the plan become parameters of the blocks (``blocks.i.merge_threshold``,
+    ``blocks.i.prune_threshold``). A plan that keeps fewer heads or MLP units than the model has
+    needs the model cut to those widths first (:func:`ltmp_core.prune_width`); FLOPs ratios of the
+    patched model are ratios of the model before the cut (the geometry the model's state recorded, or
+    the plan's for a model cut to it whose state :func:`remove_plan` dropped). Thresholds the plan
+    lacks must be calibrated (:func:`calibrate`) before soft or dynamic mode can run. A model that is
+    already patched is re-patched with the new plan.
+
+    Raises:
+        LTMPError: the model is not a supported timm ViT, the plan does not fit it, or ``mode``
+            needs thresholds the plan lacks (the model is then left as it was).
+    """
+    check_model(model)
+    if not isinstance(plan, ReductionPlan):
+        raise LTMPError(f"plan: expected a ReductionPlan, got {type(plan).__name__}")
+    _check_thresholds(plan, mode, lambda i, name: getattr(plan.layers[i], name) is not None)
+    if model.global_pool not in ("token", "") and not hasattr(type(model), "pool"):
+        raise LTMPError("model: average or max pooling needs timm's VisionTransformer.pool (upgrade timm)")
+    if plan.depth != len(model.blocks):
+        raise LTMPError(f"plan: {plan.depth} layers, but the model has {len(model.blocks)} blocks")
+    cut_from = _cut_from(model, plan)
+    _check_fit(model, plan, cut_from or ViTGeometry.from_model(model))
+    _unpatch(model)
+    st = _State(plan, mode, int(model.num_prefix_tokens), cut_from)
     model.__class__ = _patched_class(type(model))
-    model._ltmp = st
+    setattr(model, STATE, st)
     for i, (block, layer) in enumerate(zip(model.blocks, plan.layers)):
         block.__class__ = LTMPBlock
         block._ltmp = st
@@ -458,45 +513,43 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
         for name in layer.needs():
             if getattr(layer, name) is not None:
                 _set_threshold(block, name, getattr(layer, name))
-    try:
-        set_mode(model, mode)
-    except LTMPError:
-        remove_plan(model)
-        raise
     return model
 
 
-def remove_plan(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_plan`: the model is stock timm again (thresholds are dropped).
-
-    Width cut by :func:`ltmp_core.prune_width` stays cut: those weights are gone.
-    """
+def _unpatch(model: nn.Module) -> None:
+    """Undo :func:`apply_plan`'s classes and thresholds; the model's state keeps only ``cut_from``."""
     if not is_patched(model):
-        return model
+        return
     for block in model.blocks:
         for name in THRESHOLDS:
             block._parameters.pop(name, None)
         for attr in ("_ltmp", "_ltmp_index"):
             block.__dict__.pop(attr, None)
         block.__class__ = LTMPBlock._ltmp_base
-    model.__dict__.pop("_ltmp", None)
+    cut_from = model.__dict__.pop(STATE).cut_from
     model.__class__ = type(model)._ltmp_base
+    if cut_from is not None:
+        setattr(model, STATE, ModelState(cut_from))
+
+
+def remove_plan(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_plan` and drop all that ltmp_core keeps on the model: stock timm again.
+
+    Thresholds, the patched classes and the model's state (``model._ltmp``) go. Width cut by
+    :func:`ltmp_core.prune_width` stays cut (those weights are gone): the model is a stock timm model
+    of its narrower widths, and :meth:`ViTGeometry.from_model` reads them, no longer the geometry it
+    was cut from (a model whose blocks differ in width it refuses). :func:`apply_plan` with the plan
+    the model was cut for measures FLOPs against that plan's geometry again.
+    """
+    _unpatch(model)
+    model.__dict__.pop(STATE, None)
     return model
 
 
 def set_mode(model: nn.Module, mode: str) -> nn.Module:
     """Switch a patched model between ``soft``, ``dynamic`` and ``static``; returns the model."""
     st = _state(model)
-    if mode not in MODES:
-        raise LTMPError(f"mode: unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    if mode != "static":
-        for i, (block, layer) in enumerate(zip(model.blocks, st.plan.layers)):
-            for name in layer.needs():
-                if name not in block._parameters:
-                    raise LTMPError(
-                        f"layers[{i}].{name}: not set, and mode {mode!r} needs it; calibrate the thresholds "
-                        "with ltmp_core.calibrate(model, images) or use mode='static'"
-                    )
+    _check_thresholds(st.plan, mode, lambda i, name: name in model.blocks[i]._parameters)
     st.mode = mode
     return model
 
@@ -507,16 +560,14 @@ def get_mode(model: nn.Module) -> str:
 
 
 def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The learned thresholds of a patched model (two scalars per block at most)."""
-    _state(model)
-    return [param for _, _, param in _thresholds(model)]
+    """The learned thresholds of a patched model (two scalars per block at most), as :func:`thresholds`."""
+    return [param for _, _, param in thresholds(model)]
 
 
 def threshold_names(model: nn.Module) -> list[str]:
     """Which threshold (``merge_threshold`` or ``prune_threshold``) each entry of
     :func:`threshold_parameters` is, aligned with it (for per-kind learning rates)."""
-    _state(model)
-    return [name for _, name, _ in _thresholds(model)]
+    return [name for _, name, _ in thresholds(model)]
 
 
 def threshold_scales(model: nn.Module) -> list[float]:
@@ -529,14 +580,14 @@ def threshold_scales(model: nn.Module) -> list[float]:
     these units.
     """
     st = _state(model)
-    return [st.scales.get((i, name), 1.0) for i, name, _ in _thresholds(model)]
+    return [st.scales.get((i, name), 1.0) for i, name, _ in thresholds(model)]
 
 
 def get_plan(model: nn.Module) -> ReductionPlan:
     """The model's plan with the thresholds it holds now (learned or calibrated)."""
     st = _state(model)
     values: dict[str, list[float | None]] = {name: [None] * st.plan.depth for name in THRESHOLDS}
-    for i, name, param in _thresholds(model):
+    for i, name, param in thresholds(model):
         if name in st.plan.layers[i].needs():
             values[name][i] = float(param.detach())
     return st.plan.with_layers(**values)

@@ -46,6 +46,8 @@ __all__ = [
     "load_plan",
     "stage_counts",
     "kept_count",
+    "lowest_keep",
+    "measured_plan",
     "WIDTH_FIELDS",
     "WIDTH_IMPORTANCE",
 ]
@@ -220,6 +222,16 @@ def kept_count(keep: float, n: float | Tensor) -> float | Tensor:
     return (keep * n + 0.5).floor().clamp_min(1)  # a tensor
 
 
+def lowest_keep(op: str, num_patches: int) -> float:
+    """The smallest ``keep`` an operation can have: 1 for ``none``, 0.5 for a merge (it removes at most
+    half), one token of ``num_patches`` for any op that prunes or squeezes."""
+    if op == "none":
+        return 1.0
+    if op == "merge":
+        return MIN_MERGE_KEEP
+    return 1.0 / num_patches
+
+
 def stage_counts(n: int, layer: LayerPlan) -> list[int]:
     """Patch tokens left after each stage of ``layer`` when ``n`` enter it (hard-static mode).
 
@@ -318,6 +330,21 @@ class ReductionPlan:
             layers = [_replace_layer(layer, i, **{name: v}) for i, (layer, v) in enumerate(zip(layers, values))]
         return replace(self, layers=tuple(layers))
 
+    def with_keeps(self, keeps: Sequence[float]) -> "ReductionPlan":
+        """A copy with every layer's ``keep`` replaced; a ``merge_keep`` under its layer's new ``keep`` is
+        raised to it (the merge stage then removes nothing the layer does not), all else stays."""
+        keeps = list(keeps)
+        if len(keeps) != self.depth:
+            raise LTMPError(f"keep: {len(keeps)} values for {self.depth} layers")
+        layers = []
+        for i, (layer, keep) in enumerate(zip(self.layers, keeps)):
+            keep = _number(keep, f"layers[{i}].keep")
+            merge_keep = layer.merge_keep
+            if merge_keep is not None and merge_keep < keep:
+                merge_keep = min(1.0, keep)
+            layers.append(_replace_layer(layer, i, keep=keep, merge_keep=merge_keep))
+        return replace(self, layers=tuple(layers))
+
     def static_counts(self, num_patches: int | None = None) -> list[int]:
         """Patch tokens after each layer in hard-static mode (``num_patches`` defaults to the geometry's)."""
         if num_patches is None:
@@ -388,6 +415,40 @@ def _replace_layer(layer: LayerPlan | None, index: int, **values: Any) -> LayerP
         raise LTMPError(f"layers[{index}].{e}") from None
     except TypeError as e:  # a missing or unexpected keyword
         raise LTMPError(f"layers[{index}]: {e}") from None
+
+
+def measured_plan(plan: ReductionPlan, kept_tokens: Sequence[float], geometry: ViTGeometry | None = None
+                  ) -> ReductionPlan:
+    """``plan`` with each reducing layer's ``keep`` set to the fraction of its input it kept, measured.
+
+    When thresholds decide (dynamic mode), a layer keeps what its threshold lets through, not its
+    budget; this turns what they kept on some images into budgets (what static mode keeps, and what
+    the budget terms aim at). A layer's measured keep is the mean patch-token count it passed on over
+    the mean count that entered it, bounded to what its op can keep (:func:`lowest_keep`, and 1);
+    ``none`` layers keep 1. Thresholds and all other fields stay, but a ``merge_keep`` under the new
+    ``keep`` is raised to it (:meth:`ReductionPlan.with_keeps`).
+
+    Args:
+        plan: The plan the model ran.
+        kept_tokens: Mean tokens, prefix included, that each block passed on (one per layer, as
+            :func:`ltmp_core.measure_flops` returns them).
+        geometry: The model's geometry (default: the plan's); its patches entered the first block.
+
+    Raises:
+        LTMPError: no geometry, or ``kept_tokens`` is not one finite number per layer.
+    """
+    g = geometry if geometry is not None else plan.geometry
+    if g is None:
+        raise LTMPError("geometry: the plan carries no geometry; pass the model's ViTGeometry")
+    if len(kept_tokens) != plan.depth:
+        raise LTMPError(f"kept_tokens: {len(kept_tokens)} counts for {plan.depth} layers")
+    before, keeps = float(g.num_patches), []
+    for i, (layer, kept) in enumerate(zip(plan.layers, kept_tokens)):
+        after = _number(kept, f"kept_tokens[{i}]") - g.num_prefix_tokens
+        low = lowest_keep(layer.op, g.num_patches)
+        keeps.append(1.0 if layer.op == "none" else min(1.0, max(low, after / max(before, 1e-9))))
+        before = after
+    return plan.with_keeps(keeps)
 
 
 PerLayer = Union[Any, Sequence[Any]]

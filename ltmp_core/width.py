@@ -19,9 +19,10 @@ column of ``fc2``, its part of an MLP norm), and its importance criteria rank th
 
 A head's score is the mean of its channels' scores (as torch-pruning's own head pruning does); each
 block keeps exactly the counts of the plan. The result is still a timm ``VisionTransformer`` (its
-``Attention`` modules know their new head count), runs in stock timm, and remembers the geometry it
-was cut from, so FLOPs ratios stay ratios of the unreduced model. :func:`ltmp_core.remove_plan` does
-not restore width: the cut weights are gone.
+``Attention`` modules know their new head count) and runs in stock timm. Its state
+(:class:`~ltmp_core.geometry.ModelState`, ``model._ltmp``) holds the geometry it was cut from, so
+FLOPs ratios stay ratios of the unreduced model; :func:`ltmp_core.apply_plan` carries it over, and
+:func:`ltmp_core.remove_plan` drops it but does not restore width: the cut weights are gone.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import LTMPError
-from .geometry import UNPRUNED, ViTGeometry, block_widths, check_model
+from .geometry import STATE, ModelState, ViTGeometry, block_widths, check_model, model_state
 from .patch import first_batch, is_patched
 from .plan import WIDTH_IMPORTANCE
 
@@ -70,7 +71,7 @@ def _graph(model: nn.Module, example: Tensor):
 
     known = (nn.Linear, nn.Conv2d, nn.LayerNorm)
     unwrapped = [(p, p.ndim - 1) for m in model.modules() if not isinstance(m, known)
-                 for p in m._parameters.values() if p is not None]
+                 for p in m.parameters(recurse=False)]
     per_head = [n for block in model.blocks for n in (block.attn.q_norm, block.attn.k_norm)
                 if not isinstance(n, nn.Identity)]
     with torch.enable_grad():
@@ -108,7 +109,8 @@ def prune_width(
         importance: One of :data:`WIDTH_IMPORTANCE` (default: ``taylor`` with images, else ``magnitude``).
 
     Returns:
-        The model. A plan that keeps the model's widths leaves it untouched.
+        The model, which records the geometry it was cut from (:class:`~ltmp_core.geometry.ModelState`).
+        A plan that keeps the model's widths leaves it untouched.
 
     Raises:
         LTMPError: the model is patched (cut width before :func:`apply_plan`), its MLP is not timm's
@@ -187,7 +189,8 @@ def prune_width(
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
         model.train(was_training)
-    model.__dict__[UNPRUNED] = g
+    if model_state(model) is None:  # a model cut before keeps the geometry of its first cut
+        setattr(model, STATE, ModelState(cut_from=g))
     if block_widths(model) != wanted or any(
             b.attn.qkv.out_features != 3 * b.attn.num_heads * b.attn.head_dim
             or b.attn.proj.in_features != b.attn.num_heads * b.attn.head_dim

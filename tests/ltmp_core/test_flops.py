@@ -281,6 +281,51 @@ def test_budgets_for_ratio_orders_layers_by_weight():
     assert math.isclose(keeps[6], keeps[8])
 
 
+TINY_GEOMETRY = ViTGeometry.from_model(tiny_model("deit_small"))  # 16 patches, 1 class token, 4 blocks
+
+
+def one_pruning_layer(keep: float) -> ReductionPlan:
+    return ltmp_core.make_plan(TINY_GEOMETRY, op=["prune", "none", "none", "none"], keep=[keep, 1, 1, 1])
+
+
+@pytest.mark.parametrize(("between", "tokens"), [((9, 10), 9), ((10, 10), 10), ((10, 11), 10)])
+def test_static_budgets_keep_the_most_whole_tokens_the_aim_pays_for(between, tokens):
+    """One layer prunes the 16 patches: an aim between what 9 and 10 kept tokens cost buys 9, what 10
+    cost buys 10, and an aim short of 11 still 10."""
+    low, high = (ltmp_core.plan_flops_ratio(one_pruning_layer(n / 16), static=True) for n in between)
+    got = ltmp_core.static_budgets(one_pruning_layer(0.3), (low + high) / 2)
+    assert got.static_counts()[0] == tokens and got.ops == one_pruning_layer(0.3).ops
+
+
+def test_static_budgets_keep_the_shape_of_the_budgets():
+    """Budgets 0.5 and 0.25 (the second cuts twice as hard in log terms) scaled to cost 0.6: every keep
+    raised to one power, so the second stays the first squared. 12 then 6 of its 12 tokens cost at most
+    0.6; the next step of that shape, 12 then 7, costs more. At the plan's widths (2 of 3 heads)
+    the blocks are cheaper, so the same aim keeps more tokens."""
+    plan = ltmp_core.make_plan(TINY_GEOMETRY, op=["prune", "prune", "none", "none"], keep=[0.5, 0.25, 1, 1])
+    got = ltmp_core.static_budgets(plan, 0.6)
+    assert got.keeps[1] == pytest.approx(got.keeps[0] ** 2) and got.keeps[2:] == (1.0, 1.0)
+    assert got.static_counts() == [12, 6, 6, 6]
+    assert ltmp_core.plan_flops_ratio(got, static=True) <= 0.6
+    assert ltmp_core.plan_flops_ratio(plan.with_keeps([12 / 16, 7 / 12, 1, 1]), static=True) > 0.6
+    narrow = ltmp_core.static_budgets(dataclasses.replace(plan, layers=tuple(
+        dataclasses.replace(layer, heads=2) for layer in plan.layers)), 0.6)
+    assert narrow.keeps[0] > got.keeps[0] and ltmp_core.plan_flops_ratio(narrow, static=True) <= 0.6
+
+
+def test_static_budgets_keep_thresholds_lift_merge_keep_and_say_what_is_out_of_reach():
+    plan = ltmp_core.make_plan(TINY_GEOMETRY, op="merge+prune", keep=0.5, merge_keep=0.6).with_layers(
+        merge_threshold=[0.9] * 4, prune_threshold=[0.5] * 4)
+    got = ltmp_core.static_budgets(plan, 0.95)
+    assert all(layer.keep > 0.6 and layer.merge_keep == layer.keep for layer in got.layers)
+    assert [(layer.merge_threshold, layer.prune_threshold) for layer in got.layers] == [(0.9, 0.5)] * 4
+    merges = ltmp_core.make_plan(TINY_GEOMETRY, op="merge", keep=0.9)
+    with pytest.raises(LTMPError, match=r"target: a FLOPs ratio of 0.100 cannot be reached .*lowest reachable"):
+        ltmp_core.static_budgets(merges, 0.1)
+    with pytest.raises(LTMPError, match="geometry: the plan carries no geometry"):
+        ltmp_core.static_budgets(dataclasses.replace(merges, geometry=None), 0.5)
+
+
 def test_geometry_json_round_trip_and_validation():
     assert ViTGeometry.from_dict(GEOMETRY.to_dict()) == GEOMETRY
     bad = {**GEOMETRY.to_dict(), "head_dim": 0}

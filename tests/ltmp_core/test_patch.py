@@ -150,9 +150,44 @@ def test_budget_gradient_points_the_right_way():
     model(images(8))
     ratio = ltmp_core.expected_flops_ratio(model)
     ratio.backward()
-    merge = sum(b.merge_threshold.grad for b in model.blocks if "merge_threshold" in b._parameters)
-    prune = sum(b.prune_threshold.grad for b in model.blocks if "prune_threshold" in b._parameters)
+    merge = sum(p.grad for _, name, p in ltmp_core.thresholds(model) if name == "merge_threshold")
+    prune = sum(p.grad for _, name, p in ltmp_core.thresholds(model) if name == "prune_threshold")
     assert merge > 0 and prune < 0
+
+
+def hand_set(values: dict[str, list[float | None]], scales=("raw", "relative", "relative", "relative")):
+    """A tiny model patched with thresholds set by hand: merge+prune, merge, prune, prune."""
+    model = tiny_model("deit_small")
+    plan = ltmp_core.make_plan(model, op=["merge+prune", "merge", "prune", "prune"], keep=0.75,
+                               importance_scale=list(scales))
+    return ltmp_core.apply_plan(model, plan.with_layers(**values), mode="dynamic")
+
+
+def test_thresholds_are_every_blocks_own_parameters_in_block_order():
+    model = hand_set({"merge_threshold": [0.9, 0.8, None, None], "prune_threshold": [0.1, None, 1.5, 0.7]})
+    got = ltmp_core.thresholds(model)
+    assert [(i, name) for i, name, _ in got] == [(0, "merge_threshold"), (0, "prune_threshold"), (1, "merge_threshold"),
+                                                (2, "prune_threshold"), (3, "prune_threshold")]
+    assert [float(p.detach()) for _, _, p in got] == pytest.approx([0.9, 0.1, 0.8, 1.5, 0.7])
+    params = dict(model.named_parameters())
+    assert all(p is params[f"blocks.{i}.{name}"] for i, name, p in got)
+    assert ltmp_core.threshold_parameters(model) == [p for _, _, p in got]
+    assert ltmp_core.threshold_names(model) == [name for _, name, _ in got]
+    with pytest.raises(LTMPError, match="model: not patched"):
+        ltmp_core.thresholds(tiny_model("deit_small"))
+
+
+def test_clamp_thresholds_follows_ltmp_and_leaves_relative_prune_thresholds_open_above():
+    """[0, 1] for merge thresholds and raw prune thresholds; relative prune thresholds (1 is an average
+    token) are clamped at 0 only."""
+    model = hand_set({"merge_threshold": [1.7, -0.3, None, None], "prune_threshold": [1.2, None, 2.5, -0.5]})
+    ltmp_core.clamp_thresholds(model)
+    assert [float(p.detach()) for _, _, p in ltmp_core.thresholds(model)] == [1.0, 1.0, 0.0, 2.5, 0.0]
+    inside = hand_set({"merge_threshold": [0.25, 0.5, None, None], "prune_threshold": [0.004, None, 0.75, 0.125]},
+                      scales=["raw", "relative", "raw", "relative"])
+    ltmp_core.clamp_thresholds(inside)
+    assert [float(p.detach()) for _, _, p in ltmp_core.thresholds(inside)] == pytest.approx([0.25, 0.004, 0.5, 0.75, 0.125])
+    assert all(p.requires_grad and p.is_leaf for _, _, p in ltmp_core.thresholds(model))
 
 
 def test_calibration_puts_each_layer_on_its_budget():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -282,6 +283,34 @@ def test_kept_count_rounds_to_nearest_and_keeps_one(keep, n, kept):
 
     assert ltmp_core.kept_count(keep, n) == kept
     assert ltmp_core.kept_count(keep, torch.tensor([float(n)])).tolist() == [kept]
+
+
+def test_measured_plan_keeps_the_fraction_each_layer_passed_on(plan):
+    """16 patches and a class token enter. Mean tokens after each block 13, 13, 11, 4: the merge kept
+    12 of 16, the merge+prune 10 of 12 (its merge_keep 0.8 rises to that), the squeeze 3 of 10, the
+    merge+squeeze 3 of 3."""
+    got = ltmp_core.measured_plan(plan, [13.0, 11.0, 4.0, 4.0])
+    assert got.keeps == pytest.approx((12 / 16, 10 / 12, 3 / 10, 1.0))
+    assert got.layers[1].merge_keep == pytest.approx(10 / 12)
+    assert got.ops == plan.ops and got.meta == plan.meta and got.geometry == plan.geometry
+    assert [(layer.merge_threshold, layer.prune_threshold) for layer in got.layers] == [
+        (layer.merge_threshold, layer.prune_threshold) for layer in plan.layers]
+
+
+def test_measured_plan_stays_within_what_each_op_can_keep(plan):
+    """A merge keeps at least half, any other cut at least one token of 16 (even where none was left),
+    a none layer everything, no layer more than it was given."""
+    ops = ltmp_core.make_plan(plan.geometry, op=["merge", "none", "prune", "squeeze"], keep=0.75)
+    assert ltmp_core.measured_plan(ops, [6.0, 6.0, 1.0, 1.0]).keeps == (0.5, 1.0, 1 / 16, 1 / 16)
+    assert ltmp_core.measured_plan(ops, [18.0, 18.0, 18.0, 9.0]).keeps == (1.0, 1.0, 1.0, 8 / 17)
+    bare = dataclasses.replace(ops, geometry=None)
+    assert ltmp_core.measured_plan(bare, [13.0] * 4, plan.geometry).keeps == (0.75, 1.0, 1.0, 1.0)
+    with pytest.raises(LTMPError, match="geometry: the plan carries no geometry"):
+        ltmp_core.measured_plan(bare, [13.0] * 4)
+    with pytest.raises(LTMPError, match="kept_tokens: 3 counts for 4 layers"):
+        ltmp_core.measured_plan(ops, [13.0] * 3)
+    with pytest.raises(LTMPError, match=r"kept_tokens\[2\]: must be finite"):
+        ltmp_core.measured_plan(ops, [13.0, 13.0, math.nan, 13.0])
 
 
 def test_plan_vocabulary_and_json_load_without_torch(tmp_path, plan):

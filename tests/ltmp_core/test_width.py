@@ -216,3 +216,70 @@ def test_trained_file_of_a_cut_model_loads_into_a_stock_model(tmp_path):
     assert ltmp_core.block_widths(loaded) == list(zip(HEADS, UNITS))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def ltmp_attributes(model: torch.nn.Module) -> list[str]:
+    """The attributes ltmp_core left on the model object itself."""
+    return sorted(k for k in vars(model) if "ltmp" in k)
+
+
+def test_a_width_cut_model_after_remove_plan_reports_its_real_geometry():
+    """Every block cut to 2 heads of 16 and 96 MLP units: once the plan is removed the model is stock
+    timm at those widths, and its geometry says so (qkv 48*96 + proj 32*48 = 6144 MACs per token in
+    attention, 48*96 + 96*48 = 9216 in the MLP), no longer the geometry it was cut from."""
+    stock = tiny_model("deit_small")
+    full = ltmp_core.ViTGeometry.from_model(stock)
+    plan = ltmp_core.make_plan(stock, op="merge", keep=0.75, heads=2, mlp_hidden=96)
+    model = ltmp_core.prune_width(copy.deepcopy(stock), plan)
+    ltmp_core.apply_plan(model, plan, mode="static")
+    assert ltmp_core.ViTGeometry.from_model(model) == full  # patched: ratios of the unreduced model
+    assert ltmp_core.count_flops(model) / ltmp_core.unreduced_macs(full) == pytest.approx(
+        ltmp_core.plan_flops_ratio(plan, static=True))
+    ltmp_core.remove_plan(model)
+    assert ltmp_attributes(model) == [] and type(model) is VisionTransformer
+    real = ltmp_core.ViTGeometry.from_model(model)
+    assert real == dataclasses.replace(full, num_heads=2, mlp_hidden=96, attn_macs_per_token=6144,
+                                       mlp_macs_per_token=9216)
+    x = images(1)
+    assert ltmp_core.count_flops(model) == ltmp_core.unreduced_macs(real) == counted_macs(model, x)
+
+
+def test_blocks_of_different_widths_after_remove_plan_are_refused_until_the_plan_comes_back():
+    """Blocks cut to different widths have no one geometry of their own: without the state that
+    prune_width left, from_model says why; applying the plan they were cut for takes the geometry
+    from the plan, and FLOPs ratios are again ratios of the unreduced model."""
+    x = images(4)
+    stock = tiny_model("deit_small")
+    full = ltmp_core.ViTGeometry.from_model(stock)
+    plan = width_plan(stock, op="prune", keep=0.5)
+    model = ltmp_core.prune_width(copy.deepcopy(stock), plan, x)
+    ltmp_core.remove_plan(model)  # not patched: it drops the record of the cut all the same
+    assert ltmp_attributes(model) == []
+    with pytest.raises(LTMPError, match=r"model.blocks\[1\]: the blocks differ in width, which no one geometry "
+                                        r"describes; .*ltmp_core.apply_plan\(model, plan\) takes it from the plan"):
+        ltmp_core.ViTGeometry.from_model(model)
+    ltmp_core.apply_plan(model, plan, mode="static")
+    assert ltmp_core.ViTGeometry.from_model(model) == full
+    assert ltmp_core.count_flops(model) / ltmp_core.unreduced_macs(full) == pytest.approx(
+        ltmp_core.plan_flops_ratio(plan, static=True))
+
+
+def test_a_cut_model_keeps_all_ltmp_state_in_one_attribute_until_remove_plan():
+    x = images(8)
+    stock = tiny_model("deit_small")
+    full = ltmp_core.ViTGeometry.from_model(stock)
+    plan = width_plan(stock, op="merge+prune", keep=0.6)
+    model = ltmp_core.prune_width(copy.deepcopy(stock), plan, x)
+    assert ltmp_attributes(model) == ["_ltmp"]
+    with pytest.raises(LTMPError, match=r"layers\[0\].merge_threshold: not set, and mode 'soft' needs it"):
+        ltmp_core.apply_plan(model, plan, mode="soft")
+    assert not ltmp_core.is_patched(model) and ltmp_core.ViTGeometry.from_model(model) == full  # left as it was
+    ltmp_core.apply_plan(model, plan, mode="static")
+    assert ltmp_attributes(model) == ["_ltmp"]
+    ltmp_core.apply_plan(model, width_plan(stock, op="merge", keep=0.8), mode="static")  # re-patched
+    assert ltmp_core.ViTGeometry.from_model(model) == full
+    # calibrate_to_flops aims at a fraction of the unreduced model's cost, the cut width included.
+    ltmp_core.calibrate_to_flops(model, x, 0.4)
+    assert 0.39 <= float(ltmp_core.image_macs(model).mean()) / ltmp_core.unreduced_macs(full) <= 0.4
+    ltmp_core.remove_plan(model)
+    assert ltmp_attributes(model) == [] and all(ltmp_attributes(b) == [] for b in model.blocks)

@@ -57,9 +57,8 @@ def test_tuning_brings_loosened_thresholds_back_in_units_of_score_spread(budget)
     scales = ltmp_core.threshold_scales(model)
     assert min(scales) < 0.05, "this model's scores are compressed"
     start = ratio(model)
-    names = [n for b in model.blocks for n in ("merge_threshold", "prune_threshold") if b._parameters.get(n) is not None]
     with torch.no_grad():  # a token merges above its threshold and is pruned below it: both keep more
-        for p, s, name in zip(ltmp_core.threshold_parameters(model), scales, names):
+        for (_, name, p), s in zip(ltmp_core.thresholds(model), scales):
             p += s if name == "merge_threshold" else -s
     loose = ratio(model)
     assert loose > start + 0.1
