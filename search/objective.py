@@ -208,7 +208,7 @@ class Objective:
         if recipe.start != "calibrate" and mode == "dynamic":
             # Thresholds, not budgets, decided the counts: the budgets (what static mode keeps) become
             # the mean fractions the thresholds kept on the select split.
-            final = _with_measured_keeps(final, result.kept_tokens, self.geometry)
+            final = ltmp_core.measured_plan(final, result.kept_tokens, self.geometry)
         record = TrialRecord(
             constraint=ratio - budget.target, accuracy=result.accuracy, flops_ratio=ratio, gmacs=result.macs / 1e9,
             feasible=ratio <= budget.target, kept_tokens=result.kept_tokens, eval_mode=mode, plan=final.to_dict(),
@@ -251,19 +251,3 @@ def _count_forwards(model: nn.Module) -> Callable[[], int]:
         return calls[0]
 
     return count
-
-
-def _with_measured_keeps(plan: ltmp_core.ReductionPlan, kept_tokens: list[float],
-                         geometry: ViTGeometry) -> ltmp_core.ReductionPlan:
-    """``plan`` with every reducing layer's ``keep`` set to the mean fraction of its input patch
-    tokens it kept (``kept_tokens``: mean tokens after each block, prefix included)."""
-    before, keeps = float(geometry.num_patches), []
-    for layer, after in zip(plan.layers, kept_tokens):
-        after = after - geometry.num_prefix_tokens
-        if layer.op == "none":
-            keeps.append(1.0)
-        else:
-            low = 0.5 if layer.op == "merge" else 1.0 / geometry.num_patches
-            keeps.append(min(1.0, max(low, after / max(before, 1e-9))))
-        before = after
-    return plan.with_layers(keep=keeps)

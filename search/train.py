@@ -170,8 +170,7 @@ def _threshold_groups(model: nn.Module, s: TrainSettings, num_patches: int) -> l
     """One optimizer group per threshold, at the recipe's rate in that threshold's units."""
     plan = ltmp_core.get_plan(model)
     groups = []
-    layers = [i for i, block in enumerate(model.blocks) for name in ltmp_core.THRESHOLDS if name in block._parameters]
-    for i, name, param in zip(layers, ltmp_core.threshold_names(model), ltmp_core.threshold_parameters(model)):
+    for i, name, param in ltmp_core.thresholds(model):
         relative = plan.layers[i].importance_scale == "relative"
         if s.recipe == "ltmp":
             lr = s.lr if name == "merge_threshold" else s.lr * LTMP_PRUNE_LR_RATIO * (num_patches if relative else 1)
@@ -179,19 +178,6 @@ def _threshold_groups(model: nn.Module, s: TrainSettings, num_patches: int) -> l
             lr = s.threshold_lr if name == "merge_threshold" or relative else s.threshold_lr / num_patches
         groups.append({"params": [param], "lr": lr, "weight_decay": 0.0, "name": f"blocks.{i}.{name}"})
     return groups
-
-
-def _clamp(model: nn.Module) -> None:
-    """LTMP clamps its thresholds to [0, 1] after every step; relative prune thresholds are not bounded
-    by 1 (1 is an average token), so only their lower end is clamped."""
-    plan = ltmp_core.get_plan(model)
-    with torch.no_grad():
-        for i, block in enumerate(model.blocks):
-            for name in ltmp_core.THRESHOLDS:
-                p = block._parameters.get(name)
-                if p is not None:
-                    relative = name == "prune_threshold" and plan.layers[i].importance_scale == "relative"
-                    p.clamp_(0.0, None if relative else 1.0)
 
 
 def _summary_csv(rows: list[dict[str, Any]]) -> str:
@@ -446,7 +432,7 @@ def _train_step(run: _Run, x: Tensor, y: Tensor) -> tuple[float, float, float]:
         dispatch_clip_grad([p for p in run.model.parameters() if p.requires_grad], s.clip_grad)
     run.optimizer.step()
     if s.recipe == "ltmp":
-        _clamp(run.model)
+        ltmp_core.clamp_thresholds(run.model)  # LTMP's rule: [0, 1]; relative prune thresholds at 0 only
     return task.item(), term.item(), ratio.item()
 
 
@@ -549,20 +535,6 @@ def train(
                            final=final)
 
 
-def _static_budgets(plan: ReductionPlan, aim: float) -> ReductionPlan:
-    """The budgets static mode keeps: the shape the thresholds kept on the select split (each layer's
-    mean fraction), scaled by one factor so that the static model costs ``aim``. (Mean counts per layer
-    are not the mean cost: the fixed counts alone would miss the ratio the thresholds reached.)"""
-    weights = [0.0 if layer.op == "none" else -math.log(max(layer.keep, 1e-9)) for layer in plan.layers]
-    if not any(weights):
-        return plan
-    try:
-        keeps = ltmp_core.budgets_for_ratio(plan.ops, weights, plan.geometry, aim, static=True, like=plan.layers)
-    except LTMPError:  # the shape cannot reach the aim in whole tokens: keep the measured budgets
-        return plan
-    return plan.with_layers(keep=keeps)
-
-
 def _finish(run: _Run) -> dict[str, Any]:
     """Final figures on the select and test splits, the plan with the counts the thresholds keep, and the
     model file; then the resume checkpoint is removed (the run is whole).
@@ -572,8 +544,6 @@ def _finish(run: _Run) -> dict[str, Any]:
     (:func:`ltmp_core.calibrate_to_flops` on the calibration batch, the learned thresholds as offsets)
     that brings it back onto the aim; ``shifted_to_aim`` says so.
     """
-    from .objective import _with_measured_keeps
-
     model = run.model if run.ema is None else run.ema.module
     aim, geometry = run.budget.aim, run.bench.geometry
     unreduced = ltmp_core.unreduced_macs(geometry)
@@ -587,7 +557,13 @@ def _finish(run: _Run) -> dict[str, Any]:
                 from None
         select = run.evaluated("select")
     test = run.evaluated("test")
-    trained = _static_budgets(_with_measured_keeps(ltmp_core.get_plan(model), select.kept_tokens, geometry), aim)
+    # The budgets static mode keeps: the shape the thresholds kept on the select split, scaled by one factor
+    # so that the static model costs the aim (when whole tokens allow it; else the measured shape).
+    trained = ltmp_core.measured_plan(ltmp_core.get_plan(model), select.kept_tokens, geometry)
+    try:
+        trained = ltmp_core.static_budgets(trained, aim)
+    except LTMPError:
+        pass
     s, plan, config = run.settings, run.plan, run.bench.config
     facts = {
         "recipe": s.recipe, "epochs": s.epochs, "steps": run.step, **run.budget.to_meta(),
