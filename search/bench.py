@@ -201,7 +201,7 @@ def bench_command(
         plan = ltmp_core.make_plan(net, op=op, keep=keeps, importance=importance, model_name=name)
     dev = resolve_device(device)
     use_amp = amp if amp is not None else dev.type == "cuda"
-    store = Store(resolve_storage(storage))
+    store = Store(resolve_storage(storage), write=True)
     rows = []
     try:
         for mode in modes:

@@ -104,7 +104,7 @@ def run(
     if rdb is None:
         rdb = checked_storage()
     study = open_study(config, rdb, name)
-    store = Store(url)
+    store = Store(url, write=True)
     store.clean_orphans({s.study_name for s in rdb.get_all_studies()})  # rows of studies other tools deleted
     first = None
     if "config" not in study.user_attrs:
@@ -171,7 +171,7 @@ def delete_study(url: str, name: str, artifacts: str | None = None,
                     removed += 1
                 except ArtifactNotFound:
                     pass
-    store = Store(url)
+    store = Store(url, write=True)
     try:
         rows = store.delete_study_rows(name)
         optuna.delete_study(study_name=name, storage=rdb)

@@ -226,7 +226,7 @@ def _worker_main(job: _Job) -> None:
     try:
         # Each worker samples with a seed of its own.
         study = open_study(job.config, open_storage(job.url, job.config.heartbeat), job.study_name, job.index + 1)
-        store = Store(job.url)
+        store = Store(job.url, write=True)
         objective, _, _ = build_objective(job.config, artifacts=job.artifacts)
         work(study, objective, store, job.config.n_trials)
         store.dispose()
