@@ -202,7 +202,7 @@ def bench_command(
         keeps = ltmp_core.budgets_for_ratio([op] * g.depth, [1.0] * g.depth, g, flops)
         plan = ltmp_core.make_plan(net, op=op, keep=keeps, importance=importance, model_name=name)
     dev, use_amp = runtime(device, amp)
-    store = Store(resolve_storage(storage))
+    store = Store(resolve_storage(storage), write=True)
     rows = []
     try:
         for mode in modes:

@@ -28,7 +28,7 @@ from .results import accuracy_of, ranked_trials
 from .storage import open_storage, sqlite_file
 from .ui import num, plan_columns, plan_rows
 
-__all__ = ["artifact_dir", "DashboardStorage", "TrialRecorder", "plan_note", "save_study_note", "run_dashboard"]
+__all__ = ["artifact_dir", "DashboardStorage", "TrialRecorder", "recorder_for", "plan_note", "save_study_note", "run_dashboard"]
 
 #: The system attribute in which optuna-dashboard 0.21 looks for a trial's constraints (a list; Optuna
 #: 5 keeps them under names, read here through ``FrozenTrial.constraints``).
@@ -102,6 +102,14 @@ class TrialRecorder:
                 upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial)
         except Exception as e:  # a picture must never cost a trial its result
             TrialRecord.write(trial, artifact_error=f"{type(e).__name__}: {e}"[:300])
+
+
+def recorder_for(directory: Path | None) -> Any:
+    """What :meth:`search.objective.Objective.open` calls to record trials' pictures in ``directory``
+    (``None``: no pictures)."""
+    if directory is None:
+        return None
+    return lambda data: TrialRecorder(data, directory)
 
 
 def save_study_note(study: optuna.Study, best: optuna.trial.FrozenTrial | None) -> None:

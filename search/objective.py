@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -27,7 +26,6 @@ import torch
 import torch.nn as nn
 
 import ltmp_core
-from ltmp_core import ViTGeometry
 from spaces import Infeasible, get_space, suggest
 
 from .budget import Budget
@@ -84,15 +82,13 @@ class Objective:
 
     @classmethod
     def open(cls, config: StudyConfig, hooks: TrialHooks | None = None,
-             on_base_epoch: Callable[[int, int, float], None] | None = None, artifacts: Path | None = None,
-             data: StudyData | None = None) -> "Objective":
+             on_base_epoch: Callable[[int, int, float], None] | None = None, data: StudyData | None = None,
+             recorder: Callable[[StudyData], Any] | None = None) -> "Objective":
         """The objective of a study: its workbench (data, base model; trained and cached for the digits
-        preset), and with ``artifacts`` (a folder) a dashboard note and pictures for every finished trial."""
-        from .dashboard import TrialRecorder
-
+        preset); ``recorder(data)`` makes what writes every finished trial's dashboard note and pictures
+        (:class:`search.dashboard.TrialRecorder`)."""
         bench = Workbench.open(config, data=data, on_base_epoch=on_base_epoch)
-        recorder = None if artifacts is None else TrialRecorder(bench.data, artifacts)
-        return cls(bench, hooks=hooks, recorder=recorder)
+        return cls(bench, hooks=hooks, recorder=None if recorder is None else recorder(bench.data))
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         c = self.config

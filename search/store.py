@@ -5,6 +5,12 @@ layer of every finished trial (op, budget, learned thresholds, mean kept tokens,
 kept), so that a user can
 query "which layers merge in the feasible trials" with SQL, and benchmark results.
 
+The schema is versioned (:mod:`search.migrations`). Only a store opened for writing
+(``Store(url, write=True)``: ``search run``, its workers, ``bench``, ``delete``) creates or upgrades
+the tables, once, under a lock that keeps other processes out. A store opened for reading never
+changes the schema: it reads the tables as they are, those of an earlier version included (a column
+an earlier version lacked reads as NULL, a table it lacked as empty).
+
 Rows are derived from the trial's user attributes and written in one transaction after the trial
 finished (:meth:`Store.sync` is idempotent and also backfills trials whose worker died between
 finishing a trial and writing its rows).
@@ -21,21 +27,23 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import optuna
-from sqlalchemy import Boolean, Float, Integer, String, UniqueConstraint, create_engine, delete, inspect, select, text
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import (Boolean, ColumnElement, Float, Integer, String, UniqueConstraint, create_engine, delete, false,
+                        inspect, select, text)
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from .storage import engine_kwargs
+from ltmp_core import LTMPError
 
-__all__ = ["Base", "LayerResult", "BenchResult", "StudyLock", "Store", "UID"]
+from . import migrations
+from .record import StudyRecord, TrialRecord
+from .storage import engine_kwargs, redact
 
-#: Study user attribute that tells two studies of the same name apart.
-UID = "uid"
+__all__ = ["Base", "LayerResult", "BenchResult", "StudyLock", "Store"]
 
 
 def study_uid(study: optuna.Study) -> str | None:
-    return study.user_attrs.get(UID)
+    """What tells the study from a deleted one of the same name (its record's ``uid``)."""
+    return StudyRecord.from_study(study).uid
 
 
 class Base(DeclarativeBase):
@@ -62,9 +70,6 @@ class LayerResult(Base):
     heads: Mapped[int | None] = mapped_column(Integer, nullable=True)  # heads the block keeps; NULL: all
     mlp_hidden: Mapped[int | None] = mapped_column(Integer, nullable=True)  # MLP units it keeps; NULL: all
 
-    #: Columns later versions added, with their SQL types: a table an earlier version made gains them.
-    ADDED = {"study_uid": "VARCHAR(32)", "heads": "INTEGER", "mlp_hidden": "INTEGER"}
-
     @classmethod
     def of(cls, study_name: str, uid: str | None) -> Any:
         """The rows of the study with this name and uid (a study made before uids: none)."""
@@ -76,17 +81,14 @@ class LayerResult(Base):
         other = cls.study_uid.is_not(None) if uid is None else (cls.study_uid.is_(None) | (cls.study_uid != uid))
         return (cls.study_name == study_name) & other
 
-    @classmethod
-    def for_study(cls, session: Session, study_name: str, uid: str | None) -> Sequence["LayerResult"]:
-        return session.scalars(select(cls).where(cls.of(study_name, uid)).order_by(cls.trial_number, cls.layer)).all()
-
 
 def layer_rows(study_name: str, trial: optuna.trial.FrozenTrial, uid: str | None = None) -> list[LayerResult]:
     """The rows of a finished trial, from its ``plan`` and ``kept_tokens`` user attributes."""
-    plan = trial.user_attrs.get("plan")
+    record = TrialRecord.from_trial(trial)
+    plan = record.plan
     if not plan:
         return []
-    kept = trial.user_attrs.get("kept_tokens") or [None] * len(plan["layers"])
+    kept = record.kept_tokens or [None] * len(plan["layers"])
     return [
         LayerResult(
             study_name=study_name, study_uid=uid, trial_number=trial.number, layer=i, op=layer["op"], keep=layer["keep"],
@@ -142,30 +144,118 @@ class StudyLock(Base):
     study_name: Mapped[str] = mapped_column(String(512), primary_key=True)
 
 
-class Store:
-    """The project's tables in the database at ``url`` (the same URL as the Optuna storage)."""
+#: PostgreSQL advisory lock (per database) held while one process upgrades the schema: "ltmp" in ASCII.
+SCHEMA_LOCK_KEY = 0x6C746D70
 
-    def __init__(self, url: str) -> None:
+
+@contextmanager
+def _file_lock(engine: Engine) -> Iterator[None]:
+    """An exclusive ``flock`` on the file ``DATABASE.lock`` beside a SQLite database while the block runs
+    (nothing for an in-memory database). The study lock and the schema lock share it; neither is taken
+    while the other is held."""
+    database = engine.url.database
+    if not database or database == ":memory:":
+        yield
+        return
+    import fcntl
+
+    with open(f"{database}.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Store:
+    """The project's tables in the database at ``url`` (the same URL as the Optuna storage).
+
+    ``write``: the caller writes rows (``search run`` and its workers, ``bench``, ``delete``), so the
+    tables are created or upgraded to this code's schema first. Without it the store only reads, and
+    changes nothing, the schema least of all; its writing methods raise.
+    """
+
+    def __init__(self, url: str, *, write: bool = False) -> None:
         self.url = url
+        self.writable = write
         self.engine: Engine = create_engine(url, **engine_kwargs(url))
-        Base.metadata.create_all(self.engine)
-        self._migrate()
+        if write:
+            self._upgrade()
+            self._columns = {name: set(table.c.keys()) for name, table in Base.metadata.tables.items()}
+        else:
+            self._columns = self._existing_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def _migrate(self) -> None:
-        """Add what later versions added to a table an earlier version created (rows stay)."""
-        def columns() -> set[str]:
-            return {c["name"] for c in inspect(self.engine).get_columns(LayerResult.__tablename__)}
+    def _upgrade(self) -> None:
+        """Create or upgrade the tables to this code's revision. When they are there already (the usual
+        case, and every ``--jobs`` worker after the first process) this only reads the version."""
+        head = migrations.head()
+        with self.engine.connect() as conn:
+            found = migrations.current(conn)
+            conn.rollback()
+            if found == head:
+                return
+            if found is not None and not migrations.known(found):
+                raise LTMPError(f"storage: {redact(self.url)} holds this project's tables at schema revision {found}, "
+                                f"newer than this release knows (up to {head}); upgrade ltmp-search to write to it")
+            with self._schema_lock(conn):
+                migrations.upgrade(conn)  # reads the version again: another process may have upgraded meanwhile
 
-        for name, kind in LayerResult.ADDED.items():
-            if name in columns():
-                continue
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(text(f"ALTER TABLE {LayerResult.__tablename__} ADD COLUMN {name} {kind}"))
-            except SQLAlchemyError:
-                if name not in columns():  # not another worker adding it at the same moment
-                    raise
+    @contextmanager
+    def _schema_lock(self, conn: Connection) -> Iterator[None]:
+        """Keep other processes out of the schema while this one upgrades it: an advisory lock on
+        PostgreSQL, a named lock on MySQL (both of the session, released here or when it dies), the
+        lock file on SQLite. Held outside any transaction, so the upgrade sees what a process that held
+        it before committed."""
+        dialect = conn.dialect.name
+        if dialect == "sqlite":
+            with _file_lock(self.engine):
+                yield
+            return
+        if dialect == "postgresql":
+            take, release, key = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)", SCHEMA_LOCK_KEY
+        elif dialect in ("mysql", "mariadb"):  # the name is the server's: one per database
+            take, release = "SELECT GET_LOCK(:key, 600)", "SELECT RELEASE_LOCK(:key)"
+            key = f"ltmp_schema.{conn.engine.url.database}"[:64]
+        else:  # no lock known: the revisions' checks still make a second run harmless
+            yield
+            return
+        got = conn.execute(text(take), {"key": key}).scalar()
+        conn.commit()
+        if dialect != "postgresql" and got != 1:
+            raise LTMPError(f"storage: waited 10 minutes for another process to upgrade the tables of "
+                            f"{redact(self.url)}; try again")
+        try:
+            yield
+        finally:
+            conn.rollback()
+            conn.execute(text(release), {"key": key})
+            conn.commit()
+
+    def _existing_columns(self) -> dict[str, set[str]]:
+        """The project's tables that the database has, with the columns each has."""
+        found = inspect(self.engine)
+        names = set(found.get_table_names())
+        return {t: {c["name"] for c in found.get_columns(t)} for t in Base.metadata.tables if t in names}
+
+    def _writing(self) -> None:
+        if not self.writable:
+            raise RuntimeError("this Store only reads; open it with Store(url, write=True) to write rows")
+
+    def _read(self, model: type[Base], where: ColumnElement[bool] | None = None, order_by: Sequence[Any] = (),
+              limit: int | None = None) -> list[Any]:
+        """Rows of ``model``'s table as new (unattached) instances. On a table an earlier version made, a
+        column it lacks reads None; a table the database lacks has no rows."""
+        present = self._columns.get(model.__tablename__)
+        if present is None:
+            return []
+        table = model.__table__
+        query = select(*(c for c in table.c if c.name in present)).order_by(*order_by).limit(limit)
+        if where is not None:
+            query = query.where(where)
+        with self.session() as s:
+            found = s.execute(query).mappings().all()
+        return [model(**{name: row.get(name) for name in table.c.keys()}) for row in found]
 
     @contextmanager
     def lock(self, study_name: str) -> Iterator[None]:
@@ -175,19 +265,10 @@ class Store:
         ends (a killed holder's lock is released by the server). SQLite: an exclusive ``flock`` on a
         file beside the database (SQLite is local to one machine anyway).
         """
+        self._writing()
         if self.engine.dialect.name == "sqlite":
-            database = self.engine.url.database
-            if not database or database == ":memory:":
+            with _file_lock(self.engine):
                 yield
-                return
-            import fcntl
-
-            with open(f"{database}.lock", "a+") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
             return
         from sqlalchemy.exc import IntegrityError
 
@@ -225,6 +306,7 @@ class Store:
 
     def record(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int:
         """Write the rows of one finished trial (replacing any); returns the number of rows."""
+        self._writing()
         if trial.state != optuna.trial.TrialState.COMPLETE:
             return 0
         rows = layer_rows(study.study_name, trial, study_uid(study))
@@ -237,6 +319,7 @@ class Store:
     def sync(self, study: optuna.Study) -> int:
         """Remove the rows of other studies that had this name and of trials this study does not
         have; write rows for every complete trial that has none. Returns how many trials were written."""
+        self._writing()
         uid = study_uid(study)
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         numbers = {t.number for t in complete}
@@ -255,12 +338,18 @@ class Store:
 
     def layers(self, study: optuna.Study, trial_number: int | None = None) -> list[LayerResult]:
         """The rows of ``study`` (never those of another study that had its name)."""
-        with self.session() as s:
-            rows = LayerResult.for_study(s, study.study_name, study_uid(study))
-        return [r for r in rows if trial_number is None or r.trial_number == trial_number]
+        uid = study_uid(study)
+        if "study_uid" in self._columns.get(LayerResult.__tablename__, ()):
+            where = LayerResult.of(study.study_name, uid)
+        else:  # a table from before uids: its rows belong to studies made before uids, which have none
+            where = LayerResult.study_name == study.study_name if uid is None else false()
+        if trial_number is not None:
+            where = where & (LayerResult.trial_number == trial_number)
+        return self._read(LayerResult, where, (LayerResult.trial_number, LayerResult.layer))
 
     def delete_study_rows(self, study_name: str) -> int:
         """Remove every row under ``study_name`` (all studies that had it) and its lock; returns how many."""
+        self._writing()
         with self.session() as s:
             n = s.execute(delete(LayerResult).where(LayerResult.study_name == study_name)).rowcount
             s.execute(delete(StudyLock).where(StudyLock.study_name == study_name))
@@ -268,6 +357,7 @@ class Store:
 
     def clean_orphans(self, study_names: set[str]) -> int:
         """Remove the rows of studies that no longer exist (deleted by other tools); returns how many."""
+        self._writing()
         with self.session() as s:
             names = set(s.scalars(select(LayerResult.study_name).distinct()))
             gone = sorted(names - study_names)
@@ -277,6 +367,7 @@ class Store:
 
     def add_bench(self, plan: str, result: dict[str, Any]) -> int:
         """Store one ``search bench`` measurement; returns its id."""
+        self._writing()
         columns = {BenchResult.COLUMNS.get(k, k): v for k, v in result.items() if k not in ("created", "plan")}
         row = BenchResult(plan=plan, created=result["created"],
                           **{k: v for k, v in columns.items() if k in BenchResult.FIELDS})
@@ -287,9 +378,7 @@ class Store:
 
     def bench_history(self, limit: int = 50) -> list[dict[str, Any]]:
         """The latest ``search bench`` measurements, newest first."""
-        with self.session() as s:
-            rows = s.scalars(select(BenchResult).order_by(BenchResult.id.desc()).limit(limit)).all()
-            return [r.to_dict() for r in rows]
+        return [r.to_dict() for r in self._read(BenchResult, order_by=(BenchResult.id.desc(),), limit=limit)]
 
     def dispose(self) -> None:
         self.engine.dispose()

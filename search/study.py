@@ -79,7 +79,7 @@ def run(
     that many worker processes share the study (see :mod:`search.worker`); workers on other
     machines join by running the same command against the same storage and study name.
     """
-    from .dashboard import artifact_dir, save_study_note
+    from .dashboard import artifact_dir, recorder_for, save_study_note
 
     if jobs < 1:
         raise LTMPError(f"--jobs: must be >= 1, got {jobs}")
@@ -99,7 +99,7 @@ def run(
     # a wrong checkpoint or unreachable pretrained weights leave no database behind.
     file = sqlite_file(url)
     rdb = checked_storage() if file is None or file.exists() else None
-    objective = Objective.open(config, hooks, on_base_epoch, pictures, data=data)
+    objective = Objective.open(config, hooks, on_base_epoch, data=data, recorder=recorder_for(pictures))
     base_info = objective.bench.info
     if base_info.get("random_weights") and not config.random_weights and on_warning is not None:
         on_warning(f"{config.model} is searched with random weights (no --pretrained or --checkpoint): every "
@@ -107,7 +107,7 @@ def run(
     if rdb is None:
         rdb = checked_storage()
     study = open_study(config, rdb, name)
-    store = Store(url)
+    store = Store(url, write=True)
     store.clean_orphans({s.study_name for s in rdb.get_all_studies()})  # rows of studies other tools deleted
     first = None
     if StudyRecord.from_study(study).config is None:
@@ -172,7 +172,7 @@ def delete_study(url: str, name: str, artifacts: str | None = None,
                     removed += 1
                 except ArtifactNotFound:
                     pass
-    store = Store(url)
+    store = Store(url, write=True)
     try:
         rows = store.delete_study_rows(name)
         optuna.delete_study(study_name=name, storage=rdb)

@@ -33,7 +33,6 @@ import copy
 import csv
 import io
 import json
-import math
 import os
 import random
 import time

@@ -225,8 +225,10 @@ def _worker_main(job: _Job) -> None:
     try:
         # Each worker samples with a seed of its own.
         study = open_study(job.config, open_storage(job.url, job.config.heartbeat), job.study_name, job.index + 1)
-        store = Store(job.url)
-        objective = Objective.open(job.config, artifacts=job.artifacts)
+        store = Store(job.url, write=True)
+        from .dashboard import recorder_for
+
+        objective = Objective.open(job.config, recorder=recorder_for(job.artifacts))
         work(study, objective, store, job.config.n_trials)
         store.dispose()
     except KeyboardInterrupt:

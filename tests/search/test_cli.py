@@ -366,27 +366,6 @@ def test_search_delete_removes_the_study_its_rows_and_pictures(workdir, monkeypa
     assert layer_row_count(url, "gone") == 0 and not any(pictures.iterdir())
 
 
-def test_store_adds_the_columns_of_later_versions_to_a_table_an_earlier_version_made(tmp_path):
-    import sqlalchemy as sa
-
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:  # the table as the first version created it, with one row
-        conn.execute(sa.text(
-            "create table ltmp_layer_results (id integer primary key, study_name varchar(512), trial_number integer, "
-            "layer integer, op varchar(32), keep float, merge_keep float, merge_threshold float, "
-            "prune_threshold float, kept_tokens float)"))
-        conn.execute(sa.text("insert into ltmp_layer_results (study_name, trial_number, layer, op, keep) "
-                             "values ('old', 0, 0, 'merge', 0.5)"))
-    engine.dispose()
-    Store(url).dispose()
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        rows = conn.execute(sa.text("select study_name, study_uid, op, heads, mlp_hidden from ltmp_layer_results")).all()
-    engine.dispose()
-    assert [tuple(r) for r in rows] == [("old", None, "merge", None, None)]
-
-
 def test_old_study_flag_still_names_a_preset_with_one_deprecation_line(workdir):
     code, out, err = cli("run", "--study", "imagenet9")
     assert code == 2

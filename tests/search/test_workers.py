@@ -75,7 +75,7 @@ def study_name(request):
             optuna.delete_study(study_name=name, storage=url)
         except KeyError:
             pass
-        store = Store(url)
+        store = Store(url, write=True)
         with store.session() as s:
             s.execute(sa.delete(LayerResult).where(LayerResult.study_name == name))
         store.dispose()
@@ -350,7 +350,7 @@ def test_only_slots_run_a_trial_is_failed_as_surplus(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'slots.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")
-    store = Store(url)
+    store = Store(url, write=True)
     assert ensure_slots(study, store, 2, [("a seed", {"x": 1.0})]) == 2
     assert ensure_slots(study, store, 2) == 0
     waiting = study.get_trials(states=(TrialState.WAITING,))
@@ -377,7 +377,7 @@ def test_slots_left_by_an_interrupted_run_do_not_override_a_smaller_n_trials(tmp
 
     url = f"sqlite:///{tmp_path / 'left.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")
-    store = Store(url)
+    store = Store(url, write=True)
     objective = lambda trial: trial.suggest_float("x", 0, 1)  # noqa: E731
     ensure_slots(study, store, 3)
     assert len(work(study, objective, store, 3)) == 3
