@@ -44,8 +44,8 @@ _EXPORTS = {
     "block_widths": "geometry",
     "prune_width": "width",
     **{name: "patch" for name in (
-        "MODES", "THRESHOLDS", "apply_plan", "calibrate", "clamp_thresholds", "get_mode", "get_plan", "is_patched",
-        "measure_scales", "own_counts", "set_thresholds", "thresholds",
+        "FORMS", "MODES", "THRESHOLDS", "apply_plan", "calibrate", "clamp_thresholds", "get_mode", "get_plan",
+        "is_patched", "measure_scales", "own_counts", "reduction_form", "set_thresholds", "thresholds",
         "remove_plan", "set_mode", "threshold_names", "threshold_parameters", "threshold_scales", "token_counts", "trace_tokens",
         "TokenTrace")},
     **{name: "plan" for name in (
@@ -81,8 +81,8 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .files import state_dict_mismatch, write_atomic
     from .geometry import ViTGeometry, block_widths, check_model
     from .patch import (
-        MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, clamp_thresholds, get_mode, get_plan, is_patched,
-        measure_scales, own_counts, set_thresholds, thresholds,
+        FORMS, MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, clamp_thresholds, get_mode, get_plan, is_patched,
+        measure_scales, own_counts, reduction_form, set_thresholds, thresholds,
         remove_plan, set_mode, threshold_names, threshold_parameters, threshold_scales, token_counts, trace_tokens,
     )
     from .plan import (

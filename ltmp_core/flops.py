@@ -8,14 +8,18 @@ The cost of a block whose attention sees ``n`` tokens (prefix included) and whos
 
     attn_macs_per_token * h / H * n        qkv, proj (and gate) linears of the h heads it keeps
     + 2 * h * head_dim * n**2              q @ k^T and attn @ v
-    + s * head_dim * n**2                  s similarity matrices of the reducers (merge, squeeze)
+    + similarity products                  the reducers' matching (merge, squeeze), as the mode runs it
     + mlp_macs_per_token * u / U * m       MLP linears of the u hidden units it keeps
 
 (``H`` heads and ``U`` hidden units in the unreduced block: every attention linear has the heads'
 width on one side and every MLP linear the hidden width, so their cost is proportional to it)
 
-plus the patch embedding and the classifier head once per image. Elementwise work (softmax, norms,
-scatters, top-k) is not counted, as neither the papers nor PyTorch's counter count it.
+plus the patch embedding and the classifier head once per image. The similarity products differ
+by mode: the masked reducers of soft and dynamic mode compare all ``n x n`` pairs of the block's
+sequence in every merge or squeeze stage (``head_dim`` wide, or ``embed_dim`` for TPS's squeeze);
+static mode's fast forms compare only what they need, and a static stage that removes nothing
+compares nothing (:func:`block_macs`). Elementwise work (softmax, norms, scatters, top-k) is not
+counted, as neither the papers nor PyTorch's counter count it.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from torch import Tensor
 from .errors import LTMPError, Unreachable
 from .geometry import ViTGeometry, block_widths
 from .patch import (
-    THRESHOLDS, first_batch, get_mode, get_plan, is_patched, measure_scales, own_counts, set_mode, set_thresholds,
-    token_counts,
+    THRESHOLDS, first_batch, get_mode, get_plan, is_patched, measure_scales, own_counts, reduction_form, set_mode,
+    set_thresholds, token_counts,
 )
-from .plan import OPS, LayerPlan, ReductionPlan, kept_count, lowest_keep
+from .plan import OPS, LayerPlan, ReductionPlan, kept_count, lowest_keep, stage_counts
 from .reducers import REDUCERS
 
 __all__ = [
@@ -60,30 +64,77 @@ Number = Any  # float, int or Tensor: the formulas below are plain arithmetic an
 
 
 def similarities(op: str) -> int:
-    """Number of ``N x N`` similarity matrices an operation computes."""
+    """Number of ``N x N`` similarity matrices the masked reducers of an operation compute."""
     return sum(REDUCERS[stage].similarities for stage in OPS[op])
 
 
-def _similarity_width(g: ViTGeometry, op: LayerPlan | str) -> int:
-    """Summed width of the similarity products of an op: keys (``head_dim``), or TPS's token features."""
-    name = op if isinstance(op, str) else op.op
-    tps = not isinstance(op, str) and op.squeeze_host == "tps"
-    return sum(REDUCERS[s].similarities * (g.embed_dim if tps and s == "squeeze" else g.head_dim) for s in OPS[name])
+def _stage_width(g: ViTGeometry, layer: LayerPlan, stage: str) -> int:
+    """Width of a stage's similarity features: the keys' head mean (``head_dim``), or TPS's token features."""
+    return g.embed_dim if stage == "squeeze" and layer.squeeze_host == "tps" else g.head_dim
 
 
-def block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str = "none") -> Number:
-    """MACs of one block: ``n_in`` tokens enter attention, ``n_out`` enter the MLP (prefix included).
+def _static_form(ops: Sequence[LayerPlan | str]) -> str:
+    """What static mode runs for these layers (:data:`ltmp_core.FORMS`): the stages' fast forms when
+    every stage has one, as the patched blocks decide, else the masked reducers with top-k."""
+    names = {s for op in ops for s in OPS[op if isinstance(op, str) else op.op]}
+    return "compact" if all(REDUCERS[s].static is not None for s in names) else "top-k"
 
-    ``op`` is the block's :class:`LayerPlan` (or just its op name, at full width): its ``heads`` and
-    ``mlp_hidden`` set the widths; a prune or squeeze scored by ``cls`` importance adds the class
-    query's row of attention logits, ``attn_dim * n_in``; a TPS squeeze compares token features
-    (``embed_dim`` wide) instead of keys (``head_dim``).
 
-    Similarities are counted over the whole sequence (``n_in x n_in``), as the masked reducers of
-    dynamic and soft mode compute them. Static mode's compact stages compare fewer pairs (a merge its
-    sources with its destinations, a squeeze the pruned tokens with the kept ones), so for a static
-    plan this is an upper bound, by about 1% on DeiT-S plans (tests/ltmp_core/test_flops.py).
+def _whole(n: Number) -> int:
+    """A static count as an int: static mode keeps the same whole number of tokens in every image."""
+    if isinstance(n, Tensor):
+        flat = n.detach().flatten()
+        if flat.numel() > 1 and bool((flat != flat[0]).any()):
+            raise LTMPError("counts: static mode keeps the same count in every image; these differ")
+        n = float(flat[0])
+    return int(round(n))
+
+
+def _stage_sizes(p_in: int, p_out: int, op: LayerPlan | str) -> list[tuple[int, int]]:
+    """``(patch tokens entering, tokens removed)`` of every stage of a static block.
+
+    The first stage of a two-stage op stops where :func:`ltmp_core.stage_counts` says (for an op
+    given by name, with the default split of a layer that keeps ``p_out / p_in``).
     """
+    name = op if isinstance(op, str) else op.op
+    stages = OPS[name]
+    if len(stages) < 2:
+        return [(p_in, p_in - p_out)] * len(stages)
+    layer = op if not isinstance(op, str) else LayerPlan(op=name, keep=min(1.0, max(p_out, 1) / max(p_in, 1)))
+    mid = min(p_in, max(p_out, stage_counts(p_in, layer)[0]))
+    return [(p_in, p_in - mid), (mid, mid - p_out)]
+
+
+def _similarity_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str, form: str) -> Number:
+    """MACs of a block's similarity products (the reducers' matching), as the pass ``form`` runs them.
+
+    ``masked``: every stage with similarities compares all ``n_in x n_in`` pairs of the block's
+    sequence (prefix included: the masked reducers mask, they do not narrow). ``top-k``: the same, but
+    a stage that removes nothing is skipped. ``compact``: a stage that removes ``r > 0`` of the ``n``
+    live patch tokens reaching it compares ``Reducer.static_pairs(n, r)`` pairs (a merge its sources
+    with its destinations, a squeeze its pruned tokens with the kept ones).
+    """
+    layer = LayerPlan() if isinstance(op, str) else op  # an op by name: key similarities
+    stages = OPS[op if isinstance(op, str) else op.op]
+    width = [_stage_width(g, layer, s) for s in stages]
+    if form == "masked":
+        return sum(REDUCERS[s].similarities * w for s, w in zip(stages, width)) * n_in * n_in
+    if not any(REDUCERS[s].similarities or REDUCERS[s].static_pairs for s in stages):
+        return 0
+    n, prefix = _whole(n_in), g.num_prefix_tokens
+    total = 0
+    for stage, w, (entering, removed) in zip(stages, width, _stage_sizes(n - prefix, _whole(n_out) - prefix, op)):
+        reducer = REDUCERS[stage]
+        if removed <= 0:
+            continue
+        if form == "compact" and reducer.static_pairs is not None:
+            total += reducer.static_pairs(entering, removed) * w
+        else:
+            total += reducer.similarities * n * n * w
+    return total
+
+
+def _block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str, form: str) -> Number:
     name = op if isinstance(op, str) else op.op
     cls_row = (not isinstance(op, str) and op.importance == "cls"
                and any(REDUCERS[s].needs_importance for s in OPS[name]))
@@ -93,12 +144,43 @@ def block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str 
     # Exact in integers: the attention linears cost a multiple of the head count, the MLP's of its width.
     attn_linear = g.attn_macs_per_token * heads // g.num_heads
     mlp = g.mlp_macs_per_token * hidden // g.mlp_hidden
-    quadratic = 2 * attn_dim + _similarity_width(g, op)
     linear = attn_linear + (attn_dim if cls_row else 0)
-    return linear * n_in + quadratic * n_in * n_in + mlp * n_out
+    return (linear * n_in + 2 * attn_dim * n_in * n_in + _similarity_macs(g, n_in, n_out, op, form)
+            + mlp * n_out)
 
 
-def macs_from_counts(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[LayerPlan | str]) -> Number:
+def block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str = "none", *,
+               static: bool = False) -> Number:
+    """MACs of one block: ``n_in`` tokens enter attention, ``n_out`` enter the MLP (prefix included).
+
+    ``op`` is the block's :class:`LayerPlan` (or just its op name, at full width): its ``heads`` and
+    ``mlp_hidden`` set the widths; a prune or squeeze scored by ``cls`` importance adds the class
+    query's row of attention logits, ``attn_dim * n_in``; a TPS squeeze compares token features
+    (``embed_dim`` wide) instead of keys (``head_dim``).
+
+    The reducers' similarity products are counted as the mode runs them. ``static=False`` (soft and
+    dynamic mode, the masked reducers): every merge or squeeze stage compares all ``n_in x n_in``
+    pairs. ``static=True`` (hard-static mode, whole-number counts): a stage that removes nothing
+    compares nothing, and the fast forms compare only what they need: a merge the ``ceil(P/2) x
+    floor(P/2)`` sources and destinations of the ``P`` live patch tokens, a squeeze its ``r`` pruned
+    tokens with the ``P - r`` kept ones (where a stage has no fast form, static mode runs the masked
+    form, counted as such). A two-stage op given by name splits its cut by the default ``merge_keep``.
+    """
+    form = _static_form([op]) if static else "masked"
+    return _block_macs(g, n_in, n_out, op, form)
+
+
+def _macs(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[LayerPlan | str], form: str) -> Number:
+    if len(counts) != g.depth + 1 or len(ops) != g.depth:
+        raise LTMPError(f"counts: need {g.depth + 1} token counts and {g.depth} ops, got {len(counts)} and {len(ops)}")
+    total: Number = g.embed_macs + g.head_macs
+    for i, op in enumerate(ops):
+        total = total + _block_macs(g, counts[i], counts[i + 1], op, form)
+    return total
+
+
+def macs_from_counts(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[LayerPlan | str], *,
+                     static: bool = False) -> Number:
     """MACs of one image from its token counts.
 
     Args:
@@ -107,13 +189,10 @@ def macs_from_counts(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[Lay
             block passes on (as :func:`ltmp_core.token_counts` returns). Tensors of any shape work
             elementwise, e.g. one count per image.
         ops: Every block's :class:`LayerPlan` (or op name).
+        static: The counts are hard-static mode's (whole numbers, the same in every image): count
+            the similarity work static mode runs (see :func:`block_macs`), not the masked reducers'.
     """
-    if len(counts) != g.depth + 1 or len(ops) != g.depth:
-        raise LTMPError(f"counts: need {g.depth + 1} token counts and {g.depth} ops, got {len(counts)} and {len(ops)}")
-    total: Number = g.embed_macs + g.head_macs
-    for i, op in enumerate(ops):
-        total = total + block_macs(g, counts[i], counts[i + 1], op)
-    return total
+    return _macs(g, counts, ops, _static_form(ops) if static else "masked")
 
 
 def unreduced_macs(g: ViTGeometry) -> int:
@@ -151,16 +230,22 @@ def plan_macs(plan: ReductionPlan, geometry: ViTGeometry | None = None, *, stati
     """Predicted MACs of one image under ``plan``.
 
     With ``static=False`` token counts follow the budgets continuously (``n * keep``, the mean a
-    dynamic plan aims at); with ``static=True`` they are the integer counts of hard-static mode.
+    dynamic plan aims at) and the reducers' similarities are the masked reducers' of dynamic mode;
+    with ``static=True`` they are the integer counts of hard-static mode and the similarity work its
+    fast forms run (:func:`block_macs`): the cost of the deployed model.
     """
     g = _geometry(plan, geometry)
-    return float(macs_from_counts(g, _plan_counts(plan, g, static), plan.layers))
+    return float(macs_from_counts(g, _plan_counts(plan, g, static), plan.layers, static=static))
 
 
 def plan_flops_ratio(plan: ReductionPlan, geometry: ViTGeometry | None = None, *, static: bool = False) -> float:
     """Predicted FLOPs of ``plan`` as a fraction of the unreduced model's (see :func:`plan_macs`).
 
-    Non-decreasing in every layer's ``keep``.
+    Non-decreasing in every layer's ``keep``, with one exception in static mode: a merge that stops
+    removing anything (one token to none) also stops matching, which at several hundred tokens can
+    save more than the token it kept costs (for a late layer of ViT-S at 577 tokens, 0.03% of the
+    model). That bump sits where a layer removes a single token, so the ratios :func:`budgets_for_ratio`
+    bisects on stay ordered around any target well below 1.
     """
     g = _geometry(plan, geometry)
     return plan_macs(plan, g, static=static) / unreduced_macs(g)
@@ -283,11 +368,17 @@ def count_flops(model: nn.Module) -> int:
 def image_macs(model: nn.Module) -> Tensor:
     """MACs of each image of the last forward pass of a patched model, from its token counts: ``[B]``.
 
-    Padding inside a batch is not counted: each figure is what the image costs alone.
+    Padding inside a batch is not counted: each figure is what the image costs alone. The reducers'
+    similarity work is counted as that pass ran it (:func:`ltmp_core.reduction_form`): the masked
+    reducers in soft and dynamic mode, the fast forms in static mode.
     """
     g = ViTGeometry.from_model(model)
     counts = token_counts(model).double()
-    return macs_from_counts(g, list(counts), get_plan(model).layers)
+    form = reduction_form(model)
+    if form == "masked":
+        return _macs(g, list(counts), get_plan(model).layers, form)
+    # Static counts: whole numbers, the same in every image, read from the host once.
+    return _macs(g, list(counts.cpu()), get_plan(model).layers, form).to(counts.device)
 
 
 @torch.no_grad()

@@ -59,9 +59,18 @@ __all__ = [
     "own_counts",
     "trace_tokens",
     "TokenTrace",
+    "FORMS",
+    "reduction_form",
 ]
 
 MODES = ("soft", "dynamic", "static")
+
+#: How a forward pass ran its reducers (:func:`reduction_form`), which decides what their similarity
+#: products cost: ``masked`` (soft and dynamic mode: the masked reducers, every stage over the block's
+#: whole sequence), ``top-k`` (static mode through the masked reducers, as for a stage without a fast
+#: form or :func:`trace_tokens`: the same, but a stage with nothing to remove is skipped), ``compact``
+#: (static mode's fast forms, :class:`ltmp_core.reducers.Compact`).
+FORMS = ("masked", "top-k", "compact")
 
 #: The learned scalars a block may hold: which one a stage uses is ``Reducer.threshold``.
 THRESHOLDS = ("merge_threshold", "prune_threshold")
@@ -81,6 +90,7 @@ class _Pass:
     alive: Tensor | None = None  # [B, N]: 0/1 (soft: straight-through masks); None while every position is live
     order: Tensor | None = None  # soft mode, [B, N]: sequence order keys after a tome-order merge; None: positions
     packing: Packing | None = None  # hard modes, padded batch: flat indices of the live rows
+    form: str = "masked"  # FORMS: how the reducers of this pass ran
 
 
 @dataclass
@@ -133,13 +143,15 @@ class _State(ModelState):
             self._programs[n] = program
         self.program = self._programs[n]
         if self.program is not None:
-            self.last = _Pass(batch=x.shape[0], n_patch=n - self.num_prefix, counts=[n], device=x.device)
+            self.last = _Pass(batch=x.shape[0], n_patch=n - self.num_prefix, counts=[n], device=x.device,
+                              form="compact")
         return self.program
 
     def begin(self, x: Tensor) -> _Pass:
         b, n = x.shape[0], x.shape[1]
         self.last = _Pass(batch=b, n_patch=n - self.num_prefix,
-                          counts=[torch.full((b,), float(n), device=x.device)])
+                          counts=[torch.full((b,), float(n), device=x.device)],
+                          form="top-k" if self.mode == "static" else "masked")
         if self.tracing:
             owner = torch.arange(self.num_prefix, n, device=x.device).expand(b, n - self.num_prefix).clone()
             self.trace = _Trace(owner, torch.zeros_like(owner))
@@ -671,6 +683,11 @@ def token_counts(model: nn.Module) -> Tensor:
     gradients to the thresholds.
     """
     return _counts(_last_pass(model))
+
+
+def reduction_form(model: nn.Module) -> str:
+    """How the last forward pass ran its reducers: one of :data:`FORMS` (what the FLOP model counts)."""
+    return _last_pass(model).form
 
 
 def _counts(p: _Pass) -> Tensor:

@@ -14,7 +14,9 @@ Static mode (every image keeps the same counts) has a second, faster form of eac
 narrowing the sequence's index of live positions, with index arithmetic on strided halves and top-k
 orders instead of masks over the full length, so a block costs a few small kernels besides its GEMMs
 (the batch-1 latency of a deployed plan). It computes what the masked form followed by compaction
-computes, up to float rounding (tested against it); a stage registered without one runs the masked
+computes, up to float rounding (tested against it), with less similarity work: it compares only the
+pairs it needs (a merge its sources with its destinations, a squeeze its pruned tokens with the kept
+ones), which ``static_pairs`` tells the FLOP model. A stage registered without one runs the masked
 form in static mode too.
 
 The registry :data:`REDUCERS` maps a stage name to its functions and what it needs; an operation in
@@ -39,6 +41,7 @@ __all__ = [
 
 Decide = Callable[[Tensor, Tensor], Tensor]
 StaticFn = Callable[["Compact", int], "Compact"]
+PairsFn = Callable[[int, int], int]
 
 #: How a token left a block (``Tokens.fate``).
 KEPT, MERGED, PRUNED, SQUEEZED = 0, 1, 2, 3
@@ -111,9 +114,13 @@ class Reducer:
         threshold: Which learned threshold of a block drives it (``merge_threshold`` or
             ``prune_threshold``).
         needs_importance: Needs the attention map (mean attention received).
-        similarities: Number of ``N x N`` similarity matrices it computes (for the FLOP model).
+        similarities: Number of ``N x N`` similarity matrices the masked form ``fn`` computes over the
+            block's whole sequence (for the FLOP model).
         static: ``static(tokens, r) -> tokens``: the stage on a :class:`Compact` sequence, removing
             exactly ``r`` tokens (static mode's fast form), or ``None``.
+        static_pairs: ``static_pairs(n, r)``: how many token pairs the fast form's similarity products
+            compare when it removes ``r`` of ``n`` live patch tokens (for the FLOP model; 0 at ``r = 0``).
+            ``None``: the FLOP model counts the masked form's ``similarities`` matrices instead.
     """
 
     name: str
@@ -122,18 +129,20 @@ class Reducer:
     needs_importance: bool
     similarities: int
     static: StaticFn | None = None
+    static_pairs: PairsFn | None = None
 
 
 REDUCERS: dict[str, Reducer] = {}
 
 
 def register_reducer(name: str, *, threshold: str, needs_importance: bool, similarities: int,
-                     static: StaticFn | None = None):
+                     static: StaticFn | None = None, static_pairs: PairsFn | None = None):
     """Register ``fn(tokens, decide) -> tokens`` as the reducer stage ``name``.
 
     ``static``, optional, is the stage's fast form for static mode (see the module's docstring);
-    without it static mode runs ``fn`` with a top-k ``decide`` and compacts. Registering a name again
-    replaces the stage, with a warning (as timm's model registry does).
+    without it static mode runs ``fn`` with a top-k ``decide`` and compacts. ``static_pairs(n, r)``
+    says how many token pairs that fast form compares (see :class:`Reducer`). Registering a name
+    again replaces the stage, with a warning (as timm's model registry does).
     """
     if threshold not in ("merge_threshold", "prune_threshold"):
         raise ValueError(f"threshold must be merge_threshold or prune_threshold, got {threshold!r}")
@@ -142,7 +151,7 @@ def register_reducer(name: str, *, threshold: str, needs_importance: bool, simil
         if name in REDUCERS:
             warnings.warn(f"Overwriting reducer stage {name!r} ({REDUCERS[name].fn.__qualname__}) "
                           f"with {fn.__qualname__}", stacklevel=2)
-        REDUCERS[name] = Reducer(name, fn, threshold, needs_importance, similarities, static)
+        REDUCERS[name] = Reducer(name, fn, threshold, needs_importance, similarities, static, static_pairs)
         return fn
 
     return wrap
@@ -380,6 +389,12 @@ def _static_merge(t: Compact, r: int) -> Compact:
                         index=t.positions(order))
 
 
+def _merge_pairs(n: int, r: int) -> int:
+    """Pairs :func:`_static_merge` compares: every source with every destination, the two halves of
+    the ``n`` live patch tokens (whichever parity the split takes, one half has ``n // 2``)."""
+    return (n // 2) * (n - n // 2) if r > 0 else 0
+
+
 def _static_prune_split(t: Compact, r: int) -> tuple[Tensor, Tensor]:
     """Places among the live tokens of the kept patch tokens (in sequence order) and of the ``r``
     least important ones."""
@@ -425,8 +440,13 @@ def _static_squeeze(t: Compact, r: int) -> Compact:
     return _fuse_static(t, host, moved, dest, hw, w, new_size, index=_with_prefix(t, kept))
 
 
+def _squeeze_pairs(n: int, r: int) -> int:
+    """Pairs :func:`_static_squeeze` compares: each of the ``r`` pruned tokens with the ``n - r`` kept ones."""
+    return r * (n - r) if r > 0 else 0
+
+
 @register_reducer("merge", threshold="merge_threshold", needs_importance=False, similarities=1,
-                  static=_static_merge)
+                  static=_static_merge, static_pairs=_merge_pairs)
 def merge(t: Tokens, decide: Decide) -> Tokens:
     """Bipartite threshold merging (LTMP; ToMe's matching).
 
@@ -472,7 +492,7 @@ def prune(t: Tokens, decide: Decide) -> Tokens:
 
 
 @register_reducer("squeeze", threshold="prune_threshold", needs_importance=True, similarities=1,
-                  static=_static_squeeze)
+                  static=_static_squeeze, static_pairs=_squeeze_pairs)
 def squeeze(t: Tokens, decide: Decide) -> Tokens:
     """Prune, then fuse every pruned token into its most similar kept token (TPS).
 

@@ -103,7 +103,8 @@ class Objective:
         recipe = recipe_for(c, self.space.budget, plan.meta.get("tuning"))
         plan = replace(plan, model=c.model, meta={**plan.meta, **budget.to_meta()})
         plan = plan.with_layers(tau=[recipe.tau] * plan.depth)
-        TrialRecord.write(trial, ops=list(plan.ops), predicted_flops_ratio=ltmp_core.plan_flops_ratio(plan))
+        TrialRecord.write(trial, ops=list(plan.ops),
+                          predicted_flops_ratio=ltmp_core.plan_flops_ratio(plan, static=not self.space.tune))
         try:
             return self._run(trial, plan, recipe, seed, c.batch_size, budget)
         except torch.cuda.OutOfMemoryError:
