@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 import ltmp_core
-from search.bench import describe_device, time_batches
+from search.deploy.bench import describe_device, time_batches
 
 
 def images(kind: str, n: int, seed: int) -> torch.Tensor:
     if kind == "mnist":
-        from search.data import builtin
+        from search.setup.data import builtin
 
         splits = builtin("mnist", img_size=224)
         return (splits.holdout_x if seed == 1 else splits.test_x)[:n]

@@ -1,7 +1,7 @@
 """Static speed of plans that cut width and tokens against tokens-only plans, side by side, on the CPU.
 
 Two figures per plan, each its speedup over the unreduced model and that speedup as a fraction of
-the FLOP-ideal one (1 / FLOPs ratio), the models alternating in one process (`search.bench.bench_plan`,
+the FLOP-ideal one (1 / FLOPs ratio), the models alternating in one process (`search.deploy.bench.bench_plan`,
 what `search bench` runs):
 
 - the trained proxy model itself (`search train` output: `ltmp_vit_mnist`, 64 wide, 64 tokens);
@@ -21,7 +21,7 @@ import timm
 import torch
 
 import ltmp_core
-from search.bench import bench_plan
+from search.deploy.bench import bench_plan
 
 
 def deit_plan(plan: ltmp_core.ReductionPlan, model: torch.nn.Module) -> ltmp_core.ReductionPlan:
@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    import search.models  # noqa: F401  (registers ltmp_vit_mnist)
+    import search.setup.models  # noqa: F401  (registers ltmp_vit_mnist)
 
     cpu = torch.device("cpu")
     for path in a.files:

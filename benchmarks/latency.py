@@ -4,7 +4,7 @@
 
 DeiT-S with random weights (speed does not depend on them), 224 px, CPU (2 threads unless
 ``--threads``). In one process, the unreduced model and three static plans alternate, one timed
-forward each per round after the warm-up (``search.bench.time_batches``), so load on a shared machine
+forward each per round after the warm-up (``search.deploy.bench.time_batches``), so load on a shared machine
 hits all of them alike:
 
 - ``merge+prune 0.35``: merge then prune in every block, ``cls`` importance, budgets for 35% of the
@@ -40,7 +40,7 @@ import timm
 import torch
 
 import ltmp_core
-from search.bench import describe_device, time_batches
+from search.deploy.bench import describe_device, time_batches
 
 
 def tome_counts(patches: int, depth: int, r: int) -> list[float]:

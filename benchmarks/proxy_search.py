@@ -35,10 +35,10 @@ from pathlib import Path
 
 import optuna
 
-from search.config import resolve
-from search.results import accuracy_of, best_trial
-from search.study import run
-from search.validate import validate_plan
+from search.setup.config import resolve
+from search.study.results import accuracy_of, best_trial
+from search.study.run import run
+from search.deploy.validate import validate_plan
 
 import ltmp_core
 
@@ -88,10 +88,11 @@ def run_method(method: str, flops: float, seed: int, url: str, n_trials: int, lt
 
 def ablation(flops: float, seed: int) -> list[dict]:
     """LTMP's recipe, then one of this project's choices at a time (one trial each, one epoch)."""
-    from search.finetune import Recipe, evaluate, tune_thresholds
+    from search.setup.evaluation import evaluate
+    from search.study.tuning import Recipe, tune_thresholds
     from spaces import LTMP_TUNING
-    from search.models import load_base_model
-    from search.workbench import open_data
+    from search.setup.models import load_base_model
+    from search.setup.workbench import open_data
     import copy
     import torch
 

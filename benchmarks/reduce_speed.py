@@ -19,7 +19,7 @@ import timm
 import torch
 
 import ltmp_core
-from search.bench import bench_plan
+from search.deploy.bench import bench_plan
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/train_base.py [--out search/weights] [--check]
 
-Trains ``ltmp_vit_mnist`` on the mnist preset's tune split with its recipe (search/models.py:
+Trains ``ltmp_vit_mnist`` on the mnist preset's tune split with its recipe (search/setup/models.py:
 AdamW 1e-3, one-cycle, label smoothing 0.1, random shifts of up to 2 px, 60 epochs; about 8 minutes
 on 2 cores) and saves it under the name `search run` looks for. The shipped file was made by this
 script (seed 0, torch 2.14.1, 2-core Intel Xeon VM): 97.3% on the select split, 97.8% on test.
@@ -29,9 +29,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["LTMP_CACHE"] = tmp  # train here, whatever is cached or shipped
-        from search import models
-        from search.config import load_preset
-        from search.workbench import open_data
+        from search.setup import models
+        from search.setup.config import load_preset
+        from search.setup.workbench import open_data
 
         models.weights_dir = lambda: Path(tmp) / "none"  # do not load the shipped file
         config = load_preset("mnist")

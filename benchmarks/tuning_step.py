@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import ltmp_core
-from search.bench import describe_device, time_batches
+from search.deploy.bench import describe_device, time_batches
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 For a few uniform width cuts (heads and MLP units kept in every block, no token reduction), the
 select top-1 of the shipped base model cut by each criterion (`taylor` on the 256 calibration
 images, `magnitude`, `random`), then after `recover_steps` steps of the trial's recovery (norms and
-biases towards the unreduced model; `search.width.recover`) and, for comparison, after the same
+biases towards the unreduced model; `search.setup.width.recover`) and, for comparison, after the same
 steps on every weight.
 
     python benchmarks/width_criteria.py --steps 30 --json >> docs/data/width_criteria.jsonl
@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 import ltmp_core
-from search.config import resolve
-from search.finetune import unreduced_accuracy
-from search.models import load_base_model
-from search.workbench import open_data
-from search.width import WidthCut, cut_width
+from search.setup.config import resolve
+from search.setup.evaluation import unreduced_accuracy
+from search.setup.models import load_base_model
+from search.setup.workbench import open_data
+from search.setup.width import WidthCut, cut_width
 
 #: (heads, MLP units) kept in every block of ltmp_vit_mnist (4 heads, 256 units).
 CUTS = [(4, 128), (4, 64), (3, 256), (2, 256), (3, 128)]

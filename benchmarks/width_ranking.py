@@ -28,12 +28,12 @@ import optuna
 import torch
 
 import ltmp_core
-from search.config import TrainSettings, resolve
-from search.finetune import evaluate
-from search.models import load_base_model
-from search.workbench import open_data
-from search.train import train
-from search.width import cut_width, width_cut_for
+from search.setup.config import TrainSettings, resolve
+from search.setup.evaluation import evaluate
+from search.setup.models import load_base_model
+from search.setup.workbench import open_data
+from search.train.loop import train
+from search.setup.width import cut_width, width_cut_for
 from spaces import suggest
 
 #: (mlp_keep, heads_keep): full width, MLP cuts, head cuts and both.

@@ -2,7 +2,7 @@
 
 Mistakes a user can make (bad flags, unknown studies, unreachable storage, invalid plans) end with
 one line on stderr and exit code 2; Ctrl-C ends with exit code 130. The flags of ``search run`` and
-``search validate`` are generated from :class:`search.config.StudyConfig`, where each setting is
+``search validate`` are generated from :class:`search.setup.config.StudyConfig`, where each setting is
 declared once.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .record import StudyRecord, TrialRecord
+from .study.record import StudyRecord, TrialRecord
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 def _ratio(text: str) -> float:
     from ltmp_core import LTMPError
 
-    from .budget import check_ratio
+    from .setup.budget import check_ratio
 
     try:
         return check_ratio(text, "FLOPs ratio")
@@ -85,7 +85,7 @@ def _setting_help(f: Any) -> Callable[[], str]:
     """The help of a setting: its own line, its choices and the default preset's value (lazily)."""
 
     def text() -> str:
-        from .config import DEFAULT_PRESET, load_preset
+        from .setup.config import DEFAULT_PRESET, load_preset
 
         meta = f.metadata
         parts = [meta["help"]]
@@ -105,7 +105,7 @@ def _setting_help(f: Any) -> Callable[[], str]:
 
 def _add_settings(group: argparse._ArgumentGroup, settings: Sequence[Any]) -> None:
     """Flags for the :class:`StudyConfig` fields ``settings``; every default is ``None`` (= the preset's)."""
-    from .config import StudyConfig
+    from .setup.config import StudyConfig
 
     hints = typing.get_type_hints(StudyConfig)
     for f in settings:
@@ -159,7 +159,7 @@ def _storage_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import option_fields
+    from .setup.config import option_fields
 
     parser = _Parser(prog="search", description="Search where and how to cut tokens in a vision transformer.")
     parser.add_argument("--version", action="version", version=f"ltmp-search {__version__}")
@@ -290,10 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_settings(group: argparse._ArgumentGroup) -> None:
-    """Flags for the :class:`search.train.TrainSettings` fields (declared there once)."""
+    """Flags for the :class:`search.train.loop.TrainSettings` fields (declared there once)."""
     import dataclasses
 
-    from .config import TrainSettings
+    from .setup.config import TrainSettings
 
     hints = typing.get_type_hints(TrainSettings)
     for f in dataclasses.fields(TrainSettings):
@@ -321,7 +321,7 @@ def _sizes(text: str) -> list[int]:
 
 def _settings(args: argparse.Namespace, group: str | None = None) -> dict[str, Any]:
     """The settings the user gave on the command line (``None``: not given, the preset decides)."""
-    from .config import option_fields
+    from .setup.config import option_fields
 
     given = {f.name: getattr(args, f.name) for f in option_fields(group)}
     if isinstance(given.get("flops"), tuple):  # --flops LO:HI: a study over a range of targets
@@ -342,16 +342,16 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config import resolve
+    from .setup.config import resolve
 
     config = resolve(args.preset, _settings(args))  # settings are checked before torch is imported
 
     import optuna
 
-    from . import ui
-    from .results import FINISHED, best_trial, ranked_trials, trial_summary
-    from .storage import redact
-    from .study import run
+    from .present import ui
+    from .study.results import FINISHED, best_trial, ranked_trials, trial_summary
+    from .study.storage import redact
+    from .study.run import run
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out, err = _consoles()
@@ -409,9 +409,9 @@ def _interrupted(args: argparse.Namespace, config: Any) -> int:
     """Ctrl-C: the running trial was marked failed as interrupted; print the study so far; exit 130."""
     import optuna
 
-    from . import ui
-    from .results import trial_summary
-    from .storage import load_study, open_storage, resolve_storage
+    from .present import ui
+    from .study.results import trial_summary
+    from .study.storage import load_study, open_storage, resolve_storage
 
     out, err = _consoles()
     err.print("search: interrupted; the running trial is marked failed. Run the same command to resume.")
@@ -430,9 +430,9 @@ def _interrupted(args: argparse.Namespace, config: Any) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from . import ui
-    from .results import list_studies
-    from .storage import open_storage, redact, resolve_storage
+    from .present import ui
+    from .study.results import list_studies
+    from .study.storage import open_storage, redact, resolve_storage
 
     url = resolve_storage(args.storage, create=False)
     rows = list_studies(open_storage(url))
@@ -448,13 +448,13 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from . import ui
-    from .results import best_trial, target_of, trial_summary
-    from .storage import load_study, open_storage, resolve_storage
-    from .store import Store
+    from .present import ui
+    from .study.results import best_trial, target_of, trial_summary
+    from .study.storage import load_study, open_storage, resolve_storage
+    from .study.tables import Store
 
     if args.plot:
-        from .plots import check_plot_path
+        from .present.plots import check_plot_path
 
         check_plot_path(args.plot)
     url = resolve_storage(args.storage, create=False)
@@ -463,7 +463,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     best = best_trial(study)
     target = target_of(study)
     if args.plot:
-        from .plots import accuracy_flops_plot
+        from .present.plots import accuracy_flops_plot
 
         points = [(r["flops_ratio"], r["top1"], bool(r["feasible"]), r["number"]) for r in rows
                   if r["state"] == "complete" and r["flops_ratio"] is not None]
@@ -489,10 +489,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import ui
-    from .export import export_plan
-    from .results import accuracy_of
-    from .storage import open_storage, resolve_storage
+    from .present import ui
+    from .study.plans import export_plan
+    from .study.results import accuracy_of
+    from .study.storage import open_storage, resolve_storage
 
     from ltmp_core import LTMPError
 
@@ -516,8 +516,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from ltmp_core import LTMPError
 
-    from .storage import redact, resolve_storage
-    from .study import delete_study
+    from .study.storage import redact, resolve_storage
+    from .study.run import delete_study
 
     url = resolve_storage(args.storage, create=False)
 
@@ -548,8 +548,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import ltmp_core
 
-    from .config import TrainSettings
-    from .config import plan_config
+    from .setup.config import TrainSettings
+    from .setup.config import plan_config
 
     given = {f.name: getattr(args, f"train_{f.name}") for f in dataclasses.fields(TrainSettings)}
     settings = TrainSettings(**{k: v for k, v in given.items() if v is not None})
@@ -557,8 +557,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_settings = _settings(args, "model")
     config = plan_config(plan, args.preset, model_settings)
 
-    from . import ui
-    from .train import train
+    from .present import ui
+    from .train.loop import train
 
     out, err = _consoles()
     display = ui.TrainDisplay(err, quiet=args.quiet or args.json)
@@ -604,7 +604,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
         raise LTMPError(f"-o: no folder {output.parent} (create it first)")
     if args.batch_size < 1:
         raise LTMPError(f"-b: must be >= 1, got {args.batch_size}")
-    from .deploy import export_static
+    from .deploy.program import export_static
 
     facts = export_static(args.model, output, batch_size=args.batch_size, dynamic_batch=not args.fixed_batch)
     if args.json:
@@ -618,8 +618,8 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .config import plan_config
-    from .validate import read_any, validate_plan
+    from .setup.config import plan_config
+    from .deploy.validate import read_any, validate_plan
 
     plan, trained = read_any(args.plan)
     given, preset = _settings(args, "model"), args.preset
@@ -657,13 +657,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import ui
-    from .bench import bench_command
+    from .present import ui
+    from .deploy.bench import bench_command
 
     out, _ = _consoles()
     if args.history:
-        from .storage import resolve_storage
-        from .store import Store
+        from .study.storage import resolve_storage
+        from .study.tables import Store
 
         store = Store(resolve_storage(args.storage, create=False))
         rows = store.bench_history()
@@ -690,8 +690,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .dashboard import run_dashboard
-    from .storage import redact, resolve_storage
+    from .present.dashboard import run_dashboard
+    from .study.storage import redact, resolve_storage
 
     url = resolve_storage(args.storage, create=False)
     _, err = _consoles()

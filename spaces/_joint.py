@@ -11,7 +11,7 @@ top was already flatter than the select split can resolve (docs/benchmarks.md).
 One FLOPs target for both halves: the width cut costs what the analytic model says
 (:func:`ltmp_core.plan_flops_ratio` counts the narrower blocks), and the trial solves the shared merge
 threshold on the width-cut model for what is left, as in ``structured``. A trial cuts the width of its
-copy of the base model first (``search.width.cut_width``: torch-pruning, Taylor importance on the
+copy of the base model first (``search.setup.width.cut_width``: torch-pruning, Taylor importance on the
 calibration batch), then calibrates its thresholds as any other.
 """
 

@@ -14,10 +14,10 @@ from optuna.trial import TrialState
 
 import ltmp_core
 from tests.search.helpers import cli, folder_with, isolate, preset, run_study
-from search.data import builtin, load_data
-from search.finetune import evaluate
-from search.models import load_base_model
-from search.store import Store
+from search.setup.data import builtin, load_data
+from search.setup.evaluation import evaluate
+from search.setup.models import load_base_model
+from search.study.tables import Store
 
 TINY_PRESET = preset(holdout=120, base_epochs=2, trial_steps=4, eval_every=2, eval_images=64)
 
@@ -83,8 +83,8 @@ def test_show_and_studies_print_the_trials(first_run):
     wide = io.StringIO()
     from rich.console import Console
 
-    from search import ui
-    from search.results import trial_summary
+    from search.present import ui
+    from search.study.results import trial_summary
 
     study = optuna.load_study(study_name="tiny", storage=url)
     rows = [trial_summary(t) for t in study.trials]
@@ -396,7 +396,7 @@ def test_plain_progress_is_timestamped_and_ends_with_the_count_by_state(first_ru
     study = optuna.load_study(study_name="p", storage=url)
     for t in study.trials:  # not a terminal: one timestamped line per finished trial
         assert re.search(rf"^\[\d\d:\d\d:\d\d\] trial {t.number}: ", err, re.M), err
-    from search.results import best_trial
+    from search.study.results import best_trial
 
     best = best_trial(study)
     if best is not None:

@@ -10,8 +10,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from search.config import MODEL_SHAPE_FIELDS, RESULT_FIELDS, StudyConfig, option_fields, resolve
-from search.results import best_trial, ranked_trials
+from search.setup.config import MODEL_SHAPE_FIELDS, RESULT_FIELDS, StudyConfig, option_fields, resolve
+from search.study.results import best_trial, ranked_trials
 
 
 def test_every_setting_with_a_flag_is_on_the_command_line():
@@ -73,8 +73,8 @@ def test_one_ranking_feasible_first_then_accuracy_then_fewer_flops():
 def test_terminal_and_dashboard_show_the_same_plan_table():
     from rich.console import Console
 
-    from search.dashboard import plan_note
-    from search.ui import plan_table
+    from search.present.dashboard import plan_note
+    from search.present.ui import plan_table
 
     plan = {"layers": [{"op": "merge", "keep": 0.8, "merge_threshold": 0.95, "prune_threshold": None},
                        {"op": "none", "keep": 1.0}]}

@@ -19,7 +19,7 @@ from PIL import Image
 
 import ltmp_core
 from tests.search.helpers import cli, cli_in, preset
-from search.plots import DIM, OUTLINE, SQUEEZE_MARK, accuracy_flops_plot, token_map
+from search.present.plots import DIM, OUTLINE, SQUEEZE_MARK, accuracy_flops_plot, token_map
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run"]
@@ -219,8 +219,8 @@ def test_dashboard_best_trial_and_infeasible_marks_agree_with_export(tmp_path):
     # trial from storage.get_best_trial (constraints ignored): it showed trial 1 as the best.
     import optuna_dashboard
 
-    from search.dashboard import DashboardStorage
-    from search.results import best_trial
+    from search.present.dashboard import DashboardStorage
+    from search.study.results import best_trial
 
     url = f"sqlite:///{tmp_path / 'two.db'}"
     study = two_trial_study(url)

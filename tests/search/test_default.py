@@ -58,8 +58,8 @@ def test_validate_reads_the_same_test_split_as_the_search():
     # still be split as the study configured it, or its "test" images would overlap the select ones.
     import torch
 
-    from search.config import resolve
-    from search.workbench import open_data
+    from search.setup.config import resolve
+    from search.setup.workbench import open_data
 
     config = resolve("mnist", {"flops": 0.35})
     searched = open_data(config, torch.device("cpu"))

@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 import ltmp_core
 from tests.search.helpers import cli
 from ltmp_core import LTMPError
-from search.data import FolderData
-from search.models import load_base_model, load_checkpoint
-from search.workbench import open_data
-from search.config import resolve
+from search.setup.data import FolderData
+from search.setup.models import load_base_model, load_checkpoint
+from search.setup.workbench import open_data
+from search.setup.config import resolve
 
 TINY = ["--model", "vit_small_patch16_224", "--model-kwargs", "patch_size=8", "depth=4", "embed_dim=48",
         "num_heads=3", "--img-size", "32", "--workers", "0"]
@@ -133,7 +133,7 @@ def test_another_model_does_not_inherit_the_presets_input_size(folder):
     sized = resolve(None, {"model": "vit_small_patch16_224", "img_size": 64, "model_kwargs": {"depth": 4}})
     assert sized.img_size == 64 and sized.model_kwargs == {"depth": 4}
     # A built-in model named with the default preset keeps the size it was built for.
-    from search.models import check_model_name
+    from search.setup.models import check_model_name
 
     other_builtin = resolve(None, {"model": "ltmp_vit_digits"})
     assert other_builtin.img_size is None  # its own size, which is 32 px:

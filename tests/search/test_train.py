@@ -19,8 +19,8 @@ import yaml
 from safetensors.torch import load_file
 
 import ltmp_core
-from search.models import ltmp_vit_mnist
-from search.train import epoch_steps
+from search.setup.models import ltmp_vit_mnist
+from search.train.loop import epoch_steps
 from tests.search.helpers import cli
 
 #: A short run: 300 of the 3,000 tune images in batches of 50 (6 steps an epoch).
@@ -28,7 +28,7 @@ QUICK = ("--train-images", "300", "-b", "50")
 
 
 def _base() -> torch.nn.Module:
-    import search.models as models
+    import search.setup.models as models
 
     model = ltmp_vit_mnist()
     weights = next(models.weights_dir().glob("ltmp_vit_mnist-*.pt"))
@@ -123,7 +123,7 @@ def test_export_model_runs_with_torch_alone_at_another_batch_size(trained, tmp_p
         f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=120)
-    from search.deploy import load_trained_model
+    from search.deploy.program import load_trained_model
 
     with torch.no_grad():
         expected = load_trained_model(out / "model.safetensors", "static")(x)
@@ -278,7 +278,7 @@ def test_a_plan_that_cuts_width_trains_narrower_and_deploys(tmp_path):
     assert code == 0, err
     v = json.loads(text)
     assert v["top1"] == result["test_top1"] and v["flops_ratio"] == pytest.approx(result["test_flops_ratio"], rel=1e-12)
-    from search.deploy import export_static, load_trained_model
+    from search.deploy.program import export_static, load_trained_model
 
     static = load_trained_model(out / "model.safetensors", "static")
     assert ltmp_core.block_widths(static) == [(3, 128)] * 12

@@ -74,7 +74,7 @@ def test_show_and_the_layer_rows_give_the_widths_each_block_keeps(study):
     plan = ltmp_core.ReductionPlan.from_dict(trial.user_attrs["plan"])
     rows = [r for r in json.loads(out)["layers"] if r["trial_number"] == trial.number]
     assert [(r["heads"], r["mlp_hidden"]) for r in rows] == [(l.heads, l.mlp_hidden) for l in plan.layers]
-    from search.ui import plan_columns, plan_rows
+    from search.present.ui import plan_columns, plan_rows
 
     plan = trial.user_attrs["plan"]
     assert plan_columns(plan)[-2:] == ("heads", "MLP units")

@@ -21,10 +21,10 @@ import sqlalchemy as sa
 import torch
 from optuna.trial import TrialState
 
-import search.finetune
-import search.objective
+import search.study.tuning
+import search.study.objective
 from ltmp_core import LTMPError
-from search.store import LayerResult, Store
+from search.study.tables import LayerResult, Store
 
 POSTGRES = os.environ.get("LTMP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MYSQL = os.environ.get("LTMP_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -249,7 +249,7 @@ def fail_once(monkeypatch, module, name, error: BaseException, times: int = 1):
 
 
 def test_nan_loss_fails_the_trial_with_reason_and_the_study_goes_on(workdir, local, monkeypatch):
-    original = search.finetune.F.cross_entropy
+    original = search.study.tuning.F.cross_entropy
     calls = {"n": 0}
 
     def nan_once(*args, **kwargs):
@@ -257,7 +257,7 @@ def test_nan_loss_fails_the_trial_with_reason_and_the_study_goes_on(workdir, loc
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 1 else loss
 
-    monkeypatch.setattr(search.finetune.F, "cross_entropy", nan_once)
+    monkeypatch.setattr(search.study.tuning.F, "cross_entropy", nan_once)
     code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 3), "--storage", local, "--study-name", "n",
                        "--quiet")
     assert code == 0, err
@@ -267,7 +267,7 @@ def test_nan_loss_fails_the_trial_with_reason_and_the_study_goes_on(workdir, loc
 
 
 def test_other_exceptions_are_recorded_and_the_worker_goes_on(workdir, local, monkeypatch):
-    fail_once(monkeypatch, search.objective, "evaluate", RuntimeError("disk went away"), times=2)
+    fail_once(monkeypatch, search.study.objective, "evaluate", RuntimeError("disk went away"), times=2)
     code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 3), "--storage", local, "--study-name", "e",
                        "--quiet")
     assert code == 0, err
@@ -277,7 +277,7 @@ def test_other_exceptions_are_recorded_and_the_worker_goes_on(workdir, local, mo
 
 
 def test_cuda_oom_retries_once_with_half_the_batch(workdir, local, monkeypatch):
-    calls = fail_once(monkeypatch, search.objective, "tune_thresholds", torch.cuda.OutOfMemoryError("CUDA oom"))
+    calls = fail_once(monkeypatch, search.study.objective, "tune_thresholds", torch.cuda.OutOfMemoryError("CUDA oom"))
     code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 2), "--storage", local, "--study-name", "o",
                        "--quiet")
     assert code == 0, err
@@ -288,7 +288,7 @@ def test_cuda_oom_retries_once_with_half_the_batch(workdir, local, monkeypatch):
 
 
 def test_cuda_oom_twice_fails_the_trial_with_reason(workdir, local, monkeypatch):
-    fail_once(monkeypatch, search.objective, "tune_thresholds", torch.cuda.OutOfMemoryError("CUDA oom"), times=2)
+    fail_once(monkeypatch, search.study.objective, "tune_thresholds", torch.cuda.OutOfMemoryError("CUDA oom"), times=2)
     code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 2), "--storage", local, "--study-name", "o2",
                        "--quiet")
     assert code == 0, err
@@ -297,7 +297,7 @@ def test_cuda_oom_twice_fails_the_trial_with_reason(workdir, local, monkeypatch)
 
 
 def test_configuration_error_in_a_trial_stops_the_run(workdir, local, monkeypatch):
-    fail_once(monkeypatch, search.objective, "evaluate", LTMPError("plan: does not fit"), times=99)
+    fail_once(monkeypatch, search.study.objective, "evaluate", LTMPError("plan: does not fit"), times=99)
     code, out, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 3), "--storage", local, "--study-name", "c",
                          "--quiet")
     assert code == 2 and err == "search: error: plan: does not fit\n"
@@ -306,7 +306,7 @@ def test_configuration_error_in_a_trial_stops_the_run(workdir, local, monkeypatc
 
 
 def test_a_trial_that_always_fails_stops_after_five(workdir, local, monkeypatch):
-    fail_once(monkeypatch, search.objective, "evaluate", ValueError("always"), times=99)
+    fail_once(monkeypatch, search.study.objective, "evaluate", ValueError("always"), times=99)
     code, _, err = cli("run", "--flops", "0.5", "--preset", preset_file(workdir, 3), "--storage", local, "--study-name", "a",
                        "--quiet")
     assert code == 2 and "5 trials in a row failed" in err and "ValueError: always" in err
@@ -345,8 +345,8 @@ def test_dashboard_binds_to_loopback_by_default(workdir, local, monkeypatch):
 
 def test_only_slots_run_a_trial_is_failed_as_surplus(tmp_path):
     """Slots carry the user attribute ``slot``; a trial `ask` made up (the last slot was taken) never runs."""
-    from search.record import TrialRecord
-    from search.worker import Surplus, _guarded, ensure_slots
+    from search.study.record import TrialRecord
+    from search.study.worker import Surplus, _guarded, ensure_slots
 
     url = f"sqlite:///{tmp_path / 'slots.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")
@@ -372,8 +372,8 @@ def test_only_slots_run_a_trial_is_failed_as_surplus(tmp_path):
 def test_slots_left_by_an_interrupted_run_do_not_override_a_smaller_n_trials(tmp_path):
     # Reproduces: `--n-trials 30` interrupted at trial 11 leaves its unused slots WAITING; a later
     # `--n-trials 14` with 20 finished ran 9 more trials instead of saying there was nothing to do.
-    from search.record import TrialRecord
-    from search.worker import ensure_slots, work
+    from search.study.record import TrialRecord
+    from search.study.worker import ensure_slots, work
 
     url = f"sqlite:///{tmp_path / 'left.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")

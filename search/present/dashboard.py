@@ -21,11 +21,11 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 import ltmp_core
 from ltmp_core import LTMPError
 
-from .data import StudyData
+from ..setup.data import StudyData
 from .plots import kept_tokens_chart, token_map
-from .record import StudyRecord, TrialRecord
-from .results import accuracy_of, ranked_trials
-from .storage import open_storage, sqlite_file
+from ..study.record import StudyRecord, TrialRecord
+from ..study.results import accuracy_of, ranked_trials
+from ..study.storage import open_storage, sqlite_file
 from .ui import num, plan_columns, plan_rows
 
 __all__ = ["artifact_dir", "DashboardStorage", "TrialRecorder", "recorder_for", "plan_note", "save_study_note", "run_dashboard"]
@@ -105,7 +105,7 @@ class TrialRecorder:
 
 
 def recorder_for(directory: Path | None) -> Any:
-    """What :meth:`search.objective.Objective.open` calls to record trials' pictures in ``directory``
+    """What :meth:`search.study.objective.Objective.open` calls to record trials' pictures in ``directory``
     (``None``: no pictures)."""
     if directory is None:
         return None
@@ -152,7 +152,7 @@ class DashboardStorage(optuna.storages.RDBStorage):
       list) only, not Optuna 5's ``constraints:<name>``: trials are handed to it with the list filled
       in, so infeasible trials are marked and left out of the history plot's best line.
     - Its "Best Trial" is ``storage.get_best_trial``, which ignores constraints: here it is the first
-      trial of :func:`search.results.ranked_trials` (the best feasible one, as ``search export``
+      trial of :func:`search.study.results.ranked_trials` (the best feasible one, as ``search export``
       picks; the most accurate one when none is feasible).
 
     Reads only: nothing is written back, so studies made by older versions show the same way.

@@ -21,7 +21,7 @@ class TrialRecord:
     """The user attributes of one trial; ``None``: not recorded (yet, or for this kind of trial).
 
     Attributes:
-        slot: The trial is one of the study's slots (:mod:`search.worker`); a retry keeps it.
+        slot: The trial is one of the study's slots (:mod:`search.study.worker`); a retry keeps it.
         seed_of: For the study's first trials, the published method whose plan shape it runs
             (``LTMP``, ``ToMe``, ``TPS``).
         worker: ``host:pid`` of the process that ran it.
@@ -112,7 +112,7 @@ class StudyRecord:
 
     Attributes:
         uid: Tells this study from a deleted one of the same name (the project's tables key on it).
-        config: The resolved configuration (:meth:`search.config.StudyConfig.to_dict`).
+        config: The resolved configuration (:meth:`search.setup.config.StudyConfig.to_dict`).
         unreduced_gmacs: GMACs per image of the unreduced model.
         base: The base model: name, where its weights came from, its select-split accuracy.
         seed_trials: How many of the first trials run published plan shapes.

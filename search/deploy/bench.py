@@ -21,8 +21,8 @@ import torch.nn as nn
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
-from .deploy import compile_static
-from .finetune import autocast
+from .program import compile_static
+from ..setup.evaluation import autocast
 
 __all__ = ["time_batches", "bench_plan", "describe_device", "bench_command"]
 
@@ -168,12 +168,12 @@ def bench_command(
     """
     import timm
 
-    import search.models  # noqa: F401  (registers ltmp_vit_digits)
+    import search.setup.models  # noqa: F401  (registers ltmp_vit_digits)
 
-    from .config import StudyConfig
-    from .storage import resolve_storage
-    from .workbench import runtime
-    from .store import Store
+    from ..setup.config import StudyConfig
+    from ..study.storage import resolve_storage
+    from ..setup.workbench import runtime
+    from ..study.tables import Store
 
     kwargs = dict(model_kwargs or {})
     if plan_path:

@@ -3,7 +3,7 @@
 import sqlalchemy as sa
 from alembic import op
 
-from search.migrations import has_column
+from search.study.migrations import has_column
 
 revision = "0002"
 down_revision = "0001"

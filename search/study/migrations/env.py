@@ -1,4 +1,4 @@
-"""Alembic's entry point for :func:`search.migrations.upgrade`: runs the revisions on the caller's connection."""
+"""Alembic's entry point for :func:`search.study.migrations.upgrade`: runs the revisions on the caller's connection."""
 
 from alembic import context
 

@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 
 from ltmp_core import LTMPError
 
-from .config import StudyConfig
+from ..setup.config import StudyConfig
 from .samplers import make_pruner, make_sampler
 
 __all__ = [

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
-from .budget import Budget
+from ..setup.budget import Budget
 from .record import StudyRecord, TrialRecord
 from .results import accuracy_of, best_trial, target_of
 from .storage import load_study

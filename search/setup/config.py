@@ -47,13 +47,13 @@ def _spaces() -> Iterable[str]:
 
 
 def _samplers() -> Iterable[str]:
-    from .samplers import SAMPLERS
+    from ..study.samplers import SAMPLERS
 
     return SAMPLERS
 
 
 def _pruners() -> Iterable[str]:
-    from .samplers import PRUNERS
+    from ..study.samplers import PRUNERS
 
     return PRUNERS
 
@@ -286,7 +286,7 @@ def _presets() -> Any:
     try:
         return resources.files("search.presets")
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "studies"
+        return Path(__file__).resolve().parents[2] / "studies"
 
 
 def preset_names() -> list[str]:

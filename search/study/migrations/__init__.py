@@ -1,4 +1,4 @@
-"""Versions of the project's own tables (``search.store``), kept with alembic as Optuna keeps its own.
+"""Versions of the project's own tables (``search.study.tables``), kept with alembic as Optuna keeps its own.
 
 Each change of the schema is one revision script in ``versions/``; a database records the revision
 it is at in the table :data:`VERSION_TABLE` (Optuna records its own in ``alembic_version``, in the
@@ -11,7 +11,7 @@ way through (MySQL and SQLite do not roll DDL back).
 
 A new revision: a file ``versions/NNNN_what.py`` with ``revision = "NNNN"``, ``down_revision`` the
 previous one and an ``upgrade()`` that checks before it changes (see :func:`has_column`); write
-the models in ``search/store.py`` to match, and ``tests/search/test_store.py`` checks that the
+the models in ``search/study/tables.py`` to match, and ``tests/search/test_tables.py`` checks that the
 revisions build the models' schema on every database it has. There are no downgrades: an older
 release reads a newer schema as it is.
 """

@@ -96,7 +96,7 @@ def cache_dir() -> Path:
 
 def weights_dir() -> Path:
     """Weights shipped with the package (``search/weights``): read before the cache."""
-    return Path(__file__).with_name("weights")
+    return Path(__file__).resolve().parents[1] / "weights"
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import ltmp_core
-from search.finetune import NonFiniteLoss, Recipe, evaluate, tune_thresholds
+from search.setup.evaluation import evaluate
+from search.study.tuning import NonFiniteLoss, Recipe, tune_thresholds
 from spaces import LTMP_TUNING
 from tests.conftest import images, tiny_model
 

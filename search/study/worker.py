@@ -3,10 +3,10 @@
 Optuna's RDB storage is the engine; this module adds one rule on top: a study holds exactly
 ``n_trials`` *slots*, Optuna trials in the WAITING state (``Study.enqueue_trial``, which ``ask``
 pops atomically, also across machines). A worker runs a trial only by popping a slot (a trial whose
-record says ``slot``, :class:`search.record.TrialRecord`), so the study ends with exactly ``n_trials`` finished (complete or pruned)
+record says ``slot``, :class:`search.study.record.TrialRecord`), so the study ends with exactly ``n_trials`` finished (complete or pruned)
 trials however many workers share it:
 
-- slots are topped up under a per-study lock (:meth:`search.store.Store.lock`), when a study is
+- slots are topped up under a per-study lock (:meth:`search.study.tables.Store.lock`), when a study is
   created or extended, and after a trial fails (its slot was spent without a result);
 - a worker killed mid-trial stops beating its heartbeat; another worker fails the stale trial and
   Optuna's ``RetryHeartbeatStaleTrialCallback`` enqueues a retry with the same parameters (a slot);
@@ -34,12 +34,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ltmp_core import LTMPError
 
-from .config import StudyConfig
+from ..setup.config import StudyConfig
 from .objective import Objective
 from .record import TrialRecord
 from .results import state_counts
 from .storage import open_storage, open_study
-from .store import Store
+from .tables import Store
 
 __all__ = ["TrialFailed", "ensure_slots", "work", "run_workers"]
 
@@ -226,7 +226,7 @@ def _worker_main(job: _Job) -> None:
         # Each worker samples with a seed of its own.
         study = open_study(job.config, open_storage(job.url, job.config.heartbeat), job.study_name, job.index + 1)
         store = Store(job.url, write=True)
-        from .dashboard import recorder_for
+        from ..present.dashboard import recorder_for
 
         objective = Objective.open(job.config, recorder=recorder_for(job.artifacts))
         work(study, objective, store, job.config.n_trials)

@@ -22,7 +22,7 @@ from ltmp_core import LTMPError, ReductionPlan
 
 from .config import StudyConfig
 from .data import StudyData
-from .finetune import autocast
+from .evaluation import autocast
 
 __all__ = ["WidthCut", "cut_width", "recover", "width_cut_for"]
 

@@ -14,12 +14,12 @@ from typing import Any
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
-from .budget import Budget
-from .config import StudyConfig
-from .data import SPLITS
-from .deploy import compile_static
-from .finetune import evaluate, unreduced_accuracy
-from .workbench import Workbench
+from ..setup.budget import Budget
+from ..setup.config import StudyConfig
+from ..setup.data import SPLITS
+from .program import compile_static
+from ..setup.evaluation import evaluate, unreduced_accuracy
+from ..setup.workbench import Workbench
 
 __all__ = ["validate_plan", "read_any", "TRAINED_SETTINGS"]
 
@@ -51,7 +51,7 @@ def validate_plan(
     """Evaluate ``plan`` (or the plan file at that path) on ``config``'s model, data and preprocessing.
 
     ``search validate`` puts the plan's own model and input size into ``config`` unless the user
-    named others (:func:`search.config.plan_config`). A plan applies to any timm ViT (its budgets are
+    named others (:func:`search.setup.config.plan_config`). A plan applies to any timm ViT (its budgets are
     fractions, its thresholds relative scores); when the model's token grid differs from the one the
     plan was searched on, the result says so in ``geometry_note``. ``name`` labels the plan in the
     result (default: its path). The plan's budget (its study's target and aim) is reported beside

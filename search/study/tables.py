@@ -5,7 +5,7 @@ layer of every finished trial (op, budget, learned thresholds, mean kept tokens,
 kept), so that a user can
 query "which layers merge in the feasible trials" with SQL, and benchmark results.
 
-The schema is versioned (:mod:`search.migrations`). Only a store opened for writing
+The schema is versioned (:mod:`search.study.migrations`). Only a store opened for writing
 (``Store(url, write=True)``: ``search run``, its workers, ``bench``, ``delete``) creates or upgrades
 the tables, once, under a lock that keeps other processes out. A store opened for reading never
 changes the schema: it reads the tables as they are, those of an earlier version included (a column

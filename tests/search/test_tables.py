@@ -23,7 +23,7 @@ from alembic.runtime.migration import MigrationContext
 
 from ltmp_core import LTMPError
 from search import migrations
-from search.store import Base, LayerResult, Store
+from search.study.tables import Base, LayerResult, Store
 from tests.search.helpers import cli
 
 SERVERS = {"postgresql": "LTMP_TEST_POSTGRES_URL", "mysql": "LTMP_TEST_MYSQL_URL"}
@@ -100,7 +100,7 @@ def differences(url: str) -> list:
     return diff
 
 
-# The project's tables as earlier versions of search/store.py made them (Base.metadata.create_all,
+# The project's tables as earlier versions of search/study/tables.py made them (Base.metadata.create_all,
 # no version table), with their column sets of the time.
 def first_release(meta: sa.MetaData) -> None:
     """The first release (2026-11-21): layer rows without study_uid, heads and mlp_hidden; no other table."""

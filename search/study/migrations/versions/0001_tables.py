@@ -7,7 +7,7 @@ versioning may have any of them: only those missing are created.
 import sqlalchemy as sa
 from alembic import op
 
-from search.migrations import has_table
+from search.study.migrations import has_table
 
 revision = "0001"
 down_revision = None

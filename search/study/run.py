@@ -1,9 +1,9 @@
 """``search run``: create or resume a study and run its trials, here or in ``--jobs`` worker processes.
 
-The pieces live in their own modules: the storage (:mod:`search.storage`), samplers and pruners
-(:mod:`search.samplers`), the device, data and base model (:mod:`search.workbench`), one trial
-(:mod:`search.objective`), the
-trial loop and its workers (:mod:`search.worker`), and reading results back (:mod:`search.results`).
+The pieces live in their own modules: the storage (:mod:`search.study.storage`), samplers and pruners
+(:mod:`search.study.samplers`), the device, data and base model (:mod:`search.setup.workbench`), one trial
+(:mod:`search.study.objective`), the
+trial loop and its workers (:mod:`search.study.worker`), and reading results back (:mod:`search.study.results`).
 This module orders them so that everything a user can get wrong fails before anything is written.
 """
 
@@ -20,13 +20,13 @@ import ltmp_core
 from ltmp_core import LTMPError, ViTGeometry
 from spaces import get_space
 
-from .config import StudyConfig, differences
+from ..setup.config import StudyConfig, differences
 from .objective import METRIC_NAME, METRIC_NAMES, Objective, TrialHooks
 from .record import StudyRecord
 from .results import FINISHED, best_trial
 from .storage import open_storage, open_study, resolve_storage, sqlite_file
-from .store import Store
-from .workbench import open_data, resolve_device
+from .tables import Store
+from ..setup.workbench import open_data, resolve_device
 from .worker import ensure_slots, run_workers, work
 
 __all__ = ["run", "RunResult", "delete_study"]
@@ -76,10 +76,10 @@ def run(
     """Create or resume a study and run trials until it has ``config.n_trials`` finished ones.
 
     Everything a user can get wrong is checked before the database is touched. With ``jobs > 1``,
-    that many worker processes share the study (see :mod:`search.worker`); workers on other
+    that many worker processes share the study (see :mod:`search.study.worker`); workers on other
     machines join by running the same command against the same storage and study name.
     """
-    from .dashboard import artifact_dir, recorder_for, save_study_note
+    from ..present.dashboard import artifact_dir, recorder_for, save_study_note
 
     if jobs < 1:
         raise LTMPError(f"--jobs: must be >= 1, got {jobs}")
@@ -153,7 +153,7 @@ def delete_study(url: str, name: str, artifacts: str | None = None,
     from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
     from optuna.artifacts.exceptions import ArtifactNotFound
 
-    from .dashboard import artifact_dir
+    from ..present.dashboard import artifact_dir
     from .storage import load_study
 
     rdb = open_storage(url)

@@ -32,7 +32,7 @@ def compile_static(model: nn.Module, device: torch.device) -> Any:
 
 def load_trained_model(path: str | os.PathLike[str], mode: str = "static") -> nn.Module:
     """The model of a ``search train`` output with its plan applied (built-in models included)."""
-    import search.models  # noqa: F401  (registers the built-in models with timm)
+    import search.setup.models  # noqa: F401  (registers the built-in models with timm)
 
     return ltmp_core.load_trained(path, mode=mode).eval()
 

@@ -15,7 +15,7 @@ Two recipes:
   alpha 0.5, temperature 1), gradient clipping, model EMA (timm's ``ModelEmaV3``), bf16 on CUDA.
 
 Both aim the budget term at the plan's target less the study's margin (both recorded in the plan by its
-trial, :class:`search.budget.Budget`; ``--flops`` and ``--flops-margin`` override them): the images a
+trial, :class:`search.setup.budget.Budget`; ``--flops`` and ``--flops-margin`` override them): the images a
 model is deployed on cost more or less than the training batches, as in the search.
 
 Determinism: batch ``s`` of epoch ``e`` is fixed by ``(seed, e)``; every random draw of a step
@@ -30,14 +30,11 @@ FLOPs ratio, averaged over the ranks with its gradient).
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import json
 import os
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -49,16 +46,15 @@ from torch import Tensor
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
-from .budget import DEFAULT_MARGIN, Budget
-from .config import StudyConfig, TrainSettings, train_flag as _flag
-from .data import BUILTIN
-from .finetune import autocast, evaluate, unreduced_accuracy
-from .workbench import Workbench, resolve_device
+from ..setup.budget import DEFAULT_MARGIN, Budget
+from ..setup.config import StudyConfig, TrainSettings
+from ..setup.data import BUILTIN
+from ..setup.evaluation import autocast, evaluate, unreduced_accuracy
+from ..setup.workbench import Workbench, resolve_device
+from .output import ARGS, LAST, MODEL_FILE, PLAN_FILE, SUMMARY, check_output, summary_csv, write_text, yaml_text
 
-__all__ = ["train", "TrainResult", "check_output", "LAST", "MODEL_FILE"]
+__all__ = ["train", "TrainResult", "epoch_steps", "train_one_epoch", "prepare"]
 
-#: Files a run writes in its output folder.
-LAST, MODEL_FILE, PLAN_FILE, SUMMARY, ARGS = "last.pth", "model.safetensors", "plan.json", "summary.csv", "args.yaml"
 #: LTMP's prune-threshold learning rate relative to its merge one (5e-6 / 5e-3), raw units.
 LTMP_PRUNE_LR_RATIO = 1e-3
 #: DeiT's soft distillation: the weight of the teacher term and its temperature.
@@ -73,55 +69,6 @@ class TrainResult:
     resumed_at: int
     history: list[dict[str, Any]]
     final: dict[str, Any]
-
-
-# -- the output folder -----------------------------------------------------------------------------
-
-
-def _yaml(data: dict[str, Any]) -> str:
-    import yaml
-
-    return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False)
-
-
-def _write_text(path: Path, text: str) -> None:
-    ltmp_core.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def check_output(out: Path, resume: bool, args: dict[str, Any]) -> dict[str, Any] | None:
-    """Check the output folder before anything is written; the checkpoint to resume from, if any.
-
-    A folder that holds another run needs ``--resume``; ``--resume`` needs a checkpoint there written
-    with the same settings (those that change what is trained).
-    """
-    if out.exists() and not out.is_dir():
-        raise LTMPError(f"-o: {out} is a file, not a folder")
-    last = out / LAST
-    held = [name for name in (LAST, MODEL_FILE, ARGS) if (out / name).exists()]
-    if not resume:
-        if held:
-            raise LTMPError(f"-o: {out} holds another run ({held[0]}); pass --resume to continue it, or choose "
-                            "another folder")
-        if not out.parent.is_dir():
-            raise LTMPError(f"-o: no folder {out.parent} (create it first)")
-        return None
-    if not last.is_file():
-        if (out / MODEL_FILE).is_file():
-            return {"finished": True}
-        raise LTMPError(f"--resume: {out} holds no checkpoint ({LAST}); start a new run without --resume")
-    try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LTMPError(f"--resume: cannot read {last} ({str(e).strip().splitlines()[0][:160] if str(e) else e})") \
-            from None
-    saved = ckpt.get("args", {})
-    keys = [f.name for f in fields(TrainSettings) if f.metadata["result"]] + ["plan", "config"]
-    for key in keys:
-        if key in saved and json.dumps(saved[key], sort_keys=True, default=str) != json.dumps(
-                args.get(key), sort_keys=True, default=str):
-            where = _flag(key) if key in {f.name for f in fields(TrainSettings)} else key
-            raise LTMPError(f"--resume: {out} was trained with {where} = {saved[key]!r}, not {args.get(key)!r}")
-    return ckpt
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -177,15 +124,6 @@ def _threshold_groups(model: nn.Module, s: TrainSettings, num_patches: int) -> l
             lr = s.threshold_lr if name == "merge_threshold" or relative else s.threshold_lr / num_patches
         groups.append({"params": [param], "lr": lr, "weight_decay": 0.0, "name": f"blocks.{i}.{name}"})
     return groups
-
-
-def _summary_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return buf.getvalue()
 
 
 def _check_geometry(plan: ReductionPlan, config: StudyConfig, num_classes: int) -> None:
@@ -471,7 +409,7 @@ def _end_epoch(run: _Run, epoch: int, on_epoch: Callable[[dict[str, Any]], None]
                "eval_flops_ratio": ev.macs / ltmp_core.unreduced_macs(run.bench.geometry),
                "lr": run.optimizer.param_groups[0]["lr"], "seconds": run.elapsed()}
         run.history.append(row)
-        _write_text(run.out / SUMMARY, _summary_csv(run.history))
+        write_text(run.out / SUMMARY, summary_csv(run.history))
         if on_epoch is not None:
             on_epoch(row)
     run.sums = _zero_sums()
@@ -519,7 +457,7 @@ def train(
             dist.barrier()
         if rank == 0:
             out.mkdir(exist_ok=True)
-            _write_text(out / ARGS, _yaml({**args, "world_size": world, "device": str(device),
+            write_text(out / ARGS, yaml_text({**args, "world_size": world, "device": str(device),
                                              "weights": run.bench.info.get("source")}))
             ltmp_core.save_plan(run.plan, out / "plan_start.json")
         if on_start is not None:

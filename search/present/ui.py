@@ -11,9 +11,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from .objective import TrialHooks
-from .record import TrialRecord
-from .results import accuracy_of, best_trial, state_counts
+from ..study.objective import TrialHooks
+from ..study.record import TrialRecord
+from ..study.results import accuracy_of, best_trial, state_counts
 
 __all__ = [
     "OP_SYMBOLS", "ops_glance", "pct", "num", "trials_table", "PLAN_COLUMNS", "WIDTH_COLUMNS", "plan_columns",

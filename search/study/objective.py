@@ -28,12 +28,13 @@ import torch.nn as nn
 import ltmp_core
 from spaces import Infeasible, get_space, suggest
 
-from .budget import Budget
-from .config import StudyConfig
-from .data import StudyData
-from .finetune import NonFiniteLoss, Recipe, evaluate, tune_thresholds, unreduced_accuracy
+from ..setup.budget import Budget
+from ..setup.config import StudyConfig
+from ..setup.data import StudyData
+from ..setup.evaluation import evaluate, unreduced_accuracy
+from .tuning import NonFiniteLoss, Recipe, tune_thresholds
 from .record import TrialRecord
-from .workbench import Workbench
+from ..setup.workbench import Workbench
 
 __all__ = ["Objective", "TrialHooks", "METRIC_NAME", "METRIC_NAMES", "recipe_for"]
 
@@ -64,13 +65,13 @@ class Objective:
     """Callable for ``study.optimize``: returns select-split top-1 (and, over a range of targets, the
     measured FLOPs ratio), sets the FLOPs constraint.
 
-    The base model is set up once (:class:`search.workbench.Workbench`); each trial works on a deep copy.
+    The base model is set up once (:class:`search.setup.workbench.Workbench`); each trial works on a deep copy.
     """
 
     def __init__(self, bench: Workbench, *, hooks: TrialHooks | None = None, recorder: Any = None) -> None:
         self.bench = bench
         self.config = bench.config
-        self.recorder = recorder  # search.dashboard.TrialRecorder: notes and pictures for the dashboard
+        self.recorder = recorder  # search.present.dashboard.TrialRecorder: notes and pictures for the dashboard
         self.device, self.amp, self.data, self.base = bench.device, bench.amp, bench.data, bench.base
         self.geometry = bench.geometry
         self.unreduced_macs = ltmp_core.unreduced_macs(self.geometry)
@@ -86,7 +87,7 @@ class Objective:
              recorder: Callable[[StudyData], Any] | None = None) -> "Objective":
         """The objective of a study: its workbench (data, base model; trained and cached for the digits
         preset); ``recorder(data)`` makes what writes every finished trial's dashboard note and pictures
-        (:class:`search.dashboard.TrialRecorder`)."""
+        (:class:`search.present.dashboard.TrialRecorder`)."""
         bench = Workbench.open(config, data=data, on_base_epoch=on_base_epoch)
         return cls(bench, hooks=hooks, recorder=None if recorder is None else recorder(bench.data))
 

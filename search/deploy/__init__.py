@@ -1,0 +1,1 @@
+"""Using a plan: ``search validate``, ``search bench`` and deployable programs."""

@@ -1,0 +1,1 @@
+"""What users see: terminal tables and progress, optuna-dashboard notes and pictures, plots."""

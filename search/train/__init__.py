@@ -1,0 +1,1 @@
+"""``search train``: from an exported plan to a trained model (the loop, and its output folder)."""
