@@ -159,11 +159,17 @@ def _storage_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .setup.config import option_fields
-
     parser = _Parser(prog="search", description="Search where and how to cut tokens in a vision transformer.")
     parser.add_argument("--version", action="version", version=f"ltmp-search {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_study_commands(sub)
+    _add_plan_commands(sub)
+    return parser
+
+
+def _add_study_commands(sub: Any) -> None:
+    """run, studies, show, export, delete: a study and its trials."""
+    from .setup.config import option_fields
 
     run = sub.add_parser("run", help="run (or resume) a search", description=(
         "Run an Optuna study: every trial samples a plan (which blocks merge, prune or squeeze, and how hard) "
@@ -211,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", help="folder of the pictures (default: as search run)")
     _storage_options(p)
     _json_options(p)
+
+
+def _add_plan_commands(sub: Any) -> None:
+    """validate, train, export-model, bench, dashboard: what is done with a plan and a study."""
+    from .setup.config import option_fields
 
     p = sub.add_parser("validate", help="top-1/top-5 and measured FLOPs of a plan on a data split", description=(
         "Apply a plan to its base model and report top-1, top-5 and the measured FLOPs (MACs) on a split: "
@@ -286,7 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--artifacts", help="folder of the pictures (default: as search run)")
-    return parser
 
 
 def _add_train_settings(group: argparse._ArgumentGroup) -> None:
