@@ -22,7 +22,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from ltmp_core import LTMPError
-from search import migrations
+from search.study import migrations
 from search.study.tables import Base, LayerResult, Store
 from tests.search.helpers import cli
 
