@@ -15,8 +15,10 @@ Methods (each a study in a temporary SQLite database, the same data, base model 
 
 Every method's best trial is chosen on the select split; its plan is then scored on the test split
 (never seen by any search). Per method: test top-1, select top-1, measured FLOPs ratio on test,
-images processed (forward passes through the model, tuning images counted once though their step
-also runs a backward pass) and wall time. With --json, one JSON object per line.
+the study's compute over all its trials, pruned and failed ones included (``images_processed``: images
+through the model or its teacher, every pass; ``forward_equivalents``: the same with each backward
+pass counted, :mod:`search.study.compute`; the test score is not counted: it is not part of the
+method) and wall time. With --json, one JSON object per line.
 
 ``--ablation`` runs LTMP's recipe with one of this project's choices swapped in at a time and prints
 what each changes.
@@ -65,9 +67,11 @@ def run_method(method: str, flops: float, seed: int, url: str, n_trials: int, lt
     study = result.study
     trials = study.get_trials(deepcopy=False)
     images = sum(t.user_attrs.get("images_processed", 0) for t in trials)
+    forward_equivalents = sum(t.user_attrs.get("forward_equivalents", 0) for t in trials)
     best = best_trial(study)
     row = {"method": method, "seed": seed, "flops_target": flops, "trials": len(trials), "test_top1": None,
-           "select_top1": None, "flops_ratio": None, "images_processed": images, "seconds": round(seconds, 1)}
+           "select_top1": None, "flops_ratio": None, "images_processed": images,
+           "forward_equivalents": forward_equivalents, "seconds": round(seconds, 1)}
     if best is None:  # nothing at or under the target on the select split
         chosen = max((t for t in trials if t.values), key=lambda t: accuracy_of(t), default=None)
         row["note"] = "no trial at or under the target on the select split"
@@ -81,8 +85,6 @@ def run_method(method: str, flops: float, seed: int, url: str, n_trials: int, lt
                feasible_on_test=tested["flops_ratio"] <= flops, best_trial=chosen.number,
                ops=" ".join(layer.op for layer in plan.layers),
                seeded=chosen.number < study.user_attrs.get("seed_trials", 0))
-    images += tested["images"]
-    row["images_processed"] = images
     return row
 
 

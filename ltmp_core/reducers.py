@@ -371,7 +371,7 @@ def _static_merge(t: Compact, r: int) -> Compact:
     src, dst = slice(first_src, n, 2), slice(first_dst, n, 2)
     metric = t.live(t.unit_metric().detach())
     best, dest = (metric[:, src] @ metric[:, dst].transpose(1, 2)).float().max(dim=-1)
-    ranked = best.argsort(dim=1, descending=True)
+    ranked = best.argsort(dim=1, descending=True, stable=True)
     merged, kept = ranked[:, :r], ranked[:, r:]
     b = best.shape[0]
     local = torch.arange(n, device=best.device)
@@ -381,7 +381,10 @@ def _static_merge(t: Compact, r: int) -> Compact:
     size = t.sizes()
     s_host, s_moved = size.gather(1, host), size.gather(1, moved)
     if t.merge_order == "tome":  # prefix, unmerged sources, destinations (ToMe's cat([unm, dst]))
-        order = torch.cat([local[:p].expand(b, -1), src_local.gather(1, kept.sort(dim=1).values), dst_local], dim=1)
+        # ToMe puts the unmerged sources back in sequence order only when there is a class token; without
+        # one they stay in its edge order, best-matched first.
+        unmerged = kept.sort(dim=1).values if p else kept
+        order = torch.cat([local[:p].expand(b, -1), src_local.gather(1, unmerged), dst_local], dim=1)
     else:  # sequence order: the unmerged sources stay between the destinations
         stay = torch.ones(b, n, dtype=torch.uint8, device=best.device).scatter(1, first_src + 2 * merged, 0)
         order = stay.argsort(dim=1, descending=True, stable=True)[:, :n - r]
@@ -468,8 +471,23 @@ def merge(t: Tokens, decide: Decide) -> Tokens:
     if t.merge_order == "tome":
         n = t.alive.shape[1]
         base = t.order if t.order is not None else torch.arange(n, device=dst.device).expand_as(dst)
-        out.order = torch.where(dst, base + base.amax(dim=1, keepdim=True) + 1, base)
+        first = base
+        if t.num_prefix == 0:
+            # Without a class token ToMe leaves the unmerged sources in its edge order (best match
+            # first, ties by sequence order) rather than in sequence order.
+            first = torch.where(src, _edge_rank(best.detach().masked_fill(~src, float("-inf")), t.rank()), base)
+        top = torch.maximum(base.amax(dim=1, keepdim=True), torch.full_like(base[:, :1], n))
+        out.order = torch.where(dst, base + top + 1, first)
     return out
+
+
+def _edge_rank(score: Tensor, rank: Tensor) -> Tensor:
+    """Place of every token when sorted by ``score``, highest first, ties by ``rank`` (sequence order)."""
+    in_sequence = rank.argsort(dim=1, stable=True)
+    by_score = score.gather(1, in_sequence).argsort(dim=1, descending=True, stable=True)
+    positions = in_sequence.gather(1, by_score)
+    places = torch.arange(score.shape[1], device=score.device).expand_as(positions)
+    return torch.empty_like(positions).scatter_(1, positions, places)
 
 
 def _prune_weights(t: Tokens, decide: Decide) -> Tensor:

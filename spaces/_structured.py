@@ -40,7 +40,7 @@ def _seeds(geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str])
     tps = {**common, "merge": False, "prune": "squeeze", "prune_from": tps_layers(depth)[0], "host": "tps",
            "importance": "cls", "order": "keep"}
     out = {}
-    for label, seed in (("LTMP", ltmp), ("ToMe", tome), ("TPS", tps)):
+    for label, seed in (("LTMP shape", ltmp), ("ToMe shape", tome), ("TPS shape", tps)):
         if seed["importance"] not in importance:
             seed["importance"] = importance[0]
         if all(op in ops for op in _ops(seed, depth)):

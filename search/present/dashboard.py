@@ -53,7 +53,7 @@ def plan_note(trial_number: int, plan: dict[str, Any], kept: list[float], accura
     """The trial's note: a markdown table of its plan with learned thresholds and kept tokens; a
     seeded trial says whose plan it runs."""
     lines = [
-        f"## Trial {trial_number}" + (f": the {seed_of} plan (a published method's, seeded)" if seed_of else ""),
+        f"## Trial {trial_number}" + (f": the {seed_of}, seeded (a published method's operations per layer, tuned and scored with this study's recipe)" if seed_of else ""),
         "",
         f"Top-1 **{100 * accuracy:.2f}%** at a measured FLOPs ratio of **{ratio:.3f}** "
         f"({'feasible: at or under' if ratio <= target else 'over'} the target {target:g}). FLOPs are MACs.",

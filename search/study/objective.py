@@ -32,8 +32,9 @@ from ..setup.budget import Budget
 from ..setup.config import StudyConfig
 from ..setup.data import StudyData
 from ..setup.evaluation import evaluate, unreduced_accuracy
-from .tuning import NonFiniteLoss, Recipe, tune_thresholds
+from .compute import ComputeMeter
 from .record import TrialRecord
+from .tuning import NonFiniteLoss, Recipe, tune_thresholds
 from ..setup.workbench import Workbench
 
 __all__ = ["Objective", "TrialHooks", "METRIC_NAME", "METRIC_NAMES", "recipe_for"]
@@ -97,6 +98,16 @@ class Objective:
         seed = c.seed + trial.number
         budget = c.flops_budget(trial.suggest_float("flops_target", c.flops_min, c.flops) if self.multi else None)
         TrialRecord.write(trial, seed=seed, device=str(self.device), target=budget.target)
+        meter = ComputeMeter()
+        try:
+            return self._plan_and_run(trial, seed, budget, meter)
+        finally:
+            # Scored, pruned or failed: what the trial ran is part of the study's compute.
+            TrialRecord.write(trial, images_processed=meter.images, forward_equivalents=meter.forward_equivalents)
+
+    def _plan_and_run(self, trial: optuna.Trial, seed: int, budget: Budget,
+                      meter: ComputeMeter) -> float | tuple[float, float]:
+        c = self.config
         try:
             plan = suggest(c.space, trial, self.geometry, budget.aim, ops=c.ops, importance=c.importance)
         except Infeasible as e:
@@ -107,13 +118,13 @@ class Objective:
         TrialRecord.write(trial, ops=list(plan.ops),
                           predicted_flops_ratio=ltmp_core.plan_flops_ratio(plan, static=not self.space.tune))
         try:
-            return self._run(trial, plan, recipe, seed, c.batch_size, budget)
+            return self._run(trial, plan, recipe, seed, c.batch_size, budget, meter)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             half = max(1, c.batch_size // 2)
             TrialRecord.write(trial, oom_retry_batch_size=half)
             try:
-                return self._run(trial, plan, recipe, seed, half, budget)
+                return self._run(trial, plan, recipe, seed, half, budget, meter)
             except torch.cuda.OutOfMemoryError:
                 TrialRecord.write(trial, fail_reason=f"CUDA out of memory at batch size {c.batch_size} and again at {half}")
                 raise
@@ -124,62 +135,67 @@ class Objective:
         raise optuna.TrialPruned(reason)
 
     def _run(self, trial: optuna.Trial, plan: ltmp_core.ReductionPlan, recipe: Recipe, seed: int, batch_size: int,
-             budget: Budget) -> float | tuple[float, float]:
+             budget: Budget, meter: ComputeMeter) -> float | tuple[float, float]:
         """One trial's work on its plan: cut and patch a copy of the base model, start its thresholds,
-        tune them, score it."""
+        tune them, score it; ``meter`` counts what it runs."""
         torch.manual_seed(seed)
         start = time.perf_counter()
-        model, plan, images = self._reduced(plan)
+        model, plan = self._reduced(plan, meter)
         mode = "static"
         if self.space.tune:
             mode = "dynamic"
-            images += self._start(trial, model, plan, recipe, budget)
-            images += self._tune(trial, model, recipe, seed, batch_size, budget)
+            self._start(trial, model, plan, recipe, budget, meter)
+            self._tune(trial, model, recipe, seed, batch_size, budget, meter)
         TrialRecord.write(trial, recipe=asdict(recipe))
         tune_seconds = time.perf_counter() - start
-        return self._score(trial, model, plan, recipe, mode, batch_size, budget, images, tune_seconds)
+        return self._score(trial, model, plan, recipe, mode, batch_size, budget, meter, tune_seconds)
 
-    def _reduced(self, plan: ltmp_core.ReductionPlan) -> tuple[nn.Module, ltmp_core.ReductionPlan, int]:
-        """A copy of the base model cut to the plan's widths and patched (static mode); the images the cut
-        passed through the model (the Taylor criterion's batch, the recovery's forward and backward)."""
-        images = 0
+    def _reduced(self, plan: ltmp_core.ReductionPlan,
+                 meter: ComputeMeter) -> tuple[nn.Module, ltmp_core.ReductionPlan]:
+        """A copy of the base model cut to the plan's widths and patched (static mode). The cut's work
+        is counted: the Taylor criterion's forward and backward, the recovery's steps and teacher."""
         if plan.cuts_width:
             self.hooks.on_phase("cut width")
             cut = self.bench.width_cut(plan)
-            images = (cut.calib_images if cut.importance == "taylor" else 0) + 2 * cut.recover_steps * cut.recover_batch
-        model, plan = self.bench.reduced(plan, "static", teacher=self.base)
-        return model, plan, images
+            if cut.importance == "taylor":
+                meter.weight_step(cut.calib_images)
+            for _ in range(cut.recover_steps):
+                meter.weight_step(cut.recover_batch, teacher=True)
+        return self.bench.reduced(plan, "static", teacher=self.base)
 
     def _start(self, trial: optuna.Trial, model: nn.Module, plan: ltmp_core.ReductionPlan, recipe: Recipe,
-               budget: Budget) -> int:
-        """Set the thresholds where the recipe starts them; the images that took. An unreachable aim
-        prunes the trial."""
+               budget: Budget, meter: ComputeMeter) -> None:
+        """Set the thresholds where the recipe starts them (every pass over the calibration batch is
+        counted). An unreachable aim prunes the trial."""
         self.hooks.on_phase("calibrate")
         passes = _count_forwards(model)
-        if recipe.start == "plan":
-            ltmp_core.set_mode(model, "dynamic")
-        else:
-            try:
-                if recipe.start == "solve":
-                    ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
-                else:
-                    ltmp_core.calibrate(model, self.calibration)
-            except ltmp_core.Unreachable as e:
-                self._infeasible(trial, list(plan.ops), str(e).removeprefix("flops: "))
+        try:
+            if recipe.start == "plan":
+                ltmp_core.set_mode(model, "dynamic")
+            else:
+                try:
+                    if recipe.start == "solve":
+                        ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
+                    else:
+                        ltmp_core.calibrate(model, self.calibration)
+                except ltmp_core.Unreachable as e:
+                    self._infeasible(trial, list(plan.ops), str(e).removeprefix("flops: "))
+        finally:
+            meter.forward(passes() * len(self.calibration))
         TrialRecord.write(trial, calibrated_plan=ltmp_core.get_plan(model).to_dict())
-        return passes() * len(self.calibration)
 
     def _tune(self, trial: optuna.Trial, model: nn.Module, recipe: Recipe, seed: int, batch_size: int,
-              budget: Budget) -> int:
-        """The recipe's tuning steps on the thresholds; the images they took. The pruner sees the trial's
-        intermediate scores."""
+              budget: Budget, meter: ComputeMeter) -> None:
+        """The recipe's tuning steps on the thresholds, each counted as it ends. The pruner sees the
+        trial's intermediate scores."""
         c = self.config
 
         def on_step(step: int) -> None:
+            meter.threshold_step(batch_size, teacher=c.distill)
             self.hooks.on_step(step, recipe.steps)
             # The pruner sees a trial only once it has tuned (never its calibrated start).
             if step % c.eval_every == 0 and step < recipe.steps and not self.multi:
-                self._report(trial, model, step, batch_size)
+                self._report(trial, model, step, batch_size, meter)
 
         if recipe.steps:
             self.hooks.on_phase("tune")
@@ -192,14 +208,14 @@ class Objective:
             TrialRecord.write(trial, fail_reason=str(e))
             raise
         TrialRecord.write(trial, tune_task_loss=tuned.task_loss, tune_budget_loss=tuned.budget_loss)
-        return recipe.steps * batch_size * (2 if c.distill else 1)
 
     def _score(self, trial: optuna.Trial, model: nn.Module, plan: ltmp_core.ReductionPlan, recipe: Recipe,
-               mode: str, batch_size: int, budget: Budget, images: int,
+               mode: str, batch_size: int, budget: Budget, meter: ComputeMeter,
                tune_seconds: float) -> float | tuple[float, float]:
         """Top-1 on the select split with tokens removed; the measured FLOPs ratio is the constraint."""
         self.hooks.on_phase("score")
         result = evaluate(model, self.data.holdout_batches(batch_size), device=self.device, amp=self.amp, mode=mode)
+        meter.forward(result.images)
         ratio = result.macs / self.unreduced_macs
         trial.set_constraint("flops", ratio - budget.target)
         final = replace(ltmp_core.get_plan(model), meta=plan.meta)
@@ -210,7 +226,7 @@ class Objective:
         record = TrialRecord(
             constraint=ratio - budget.target, accuracy=result.accuracy, flops_ratio=ratio, gmacs=result.macs / 1e9,
             feasible=ratio <= budget.target, kept_tokens=result.kept_tokens, eval_mode=mode, plan=final.to_dict(),
-            images_processed=images + result.images, time_tune_s=tune_seconds, time_eval_s=result.seconds,
+            time_tune_s=tune_seconds, time_eval_s=result.seconds,
         )
         TrialRecord.write(trial, **record.to_user_attrs())
         if self.recorder is not None:
@@ -222,12 +238,14 @@ class Objective:
             trial.report(result.accuracy, recipe.steps)
         return result.accuracy
 
-    def _report(self, trial: optuna.Trial, model: nn.Module, step: int, batch_size: int) -> None:
+    def _report(self, trial: optuna.Trial, model: nn.Module, step: int, batch_size: int,
+                meter: ComputeMeter) -> None:
         if (trial.number, step) in self._reported:  # a retry after running out of memory
             return
         self._reported.add((trial.number, step))
         quick = evaluate(model, self.data.holdout_batches(batch_size, limit=self.config.eval_images),
                          device=self.device, amp=self.amp)
+        meter.forward(quick.images)
         trial.report(quick.accuracy, step)
         if trial.should_prune():
             TrialRecord.write(trial, pruned_reason=f"stopped by the pruner: accuracy {quick.accuracy:.3f} at step {step}")

@@ -44,7 +44,11 @@ class TrialRecord:
         kept_tokens: Mean tokens after each block (prefix included), on the select split.
         eval_mode: ``dynamic`` (thresholds) or ``static`` (fixed counts).
         plan: The plan as it was scored (``ReductionPlan.to_dict``), with its budget in ``meta``.
-        images_processed: Images the trial passed through the model.
+        images_processed: Images the trial passed forward through its model or its teacher, every pass
+            counted (calibration, tuning, intermediate and final scores, a width cut); recorded for
+            pruned and failed trials too (:mod:`search.study.compute`).
+        forward_equivalents: The same passes in units of one image's forward, backward passes
+            included (a study's compute, for comparisons at equal compute).
         time_tune_s: Seconds of calibration and tuning.
         time_eval_s: Seconds of the final score.
         pruned_reason: Why it was pruned (an unreachable shape, or the pruner).
@@ -74,6 +78,7 @@ class TrialRecord:
     eval_mode: str | None = None
     plan: dict[str, Any] | None = None
     images_processed: int | None = None
+    forward_equivalents: int | None = None
     time_tune_s: float | None = None
     time_eval_s: float | None = None
     pruned_reason: str | None = None

@@ -3,7 +3,8 @@
 Two recipes:
 
 - ``ltmp`` (default): LTMP's released recipe (its tools/train.py). Only the thresholds train, in soft
-  mode, for one epoch: SGD without momentum or weight decay, a cosine schedule, label smoothing 0.1,
+  mode, for one epoch: SGD without momentum or weight decay, a cosine schedule stepped per epoch (so one
+  epoch runs at the full rate, as LTMP's does), label smoothing 0.1,
   ``CE + 10 * (r_flops - r_target)^2``. Learning rates 5e-3 for the merge thresholds and 5e-6 for the
   prune thresholds in LTMP's raw units (mean attention received, about 1/n); a plan whose prune
   thresholds are in relative units (importance times the token count) gets 5e-6 times the patch count,
@@ -284,9 +285,11 @@ def _optimizer(model: nn.Module, s: TrainSettings, num_patches: int, steps_per_e
         optimizer = create_optimizer_v2(
             [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}, *groups],
             opt=s.opt, lr=s.lr, weight_decay=s.weight_decay)
+    # LTMP's scheduler steps per epoch (its tools/train.py): its one epoch runs at the full rate. The full
+    # recipe decays per update, as timm's train.py does.
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=s.epochs, min_lr=s.min_lr,
                                        warmup_epochs=s.warmup_epochs, warmup_lr=min(1e-6, s.lr),
-                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+                                       step_on_epochs=s.recipe == "ltmp", updates_per_epoch=steps_per_epoch)
     return optimizer, scheduler
 
 
@@ -413,6 +416,7 @@ def _end_epoch(run: _Run, epoch: int, on_epoch: Callable[[dict[str, Any]], None]
         if on_epoch is not None:
             on_epoch(row)
     run.sums = _zero_sums()
+    run.scheduler.step(epoch + 1)  # a schedule in epochs moves here (after the row: its lr is the epoch's)
     _save(run)
     if run.world > 1:
         import torch.distributed as dist

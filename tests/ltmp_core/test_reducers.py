@@ -254,6 +254,26 @@ def test_tome_merge_order_and_parity_by_hand():
     assert seen["sources"] == [3, 7, 8]  # token indices of p2, p6 (holding p5+p6) and p7
 
 
+def test_tome_without_a_class_token_keeps_its_edge_order_by_hand():
+    """ToMe with no class token (a gap ViT) on 8 patches, r = 2: a = even positions = [p0, p2, p4, p6]
+    (sources), b = [p1, p3, p5, p7]. Best matches: p0 2 degrees (p1), p4 3 (p5), p6 10 (p3), p2 17
+    (p5). ToMe merges p0 and p4 and, without a class token, does not sort the unmerged sources back
+    into position order: cat([unm, dst]) = [p6, p2, p1+p0, p3, p5+p4, p7]."""
+    #         p0 p1  p2   p3  p4  p5  p6   p7
+    angles = [0, 2, 100, 40, 80, 83, 50, 150]
+    out = merge(nine_tokens(angles, prefix=0), partial(top_k_mask, k=2))
+    assert out.alive.tolist() == [[0, 1, 1, 1, 0, 1, 1, 1]]
+    assert sequence(out) == [6, 2, -1, 3, -5, 7]
+    # The same plan in static mode (a compact sequence) gives the same order.
+    from ltmp_core.reducers import Compact, _static_merge
+
+    t = nine_tokens(angles, prefix=0)
+    c = Compact(x=t.x, index=None, size=t.size, keys=None, importance=None, num_prefix=0, merge_order="tome",
+                metric=t.metric)
+    static = _static_merge(c, 2)
+    assert static.index[0].tolist() == [6, 2, 1, 3, 5, 7]
+
+
 def test_tome_parity_with_a_distillation_token():
     """With [cls, dist, p0, ...] ToMe's sources are the even patches (a = even positions): p0, p2, ..."""
     t = nine_tokens([180, 170, 0, 2, 40, 120, 80, 63, 60], prefix=2)

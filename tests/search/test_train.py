@@ -311,3 +311,14 @@ def test_the_study_margin_is_the_aim_of_training_unless_overridden(tmp_path, mon
                           "--flops-margin", "0.1")
     assert code == 0, err
     assert json.loads(text)["aim"] == pytest.approx(0.45), "--flops-margin overrides the study's"
+
+
+def test_ltmp_recipe_runs_its_one_epoch_at_the_full_rate(plan_file, tmp_path):
+    """LTMP's scheduler steps per epoch: every update of an epoch runs at that epoch's cosine rate, the
+    first at the full 5e-3 (a per-update decay would halve the mean rate of a one-epoch run)."""
+    code, text, err = cli("train", str(plan_file), "-o", str(tmp_path / "out"), *QUICK, "--epochs", "2", "--json")
+    assert code == 0, err
+    rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
+    rates = [float(r["lr"]) for r in rows]
+    # cosine over 2 epochs, no warm-up, min 0: 5e-3 in epoch 1, 5e-3 * (1 + cos(pi / 2)) / 2 in epoch 2
+    assert rates == pytest.approx([5e-3, 2.5e-3])

@@ -225,7 +225,7 @@ def test_structured_seeds_are_ltmp_tome_and_tps_shapes():
         ["merge+prune"] * 12, ["merge"] * 12, ["none"] * 3 + ["squeeze"] * 9]
     assert plans[0].layers[0].importance == "mean" and plans[2].layers[3].importance == "cls"
     labels = [label for label, _ in spaces.get_space("structured").seeded(DEIT_S, OPS, ["mean", "cls"])]
-    assert labels == ["LTMP", "ToMe", "TPS"]  # the names tables and the dashboard show for these trials
+    assert labels == ["LTMP shape", "ToMe shape", "TPS shape"]  # the names tables and the dashboard show for these trials
 
 
 def test_registering_a_space_again_warns_and_replaces():
@@ -278,7 +278,7 @@ def test_joint_plans_cut_width_and_land_on_the_target_with_the_tokens_solving_th
 def test_joint_seeds_are_the_published_shapes_at_full_width():
     space = spaces.get_space("joint")
     labels = [label for label, _ in space.seeded(MNIST, OPS, ["mean", "cls"])]
-    assert labels == ["LTMP", "ToMe", "TPS"]
+    assert labels == ["LTMP shape", "ToMe shape", "TPS shape"]
     for params in space.seed_params(MNIST, OPS, ["mean", "cls"]):
         joint = spaces.suggest("joint", optuna.trial.FixedTrial(params), MNIST, 0.5, importance=["mean", "cls"])
         shape = {k: v for k, v in params.items() if k not in FULL}
