@@ -24,7 +24,7 @@ import os
 import signal
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -41,7 +41,7 @@ from .results import state_counts
 from .storage import open_storage, open_study
 from .tables import Store
 
-__all__ = ["TrialFailed", "ensure_slots", "work", "run_workers"]
+__all__ = ["TrialFailed", "ensure_slots", "work", "run_workers", "worker_device"]
 
 POLL_S = 0.5
 MAX_CONSECUTIVE_FAILURES = 5
@@ -216,6 +216,15 @@ class _Job:
     artifacts: Path | None
 
 
+def worker_device(device: str, index: int, gpus: int) -> str:
+    """The device of ``--jobs`` worker ``index`` on a machine with ``gpus`` visible GPUs: ``cuda`` and
+    ``auto`` spread the workers over the GPUs in turn (worker i on ``cuda:{i mod gpus}``); ``cpu`` and
+    an explicit ``cuda:N`` are kept."""
+    if gpus > 1 and device in ("auto", "cuda"):
+        return f"cuda:{index % gpus}"
+    return device
+
+
 def _worker_main(job: _Job) -> None:
     """Entry point of a ``--jobs`` worker process: load the data and model once, then run slots."""
     torch.set_num_threads(job.threads)
@@ -228,7 +237,8 @@ def _worker_main(job: _Job) -> None:
         store = Store(job.url, write=True)
         from ..present.dashboard import recorder_for
 
-        objective = Objective.open(job.config, recorder=recorder_for(job.artifacts))
+        device = worker_device(job.config.device, job.index, torch.cuda.device_count())
+        objective = Objective.open(replace(job.config, device=device), recorder=recorder_for(job.artifacts))
         work(study, objective, store, job.config.n_trials)
         store.dispose()
     except KeyboardInterrupt:
