@@ -13,11 +13,12 @@ upper bound. Here both are given more compute and compared where their compute i
   images through the model or its teacher with each backward pass counted as well,
   :mod:`search.study.compute`).
 - ``ltmp``: LTMP's released recipe (its plan, thresholds from 0.9 and 0, SGD at 5e-3 and 5e-6, tau
-  0.5, ``10 (r - t)^2``, batch 128) for each number of ``--epochs`` of the tune split, each run from
-  the start; the rate stays constant over the run, as within LTMP's one epoch.
+  0.5, ``10 (r - t)^2``, batch 128) in one long run, scored after each number of ``--epochs`` of the
+  tune split; the rate stays constant over the run, as within LTMP's one epoch (its SGD has no
+  momentum, so the run up to epoch e is a run of e epochs).
 
 Every chosen plan is scored on the test split, which no selection reads. One JSON row per point:
-``method``, ``seed``, ``flops_target``, ``trials`` or ``epochs``, ``forward_equivalents``,
+``method``, ``proxy``, ``seed``, ``flops_target``, ``setting`` (trials or epochs), ``forward_equivalents``,
 ``select_top1``, ``test_top1``, ``flops_ratio`` (on test), ``seconds``.
 """
 
@@ -66,29 +67,56 @@ def search_curve(config: StudyConfig, url: str, seed: int, flops: float) -> list
         if best.number not in tested:
             tested[best.number] = _tested(config, best)
         test = tested[best.number]
-        rows.append({"method": "search", "seed": seed, "flops_target": flops, "trials": k, "best_trial": best.number,
+        rows.append({"method": "search", "seed": seed, "flops_target": flops, "setting": f"{k} trials", "trials": k,
+                     "best_trial": best.number,
                      "forward_equivalents": spent, "select_top1": TrialRecord.from_trial(best).accuracy,
                      "test_top1": test["top1"], "flops_ratio": test["flops_ratio"],
                      "seconds": round(seconds * k / len(trials), 1)})
     return rows
 
 
-def ltmp_point(config: StudyConfig, url: str, seed: int, flops: float, epochs: int, tune_images: int) -> dict:
-    """LTMP's recipe for ``epochs`` epochs of the tune split, from the start."""
-    steps = epochs * math.ceil(tune_images / LTMP_BATCH)
-    c = replace(config, space="ltmp", n_trials=1, trial_steps=steps, batch_size=LTMP_BATCH, eval_every=steps + 1)
-    start = time.perf_counter()
-    study = run(c, storage=url, study_name=f"ltmp-{flops}-{seed}-{epochs}").study
-    seconds = time.perf_counter() - start
-    trial = study.trials[0]
-    record = TrialRecord.from_trial(trial)
-    row = {"method": "ltmp", "seed": seed, "flops_target": flops, "epochs": epochs, "steps": steps,
-           "forward_equivalents": record.forward_equivalents, "select_top1": record.accuracy,
-           "select_flops_ratio": record.flops_ratio, "seconds": round(seconds, 1)}
-    if trial.state == optuna.trial.TrialState.COMPLETE:
-        test = _tested(c, trial)
-        row.update(test_top1=test["top1"], flops_ratio=test["flops_ratio"])
-    return row
+def ltmp_curve(config: StudyConfig, seed: int, flops: float, checkpoints: list[int]) -> list[dict]:
+    """LTMP's recipe in one run of ``max(checkpoints)`` epochs of the tune split, scored on select and
+    test after each checkpoint's epoch. Its SGD has no momentum and a constant rate, so the run up to
+    epoch e is exactly a run of e epochs; its compute at e is the training steps plus one select score."""
+    import torch
+
+    from search.setup.evaluation import evaluate
+    from search.setup.workbench import Workbench
+    from search.study.compute import ComputeMeter
+    from search.study.objective import recipe_for
+    from search.study.tuning import tune_thresholds
+    from spaces import get_space, suggest
+
+    c = replace(config, space="ltmp", batch_size=LTMP_BATCH)
+    bench = Workbench.open(c)
+    budget = c.flops_budget()
+    plan = suggest("ltmp", optuna.trial.FixedTrial({}), bench.geometry, budget.aim, ops=c.ops, importance=c.importance)
+    recipe = recipe_for(c, get_space("ltmp").budget, plan.meta.get("tuning"))
+    per_epoch = math.ceil(bench.data.tune_size() / LTMP_BATCH)
+    model, _ = bench.reduced(plan.with_layers(tau=[recipe.tau] * plan.depth), "dynamic")
+    batches = bench.data.train_batches(LTMP_BATCH, seed)
+    torch.manual_seed(seed)
+    meter, rows, start, unreduced = ComputeMeter(), [], time.perf_counter(), ltmp_core.unreduced_macs(bench.geometry)
+    for epoch in range(1, max(checkpoints) + 1):
+        tune_thresholds(model, batches, recipe=replace(recipe, steps=per_epoch), target=budget.aim,
+                        device=bench.device, amp=bench.amp)
+        for _ in range(per_epoch):
+            meter.step(LTMP_BATCH)
+        if epoch not in checkpoints:
+            continue
+        select = evaluate(model, bench.data.holdout_batches(250), device=bench.device, amp=bench.amp, mode="dynamic")
+        test = evaluate(model, bench.data.test_batches(250), device=bench.device, amp=bench.amp, mode="dynamic")
+        thresholds = ltmp_core.get_plan(model).layers
+        rows.append({"method": "ltmp", "seed": seed, "flops_target": flops, "setting": f"{epoch} epochs",
+                     "epochs": epoch, "steps": epoch * per_epoch,
+                     "forward_equivalents": meter.forward_equivalents + select.images,
+                     "select_top1": select.accuracy, "select_flops_ratio": select.macs / unreduced,
+                     "test_top1": test.accuracy, "flops_ratio": test.macs / unreduced,
+                     "merge_thresholds": [round(l.merge_threshold, 4) for l in thresholds],
+                     "prune_thresholds": [float(f"{l.prune_threshold:.3g}") for l in thresholds],
+                     "seconds": round(time.perf_counter() - start, 1)})
+    return rows
 
 
 def main() -> None:
@@ -103,17 +131,12 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = resolve(args.proxy, {"flops": args.flops, "seed": args.seed, "n_trials": args.n_trials})
-    from search.setup.workbench import open_data
-    import torch
-
-    tune_images = open_data(config, torch.device("cpu")).tune_size()
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'curves.db'}"
         if "search" in args.methods:
             _emit(search_curve(config, url, args.seed, args.flops), args)
         if "ltmp" in args.methods:
-            for e in args.epochs.split(","):
-                _emit([ltmp_point(config, url, args.seed, args.flops, int(e), tune_images)], args)
+            _emit(ltmp_curve(config, args.seed, args.flops, [int(e) for e in args.epochs.split(",")]), args)
 
 
 def _emit(rows: list[dict], args: argparse.Namespace) -> None:

@@ -158,9 +158,9 @@ class Objective:
             self.hooks.on_phase("cut width")
             cut = self.bench.width_cut(plan)
             if cut.importance == "taylor":
-                meter.weight_step(cut.calib_images)
+                meter.step(cut.calib_images)
             for _ in range(cut.recover_steps):
-                meter.weight_step(cut.recover_batch, teacher=True)
+                meter.step(cut.recover_batch, teacher=True)
         return self.bench.reduced(plan, "static", teacher=self.base)
 
     def _start(self, trial: optuna.Trial, model: nn.Module, plan: ltmp_core.ReductionPlan, recipe: Recipe,
@@ -191,7 +191,7 @@ class Objective:
         c = self.config
 
         def on_step(step: int) -> None:
-            meter.threshold_step(batch_size, teacher=c.distill)
+            meter.step(batch_size, teacher=c.distill)
             self.hooks.on_step(step, recipe.steps)
             # The pruner sees a trial only once it has tuned (never its calibrated start).
             if step % c.eval_every == 0 and step < recipe.steps and not self.multi:
