@@ -36,7 +36,7 @@ _EXPORTS = {
     "Unreachable": "errors",
     **{name: "flops" for name in (
         "budgets_for_ratio", "calibrate_to_flops", "count_flops", "expected_flops_ratio", "flops_budget_loss", "image_macs",
-        "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "plan_flops_ratio",
+        "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "model_geometry", "plan_flops_ratio",
         "plan_macs", "static_budgets", "unreduced_macs")},
     "ViTGeometry": "geometry",
     **{name: "files" for name in ("state_dict_mismatch", "write_atomic")},
@@ -76,7 +76,8 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .errors import LTMPError, Unreachable
     from .flops import (
         budgets_for_ratio, calibrate_to_flops, count_flops, expected_flops_ratio, flops_budget_loss, image_macs, kept_fractions,
-        layer_budget_loss, macs_from_counts, measure_flops, plan_flops_ratio, plan_macs, static_budgets, unreduced_macs,
+        layer_budget_loss, macs_from_counts, measure_flops, model_geometry, plan_flops_ratio, plan_macs, static_budgets,
+        unreduced_macs,
     )
     from .files import state_dict_mismatch, write_atomic
     from .geometry import ViTGeometry, block_widths, check_model

@@ -202,6 +202,26 @@ class ViTGeometry:
             head_macs=head_macs,
         )
 
+    def with_patches(self, num_patches: int, img_size: tuple[int, int] | None = None) -> "ViTGeometry":
+        """The same model on an input of ``num_patches`` patches (a model built with
+        ``dynamic_img_size=True`` takes other sizes than it was built at): the token count and the
+        patch embedding's cost follow the input; ``img_size`` is recorded when given."""
+        if num_patches < 1:
+            raise LTMPError(f"num_patches: must be >= 1, got {num_patches}")
+        per_patch = self.embed_macs // self.num_patches  # the embedding is one convolution per patch
+        return replace(self, num_patches=int(num_patches), embed_macs=per_patch * int(num_patches),
+                       img_size=self.img_size if img_size is None else (int(img_size[0]), int(img_size[1])))
+
+    def at_size(self, img_size: int | tuple[int, int]) -> "ViTGeometry":
+        """The same model on ``img_size`` pixels (``int`` or ``(height, width)``): ``height // patch``
+        by ``width // patch`` patches, as timm's patch embedding cuts them without padding (for a
+        model built with ``dynamic_img_pad=True``, :func:`ltmp_core.count_flops` asks the model)."""
+        h, w = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+        ph, pw = self.patch_size
+        if h < ph or w < pw:
+            raise LTMPError(f"img_size: {h}x{w} is smaller than one {ph}x{pw} patch")
+        return self.with_patches((h // ph) * (w // pw), (h, w))
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary (tuples become lists)."""
         d = asdict(self)
