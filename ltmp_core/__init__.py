@@ -39,6 +39,7 @@ _EXPORTS = {
         "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "model_geometry", "plan_flops_ratio",
         "plan_macs", "static_budgets", "unreduced_macs")},
     "ViTGeometry": "geometry",
+    "SUPPORTED_MODELS": "geometry",
     **{name: "files" for name in ("state_dict_mismatch", "write_atomic")},
     "check_model": "geometry",
     "block_widths": "geometry",
@@ -80,7 +81,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         unreduced_macs,
     )
     from .files import state_dict_mismatch, write_atomic
-    from .geometry import ViTGeometry, block_widths, check_model
+    from .geometry import SUPPORTED_MODELS, ViTGeometry, block_widths, check_model
     from .patch import (
         FORMS, MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, clamp_thresholds, get_mode, get_plan, is_patched,
         measure_scales, own_counts, reduction_form, set_thresholds, thresholds,

@@ -20,7 +20,7 @@ from .errors import LTMPError
 if TYPE_CHECKING:  # a geometry reads and writes JSON without torch; reading one from a model needs it
     import torch.nn as nn
 
-__all__ = ["ViTGeometry", "check_model", "block_widths", "STATE", "ModelState", "model_state", "is_cut_from"]
+__all__ = ["ViTGeometry", "SUPPORTED_MODELS", "check_model", "block_widths", "STATE", "ModelState", "model_state", "is_cut_from"]
 
 #: The one attribute in which ltmp_core keeps what it knows about a model it cut or patched (:class:`ModelState`).
 STATE = "_ltmp"
@@ -47,24 +47,52 @@ def block_widths(model: nn.Module) -> list[tuple[int, int]]:
     return out
 
 
+def _families() -> dict[type, tuple[tuple[type, ...], tuple[type, ...], str]]:
+    """timm model class -> (block classes, attention classes, what it is) that ltmp_core patches exactly."""
+    from timm.layers.attention import AttentionRope
+    from timm.models.eva import Eva, EvaAttention, EvaBlock
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    return {
+        VisionTransformer: ((Block,), (Attention,), "ViT, DeiT, DeiT-3, DINOv2, CLIP, SigLIP, register ViTs"),
+        Eva: ((EvaBlock,), (EvaAttention, AttentionRope), "EVA-02, vit_*_rope_*, DINOv3, PE-core (rotary embeddings)"),
+    }
+
+
+#: What :func:`check_model` accepts, in one line per family (``ltmp_core.SUPPORTED_MODELS``).
+SUPPORTED_MODELS = (
+    "timm VisionTransformer (ViT, DeiT, DeiT-3, DINOv2, CLIP, SigLIP, FlexiViT, register-token and qk_norm ViTs) "
+    "and Eva (EVA-02, vit_*_rope_*, DINOv3, PE-core: rotary position embeddings, SwiGLU MLPs) models built from "
+    "their pre-norm blocks; class-token, average/max pooling; dynamic_img_size"
+)
+
+
+def _family(model: nn.Module) -> tuple[tuple[type, ...], tuple[type, ...], str] | None:
+    for cls, family in _families().items():
+        if isinstance(model, cls):
+            return family
+    return None
+
+
 def check_model(model: nn.Module) -> None:
     """Raise :class:`LTMPError` unless ``model`` is a timm ViT that ltmp_core can patch exactly.
 
-    Supported: ``timm.models.vision_transformer.VisionTransformer`` and its subclasses that keep its
-    block structure (DeiT with a distillation token, DeiT-3, register tokens, ``qk_norm``,
-    LayerScale, class-token or average pooling), built from timm's own pre-norm ``Block`` and
-    ``Attention`` with a Linear MLP.
+    Supported (:data:`SUPPORTED_MODELS`): ``timm.models.vision_transformer.VisionTransformer`` and its
+    subclasses that keep its block structure (DeiT with a distillation token, DeiT-3, register tokens,
+    ``qk_norm``, LayerScale, class-token or average pooling), built from timm's own pre-norm ``Block``
+    and ``Attention`` with a Linear MLP; and timm's ``Eva`` (rotary position embeddings) built from its
+    pre-norm ``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``.
     """
     import torch.nn as nn
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-    if not isinstance(model, VisionTransformer):
+    family = _family(model)
+    if family is None:
         raise LTMPError(
-            f"model: {type(model).__name__} is not a timm VisionTransformer; ltmp_core patches "
-            "ViT, DeiT, DeiT-3 and register-token ViTs built on timm's VisionTransformer"
+            f"model: {type(model).__name__} is not a timm VisionTransformer or Eva; ltmp_core patches {SUPPORTED_MODELS}"
         )
+    blocks, attentions, _ = family
     if getattr(model, "attn_pool", None) is not None:
-        raise LTMPError("model: attention-pool heads (global_pool='map') are not supported; use 'token' or 'avg'")
+        raise LTMPError("model: attention-pool heads (global_pool='map') are not supported yet")  # TODO
     pool = getattr(model, "global_pool", "token")
     if pool not in ("token", "avg", "max", "avgmax", ""):
         raise LTMPError(f"model: global_pool={pool!r} is not supported")
@@ -75,17 +103,18 @@ def check_model(model: nn.Module) -> None:
         )
     if len(model.blocks) == 0:
         raise LTMPError("model: has no transformer blocks")
+    names = "/".join(c.__name__ for c in blocks)
     for i, block in enumerate(model.blocks):
-        # A patched block (ltmp_core.patch.LTMPBlock) names the timm class it stands in for.
-        if getattr(type(block), "_ltmp_base", type(block)) is not Block:
+        # A patched block (ltmp_core.patch.LTMPBlock, ...) names the timm class it stands in for.
+        if getattr(type(block), "_ltmp_base", type(block)) not in blocks:
             raise LTMPError(
                 f"model.blocks[{i}]: {type(block).__name__} is not supported; only timm's pre-norm "
-                "Block (attention, then MLP) can be patched"
+                f"{names} (attention, then MLP) can be patched"
             )
-        if type(block.attn) is not Attention:
+        if type(block.attn) not in attentions:
             raise LTMPError(
-                f"model.blocks[{i}].attn: {type(block.attn).__name__} is not supported; only timm's "
-                "Attention (no RoPE, no relative position bias) can be patched"
+                f"model.blocks[{i}].attn: {type(block.attn).__name__} is not supported; only "
+                f"{'/'.join(c.__name__ for c in attentions)} can be patched"
             )
         if _linear_macs(block.mlp) == 0:
             raise LTMPError(f"model.blocks[{i}].mlp: {type(block.mlp).__name__} has no Linear layers")
