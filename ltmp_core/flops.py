@@ -176,6 +176,8 @@ def _macs(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[LayerPlan | st
     if len(counts) != g.depth + 1 or len(ops) != g.depth:
         raise LTMPError(f"counts: need {g.depth + 1} token counts and {g.depth} ops, got {len(counts)} and {len(ops)}")
     total: Number = g.embed_macs + g.head_macs
+    if g.pool_macs_per_token:  # an attention-pool head: the latent queries attend over the last tokens
+        total = total + g.pool_macs_per_token * (counts[-1] - g.num_prefix_tokens * g.pool_skips_prefix)
     for i, op in enumerate(ops):
         total = total + _block_macs(g, counts[i], counts[i + 1], op, form)
     return total

@@ -91,10 +91,16 @@ def check_model(model: nn.Module) -> None:
             f"model: {type(model).__name__} is not a timm VisionTransformer or Eva; ltmp_core patches {SUPPORTED_MODELS}"
         )
     blocks, attentions, _ = family
-    if getattr(model, "attn_pool", None) is not None:
-        raise LTMPError("model: attention-pool heads (global_pool='map') are not supported yet")  # TODO
+    pool_head = getattr(model, "attn_pool", None)
+    if pool_head is not None:
+        from timm.layers import AttentionPoolLatent
+
+        if type(pool_head) is not AttentionPoolLatent or pool_head.pos_embed is not None:
+            raise LTMPError(f"model: attention pool {type(pool_head).__name__} is not supported; ltmp_core pools "
+                            "reduced tokens with timm's AttentionPoolLatent (global_pool='map') without position "
+                            "embedding")
     pool = getattr(model, "global_pool", "token")
-    if pool not in ("token", "avg", "max", "avgmax", ""):
+    if pool not in ("token", "avg", "max", "avgmax", "", "map"):
         raise LTMPError(f"model: global_pool={pool!r} is not supported")
     if not isinstance(model.patch_embed.proj, nn.Conv2d):
         raise LTMPError(
@@ -140,7 +146,12 @@ class ViTGeometry:
         attn_macs_per_token: MACs of the attention's linear layers (qkv, proj, gate) per token.
         mlp_macs_per_token: MACs of the MLP's linear layers per token.
         embed_macs: MACs of the patch embedding for one image.
-        head_macs: MACs of the classifier head(s) for one image.
+        head_macs: MACs of the classifier head(s) for one image, and of an attention-pool head's work
+            that does not grow with the tokens (its latent query, output projection and MLP).
+        pool_macs_per_token: MACs of an attention-pool head (``global_pool='map'``) per token it pools:
+            its key-value projection and the latent queries' attention over the token; 0 without one.
+        pool_skips_prefix: 1 when the attention pool leaves the prefix tokens out (timm's
+            ``VisionTransformer`` without ``pool_include_prefix``), else 0.
     """
 
     depth: int
@@ -157,6 +168,8 @@ class ViTGeometry:
     mlp_macs_per_token: int
     embed_macs: int
     head_macs: int
+    pool_macs_per_token: int = 0
+    pool_skips_prefix: int = 0
 
     @property
     def attn_dim(self) -> int:
@@ -211,6 +224,13 @@ class ViTGeometry:
         kh, kw = conv.kernel_size
         embed_macs = num_patches * (conv.in_channels // conv.groups) * kh * kw * conv.out_channels
         head_macs = _linear_macs(model.head) + _linear_macs(getattr(model, "head_dist", nn.Identity()))
+        pool = getattr(model, "attn_pool", None)
+        pool_macs, skips = 0, 0
+        if pool is not None:  # timm's AttentionPoolLatent (check_model): latent queries attend over the tokens
+            kv = pool.kv.in_features * pool.kv.out_features
+            head_macs += pool.latent_len * (_linear_macs(pool) - kv)
+            pool_macs = kv + 2 * pool.latent_len * pool.num_heads * pool.head_dim
+            skips = int(hasattr(model, "pool_include_prefix") and not model.pool_include_prefix)
         fc1 = next(m for m in block.mlp.modules() if isinstance(m, nn.Linear))
         mlp_hidden = fc1.out_features
         return cls(
@@ -229,6 +249,8 @@ class ViTGeometry:
             mlp_macs_per_token=_linear_macs(block.mlp),
             embed_macs=embed_macs,
             head_macs=head_macs,
+            pool_macs_per_token=pool_macs,
+            pool_skips_prefix=skips,
         )
 
     def with_patches(self, num_patches: int, img_size: tuple[int, int] | None = None) -> "ViTGeometry":
@@ -267,6 +289,8 @@ class ViTGeometry:
         unknown = sorted(set(data) - names)
         if unknown:
             raise LTMPError(f"{where}.{unknown[0]}: unknown field")
+        optional = {"pool_macs_per_token": 0, "pool_skips_prefix": 0}  # added in issue 27: older plans lack them
+        data = {**optional, **data}
         missing = sorted(names - set(data))
         if missing:
             raise LTMPError(f"{where}.{missing[0]}: missing")
@@ -281,7 +305,7 @@ class ViTGeometry:
                 continue
             if not isinstance(v, int) or isinstance(v, bool):
                 raise LTMPError(f"{where}.{name}: expected an integer, got {v!r}")
-            low = 0 if name in ("num_prefix_tokens", "num_classes", "head_macs") else 1
+            low = 0 if name in ("num_prefix_tokens", "num_classes", "head_macs", *optional) else 1
             if v < low:
                 raise LTMPError(f"{where}.{name}: must be >= {low}, got {v}")
             values[name] = v

@@ -519,6 +519,8 @@ class _PatchedModel:
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         p = self._ltmp.last
+        if getattr(self, "attn_pool", None) is not None and p is not None and (p.size is not None or p.alive is not None):
+            return self._attention_pool(x, p)
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type in ("token", "") or p is None or (p.size is None and p.alive is None):
             return super().pool(x, pool_type)  # type: ignore[misc]
@@ -539,6 +541,23 @@ class _PatchedModel:
             return mx
         return 0.5 * (mx + avg)  # avgmax
 
+
+    def _attention_pool(self, x: Tensor, p: _Pass) -> Tensor:
+        """timm's attention-pool head (SigLIP's ``global_pool='map'``) over reduced tokens.
+
+        As proportional attention in the blocks: a token that stands for ``s`` patches adds ``log s`` to
+        the latent queries' logits (the pool weighs it as the ``s`` tokens it replaced), and removed or
+        padding tokens are masked out (``-inf``; in soft mode the mask carries no gradient, the
+        thresholds learn through the blocks' attention).
+        """
+        bias = torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)
+        if p.size is not None:
+            bias = bias + p.size.log()
+        if p.alive is not None:
+            bias = bias.masked_fill(p.alive.detach() <= 0.5, float("-inf"))
+        if hasattr(self, "pool_include_prefix") and not self.pool_include_prefix:
+            x, bias = x[:, self.num_prefix_tokens:], bias[:, self.num_prefix_tokens:]
+        return self.attn_pool(x, attn_mask=bias.to(x.dtype)[:, None, None, :])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the blocks: each patched block checkpoints itself so that its

@@ -1,6 +1,8 @@
-"""The timm families beyond VisionTransformer (issue 27): Eva (rotary position embeddings, SwiGLU
-MLPs, EvaAttention's and AttentionRope's options). Identity plans equal stock timm, reducing plans
-run in every mode, FLOPs equal PyTorch's counter, and every surviving token keeps its own position."""
+"""The timm families beyond the plain VisionTransformer (issue 27): Eva (rotary position embeddings,
+SwiGLU MLPs, EvaAttention's and AttentionRope's options) and attention-pool heads (SigLIP's
+``global_pool='map'``, PE-core). Identity plans equal stock timm, reducing plans run in every mode,
+FLOPs equal PyTorch's counter, every surviving token keeps its own position, and the pool weighs a
+merged token as the tokens it stands for."""
 
 from __future__ import annotations
 
@@ -20,7 +22,11 @@ FAMILIES = {
                                                          "scale_attn_inner": True, "qkv_fused": False}),
     "rope_mixed": ("vit_small_patch16_rope_mixed_224", {}),  # AttentionRope, a rotary table per head and block
     "dinov3": ("vit_small_patch16_dinov3", {}),  # 4 registers + class token, LayerScale, DINOv3 RoPE
+    "siglip_map": ("vit_base_patch16_siglip_224", {}),  # VisionTransformer, no class token, attention pool
+    "siglip_map_reg": ("vit_small_patch16_224", {"global_pool": "map", "reg_tokens": 2}),  # pool skips prefix
+    "pe_core": ("vit_pe_core_tiny_patch16_384", {}),  # Eva + RoPE + class token + attention pool over all
 }
+ROPE = ["dinov3", "eva02", "eva02_swiglu_qknorm", "pe_core", "rope_mixed"]
 MODES = ["soft", "dynamic", "static"]
 OPS = ["merge+prune", "squeeze", "merge", "prune"]
 
@@ -41,8 +47,8 @@ def calibrated(family: str, mode: str, ops=OPS, keep=(0.75, 0.7, 0.8, 0.6), **kw
     return ltmp_core.set_mode(model, mode)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "fused"), [("soft", True), ("dynamic", True), ("static", True), ("static", False)],
+                         ids=["soft", "dynamic", "static", "static-unfused"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_identity_plan_equals_stock(family, mode, fused):
     model = family_model(family, fused=fused)
@@ -53,7 +59,7 @@ def test_identity_plan_equals_stock(family, mode, fused):
         got = model(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     ltmp_core.remove_plan(model)
-    assert type(model).__name__ == "Eva" and type(model.blocks[0]).__name__ == "EvaBlock"
+    assert type(model).__name__ in ("Eva", "VisionTransformer") and not type(model.blocks[0]).__name__.startswith("LTMP")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -65,8 +71,8 @@ def test_flops_equal_pytorch_counter_stock_and_static(family):
     assert ltmp_core.count_flops(model) == pytest.approx(counted_macs(model, x), rel=1e-6)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(("family", "fused"), [(f, True) for f in sorted(FAMILIES)] + [("eva02", False)],
+                         ids=[*sorted(FAMILIES), "eva02-unfused"])
 def test_dynamic_flops_and_batch_invariance(family, fused):
     model = calibrated(family, "dynamic", fused=fused)
     x = images(3, seed=11)
@@ -153,6 +159,36 @@ def test_pickling_and_checkpointing(mode):
         model(x).square().mean().backward()
         grads.append(model.blocks[1].attn.proj.weight.grad.clone())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", ["siglip_map", "siglip_map_reg"])
+def test_the_attention_pool_weighs_a_merged_token_as_the_tokens_it_stands_for(family, mode):
+    """ToMe's invariant through the pool: two identical tokens merged into one of size 2 pool as the two."""
+    from tests.ltmp_core.test_patch import with_duplicate_patches
+
+    model = family_model(family)
+    pairs = [(0, 1), (6, 7), (12, 13)]  # (destination, source) in the bipartite split
+    x = with_duplicate_patches(model, pairs)
+    n = model.patch_embed.num_patches
+    with torch.no_grad():
+        expected = model(x)
+        plan = ltmp_core.make_plan(model, op=["none", "none", "none", "merge"], keep=[1, 1, 1, (n - 3) / n])
+        ltmp_core.apply_plan(model, plan.with_layers(merge_threshold=[None, None, None, 0.99999]), mode=mode)
+        got = model(x)
+    assert ltmp_core.token_counts(model)[-1, 0] == model.num_prefix_tokens + n - 3
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_the_attention_pool_masks_padding_in_a_dynamic_batch():
+    model = calibrated("siglip_map", "dynamic", keep=(0.5, 0.7, 0.8, 0.6))
+    x = images(4, seed=9)
+    with torch.no_grad():
+        batched = model(x)
+        counts = ltmp_core.token_counts(model)[-1]
+        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+    assert len(set(counts.tolist())) > 1  # the images keep different counts: the batch is padded
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
 
 
 def test_width_cuts_are_refused_for_eva():
