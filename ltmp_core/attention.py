@@ -89,9 +89,11 @@ def attend(
         The attention output, the keys ``[B, H, N, d]`` and the importance scores (or ``None``).
     """
     b, n, _ = x.shape
-    h, d = attn.num_heads, attn.head_dim
+    h, d = attn.num_heads, head_width(attn)
     q, k, v = project_qkv(attn, x, packing)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # BEiT has none
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
     if rope is not None:
         q, k = _rotate(q, v, rope, attn), _rotate(k, v, rope, attn)
     groups = getattr(attn, "num_kv_groups", 1)
@@ -136,6 +138,12 @@ def attend(
     return _attn_out(attn, out, x), k, scores
 
 
+def head_width(attn: nn.Module) -> int:
+    """Width of one head: ``head_dim``, or (BEiT's attention, which does not keep it) the projection's
+    input width over the heads."""
+    return getattr(attn, "head_dim", None) or attn.proj.in_features // attn.num_heads
+
+
 def project_qkv(attn: nn.Module, x: Tensor, packing: Packing | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Queries, keys and values ``[B, heads, N, head_dim]`` through the attention's own projections.
 
@@ -146,7 +154,7 @@ def project_qkv(attn: nn.Module, x: Tensor, packing: Packing | None = None) -> t
     (``packing``) the linears run on the live rows only.
     """
     b, n, _ = x.shape
-    h, d = attn.num_heads, attn.head_dim
+    h, d = attn.num_heads, head_width(attn)
 
     def linear(fn: Callable[[Tensor], Tensor]) -> Tensor:
         return fn(x) if packing is None else packed(fn, x, packing)

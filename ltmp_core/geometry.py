@@ -33,6 +33,24 @@ def _linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def _attn_macs(attn: nn.Module) -> int:
+    """Multiply-accumulates per token of the attention's linears (a relative-position MLP inside it
+    works on the window's coordinates, not on the tokens: :func:`_relpos_mlp_macs`)."""
+    rel_pos = getattr(attn, "rel_pos", None)
+    return _linear_macs(attn) - (_linear_macs(rel_pos) if rel_pos is not None else 0)
+
+
+def _relpos_mlp_macs(model: nn.Module) -> int:
+    """MACs of the relative-position MLPs (``RelPosMlp``: a small MLP over the log coordinates of the
+    window, once per block and forward pass): work that does not grow with the tokens of an image."""
+    total = 0
+    for module in model.modules():
+        coords = getattr(module, "rel_coords_log", None)
+        if coords is not None and hasattr(module, "mlp"):
+            total += _linear_macs(module.mlp) * (coords.numel() // coords.shape[-1])
+    return total
+
+
 def block_widths(model: nn.Module) -> list[tuple[int, int]]:
     """``(attention heads, MLP hidden units)`` of every block of a timm ViT as it is now.
 
@@ -50,20 +68,27 @@ def block_widths(model: nn.Module) -> list[tuple[int, int]]:
 def _families() -> dict[type, tuple[tuple[type, ...], tuple[type, ...], str]]:
     """timm model class -> (block classes, attention classes, what it is) that ltmp_core patches exactly."""
     from timm.layers.attention import AttentionRope
+    from timm.models.beit import Attention as BeitAttention
+    from timm.models.beit import Beit
+    from timm.models.beit import Block as BeitBlock
     from timm.models.eva import Eva, EvaAttention, EvaBlock
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
+    from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, VisionTransformerRelPos
 
     return {
         VisionTransformer: ((Block,), (Attention,), "ViT, DeiT, DeiT-3, DINOv2, CLIP, SigLIP, register ViTs"),
         Eva: ((EvaBlock,), (EvaAttention, AttentionRope), "EVA-02, vit_*_rope_*, DINOv3, PE-core (rotary embeddings)"),
+        Beit: ((BeitBlock,), (BeitAttention,), "BEiT, BEiT v2 (relative position bias)"),
+        VisionTransformerRelPos: ((RelPosBlock,), (RelPosAttention,), "vit_relpos_* (relative position bias)"),
     }
 
 
 #: What :func:`check_model` accepts, in one line per family (``ltmp_core.SUPPORTED_MODELS``).
 SUPPORTED_MODELS = (
     "timm VisionTransformer (ViT, DeiT, DeiT-3, DINOv2, CLIP, SigLIP, FlexiViT, register-token and qk_norm ViTs) "
-    "and Eva (EVA-02, vit_*_rope_*, DINOv3, PE-core: rotary position embeddings, SwiGLU MLPs) models built from "
-    "their pre-norm blocks; class-token, average/max pooling; dynamic_img_size"
+    "Eva (EVA-02, vit_*_rope_*, DINOv3, PE-core: rotary position embeddings, SwiGLU MLPs), Beit (BEiT, BEiT v2) and "
+    "VisionTransformerRelPos (vit_relpos_*: relative position bias) models built from their pre-norm blocks; "
+    "class-token, average/max and attention-pool (global_pool='map') heads; dynamic_img_size"
 )
 
 
@@ -80,8 +105,9 @@ def check_model(model: nn.Module) -> None:
     Supported (:data:`SUPPORTED_MODELS`): ``timm.models.vision_transformer.VisionTransformer`` and its
     subclasses that keep its block structure (DeiT with a distillation token, DeiT-3, register tokens,
     ``qk_norm``, LayerScale, class-token or average pooling), built from timm's own pre-norm ``Block``
-    and ``Attention`` with a Linear MLP; and timm's ``Eva`` (rotary position embeddings) built from its
-    pre-norm ``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``.
+    and ``Attention`` with a Linear MLP; timm's ``Eva`` (rotary position embeddings) built from its
+    pre-norm ``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``; ``Beit`` and
+    ``VisionTransformerRelPos`` (relative position bias) from their pre-norm blocks.
     """
     import torch.nn as nn
 
@@ -146,8 +172,9 @@ class ViTGeometry:
         attn_macs_per_token: MACs of the attention's linear layers (qkv, proj, gate) per token.
         mlp_macs_per_token: MACs of the MLP's linear layers per token.
         embed_macs: MACs of the patch embedding for one image.
-        head_macs: MACs of the classifier head(s) for one image, and of an attention-pool head's work
-            that does not grow with the tokens (its latent query, output projection and MLP).
+        head_macs: MACs of the classifier head(s) for one image, and of other work that does not grow
+            with the tokens: an attention-pool head's latent query, output projection and MLP; the
+            relative-position MLPs of ``vit_relpos_*`` models.
         pool_macs_per_token: MACs of an attention-pool head (``global_pool='map'``) per token it pools:
             its key-value projection and the latent queries' attention over the token; 0 without one.
         pool_skips_prefix: 1 when the attention pool leaves the prefix tokens out (timm's
@@ -203,7 +230,7 @@ class ViTGeometry:
             return full
         block = model.blocks[0]
         for i, other in enumerate(model.blocks):
-            if _linear_macs(other.attn) != _linear_macs(block.attn) or _linear_macs(other.mlp) != _linear_macs(block.mlp):
+            if _attn_macs(other.attn) != _attn_macs(block.attn) or _linear_macs(other.mlp) != _linear_macs(block.mlp):
                 raise LTMPError(
                     f"model.blocks[{i}]: the blocks differ in width, which no one geometry describes; the geometry "
                     "ltmp_core.prune_width cut them from stays with the model until ltmp_core.remove_plan, and "
@@ -224,6 +251,7 @@ class ViTGeometry:
         kh, kw = conv.kernel_size
         embed_macs = num_patches * (conv.in_channels // conv.groups) * kh * kw * conv.out_channels
         head_macs = _linear_macs(model.head) + _linear_macs(getattr(model, "head_dist", nn.Identity()))
+        head_macs += _relpos_mlp_macs(model)
         pool = getattr(model, "attn_pool", None)
         pool_macs, skips = 0, 0
         if pool is not None:  # timm's AttentionPoolLatent (check_model): latent queries attend over the tokens
@@ -237,7 +265,7 @@ class ViTGeometry:
             depth=len(model.blocks),
             embed_dim=int(model.embed_dim),
             num_heads=int(attn.num_heads),
-            head_dim=int(attn.head_dim),
+            head_dim=int(getattr(attn, "head_dim", None) or attn.proj.in_features // attn.num_heads),
             mlp_hidden=int(mlp_hidden),
             num_patches=num_patches,
             num_prefix_tokens=int(model.num_prefix_tokens),
@@ -245,7 +273,7 @@ class ViTGeometry:
             patch_size=(int(pe.patch_size[0]), int(pe.patch_size[1])),
             img_size=(int(pe.img_size[0]), int(pe.img_size[1])) if pe.img_size is not None else (
                 grid[0] * int(pe.patch_size[0]), grid[1] * int(pe.patch_size[1])),
-            attn_macs_per_token=_linear_macs(attn),
+            attn_macs_per_token=_attn_macs(attn),
             mlp_macs_per_token=_linear_macs(block.mlp),
             embed_macs=embed_macs,
             head_macs=head_macs,

@@ -30,7 +30,9 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 from torch import Tensor
+from timm.models.beit import Block as BeitBlock
 from timm.models.eva import EvaBlock
+from timm.models.vision_transformer_relpos import RelPosBlock
 from timm.models.vision_transformer import Block
 
 from .attention import Packing, attend, packed
@@ -187,15 +189,16 @@ class _LTMPBlockMixin:
     def _branch2(self, x: Tensor) -> Tensor:
         return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
-    def _positions(self, p: _Pass, rope: Tensor | None) -> dict[str, Tensor | None]:
-        """Position inputs of the attention for the tokens as they lie now (:func:`attend`'s ``rope``)."""
-        return {"rope": _token_rope(rope, p.pos, self._ltmp.num_prefix)} if rope is not None else {}
+    def _positions(self, p: _Pass, extra: Tensor | None) -> dict[str, Tensor | None]:
+        """Position inputs of :func:`attend` for the tokens as they lie now, from what timm hands the
+        block (``extra``: Eva's rotary table, BEiT's or RelPos's shared bias); none for a plain ``Block``."""
+        return {}
 
-    def _ltmp_forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
+    def _ltmp_forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
         st = self._ltmp
         if st.checkpointing and torch.is_grad_enabled():
-            return _replayable(self, x, rope)
-        return self._run(x, rope)
+            return _replayable(self, x, extra)
+        return self._run(x, extra)
 
     def _run(self, x: Tensor, rope: Tensor | None) -> Tensor:
         st, index = self._ltmp, self._ltmp_index
@@ -248,7 +251,18 @@ class LTMPBlock(_LTMPBlockMixin, Block):
         return self._ltmp_forward(x)
 
 
-class LTMPEvaBlock(_LTMPBlockMixin, EvaBlock):
+class _GammaScaled:
+    """Branches scaled by ``gamma_1``/``gamma_2`` parameters (Eva's and BEiT's LayerScale)."""
+
+    def _branch1(self, y: Tensor) -> Tensor:
+        return self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
+
+    def _branch2(self, x: Tensor) -> Tensor:
+        y = self.mlp(self.norm2(x))
+        return self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
+
+
+class LTMPEvaBlock(_GammaScaled, _LTMPBlockMixin, EvaBlock):
     """Eva's pre-norm ``EvaBlock`` (EVA-02, ``vit_*_rope_*``, DINOv3, PE-core) with a token reduction.
 
     Rotary embeddings: every surviving token keeps its own row of the table (a merged token its
@@ -262,16 +276,54 @@ class LTMPEvaBlock(_LTMPBlockMixin, EvaBlock):
         _no_mask(attn_mask, is_causal)
         return self._ltmp_forward(x, rope)
 
-    def _branch1(self, y: Tensor) -> Tensor:
-        return self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
+    def _positions(self, p: _Pass, extra: Tensor | None) -> dict[str, Tensor | None]:
+        return {"rope": _token_rope(extra, p.pos, self._ltmp.num_prefix)} if extra is not None else {}
 
-    def _branch2(self, x: Tensor) -> Tensor:
-        y = self.mlp(self.norm2(x))
-        return self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
+
+class LTMPBeitBlock(_GammaScaled, _LTMPBlockMixin, BeitBlock):
+    """BEiT's ``Block`` with a token reduction: the relative position bias (the block's own table plus
+    the model's shared one) is read at the rows and columns of the tokens as they lie now."""
+
+    _ltmp_base = BeitBlock
+
+    def forward(self, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Tensor:
+        return self._ltmp_forward(x, shared_rel_pos_bias)
+
+    def _positions(self, p: _Pass, extra: Tensor | None) -> dict[str, Tensor | None]:
+        attn = self.attn
+        bias = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
+        if extra is not None:
+            bias = extra if bias is None else bias + extra
+        return {"pos_bias": _token_bias(bias, p.pos)}
+
+
+class LTMPRelPosBlock(_LTMPBlockMixin, RelPosBlock):
+    """``VisionTransformerRelPos``'s ``RelPosBlock`` with a token reduction: its relative position bias
+    (``rel_pos.get_bias()``, or the model's shared one) at the rows and columns of the tokens now."""
+
+    _ltmp_base = RelPosBlock
+
+    def forward(self, x: Tensor, shared_rel_pos: Tensor | None = None) -> Tensor:
+        return self._ltmp_forward(x, shared_rel_pos)
+
+    def _positions(self, p: _Pass, extra: Tensor | None) -> dict[str, Tensor | None]:
+        rel_pos = self.attn.rel_pos
+        return {"pos_bias": _token_bias(rel_pos.get_bias() if rel_pos is not None else extra, p.pos)}
 
 
 #: timm block class -> its patched class (module-level classes, so a patched model pickles by name).
-_BLOCK_CLASSES: dict[type, type] = {Block: LTMPBlock, EvaBlock: LTMPEvaBlock}
+_BLOCK_CLASSES: dict[type, type] = {Block: LTMPBlock, EvaBlock: LTMPEvaBlock, BeitBlock: LTMPBeitBlock,
+                                    RelPosBlock: LTMPRelPosBlock}
+
+
+def _token_bias(bias: Tensor | None, pos: Tensor | None) -> Tensor | None:
+    """A relative position bias ``[1 or H, ..., N0, N0]`` over the first block's sequence, read at the
+    rows and columns of the tokens as they lie now: ``[B, H, N, N]`` (a merged token: its
+    destination's row and column, as for rotary positions)."""
+    if bias is None or pos is None:
+        return bias
+    table = bias.reshape(-1, *bias.shape[-2:])  # [H, N0, N0]
+    return table[:, pos[:, :, None], pos[:, None, :]].transpose(0, 1)
 
 
 def _no_mask(attn_mask: Tensor | None, is_causal: bool) -> None:
@@ -524,6 +576,19 @@ class _PatchedModel:
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type in ("token", "") or p is None or (p.size is None and p.alive is None):
             return super().pool(x, pool_type)  # type: ignore[misc]
+        return self._weighted_pool(x, p, pool_type)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm's head; a model that averages in ``forward_head`` without a ``pool`` method (BEiT,
+        ``VisionTransformerRelPos``) averages the reduced tokens size-weighted, padding left out."""
+        p = self._ltmp.last
+        if (hasattr(super(), "pool") or self.global_pool != "avg" or p is None
+                or (p.size is None and p.alive is None)):
+            return super().forward_head(x, pre_logits)  # type: ignore[misc]
+        x = self.head_drop(self.fc_norm(self._weighted_pool(x, p, "avg")))
+        return x if pre_logits else self.head(x)
+
+    def _weighted_pool(self, x: Tensor, p: _Pass, pool_type: str) -> Tensor:
         b, n, _ = x.shape
         weight = torch.ones(b, n, device=x.device, dtype=torch.float32)
         if p.size is not None:
@@ -636,7 +701,7 @@ def _patched_class(cls: type) -> type:
 
 def _is_positional(model: nn.Module) -> bool:
     """Whether the model's attention reads token positions (rotary embeddings, relative bias)."""
-    return getattr(model, "rope", None) is not None
+    return getattr(model, "rope", None) is not None or any(type(b) in (BeitBlock, RelPosBlock) for b in model.blocks)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -737,8 +802,8 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
     if not isinstance(plan, ReductionPlan):
         raise LTMPError(f"plan: expected a ReductionPlan, got {type(plan).__name__}")
     _check_thresholds(plan, mode, lambda i, name: getattr(plan.layers[i], name) is not None)
-    if model.global_pool not in ("token", "") and not hasattr(type(model), "pool"):
-        raise LTMPError("model: average or max pooling needs timm's VisionTransformer.pool (upgrade timm)")
+    if model.global_pool not in ("token", "", "avg") and not hasattr(type(model), "pool"):
+        raise LTMPError(f"model: global_pool={model.global_pool!r} of {type(model).__name__} is not supported")
     if plan.depth != len(model.blocks):
         raise LTMPError(f"plan: {plan.depth} layers, but the model has {len(model.blocks)} blocks")
     cut_from = _cut_from(model, plan)

@@ -1,6 +1,6 @@
 """The timm families beyond the plain VisionTransformer (issue 27): Eva (rotary position embeddings,
-SwiGLU MLPs, EvaAttention's and AttentionRope's options) and attention-pool heads (SigLIP's
-``global_pool='map'``, PE-core). Identity plans equal stock timm, reducing plans run in every mode,
+SwiGLU MLPs, EvaAttention's and AttentionRope's options), relative position bias (Beit,
+VisionTransformerRelPos) and attention-pool heads (SigLIP's ``global_pool='map'``, PE-core). Identity plans equal stock timm, reducing plans run in every mode,
 FLOPs equal PyTorch's counter, every surviving token keeps its own position, and the pool weighs a
 merged token as the tokens it stands for."""
 
@@ -25,6 +25,10 @@ FAMILIES = {
     "siglip_map": ("vit_base_patch16_siglip_224", {}),  # VisionTransformer, no class token, attention pool
     "siglip_map_reg": ("vit_small_patch16_224", {"global_pool": "map", "reg_tokens": 2}),  # pool skips prefix
     "pe_core": ("vit_pe_core_tiny_patch16_384", {}),  # Eva + RoPE + class token + attention pool over all
+    "beit": ("beit_base_patch16_224", {}),  # relative position bias per block (prefix rows), LayerScale gammas
+    "beitv2_shared": ("beitv2_base_patch16_224", {"use_shared_rel_pos_bias": True, "use_rel_pos_bias": False}),
+    "relpos_clsgap": ("vit_relpos_base_patch16_clsgap_224", {}),  # RelPosMlp with a class token, avg pool
+    "srelpos": ("vit_srelpos_small_patch16_224", {}),  # one shared RelPosMlp for every block
 }
 ROPE = ["dinov3", "eva02", "eva02_swiglu_qknorm", "pe_core", "rope_mixed"]
 MODES = ["soft", "dynamic", "static"]
@@ -59,7 +63,7 @@ def test_identity_plan_equals_stock(family, mode, fused):
         got = model(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     ltmp_core.remove_plan(model)
-    assert type(model).__name__ in ("Eva", "VisionTransformer") and not type(model.blocks[0]).__name__.startswith("LTMP")
+    assert type(model).__name__ in ("Eva", "VisionTransformer", "Beit", "VisionTransformerRelPos") and not type(model.blocks[0]).__name__.startswith("LTMP")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -121,6 +125,50 @@ def test_survivors_keep_their_own_rotary_position(family):
             rows = table[:, patch_of].transpose(0, 1) if table.dim() == 3 else table[patch_of].unsqueeze(1)
             y = model.blocks[i](y, rope=rows)
     torch.testing.assert_close(torch.cat([after[1][1], after[1][0]], dim=1), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["beit", "beitv2_shared", "relpos_clsgap", "srelpos"])
+def test_survivors_keep_their_own_relative_position_bias(family, monkeypatch):
+    """Block 0 prunes; blocks 1-3 reduce nothing. Their output must be stock timm's blocks run on the
+    survivors with the bias read at the survivors' own rows and columns."""
+    model = family_model(family)
+    plan = ltmp_core.make_plan(model, op=["prune", "none", "none", "none"], keep=[0.5, 1, 1, 1])
+    ltmp_core.apply_plan(model, plan, mode="static")
+    x = images(2, seed=3)
+    with torch.no_grad():
+        after = model.forward_intermediates(x, indices=[0, 3], output_fmt="NLC", intermediates_only=True,
+                                            return_prefix_tokens=model.num_prefix_tokens > 0)
+        owner = ltmp_core.trace_tokens(model, x).owner[0]
+    npt = model.num_prefix_tokens
+    split = (lambda t: torch.cat([t[1], t[0]], dim=1)) if npt else (lambda t: t)
+    seq = torch.arange(npt).expand(2, npt).tolist()  # the prefix keeps its place
+    for b in range(2):
+        kept = sorted((int(owner[b, patch]), patch) for patch in range(16) if owner[b, patch] >= 0)
+        seq[b] = seq[b] + [npt + patch for _, patch in kept]
+    idx = torch.tensor(seq)  # [B, N]: where each surviving token stood in block 0's sequence
+    ltmp_core.remove_plan(model)
+
+    def gathered(full: torch.Tensor) -> torch.Tensor:
+        table = full.reshape(-1, *full.shape[-2:])
+        return table[:, idx[:, :, None], idx[:, None, :]].transpose(0, 1)
+
+    with torch.no_grad():
+        y = split(after[0])
+        for i in (1, 2, 3):
+            block = model.blocks[i]
+            if family.startswith("beit"):
+                shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+                if block.attn.relative_position_bias_table is not None:
+                    own = gathered(block.attn._get_rel_pos_bias())
+                    monkeypatch.setattr(block.attn, "_get_rel_pos_bias", lambda own=own: own)
+                y = block(y, shared_rel_pos_bias=None if shared is None else gathered(shared))
+            else:
+                shared = model.shared_rel_pos.get_bias() if model.shared_rel_pos is not None else None
+                if block.attn.rel_pos is not None:
+                    own = gathered(block.attn.rel_pos.get_bias())
+                    monkeypatch.setattr(block.attn.rel_pos, "get_bias", lambda own=own: own)
+                y = block(y, shared_rel_pos=None if shared is None else gathered(shared))
+    torch.testing.assert_close(split(after[1]), y, rtol=1e-5, atol=1e-5)
 
 
 def test_merged_tokens_rotate_as_their_destination():
