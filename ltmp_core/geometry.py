@@ -114,7 +114,8 @@ def check_model(model: nn.Module) -> None:
     family = _family(model)
     if family is None:
         raise LTMPError(
-            f"model: {type(model).__name__} is not a timm VisionTransformer or Eva; ltmp_core patches {SUPPORTED_MODELS}"
+            f"model: {type(model).__name__} is not a timm VisionTransformer, Eva, Beit or VisionTransformerRelPos "
+            "(ltmp_core.SUPPORTED_MODELS says what ltmp_core patches)"
         )
     blocks, attentions, _ = family
     pool_head = getattr(model, "attn_pool", None)
@@ -128,6 +129,11 @@ def check_model(model: nn.Module) -> None:
     pool = getattr(model, "global_pool", "token")
     if pool not in ("token", "avg", "max", "avgmax", "", "map"):
         raise LTMPError(f"model: global_pool={pool!r} is not supported")
+    from timm.layers import PatchEmbed
+
+    if not isinstance(model.patch_embed, PatchEmbed):  # a hybrid stem (a CNN, then a 1x1 projection)
+        raise LTMPError(f"model: patch embedding {type(model.patch_embed).__name__} is not timm's PatchEmbed; "
+                        "hybrid ViT stems are not supported")
     if not isinstance(model.patch_embed.proj, nn.Conv2d):
         raise LTMPError(
             f"model: patch embedding {type(model.patch_embed.proj).__name__} is not a convolution; "
