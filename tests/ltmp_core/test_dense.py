@@ -66,3 +66,18 @@ def test_output_dict_and_prefix_tokens_are_kept():
     assert [t.shape for t in out["image_intermediates"]] == [(2, 48, 4, 4)] * 2
     assert [t.shape for t in out["image_intermediates_prefix"]] == [(2, 5, 48)] * 2
     assert out["image_features"].shape[1] < 21
+
+
+@pytest.mark.parametrize("family", ["eva02", "dinov3", "beit", "relpos_clsgap", "siglip_map"])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_feature_maps_of_the_other_families_have_the_stock_shape(family, mode):
+    from tests.ltmp_core.test_families import calibrated, family_model
+
+    model = calibrated(family, mode)
+    x = images(2, seed=6)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+        tokens = model.forward_intermediates(x, indices=[1, 3], output_fmt="NLC", intermediates_only=True)
+        stock = family_model(family).forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert [m.shape for m in maps] == [s.shape for s in stock]
+    assert tokens[-1].shape[1] < stock[-1].shape[-1] * stock[-1].shape[-2]  # NLC stays reduced
