@@ -4,6 +4,7 @@ grid follows the input, and so must every FLOP figure, static count and calibrat
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 import ltmp_core
@@ -85,3 +86,16 @@ def test_the_geometry_at_another_size_is_the_model_built_at_it():
     built = ltmp_core.ViTGeometry.from_model(tiny_model("deit_small", img_size=OTHER))
     assert ltmp_core.ViTGeometry.from_model(dynamic_model()).at_size(OTHER) == built
     assert ltmp_core.model_geometry(dynamic_model(), OTHER) == built
+
+
+def test_dinov2_built_at_518_counts_what_it_runs_at_224():
+    """Full size on the meta device: the figure is the size it runs at, not the size it was built at."""
+    with torch.device("meta"):
+        model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, dynamic_img_size=True)
+    at_224 = counted_macs(model, torch.empty(1, 3, 224, 224, device="meta"))
+    assert ltmp_core.count_flops(model, img_size=224) == at_224
+    assert ltmp_core.count_flops(model) > 5 * at_224  # 1,370 tokens at 518 px against 257
+    plan = ltmp_core.make_plan(model, op="merge+prune", keep=0.8)
+    ltmp_core.apply_plan(model, plan, mode="static")
+    assert ltmp_core.count_flops(model, img_size=224) == pytest.approx(
+        counted_macs(model, torch.empty(1, 3, 224, 224, device="meta")), rel=1e-6)
