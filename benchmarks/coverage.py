@@ -105,8 +105,20 @@ def classify(model: torch.nn.Module) -> tuple[str, str]:
     return "supported", f"{family}; the reducing plan costs {ours / stock_macs:.2f} of stock in static mode"
 
 
+def fingerprint(model: torch.nn.Module) -> str:
+    """What makes two tiny models the same to ltmp_core: their modules, every parameter's and buffer's
+    name and shape, and the settings that are plain attributes (pooling, prefix tokens, image size).
+    Many timm names differ in pretrained weights or preprocessing only; at a tiny size they are one
+    model, classified once."""
+    attrs = ("global_pool", "num_prefix_tokens", "no_embed_class", "dynamic_img_size", "pool_include_prefix",
+             "rope_mixed")
+    shapes = [(n, tuple(t.shape)) for n, t in (*model.named_parameters(), *model.named_buffers())]
+    return repr((type(model).__name__, str(model), shapes, [getattr(model, a, None) for a in attrs]))
+
+
 def run(pattern: str) -> list[tuple[str, str, str, str]]:
     rows = []
+    seen: dict[str, tuple[str, str, str]] = {}
     for module in MODULES:
         for name in timm.list_models(module=module):
             if not fnmatch.fnmatch(name, pattern):
@@ -116,11 +128,17 @@ def run(pattern: str) -> list[tuple[str, str, str, str]]:
             if model is None:
                 rows.append((module, name, "not built", "timm cannot build it at a tiny size here"))
                 continue
+            key = fingerprint(model)
+            if key in seen:
+                first, status, detail = seen[key]
+                rows.append((module, name, status, f"as {first} (the same tiny model)"))
+                continue
             try:
                 status, detail = classify(model)
             except Exception as e:  # noqa: BLE001  (a crash is a finding)
                 status, detail = "wrong", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 traceback.print_exc(limit=3, file=sys.stderr)
+            seen[key] = (name, status, detail)
             rows.append((module, name, status, detail))
             print(f"{time.perf_counter() - start:6.1f}s {status:<10} {name}: {detail}", file=sys.stderr, flush=True)
     return rows
@@ -144,8 +162,8 @@ def report(rows: list[tuple[str, str, str, str]], command: str) -> str:
     for module in MODULES:
         c = Counter(status for m, _, status, _ in rows if m == module)
         lines.append(f"| {module} | {c['supported']} | {c['refused']} | {c['wrong']} |")
-    reasons = Counter(detail for _, _, status, detail in rows if status == "refused")
-    lines += ["", "## Why models are refused", "", "| models | reason |", "|---|---|"]
+    reasons = Counter(detail for _, _, status, detail in rows if status == "refused" and not detail.startswith("as "))
+    lines += ["", "## Why models are refused", "", "| models (distinct tiny models) | reason |", "|---|---|"]
     lines += [f"| {n} | {reason} |" for reason, n in reasons.most_common()]
     lines += ["", "## Every model", "", "| model | status | detail |", "|---|---|---|"]
     lines += [f"| {name} | {status} | {detail} |" for _, name, status, detail in rows]

@@ -36,7 +36,8 @@ _EXPORTS = {
     "Unreachable": "errors",
     **{name: "flops" for name in (
         "budgets_for_ratio", "calibrate_to_flops", "count_flops", "expected_flops_ratio", "flops_budget_loss", "image_macs",
-        "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "model_geometry", "plan_flops_ratio",
+        "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "model_geometry",
+        "plan_flops_ratio",
         "plan_macs", "static_budgets", "unreduced_macs")},
     "ViTGeometry": "geometry",
     "SUPPORTED_MODELS": "geometry",

@@ -20,7 +20,8 @@ from .errors import LTMPError
 if TYPE_CHECKING:  # a geometry reads and writes JSON without torch; reading one from a model needs it
     import torch.nn as nn
 
-__all__ = ["ViTGeometry", "SUPPORTED_MODELS", "check_model", "block_widths", "STATE", "ModelState", "model_state", "is_cut_from"]
+__all__ = ["ViTGeometry", "SUPPORTED_MODELS", "check_model", "block_widths", "STATE", "ModelState", "model_state",
+           "is_cut_from"]
 
 #: The one attribute in which ltmp_core keeps what it knows about a model it cut or patched (:class:`ModelState`).
 STATE = "_ltmp"

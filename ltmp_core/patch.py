@@ -200,32 +200,32 @@ class _LTMPBlockMixin:
             return _replayable(self, x, extra)
         return self._run(x, extra)
 
-    def _run(self, x: Tensor, rope: Tensor | None) -> Tensor:
+    def _run(self, x: Tensor, extra: Tensor | None) -> Tensor:
         st, index = self._ltmp, self._ltmp_index
         if st.mode == "static" and not st.tracing:
             program = st.static_program(x) if index == 0 else st.program
             if program is not None:
-                return self._static_forward(x, st, index, program[index], rope)
+                return self._static_forward(x, st, index, program[index], extra)
         p = st.begin(x) if index == 0 else st.last
         layer = st.plan.layers[index]
         kind = layer.importance if any(REDUCERS[s].needs_importance for s in layer.stages) else None
         y, k, scores = attend(self.attn, self.norm1(x), size=p.size, alive=p.alive, soft=st.mode == "soft",
                               packing=p.packing, importance=kind, num_prefix=st.num_prefix,
-                              raw=layer.importance_scale == "raw", **self._positions(p, rope))
+                              raw=layer.importance_scale == "raw", **self._positions(p, extra))
         x = x + self._branch1(y)
         x = _reduce(st, self, index, x, k, scores) if layer.stages else _pass_through(st, x)
         # A padded batch (dynamic mode) runs its MLP on the live tokens only.
         return x + (self._branch2(x) if p.packing is None else packed(self._branch2, x, p.packing))
 
     def _static_forward(self, x: Tensor, st: _State, index: int, steps: list[tuple[Reducer, int]],
-                        rope: Tensor | None) -> Tensor:
+                        extra: Tensor | None) -> Tensor:
         """Static mode through the stages' fast forms: no masks, no compaction, no host syncs."""
         p = st.last
         layer = st.plan.layers[index]
         kind = layer.importance if any(stage.needs_importance for stage, _ in steps) else None
         y, k, scores = attend(self.attn, self.norm1(x), size=p.size, alive=None, soft=False, packing=None,
                               importance=kind, num_prefix=st.num_prefix, raw=layer.importance_scale == "raw",
-                              **self._positions(p, rope))
+                              **self._positions(p, extra))
         x = x + self._branch1(y)
         if steps:
             t = Compact(x=x, index=None, size=p.size, keys=k, importance=scores, num_prefix=st.num_prefix,
@@ -360,7 +360,7 @@ def _token_rope(rope: Tensor, pos: Tensor | None, num_prefix: int) -> Tensor:
     raise LTMPError(f"rope: a rotary table of shape {tuple(rope.shape)} is not supported (patch dropout?)")
 
 
-def _replayable(block: _LTMPBlockMixin, x: Tensor, rope: Tensor | None) -> Tensor:
+def _replayable(block: _LTMPBlockMixin, x: Tensor, extra: Tensor | None) -> Tensor:
     """The block under activation checkpointing (``model.set_grad_checkpointing(True)``).
 
     The block reads and writes the pass's record (``model._ltmp.last``: sizes, masks, positions,
@@ -376,18 +376,18 @@ def _replayable(block: _LTMPBlockMixin, x: Tensor, rope: Tensor | None) -> Tenso
     before = _copy_pass(st.last)
     first = [True]
 
-    def run(x: Tensor, rope: Tensor | None) -> Tensor:
+    def run(x: Tensor, extra: Tensor | None) -> Tensor:
         if first[0]:
             first[0] = False
-            return block._run(x, rope)
+            return block._run(x, extra)
         current, program = st.last, st.program
         st.last = _copy_pass(before)
         try:
-            return block._run(x, rope)
+            return block._run(x, extra)
         finally:
             st.last, st.program = current, program
 
-    return checkpoint(run, x, rope, use_reentrant=False)
+    return checkpoint(run, x, extra, use_reentrant=False)
 
 
 def _copy_pass(p: _Pass | None) -> _Pass | None:
@@ -571,7 +571,8 @@ class _PatchedModel:
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         p = self._ltmp.last
-        if getattr(self, "attn_pool", None) is not None and p is not None and (p.size is not None or p.alive is not None):
+        reduced = p is not None and (p.size is not None or p.alive is not None)
+        if reduced and getattr(self, "attn_pool", None) is not None:
             return self._attention_pool(x, p)
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type in ("token", "") or p is None or (p.size is None and p.alive is None):
