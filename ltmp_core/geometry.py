@@ -86,10 +86,10 @@ def _families() -> dict[type, tuple[tuple[type, ...], tuple[type, ...], str]]:
 
 #: What :func:`check_model` accepts, in one line per family (``ltmp_core.SUPPORTED_MODELS``).
 SUPPORTED_MODELS = (
-    "timm VisionTransformer (ViT, DeiT, DeiT-3, DINOv2, CLIP, SigLIP, FlexiViT, register-token and qk_norm ViTs) "
-    "Eva (EVA-02, vit_*_rope_*, DINOv3, PE-core: rotary position embeddings, SwiGLU MLPs), Beit (BEiT, BEiT v2) and "
-    "VisionTransformerRelPos (vit_relpos_*: relative position bias) models built from their pre-norm blocks; "
-    "class-token, average/max and attention-pool (global_pool='map') heads; dynamic_img_size"
+    "timm VisionTransformer models (deit_*, deit3_*, vit_*: ViT, DINOv2, CLIP, SigLIP with its attention-pool head, "
+    "FlexiViT, register-token and qk_norm ViTs), Eva (eva02_*, vit_*_rope_*, DINOv3, PE-core: rotary positions, "
+    "SwiGLU MLPs), Beit (beit_*, beitv2_*) and VisionTransformerRelPos (vit_relpos_*, vit_srelpos_*: relative "
+    "position bias), built from their pre-norm blocks; dynamic_img_size models at any size they take"
 )
 
 
