@@ -56,7 +56,12 @@ def build(name: str) -> torch.nn.Module | None:
 
 
 def _input(model: torch.nn.Module) -> torch.Tensor:
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or (64, 64)
+    """Three images of the size the model takes: its own, or (a model without a strict size, which
+    wants whole patches) the largest multiple of the patch size within it."""
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None) or (64, 64)
+    if not getattr(pe, "strict_img_size", True) and getattr(pe, "patch_size", None) is not None:
+        size = [max(p, s // p * p) for s, p in zip(size, pe.patch_size)]
     g = torch.Generator().manual_seed(1)
     return torch.randn(3, 3, int(size[0]), int(size[1]), generator=g)
 
