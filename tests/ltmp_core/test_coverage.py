@@ -19,7 +19,6 @@ def coverage():
 
 
 @pytest.mark.parametrize(("name", "status"), [
-    ("deit_tiny_patch16_224", "supported"),
     ("vit_small_patch16_rope_224", "supported"),
     ("vit_relpos_small_patch16_224", "supported"),
     ("vit_small_r26_s32_224", "refused"),  # a hybrid ResNet stem
