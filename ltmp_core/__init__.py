@@ -36,9 +36,11 @@ _EXPORTS = {
     "Unreachable": "errors",
     **{name: "flops" for name in (
         "budgets_for_ratio", "calibrate_to_flops", "count_flops", "expected_flops_ratio", "flops_budget_loss", "image_macs",
-        "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "plan_flops_ratio",
+        "kept_fractions", "layer_budget_loss", "macs_from_counts", "measure_flops", "model_geometry",
+        "plan_flops_ratio",
         "plan_macs", "static_budgets", "unreduced_macs")},
     "ViTGeometry": "geometry",
+    "SUPPORTED_MODELS": "geometry",
     **{name: "files" for name in ("state_dict_mismatch", "write_atomic")},
     "check_model": "geometry",
     "block_widths": "geometry",
@@ -76,10 +78,11 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .errors import LTMPError, Unreachable
     from .flops import (
         budgets_for_ratio, calibrate_to_flops, count_flops, expected_flops_ratio, flops_budget_loss, image_macs, kept_fractions,
-        layer_budget_loss, macs_from_counts, measure_flops, plan_flops_ratio, plan_macs, static_budgets, unreduced_macs,
+        layer_budget_loss, macs_from_counts, measure_flops, model_geometry, plan_flops_ratio, plan_macs, static_budgets,
+        unreduced_macs,
     )
     from .files import state_dict_mismatch, write_atomic
-    from .geometry import ViTGeometry, block_widths, check_model
+    from .geometry import SUPPORTED_MODELS, ViTGeometry, block_widths, check_model
     from .patch import (
         FORMS, MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, clamp_thresholds, get_mode, get_plan, is_patched,
         measure_scales, own_counts, reduction_form, set_thresholds, thresholds,

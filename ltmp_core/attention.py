@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .masking import masked_softmax
 
-__all__ = ["attend", "importance_scores", "packed"]
+__all__ = ["attend", "importance_scores", "packed", "project_qkv"]
 
 Packing = Tensor  # flat indices of the live rows of a padded batch
 
@@ -60,11 +60,15 @@ def attend(
     importance: str | None,
     num_prefix: int,
     raw: bool = False,
+    rope: Tensor | None = None,
+    pos_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """timm's ``Attention.forward`` with proportional attention and token masks.
 
     Args:
-        attn: timm's ``Attention`` module of the block.
+        attn: The attention module of the block: timm's ``Attention``, ``AttentionRope``, Eva's
+            ``EvaAttention``, BEiT's or ``RelPosAttention`` (:func:`project_qkv` reads each one's
+            projections).
         x: Normalised tokens, ``[B, N, C]``.
         size: Patches each token stands for (``+ log size`` on the logits), or ``None`` while all are 1.
         alive: 1 for live tokens, 0 for removed or padding ones, ``[B, N]``; ``None`` when all are live.
@@ -75,17 +79,30 @@ def attend(
             class query's row alone, so the attention itself stays fused).
         num_prefix: Leading class, distillation and register tokens (their importance is ``+inf``).
         raw: LTMP's raw importance units (see :func:`importance_scores`).
+        rope: Rotary embeddings of the patch tokens as they lie now (each token's own row), ready for
+            timm's ``apply_rot_embed_cat``; applied to queries and keys after their norms, prefix tokens
+            untouched (as ``EvaAttention`` does). ``None``: no rotary embedding.
+        pos_bias: Relative position bias of the tokens as they lie now, ``[B or 1, H, N, N]``, added to
+            the logits (BEiT, ``VisionTransformerRelPos``). ``None``: none.
 
     Returns:
         The attention output, the keys ``[B, H, N, d]`` and the importance scores (or ``None``).
     """
     b, n, _ = x.shape
-    h, d = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x) if packing is None else packed(attn.qkv, x, packing)
-    qkv = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    h, d = attn.num_heads, head_width(attn)
+    q, k, v = project_qkv(attn, x, packing)
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # BEiT has none
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    if rope is not None:
+        q, k = _rotate(q, v, rope, attn), _rotate(k, v, rope, attn)
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:  # grouped-query attention (AttentionRope): every query head reads its group's keys
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     bias = None if size is None else size.log().to(q.dtype)[:, None, None, :]
+    if pos_bias is not None:
+        pos_bias = pos_bias.to(q.dtype)
+        bias = pos_bias if bias is None else pos_bias + bias
     soft = soft and alive is not None
 
     def normalise(logits: Tensor) -> Tensor:
@@ -121,9 +138,62 @@ def attend(
     return _attn_out(attn, out, x), k, scores
 
 
+def head_width(attn: nn.Module) -> int:
+    """Width of one head: ``head_dim``, or (BEiT's attention, which does not keep it) the projection's
+    input width over the heads."""
+    return getattr(attn, "head_dim", None) or attn.proj.in_features // attn.num_heads
+
+
+def project_qkv(attn: nn.Module, x: Tensor, packing: Packing | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values ``[B, heads, N, head_dim]`` through the attention's own projections.
+
+    A fused ``qkv`` linear (timm's ``Attention``, ``RelPosAttention``), the same with separate query and
+    value biases and none on the keys (``EvaAttention``, BEiT's ``Attention``: ``q_bias``, ``v_bias``,
+    added inside the linear or after it as ``qkv_bias_separate`` says), or three linears
+    (``q_proj``, ``k_proj``, ``v_proj``; keys and values with ``num_kv_heads`` heads). In a padded batch
+    (``packing``) the linears run on the live rows only.
+    """
+    b, n, _ = x.shape
+    h, d = attn.num_heads, head_width(attn)
+
+    def linear(fn: Callable[[Tensor], Tensor]) -> Tensor:
+        return fn(x) if packing is None else packed(fn, x, packing)
+
+    qkv = getattr(attn, "qkv", None)
+    if qkv is None:
+        kv_heads = getattr(attn, "num_kv_heads", None) or h
+        q = linear(attn.q_proj).reshape(b, n, h, d).transpose(1, 2)
+        k = linear(attn.k_proj).reshape(b, n, kv_heads, d).transpose(1, 2)
+        v = linear(attn.v_proj).reshape(b, n, kv_heads, d).transpose(1, 2)
+        return q, k, v
+    q_bias = getattr(attn, "q_bias", None)
+    if q_bias is None:
+        fn = qkv
+    else:
+        k_bias = getattr(attn, "k_bias", None)
+        joint = torch.cat((q_bias, torch.zeros_like(q_bias) if k_bias is None else k_bias, attn.v_bias))
+        if getattr(attn, "qkv_bias_separate", False):
+            fn = lambda t: qkv(t) + joint  # noqa: E731
+        else:
+            fn = lambda t: F.linear(t, qkv.weight, joint)  # noqa: E731
+    q, k, v = linear(fn).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def _rotate(t: Tensor, like: Tensor, rope: Tensor, attn: nn.Module) -> Tensor:
+    """timm's rotary embedding on the patch tokens of queries or keys ``t``; prefix tokens as they are."""
+    from timm.layers import apply_rot_embed_cat
+
+    npt = attn.num_prefix_tokens
+    half = getattr(attn, "rotate_half", False)
+    return torch.cat([t[:, :, :npt, :], apply_rot_embed_cat(t[:, :, npt:, :], rope, half=half)], dim=2).type_as(like)
+
+
 def _attn_out(attn: nn.Module, out: Tensor, x: Tensor | None) -> Tensor:
     """timm's tail of the attention: scale-norm, optional gate, projection."""
-    out = attn.norm(out)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
     gate = getattr(attn, "gate", None)
     if gate is not None:
         out = out * gate(x).sigmoid()

@@ -58,9 +58,11 @@ __all__ = [
     "layer_budget_loss",
     "kept_fractions",
     "calibrate_to_flops",
+    "model_geometry",
 ]
 
 Number = Any  # float, int or Tensor: the formulas below are plain arithmetic and work on all three
+ImgSize = int | tuple[int, int]  # pixels: one side of a square, or (height, width)
 
 
 def similarities(op: str) -> int:
@@ -174,6 +176,8 @@ def _macs(g: ViTGeometry, counts: Sequence[Number], ops: Sequence[LayerPlan | st
     if len(counts) != g.depth + 1 or len(ops) != g.depth:
         raise LTMPError(f"counts: need {g.depth + 1} token counts and {g.depth} ops, got {len(counts)} and {len(ops)}")
     total: Number = g.embed_macs + g.head_macs
+    if g.pool_macs_per_token:  # an attention-pool head: the latent queries attend over the last tokens
+        total = total + g.pool_macs_per_token * (counts[-1] - g.num_prefix_tokens * g.pool_skips_prefix)
     for i, op in enumerate(ops):
         total = total + _block_macs(g, counts[i], counts[i + 1], op, form)
     return total
@@ -217,29 +221,34 @@ def _plan_counts(plan: ReductionPlan, g: ViTGeometry, static: bool) -> list[floa
     return counts
 
 
-def _geometry(plan: ReductionPlan, geometry: ViTGeometry | None) -> ViTGeometry:
+def _geometry(plan: ReductionPlan, geometry: ViTGeometry | None, img_size: ImgSize | None = None) -> ViTGeometry:
     g = geometry if geometry is not None else plan.geometry
     if g is None:
         raise LTMPError("geometry: the plan carries no geometry; pass the model's ViTGeometry")
     if g.depth != plan.depth:
         raise LTMPError(f"plan: {plan.depth} layers for a model of depth {g.depth}")
-    return g
+    return g if img_size is None else g.at_size(img_size)
 
 
-def plan_macs(plan: ReductionPlan, geometry: ViTGeometry | None = None, *, static: bool = False) -> float:
+def plan_macs(plan: ReductionPlan, geometry: ViTGeometry | None = None, *, static: bool = False,
+              img_size: ImgSize | None = None) -> float:
     """Predicted MACs of one image under ``plan``.
 
     With ``static=False`` token counts follow the budgets continuously (``n * keep``, the mean a
     dynamic plan aims at) and the reducers' similarities are the masked reducers' of dynamic mode;
     with ``static=True`` they are the integer counts of hard-static mode and the similarity work its
-    fast forms run (:func:`block_macs`): the cost of the deployed model.
+    fast forms run (:func:`block_macs`): the cost of the deployed model. ``img_size`` (pixels, ``int``
+    or ``(height, width)``): the cost at that input size (a ``dynamic_img_size`` model), with the
+    token counts static mode keeps of that many patches; default, the geometry's own size.
     """
-    g = _geometry(plan, geometry)
+    g = _geometry(plan, geometry, img_size)
     return float(macs_from_counts(g, _plan_counts(plan, g, static), plan.layers, static=static))
 
 
-def plan_flops_ratio(plan: ReductionPlan, geometry: ViTGeometry | None = None, *, static: bool = False) -> float:
-    """Predicted FLOPs of ``plan`` as a fraction of the unreduced model's (see :func:`plan_macs`).
+def plan_flops_ratio(plan: ReductionPlan, geometry: ViTGeometry | None = None, *, static: bool = False,
+                     img_size: ImgSize | None = None) -> float:
+    """Predicted FLOPs of ``plan`` as a fraction of the unreduced model's at the same input size
+    (see :func:`plan_macs`).
 
     Non-decreasing in every layer's ``keep``, with one exception in static mode: a merge that stops
     removing anything (one token to none) also stops matching, which at several hundred tokens can
@@ -247,7 +256,7 @@ def plan_flops_ratio(plan: ReductionPlan, geometry: ViTGeometry | None = None, *
     model). That bump sits where a layer removes a single token, so the ratios :func:`budgets_for_ratio`
     bisects on stay ordered around any target well below 1.
     """
-    g = _geometry(plan, geometry)
+    g = _geometry(plan, geometry, img_size)
     return plan_macs(plan, g, static=static) / unreduced_macs(g)
 
 
@@ -351,9 +360,44 @@ def static_budgets(plan: ReductionPlan, aim: float, geometry: ViTGeometry | None
     return plan.with_keeps(keeps)
 
 
-def count_flops(model: nn.Module) -> int:
-    """MACs of one image: an unpatched model, or a patched one in static mode (at its widths)."""
+def model_geometry(model: nn.Module, img_size: ImgSize | None = None) -> ViTGeometry:
+    """The geometry of ``model`` on inputs of ``img_size`` pixels (default: the size it was built at).
+
+    A model built with ``dynamic_img_size=True`` (or without a strict input size) takes other sizes:
+    its token grid follows the input (``patch_embed.dynamic_feat_size``, padding included), and so
+    must every FLOP figure.
+
+    Raises:
+        LTMPError: the model takes only the size it was built at, and ``img_size`` is another.
+    """
     g = ViTGeometry.from_model(model)
+    if img_size is None:
+        return g
+    h, w = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+    pe = model.patch_embed
+    if (h, w) != g.img_size and getattr(pe, "strict_img_size", False) and not getattr(model, "dynamic_img_size", False):
+        raise LTMPError(f"img_size: the model takes {g.img_size[0]}x{g.img_size[1]} images only; build it with "
+                        "dynamic_img_size=True to run it at other sizes")
+    gh, gw = pe.dynamic_feat_size((h, w)) if hasattr(pe, "dynamic_feat_size") else (h // g.patch_size[0],
+                                                                                      w // g.patch_size[1])
+    return g.with_patches(int(gh) * int(gw), (h, w))
+
+
+def _pass_geometry(model: nn.Module) -> ViTGeometry:
+    """The model's geometry at the token count of its last forward pass (the input's size)."""
+    g = ViTGeometry.from_model(model)
+    n = _whole(token_counts(model)[0]) - g.num_prefix_tokens
+    return g if n == g.num_patches else g.with_patches(n)
+
+
+def count_flops(model: nn.Module, img_size: ImgSize | None = None) -> int:
+    """MACs of one image: an unpatched model, or a patched one in static mode (at its widths).
+
+    ``img_size`` (pixels, ``int`` or ``(height, width)``): the input size to count at, for a model
+    built with ``dynamic_img_size=True``; default, the size the model was built at. Static mode keeps
+    the plan's budgets of the tokens that size gives (:func:`ltmp_core.kept_count` of the actual count).
+    """
+    g = model_geometry(model, img_size)
     if not is_patched(model):
         return int(macs_from_counts(g, [g.num_tokens] * (g.depth + 1), _model_layers(model)))
     mode = get_mode(model)
@@ -372,7 +416,7 @@ def image_macs(model: nn.Module) -> Tensor:
     similarity work is counted as that pass ran it (:func:`ltmp_core.reduction_form`): the masked
     reducers in soft and dynamic mode, the fast forms in static mode.
     """
-    g = ViTGeometry.from_model(model)
+    g = _pass_geometry(model)
     counts = token_counts(model).double()
     form = reduction_form(model)
     if form == "masked":
@@ -420,8 +464,9 @@ def measure_flops(
             total += float(image_macs(model).sum())
             kept += token_counts(model)[1:].double().cpu().sum(dim=1)
         else:
-            n = (images.shape[-2] // g.patch_size[0]) * (images.shape[-1] // g.patch_size[1]) + g.num_prefix_tokens
-            total += float(macs_from_counts(g, [n] * (g.depth + 1), _model_layers(model))) * images.shape[0]
+            at = model_geometry(model, tuple(images.shape[-2:]))
+            n = at.num_tokens
+            total += float(macs_from_counts(at, [n] * (g.depth + 1), _model_layers(model))) * images.shape[0]
             kept += n * images.shape[0]
         seen += images.shape[0]
         if max_images is not None and seen >= max_images:
@@ -438,7 +483,7 @@ def expected_flops_ratio(model: nn.Module) -> Tensor:
     token count of every block (sums of the soft-mode masks) through :func:`macs_from_counts`,
     divided by the unreduced cost. With hard masks and one image it is the measured ratio.
     """
-    g = ViTGeometry.from_model(model)
+    g = _pass_geometry(model)
     counts = token_counts(model).mean(dim=1)
     return macs_from_counts(g, list(counts), get_plan(model).layers) / unreduced_macs(g)
 
@@ -509,9 +554,9 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
                 raise LTMPError(f"layers[{i}].{other}: not set; calibrate_to_flops solves the {name}s only")
     offsets = [(getattr(layer, name) or 0.0) if name in layer.needs() else None for layer in layers]
     used = [o for o in offsets if o is not None]
-    unreduced = unreduced_macs(ViTGeometry.from_model(model))
     param = next(iter(model.parameters()))
     x = first_batch(images).to(param.device)
+    unreduced = unreduced_macs(model_geometry(model, tuple(x.shape[-2:])))  # at the size of these images
     was_training = model.training
     model.eval()
 

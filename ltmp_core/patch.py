@@ -21,6 +21,8 @@ The accessors below (:func:`token_counts`, :func:`own_counts`, :func:`get_plan`,
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable
@@ -28,6 +30,9 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 from torch import Tensor
+from timm.models.beit import Block as BeitBlock
+from timm.models.eva import EvaBlock
+from timm.models.vision_transformer_relpos import RelPosBlock
 from timm.models.vision_transformer import Block
 
 from .attention import Packing, attend, packed
@@ -91,6 +96,9 @@ class _Pass:
     order: Tensor | None = None  # soft mode, [B, N]: sequence order keys after a tome-order merge; None: positions
     packing: Packing | None = None  # hard modes, padded batch: flat indices of the live rows
     form: str = "masked"  # FORMS: how the reducers of this pass ran
+    # hard modes, models with positions (RoPE, relative bias), [B, N]: where in block 0's sequence each
+    # token stood (a merged token: its destination); None while every token is where it started
+    pos: Tensor | None = None
 
 
 @dataclass
@@ -119,6 +127,14 @@ class _State(ModelState):
         self.trace: _Trace | None = None
         self.program: list[list[tuple[Reducer, int]]] | None = None  # static_program() of the last pass
         self._programs: dict[int, list[list[tuple[Reducer, int]]] | None] = {}
+        self.checkpointing = False  # model.set_grad_checkpointing(True): blocks recompute in backward
+        self.positional = False  # the attention needs every token's position (RoPE, relative bias)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickles: the plan, mode and calibration, not the record of the last pass."""
+        state = dict(self.__dict__)
+        state.update(last=None, trace=None, program=None, _programs={})
+        return state
 
     def static_program(self, x: Tensor) -> list[list[tuple[Reducer, int]]] | None:
         """Begin a static pass through the stages' fast forms: per block, each stage and how many tokens
@@ -158,44 +174,59 @@ class _State(ModelState):
         return self.last
 
 
-class LTMPBlock(Block):
-    """timm's pre-norm ``Block`` with a token reduction between attention and MLP."""
+class _LTMPBlockMixin:
+    """The patched block: timm's two pre-norm residual lines with a token reduction between attention
+    and MLP. A concrete class per timm block (:data:`_BLOCK_CLASSES`) says how its branches scale
+    (``_branch1``, ``_branch2``) and what position information its attention takes."""
 
-    _ltmp_base = Block  # what remove_plan restores, and what check_model accepts this block as
+    _ltmp_base: type  # what remove_plan restores, and what check_model accepts this block as
     _ltmp: _State
     _ltmp_index: int
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise LTMPError("a patched block takes no attention mask or causal flag; it masks tokens itself")
+    def _branch1(self, y: Tensor) -> Tensor:
+        return self.drop_path1(self.ls1(y))
+
+    def _branch2(self, x: Tensor) -> Tensor:
+        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def _positions(self, p: _Pass, extra: Tensor | None) -> dict[str, Tensor | None]:
+        """Position inputs of :func:`attend` for the tokens as they lie now, from what timm hands the
+        block (``extra``: Eva's rotary table, BEiT's or RelPos's shared bias); none for a plain ``Block``."""
+        return {}
+
+    def _ltmp_forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
+        st = self._ltmp
+        if st.checkpointing and torch.is_grad_enabled():
+            return _replayable(self, x, extra)
+        return self._run(x, extra)
+
+    def _run(self, x: Tensor, extra: Tensor | None) -> Tensor:
         st, index = self._ltmp, self._ltmp_index
         if st.mode == "static" and not st.tracing:
             program = st.static_program(x) if index == 0 else st.program
             if program is not None:
-                return self._static_forward(x, st, index, program[index])
+                return self._static_forward(x, st, index, program[index], extra)
         p = st.begin(x) if index == 0 else st.last
         layer = st.plan.layers[index]
         kind = layer.importance if any(REDUCERS[s].needs_importance for s in layer.stages) else None
         y, k, scores = attend(self.attn, self.norm1(x), size=p.size, alive=p.alive, soft=st.mode == "soft",
                               packing=p.packing, importance=kind, num_prefix=st.num_prefix,
-                              raw=layer.importance_scale == "raw")
-        x = x + self.drop_path1(self.ls1(y))
+                              raw=layer.importance_scale == "raw", **self._positions(p, extra))
+        x = x + self._branch1(y)
         x = _reduce(st, self, index, x, k, scores) if layer.stages else _pass_through(st, x)
-
-        def mlp(t: Tensor) -> Tensor:
-            return self.drop_path2(self.ls2(self.mlp(self.norm2(t))))
-
         # A padded batch (dynamic mode) runs its MLP on the live tokens only.
-        return x + (mlp(x) if p.packing is None else packed(mlp, x, p.packing))
+        return x + (self._branch2(x) if p.packing is None else packed(self._branch2, x, p.packing))
 
-    def _static_forward(self, x: Tensor, st: _State, index: int, steps: list[tuple[Reducer, int]]) -> Tensor:
+    def _static_forward(self, x: Tensor, st: _State, index: int, steps: list[tuple[Reducer, int]],
+                        extra: Tensor | None) -> Tensor:
         """Static mode through the stages' fast forms: no masks, no compaction, no host syncs."""
         p = st.last
         layer = st.plan.layers[index]
         kind = layer.importance if any(stage.needs_importance for stage, _ in steps) else None
         y, k, scores = attend(self.attn, self.norm1(x), size=p.size, alive=None, soft=False, packing=None,
-                              importance=kind, num_prefix=st.num_prefix, raw=layer.importance_scale == "raw")
-        x = x + self.drop_path1(self.ls1(y))
+                              importance=kind, num_prefix=st.num_prefix, raw=layer.importance_scale == "raw",
+                              **self._positions(p, extra))
+        x = x + self._branch1(y)
         if steps:
             t = Compact(x=x, index=None, size=p.size, keys=k, importance=scores, num_prefix=st.num_prefix,
                         merge_order=layer.merge_order, squeeze_host=layer.squeeze_host,
@@ -204,8 +235,166 @@ class LTMPBlock(Block):
                 _tell_later_stages(t, [s for s, _ in steps[i + 1:]])
                 t = stage.static(t, r)
             x, p.size = t.gathered()
+            if st.positional and t.index is not None:
+                p.pos = t.live(_positions_now(p, t.x))
         p.counts.append(x.shape[1])
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x + self._branch2(x)
+
+
+class LTMPBlock(_LTMPBlockMixin, Block):
+    """timm's pre-norm ``Block`` (``VisionTransformer``) with a token reduction between attention and MLP."""
+
+    _ltmp_base = Block
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        _no_mask(attn_mask, is_causal)
+        return self._ltmp_forward(x)
+
+
+class _GammaScaled:
+    """Branches scaled by ``gamma_1``/``gamma_2`` parameters (Eva's and BEiT's LayerScale)."""
+
+    def _branch1(self, y: Tensor) -> Tensor:
+        return self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
+
+    def _branch2(self, x: Tensor) -> Tensor:
+        y = self.mlp(self.norm2(x))
+        return self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
+
+
+class LTMPEvaBlock(_GammaScaled, _LTMPBlockMixin, EvaBlock):
+    """Eva's pre-norm ``EvaBlock`` (EVA-02, ``vit_*_rope_*``, DINOv3, PE-core) with a token reduction.
+
+    Rotary embeddings: every surviving token keeps its own row of the table (a merged token its
+    destination's, see :func:`_token_rope`); LayerScale is Eva's ``gamma_1``/``gamma_2``.
+    """
+
+    _ltmp_base = EvaBlock
+
+    def forward(self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        _no_mask(attn_mask, is_causal)
+        return self._ltmp_forward(x, rope)
+
+    def _positions(self, p: _Pass, extra: Tensor | None) -> dict[str, Tensor | None]:
+        return {"rope": _token_rope(extra, p.pos, self._ltmp.num_prefix)} if extra is not None else {}
+
+
+class LTMPBeitBlock(_GammaScaled, _LTMPBlockMixin, BeitBlock):
+    """BEiT's ``Block`` with a token reduction: the relative position bias (the block's own table plus
+    the model's shared one) is read at the rows and columns of the tokens as they lie now."""
+
+    _ltmp_base = BeitBlock
+
+    def forward(self, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Tensor:
+        return self._ltmp_forward(x, shared_rel_pos_bias)
+
+    def _positions(self, p: _Pass, extra: Tensor | None) -> dict[str, Tensor | None]:
+        attn = self.attn
+        bias = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
+        if extra is not None:
+            bias = extra if bias is None else bias + extra
+        return {"pos_bias": _token_bias(bias, p.pos)}
+
+
+class LTMPRelPosBlock(_LTMPBlockMixin, RelPosBlock):
+    """``VisionTransformerRelPos``'s ``RelPosBlock`` with a token reduction: its relative position bias
+    (``rel_pos.get_bias()``, or the model's shared one) at the rows and columns of the tokens now."""
+
+    _ltmp_base = RelPosBlock
+
+    def forward(self, x: Tensor, shared_rel_pos: Tensor | None = None) -> Tensor:
+        return self._ltmp_forward(x, shared_rel_pos)
+
+    def _positions(self, p: _Pass, extra: Tensor | None) -> dict[str, Tensor | None]:
+        rel_pos = self.attn.rel_pos
+        return {"pos_bias": _token_bias(rel_pos.get_bias() if rel_pos is not None else extra, p.pos)}
+
+
+#: timm block class -> its patched class (module-level classes, so a patched model pickles by name).
+_BLOCK_CLASSES: dict[type, type] = {Block: LTMPBlock, EvaBlock: LTMPEvaBlock, BeitBlock: LTMPBeitBlock,
+                                    RelPosBlock: LTMPRelPosBlock}
+
+
+def _token_bias(bias: Tensor | None, pos: Tensor | None) -> Tensor | None:
+    """A relative position bias ``[1 or H, ..., N0, N0]`` over the first block's sequence, read at the
+    rows and columns of the tokens as they lie now: ``[B, H, N, N]`` (a merged token: its
+    destination's row and column, as for rotary positions)."""
+    if bias is None or pos is None:
+        return bias
+    table = bias.reshape(-1, *bias.shape[-2:])  # [H, N0, N0]
+    return table[:, pos[:, :, None], pos[:, None, :]].transpose(0, 1)
+
+
+def _no_mask(attn_mask: Tensor | None, is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise LTMPError("a patched block takes no attention mask or causal flag; it masks tokens itself")
+
+
+def _positions_now(p: _Pass, like: Tensor) -> Tensor:
+    """``[B, N]``: where in the first block's sequence each token of the current one stood (a merged or
+    squeezed token: where its destination stood)."""
+    if p.pos is not None:
+        return p.pos
+    b, n = like.shape[0], like.shape[1]
+    return torch.arange(n, device=like.device).expand(b, n)
+
+
+def _token_rope(rope: Tensor, pos: Tensor | None, num_prefix: int) -> Tensor:
+    """The rotary rows of the patch tokens as they lie now: row ``pos - num_prefix`` of every token.
+
+    A surviving token keeps the rotary position it started with; a merged token is its destination
+    (its features are the size-weighted mean, but it sits where the destination sat), so it rotates
+    as the destination. That keeps every relative angle between two survivors what it was in the
+    unreduced model (ToMe's rule for absolute positions, which it averages, would give a merged token
+    a position no patch had; work on ToMe for RoPE ViTs, 2024-25, keeps the destination's or one
+    representative's position for the same reason).
+    """
+    if pos is None:
+        return rope
+    idx = pos[:, num_prefix:] - num_prefix  # [B, P]
+    if rope.dim() == 2:  # [P0, D]: one table for every head (axial / 2-D RoPE)
+        return rope[idx].unsqueeze(1)
+    if rope.dim() == 3:  # [H, P0, D]: a table per head (mixed RoPE, one block's slice)
+        return rope[:, idx].transpose(0, 1)
+    raise LTMPError(f"rope: a rotary table of shape {tuple(rope.shape)} is not supported (patch dropout?)")
+
+
+def _replayable(block: _LTMPBlockMixin, x: Tensor, extra: Tensor | None) -> Tensor:
+    """The block under activation checkpointing (``model.set_grad_checkpointing(True)``).
+
+    The block reads and writes the pass's record (``model._ltmp.last``: sizes, masks, positions,
+    counts), which the first forward has moved on by the time backward recomputes the block. So the
+    block keeps a copy of the record as it found it, and the recomputation runs on a fresh copy of
+    that copy and leaves the real record alone: it sees what the first forward saw and computes the
+    same tensors (non-reentrant checkpointing, which also carries the gradients of the masks and sizes
+    the block passes on through the record).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    st = block._ltmp
+    before = _copy_pass(st.last)
+    first = [True]
+
+    def run(x: Tensor, extra: Tensor | None) -> Tensor:
+        if first[0]:
+            first[0] = False
+            return block._run(x, extra)
+        current, program = st.last, st.program
+        st.last = _copy_pass(before)
+        try:
+            return block._run(x, extra)
+        finally:
+            st.last, st.program = current, program
+
+    return checkpoint(run, x, extra, use_reentrant=False)
+
+
+def _copy_pass(p: _Pass | None) -> _Pass | None:
+    """A copy of a pass record whose lists a block may extend without touching the original."""
+    if p is None:
+        return None
+    return dataclasses.replace(p, counts=list(p.counts), own=list(p.own))
 
 
 # -- the reduction between attention and MLP ---------------------------------------------------------
@@ -342,6 +531,8 @@ def _compact(st: _State, t: Tokens, n_keep: int | None, fused: bool) -> Tensor:
     if fused or p.size is not None:
         p.size = t.size.gather(1, idx)
     p.alive = alive.gather(1, idx).float() if padded else None
+    if st.positional:
+        p.pos = _positions_now(p, t.x).gather(1, idx)
     if padded:
         flat = p.alive.flatten() > 0.5
         p.packing = flat.nonzero().squeeze(1)
@@ -380,16 +571,32 @@ class _PatchedModel:
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         p = self._ltmp.last
+        reduced = p is not None and (p.size is not None or p.alive is not None)
+        if reduced and getattr(self, "attn_pool", None) is not None:
+            return self._attention_pool(x, p)
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type in ("token", "") or p is None or (p.size is None and p.alive is None):
             return super().pool(x, pool_type)  # type: ignore[misc]
+        return self._weighted_pool(x, p, pool_type)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm's head; a model that averages in ``forward_head`` without a ``pool`` method (BEiT,
+        ``VisionTransformerRelPos``) averages the reduced tokens size-weighted, padding left out."""
+        p = self._ltmp.last
+        if (hasattr(super(), "pool") or self.global_pool != "avg" or p is None
+                or (p.size is None and p.alive is None)):
+            return super().forward_head(x, pre_logits)  # type: ignore[misc]
+        x = self.head_drop(self.fc_norm(self._weighted_pool(x, p, "avg")))
+        return x if pre_logits else self.head(x)
+
+    def _weighted_pool(self, x: Tensor, p: _Pass, pool_type: str) -> Tensor:
         b, n, _ = x.shape
         weight = torch.ones(b, n, device=x.device, dtype=torch.float32)
         if p.size is not None:
             weight = weight * p.size
         if p.alive is not None:
             weight = weight * p.alive
-        if not self.pool_include_prefix:
+        if not getattr(self, "pool_include_prefix", False):
             x, weight = x[:, self.num_prefix_tokens:], weight[:, self.num_prefix_tokens:]
         w = weight.to(x.dtype).unsqueeze(-1)
         avg = (x * w).sum(dim=1) / w.sum(dim=1)
@@ -401,13 +608,101 @@ class _PatchedModel:
         return 0.5 * (mx + avg)  # avgmax
 
 
+    def _attention_pool(self, x: Tensor, p: _Pass) -> Tensor:
+        """timm's attention-pool head (SigLIP's ``global_pool='map'``) over reduced tokens.
+
+        As proportional attention in the blocks: a token that stands for ``s`` patches adds ``log s`` to
+        the latent queries' logits (the pool weighs it as the ``s`` tokens it replaced), and removed or
+        padding tokens are masked out (``-inf``; in soft mode the mask carries no gradient, the
+        thresholds learn through the blocks' attention).
+        """
+        bias = torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)
+        if p.size is not None:
+            bias = bias + p.size.log()
+        if p.alive is not None:
+            bias = bias.masked_fill(p.alive.detach() <= 0.5, float("-inf"))
+        if hasattr(self, "pool_include_prefix") and not self.pool_include_prefix:
+            x, bias = x[:, self.num_prefix_tokens:], bias[:, self.num_prefix_tokens:]
+        return self.attn_pool(x, attn_mask=bias.to(x.dtype)[:, None, None, :])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the blocks: each patched block checkpoints itself so that its
+        recomputation replays the pass's record as the block found it (timm's own checkpointing of the
+        block sequence stays off: it would recompute blocks against a record already moved on)."""
+        self._ltmp.checkpointing = bool(enable)
+        super().set_grad_checkpointing(False)  # type: ignore[misc]
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        """Pickle (``pickle.dumps``, ``torch.save``, ``copy.deepcopy``) as the stock class plus this
+        module's rebuild: the patched class is made at run time and has no importable name."""
+        reduced = super().__reduce_ex__(protocol)  # (copyreg.__newobj__, (cls, *args), state, ...)
+        return (_new_patched, (self._ltmp_base, *reduced[1][1:]), *reduced[2:])
+
+    def forward_intermediates(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """timm's ``forward_intermediates``; ``NCHW`` output puts reduced tokens back on the patch grid.
+
+        In hard modes a block passes on fewer tokens than the grid has positions. For the ``NCHW``
+        feature maps every patch position gets the token that holds it after that block: its own token,
+        or the token it was merged or squeezed into (so a merged region shows one feature throughout);
+        a position whose patch was pruned gets zeros (its content left the model). ``NLC`` output keeps
+        the reduced tokens as the blocks passed them on (each image's live tokens first; in a padded
+        dynamic batch, padding after them). In soft mode nothing is removed and timm's reshape applies
+        as is (a removed token's position holds that token as it was when removed).
+        """
+        from timm.models._features import feature_take_indices
+
+        st = self._ltmp
+        args_ = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)  # type: ignore[misc]
+        args_.apply_defaults()
+        call = args_.arguments
+        if call.get("output_fmt", "NCHW") != "NCHW" or st.mode == "soft":
+            return super().forward_intermediates(*args_.args, **args_.kwargs)  # type: ignore[misc]
+        call["output_fmt"] = "NLC"
+        take, _ = feature_take_indices(len(self.blocks), call.get("indices"))
+        height, width = x.shape[-2:]
+        grid = tuple(int(g) for g in self.patch_embed.dynamic_feat_size((height, width)))
+        st.tracing = True
+        try:
+            out = super().forward_intermediates(*args_.args, **args_.kwargs)  # type: ignore[misc]
+            owners = [owner for owner, _ in st.trace.steps]
+        finally:
+            st.tracing, st.trace = False, None
+
+        def dense(y: Tensor, block: int) -> Tensor:
+            owner = owners[block].to(y.device) - st.num_prefix  # [B, P]: the token holding each patch
+            rows = y.gather(1, owner.clamp_min(0).unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+            rows = rows.masked_fill((owner < 0).unsqueeze(-1), 0.0)
+            return rows.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+
+        def redo(items: list[Any]) -> list[Any]:
+            return [(dense(i[0], b), *i[1:]) if isinstance(i, tuple) else dense(i, b) for i, b in zip(items, take)]
+
+        if isinstance(out, dict):
+            return {**out, "image_intermediates": redo(out["image_intermediates"])}
+        if call.get("intermediates_only"):
+            return redo(out)
+        return out[0], redo(out[1])
+
+
+def _new_patched(base: type, *args: Any) -> nn.Module:
+    """An empty instance of the patched class of ``base`` (unpickling; the state follows)."""
+    cls = _patched_class(base)
+    return cls.__new__(cls, *args)
+
+
 _MODEL_CLASSES: dict[type, type] = {}
 
 
 def _patched_class(cls: type) -> type:
     if cls not in _MODEL_CLASSES:
-        _MODEL_CLASSES[cls] = type(f"LTMP{cls.__name__}", (_PatchedModel, cls), {"_ltmp_base": cls})
+        _MODEL_CLASSES[cls] = type(f"LTMP{cls.__name__}", (_PatchedModel, cls),
+                                   {"_ltmp_base": cls, "__module__": __name__})
     return _MODEL_CLASSES[cls]
+
+
+def _is_positional(model: nn.Module) -> bool:
+    """Whether the model's attention reads token positions (rotary embeddings, relative bias)."""
+    return getattr(model, "rope", None) is not None or any(type(b) in (BeitBlock, RelPosBlock) for b in model.blocks)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -508,18 +803,21 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
     if not isinstance(plan, ReductionPlan):
         raise LTMPError(f"plan: expected a ReductionPlan, got {type(plan).__name__}")
     _check_thresholds(plan, mode, lambda i, name: getattr(plan.layers[i], name) is not None)
-    if model.global_pool not in ("token", "") and not hasattr(type(model), "pool"):
-        raise LTMPError("model: average or max pooling needs timm's VisionTransformer.pool (upgrade timm)")
+    if model.global_pool not in ("token", "", "avg") and not hasattr(type(model), "pool"):
+        raise LTMPError(f"model: global_pool={model.global_pool!r} of {type(model).__name__} is not supported")
     if plan.depth != len(model.blocks):
         raise LTMPError(f"plan: {plan.depth} layers, but the model has {len(model.blocks)} blocks")
     cut_from = _cut_from(model, plan)
     _check_fit(model, plan, cut_from or ViTGeometry.from_model(model))
     _unpatch(model)
     st = _State(plan, mode, int(model.num_prefix_tokens), cut_from)
+    st.positional = _is_positional(model)
+    st.checkpointing = bool(getattr(model, "grad_checkpointing", False))
+    model.grad_checkpointing = False  # the blocks checkpoint themselves (_PatchedModel.set_grad_checkpointing)
     model.__class__ = _patched_class(type(model))
     setattr(model, STATE, st)
     for i, (block, layer) in enumerate(zip(model.blocks, plan.layers)):
-        block.__class__ = LTMPBlock
+        block.__class__ = _BLOCK_CLASSES[type(block)]
         block._ltmp = st
         block._ltmp_index = i
         for name in layer.needs():
@@ -537,9 +835,11 @@ def _unpatch(model: nn.Module) -> None:
             block._parameters.pop(name, None)
         for attr in ("_ltmp", "_ltmp_index"):
             block.__dict__.pop(attr, None)
-        block.__class__ = LTMPBlock._ltmp_base
-    cut_from = model.__dict__.pop(STATE).cut_from
+        block.__class__ = type(block)._ltmp_base
+    st = model.__dict__.pop(STATE)
+    cut_from = st.cut_from
     model.__class__ = type(model)._ltmp_base
+    model.grad_checkpointing = st.checkpointing
     if cut_from is not None:
         setattr(model, STATE, ModelState(cut_from))
 

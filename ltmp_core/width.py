@@ -144,6 +144,11 @@ def prune_width(
                             "only its hidden units can be cut")
     if now == wanted:
         return model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise LTMPError(f"model: {type(model).__name__} keeps its width; heads and MLP units are cut in timm "
+                        "VisionTransformer blocks only (leave the plan's heads and mlp_hidden unset)")
 
     import torch_pruning as tp
 

@@ -36,9 +36,19 @@ def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
 
 def counted_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
     """PyTorch's count for one forward pass, SDPA included, halved (it counts 2 FLOPs per MAC)."""
-    with FlopCounterMode(display=False, custom_mapping={op: _sdpa_flops for op in SDPA_OPS}) as counter:
-        with torch.no_grad():
-            model(x)
+    # The counter's module tracker hooks the gradients of module inputs, and fails ("Expected gradient
+    # function to be set") on a parameter expanded under no_grad (AttentionPoolLatent's latent query):
+    # count with the parameters frozen, which changes no figure.
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False, custom_mapping={op: _sdpa_flops for op in SDPA_OPS}) as counter:
+            with torch.no_grad():
+                model(x)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return counter.get_total_flops() / 2
 
 

@@ -156,10 +156,7 @@ def _builtin_key(name: str, img_size: int, num_classes: int, epochs: int, seed: 
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
 
 
-SUPPORTED = (
-    "timm VisionTransformer models built from timm's pre-norm Block and Attention: deit_*, "
-    "deit3_*, vit_* (including register-token and qk_norm variants), ltmp_vit_mnist and ltmp_vit_digits"
-)
+SUPPORTED = f"{ltmp_core.SUPPORTED_MODELS}; and the built-in ltmp_vit_mnist and ltmp_vit_digits"
 
 
 def check_model_name(name: str, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -165,3 +165,15 @@ def test_static_plan_under_cuda_graphs_equals_eager():
         for _ in range(3):  # warm-up, record, replay
             got = compiled(x).clone()
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "soft"])
+@pytest.mark.parametrize("family", ["eva02", "rope_mixed", "dinov3", "siglip_map", "pe_core", "beit", "relpos_clsgap"])
+def test_the_other_timm_families_on_cuda_equal_the_cpu(family, mode):
+    """RoPE (Eva), relative position bias (BEiT, RelPos) and attention-pool heads on the device."""
+    from tests.ltmp_core.test_families import calibrated
+
+    model = calibrated(family, mode)
+    cpu_out, cpu_counts, gpu_out, gpu_counts = on_both(model, images(6))
+    assert torch.equal(gpu_counts, cpu_counts), "the same tokens survive on both devices"
+    torch.testing.assert_close(gpu_out, cpu_out, rtol=1e-4, atol=1e-4)

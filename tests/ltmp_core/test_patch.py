@@ -285,8 +285,8 @@ def test_patched_block_refuses_attention_masks():
 
 def unsupported_models():
     yield "resnet", lambda: timm.create_model("resnet18", pretrained=False), "not a timm VisionTransformer"
-    yield "map_pool", lambda: timm.create_model(
-        "vit_small_patch16_224", pretrained=False, global_pool="map", **TINY), "global_pool='map'"
+    yield "prr_pool", lambda: timm.create_model(
+        "vit_small_patch16_224", pretrained=False, global_pool="prr", **TINY), "AttentionPoolPrr"
     yield "res_post", lambda: VisionTransformer(block_fn=ResPostBlock, **TINY), "ResPostBlock"
     yield "parallel", lambda: VisionTransformer(block_fn=ParallelScalingBlock, **TINY), "ParallelScalingBlock"
 
