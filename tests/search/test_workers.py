@@ -1,7 +1,8 @@
 """Many workers and faults, on the real databases of this machine.
 
-PostgreSQL and MariaDB URLs come from ``LTMP_TEST_POSTGRES_URL`` / ``LTMP_TEST_MYSQL_URL`` (defaults:
-the local servers); a test is skipped, saying why, only where no server answers.
+PostgreSQL and MariaDB URLs come from ``LTMP_TEST_POSTGRES_URL`` / ``LTMP_TEST_MYSQL_URL`` (e.g.
+``postgresql://postgres@127.0.0.1:5432/test``, ``mysql+pymysql://root@127.0.0.1:3306/test``): a test is
+skipped, saying so, when its variable is not set, and fails when it is set and the server does not answer.
 """
 
 from __future__ import annotations
@@ -26,19 +27,23 @@ import search.study.objective
 from ltmp_core import LTMPError
 from search.study.tables import LayerResult, Store
 
-POSTGRES = os.environ.get("LTMP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-MYSQL = os.environ.get("LTMP_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+POSTGRES = "LTMP_TEST_POSTGRES_URL"
+MYSQL = "LTMP_TEST_MYSQL_URL"
 
 
-
-def server(url: str) -> str:
+def server(variable: str) -> str:
+    """The URL in ``variable``; the test is skipped when it is not set and fails when the server does not answer."""
+    url = os.environ.get(variable)
+    if not url:
+        pytest.skip(f"{variable} is not set")
     try:
         engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
         with engine.connect() as conn:
             conn.execute(sa.text("select 1"))
         engine.dispose()
     except Exception as e:
-        pytest.skip(f"no database server answers at {url.split('@')[-1]}: {type(e).__name__}")
+        pytest.fail(f"{variable} is set, but no database server answers at {url.split('@')[-1]}: "
+                    f"{type(e).__name__}", pytrace=False)
     return url
 
 
