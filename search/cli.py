@@ -720,6 +720,9 @@ COMMANDS = {"run": cmd_run, "studies": cmd_studies, "show": cmd_show, "export": 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import exit_without_final_collection
+
+    exit_without_final_collection()  # a Ctrl-C must end the process in seconds, also on a loaded host
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "format", None) == "json":

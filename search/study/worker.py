@@ -108,7 +108,7 @@ def _busy(c: dict[TrialState, int]) -> int:
 def _guarded(objective: Objective, n_trials: int | None = None) -> Callable[[optuna.Trial], float]:
     """The objective with the failure policy: record every failure's reason; configuration errors stop."""
 
-    def run(trial: optuna.Trial) -> float:
+    def start(trial: optuna.Trial) -> float:
         # A trial that is not a slot was created by `ask` because the last slot was taken meanwhile.
         if not TrialRecord.from_trial(trial).slot:
             TrialRecord.write(trial, fail_reason="surplus: the study's last slot was taken by another worker")
@@ -119,9 +119,12 @@ def _guarded(objective: Objective, n_trials: int | None = None) -> Callable[[opt
             TrialRecord.write(trial, fail_reason=f"surplus: the study already has its {n_trials} trials")
             raise Surplus()
         TrialRecord.write(trial, worker=f"{os.uname().nodename}:{os.getpid()}")
+        return objective(trial)
+
+    def run(trial: optuna.Trial) -> float:
         try:
-            return objective(trial)
-        except optuna.TrialPruned:
+            return start(trial)
+        except (optuna.TrialPruned, Surplus):
             raise
         except KeyboardInterrupt:
             TrialRecord.write(trial, fail_reason="interrupted (Ctrl-C)")
@@ -227,6 +230,9 @@ def worker_device(device: str, index: int, gpus: int) -> str:
 
 def _worker_main(job: _Job) -> None:
     """Entry point of a ``--jobs`` worker process: load the data and model once, then run slots."""
+    from .. import exit_without_final_collection
+
+    exit_without_final_collection()  # the parent waits for its workers to end after a Ctrl-C
     torch.set_num_threads(job.threads)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

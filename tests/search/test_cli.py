@@ -204,6 +204,10 @@ def test_bad_flops_is_one_line_and_exit_2(workdir, flops):
          "--storage: no folder /nonexistent/dir"),
         (("export", "tiny", "--storage", "sqlite:///tiny.db", "-o", "/nonexistent/dir/p.json"),
          "-o: no folder /nonexistent/dir"),
+        (("run", "--jobs", "0", "--preset", "tiny.toml", "--storage", "sqlite:///x.db"), "--jobs: must be >= 1, got 0"),
+        (("export-model", "m.safetensors", "-o", "m.pt2"), "--static: only the static mode"),
+        (("export-model", "m.safetensors", "--static", "-o", "/nonexistent/dir/m.pt2"), "-o: no folder /nonexistent/dir"),
+        (("export-model", "m.safetensors", "--static", "-o", "m.pt2", "-b", "0"), "-b: must be >= 1, got 0"),
     ],
 )
 def test_bad_input_is_one_clear_line(first_run, workdir, args, message):
@@ -213,6 +217,7 @@ def test_bad_input_is_one_clear_line(first_run, workdir, args, message):
     assert "secret" not in err
     assert not (workdir / "x.db").exists() and not (workdir / "missing.db").exists()
     assert not Path("/nonexistent").exists() and not (workdir / "no").exists() and not (workdir / "front.txt").exists()
+    assert not (workdir / "m.pt2").exists()
 
 
 def test_export_does_not_overwrite_a_plan_without_force(first_run, workdir):

@@ -67,8 +67,13 @@ def test_search_over_a_folder_scores_trials_on_the_holdout(study):
     done = s.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(done) >= 1
     for t in done:
-        assert 0 <= t.value <= 1 and t.user_attrs["flops_ratio"] > 0
-        assert len(t.user_attrs["kept_tokens"]) == 4
+        # top-1 over exactly the 15 held-out images: a count of them over 15
+        assert t.value * 15 == pytest.approx(round(t.value * 15), abs=1e-9)
+        # tokens were removed: after each block at most as many as before it, from 1 + 16 patches (32 px,
+        # patch 8), at least the class token and one patch; the FLOPs went down with them
+        kept = [17.0, *t.user_attrs["kept_tokens"]]
+        assert len(kept) == 5 and all(a >= b >= 2 for a, b in zip(kept, kept[1:])) and kept[-1] < 17
+        assert 0 < t.user_attrs["flops_ratio"] < 0.75
     assert s.user_attrs["config"]["holdout"] == 15
     # The corrupt file was skipped, counted and named; the run went on.
     assert "skipped 1 unreadable image" in err and "broken.png" in err
@@ -154,16 +159,35 @@ def test_holdout_is_balanced_disjoint_and_the_same_every_time(folder):
     assert len(b.tune_index) == 10 and set(b.tune_index.tolist()) <= set(b.train_index.tolist())
 
 
-def test_folder_batches_follow_the_models_preprocessing(folder):
-    config = resolve(None, {"data": str(folder), "model": "vit_small_patch16_224", "model_kwargs": KWARGS,
-                            "img_size": 32, "holdout": 9, "workers": 0})
+def test_folder_batches_follow_the_models_preprocessing(tmp_path):
+    """Images of one solid colour each: whatever the resize and crop, every pixel the model gets is that
+    colour normalised with the model's own mean and std (vit_small_patch16_224: 0.5 and 0.5), worked
+    out here by hand. Raw [0, 1] pixels or ImageNet's mean and std give other numbers."""
+    root = tmp_path / "solid"
+    for split in ("train", "val"):
+        for c, colour in enumerate(COLOURS):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), colour).save(root / split / f"class{c}" / f"{i}.png")
+    config = resolve(None, {"data": str(root), "model": "vit_small_patch16_224", "model_kwargs": KWARGS,
+                            "img_size": 32, "holdout": 3, "workers": 0})
     data = open_data(config, torch.device("cpu"))
+    # (200, 40, 40) -> (200/255 - 0.5) / 0.5 = 0.5686, (40/255 - 0.5) / 0.5 = -0.6863
+    expected = torch.tensor([[(v / 255 - 0.5) / 0.5 for v in colour] for colour in COLOURS])
+    assert expected[0].tolist() == pytest.approx([0.5686, -0.6863, -0.6863], abs=1e-4)
+
+    def check(x: torch.Tensor, y: torch.Tensor) -> None:
+        assert x.shape == (len(y), 3, 32, 32) and y.dtype == torch.long
+        torch.testing.assert_close(x, expected[y][:, :, None, None].expand_as(x), rtol=0, atol=1e-6)
+
     x, y = next(data.train_batches(8, seed=0))
-    assert x.shape == (8, 3, 32, 32) and y.dtype == torch.long
-    # vit_small_patch16_224's preprocessing normalises with mean = std = 0.5: pixels land in [-1, 1]
-    assert x.min() >= -1.0 - 1e-6 and x.max() <= 1.0 + 1e-6
-    calib = data.calibration_batch(12)
-    assert calib.shape == (12, 3, 32, 32)
+    check(x, y)
+    for x, y in [*data.holdout_batches(2), *data.test_batches(5)]:
+        check(x, y)
+    calib = data.calibration_batch(6)
+    assert calib.shape == (6, 3, 32, 32)
+    nearest = (calib[:, None] - expected[None, :, :, None, None]).abs().amax(dim=(2, 3, 4)).min(dim=1).values
+    assert (nearest <= 1e-6).all(), nearest
 
 
 @pytest.mark.parametrize(
