@@ -21,6 +21,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "search" / "weights"))
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--preset", default="mnist", choices=("mnist", "mnistm"), help="which proxy's base model")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's base_epochs)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["LTMP_CACHE"] = tmp  # train here, whatever is cached or shipped
@@ -40,6 +42,8 @@ def main() -> None:
 
         models.weights_dir = lambda: Path(tmp) / "none"  # do not load the shipped file
         config = load_preset(args.preset)
+        if args.epochs is not None:
+            config = replace(config, base_epochs=args.epochs)
         data = open_data(config, torch.device("cpu"))
         start = time.perf_counter()
         model, info = models.load_base_model(
