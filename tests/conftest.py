@@ -44,7 +44,12 @@ ARCHITECTURES = {
 
 def tiny_model(arch: str = "deit_small", *, fused: bool = True, seed: int = 0, **overrides) -> torch.nn.Module:
     """A randomly initialised tiny model of ``arch`` in eval mode."""
-    name, extra = ARCHITECTURES[arch]
+    return tiny_timm(*ARCHITECTURES[arch], fused=fused, seed=seed, **overrides)
+
+
+def tiny_timm(name: str, extra: dict, *, fused: bool = True, seed: int = 0, **overrides) -> torch.nn.Module:
+    """timm's ``name`` at the tiny size (:data:`TINY`) with ``extra`` and ``overrides``, randomly
+    initialised with ``seed``, in eval mode, fused attention on or off."""
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **{**TINY, **extra, **overrides}).eval()
     for block in model.blocks:

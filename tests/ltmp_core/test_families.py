@@ -10,11 +10,10 @@ from __future__ import annotations
 import pickle
 
 import pytest
-import timm
 import torch
 
 import ltmp_core
-from tests.conftest import TINY, counted_macs, images
+from tests.conftest import counted_macs, images, tiny_timm
 
 #: Tiny members of each family: (timm name, extra kwargs).
 FAMILIES = {
@@ -37,12 +36,7 @@ OPS = ["merge+prune", "squeeze", "merge", "prune"]
 
 
 def family_model(family: str, *, fused: bool = True, seed: int = 0, **overrides) -> torch.nn.Module:
-    name, extra = FAMILIES[family]
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **{**TINY, **extra, **overrides}).eval()
-    for block in model.blocks:
-        block.attn.fused_attn = fused
-    return model
+    return tiny_timm(*FAMILIES[family], fused=fused, seed=seed, **overrides)
 
 
 def calibrated(family: str, mode: str, ops=OPS, keep=(0.75, 0.7, 0.8, 0.6), **kw) -> torch.nn.Module:
@@ -97,18 +91,26 @@ def test_soft_mode_trains_the_thresholds(family):
     assert all(p.grad is not None and p.grad.abs() > 0 for p in ltmp_core.threshold_parameters(model))
 
 
-@pytest.mark.parametrize("family", ["eva02", "rope_mixed", "dinov3"])
-def test_survivors_keep_their_own_rotary_position(family):
-    """Block 0 prunes; blocks 1-3 reduce nothing. Their output must be stock timm's blocks run on the
-    survivors with each survivor's own row of the rotary table."""
-    model = family_model(family)
+def _pruned_in_block_0(model: torch.nn.Module) -> tuple[list, torch.Tensor]:
+    """Static plan: block 0 prunes half the patches, blocks 1-3 reduce nothing. The NLC outputs of
+    blocks 0 and 3 (prefix tokens apart, when there are any) on two images, and for each patch the
+    position of its token after block 0, or -1 (``[B, 16]``)."""
     plan = ltmp_core.make_plan(model, op=["prune", "none", "none", "none"], keep=[0.5, 1, 1, 1])
     ltmp_core.apply_plan(model, plan, mode="static")
     x = images(2, seed=3)
     with torch.no_grad():
         after = model.forward_intermediates(x, indices=[0, 3], output_fmt="NLC", intermediates_only=True,
-                                            return_prefix_tokens=True)
-        owner = ltmp_core.trace_tokens(model, x).owner[0]  # [B, 16]: position of each patch's token, or -1
+                                            return_prefix_tokens=model.num_prefix_tokens > 0)
+        owner = ltmp_core.trace_tokens(model, x).owner[0]
+    return after, owner
+
+
+@pytest.mark.parametrize("family", ["eva02", "rope_mixed", "dinov3"])
+def test_survivors_keep_their_own_rotary_position(family):
+    """Block 0 prunes; blocks 1-3 reduce nothing. Their output must be stock timm's blocks run on the
+    survivors with each survivor's own row of the rotary table."""
+    model = family_model(family)
+    after, owner = _pruned_in_block_0(model)
     npt = model.num_prefix_tokens
     tokens = torch.cat([after[0][1], after[0][0]], dim=1)  # prefix, then the 8 surviving patch tokens
     patch_of = torch.full((2, 8), -1, dtype=torch.long)
@@ -133,13 +135,7 @@ def test_survivors_keep_their_own_relative_position_bias(family, monkeypatch):
     """Block 0 prunes; blocks 1-3 reduce nothing. Their output must be stock timm's blocks run on the
     survivors with the bias read at the survivors' own rows and columns."""
     model = family_model(family)
-    plan = ltmp_core.make_plan(model, op=["prune", "none", "none", "none"], keep=[0.5, 1, 1, 1])
-    ltmp_core.apply_plan(model, plan, mode="static")
-    x = images(2, seed=3)
-    with torch.no_grad():
-        after = model.forward_intermediates(x, indices=[0, 3], output_fmt="NLC", intermediates_only=True,
-                                            return_prefix_tokens=model.num_prefix_tokens > 0)
-        owner = ltmp_core.trace_tokens(model, x).owner[0]
+    after, owner = _pruned_in_block_0(model)
     npt = model.num_prefix_tokens
     split = (lambda t: torch.cat([t[1], t[0]], dim=1)) if npt else (lambda t: t)
     seq = torch.arange(npt).expand(2, npt).tolist()  # the prefix keeps its place
