@@ -67,7 +67,7 @@ def test_dashboard_serves_metric_names_constraints_notes_and_pictures(study):
     complete = [t for t in data["trials"] if t["state"] == "Complete"]
     assert complete
     # Trial 0 runs the seeded LTMP-shaped plan, and its note says so.
-    assert complete[0]["number"] == 0 and complete[0]["note"]["body"].startswith("## Trial 0: the LTMP shape plan")
+    assert complete[0]["number"] == 0 and complete[0]["note"]["body"].startswith("## Trial 0: the LTMP shape, seeded")
     for t in complete:
         attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
         assert {"constraint", "flops_ratio", "gmacs", "feasible"} <= set(attrs)
