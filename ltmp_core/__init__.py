@@ -46,7 +46,8 @@ _EXPORTS = {
     "block_widths": "geometry",
     "prune_width": "width",
     **{name: "patch" for name in (
-        "FORMS", "MODES", "THRESHOLDS", "apply_plan", "calibrate", "clamp_thresholds", "get_mode", "get_plan",
+        "FORMS", "MODES", "SOFT_FORMS", "THRESHOLDS", "apply_plan", "calibrate", "clamp_thresholds", "get_mode",
+        "get_plan", "get_soft_form",
         "is_patched", "measure_scales", "own_counts", "reduction_form", "set_thresholds", "thresholds",
         "remove_plan", "set_mode", "threshold_names", "threshold_parameters", "threshold_scales", "token_counts", "trace_tokens",
         "TokenTrace")},
@@ -84,7 +85,8 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .files import state_dict_mismatch, write_atomic
     from .geometry import SUPPORTED_MODELS, ViTGeometry, block_widths, check_model
     from .patch import (
-        FORMS, MODES, THRESHOLDS, TokenTrace, apply_plan, calibrate, clamp_thresholds, get_mode, get_plan, is_patched,
+        FORMS, MODES, SOFT_FORMS, THRESHOLDS, TokenTrace, apply_plan, calibrate, clamp_thresholds, get_mode, get_plan,
+        get_soft_form, is_patched,
         measure_scales, own_counts, reduction_form, set_thresholds, thresholds,
         remove_plan, set_mode, threshold_names, threshold_parameters, threshold_scales, token_counts, trace_tokens,
     )

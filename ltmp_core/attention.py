@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masking import masked_softmax
+from .masking import masked_softmax, released_softmax
 
 __all__ = ["attend", "importance_scores", "packed", "project_qkv"]
 
@@ -62,6 +62,7 @@ def attend(
     raw: bool = False,
     rope: Tensor | None = None,
     pos_bias: Tensor | None = None,
+    released: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """timm's ``Attention.forward`` with proportional attention and token masks.
 
@@ -84,6 +85,10 @@ def attend(
             untouched (as ``EvaAttention`` does). ``None``: no rotary embedding.
         pos_bias: Relative position bias of the tokens as they lie now, ``[B or 1, H, N, N]``, added to
             the logits (BEiT, ``VisionTransformerRelPos``). ``None``: none.
+        released: LTMP's training attention as released (soft form ``ltmp``): its softmax with an
+            epsilon (:func:`~ltmp_core.masking.released_softmax`, also before any token is masked),
+            and as importance its mean attention over heads and *all* queries, masked ones included,
+            in raw units and not detached (``importance`` is then only asked whether to compute it).
 
     Returns:
         The attention output, the keys ``[B, H, N, d]`` and the importance scores (or ``None``).
@@ -115,7 +120,17 @@ def attend(
         return logits.masked_fill(alive[:, None, None, :] <= 0.5, float("-inf")).softmax(dim=-1)
 
     scores = None
-    if importance == "mean" or soft or not attn.fused_attn:
+    if released:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        keep = torch.ones(b, n, device=x.device) if alive is None else alive
+        probs = released_softmax(logits, keep[:, None, None, :].to(logits.dtype))
+        if importance is not None:
+            prefix = torch.arange(num_prefix, device=x.device)
+            scores = probs.float().mean(dim=(1, 2)).index_fill(1, prefix, math.inf)
+        out = attn.attn_drop(probs) @ v
+    elif importance == "mean" or soft or not attn.fused_attn:
         probs = normalise((q * attn.scale) @ k.transpose(-2, -1))
         if importance is not None:
             scores = importance_scores(probs[:, :, :1] if importance == "cls" else probs, alive, num_prefix, raw)

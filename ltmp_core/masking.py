@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["threshold_mask", "masked_softmax", "threshold_between", "score_spread"]
+__all__ = ["threshold_mask", "masked_softmax", "released_softmax", "threshold_between", "score_spread"]
+
+#: The epsilon of LTMP's training softmax (:func:`released_softmax`).
+RELEASED_EPS = 1e-5
 
 
 def threshold_mask(score: Tensor, threshold: Tensor | float, tau: float) -> Tensor:
@@ -31,6 +34,18 @@ def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     shift = logits.masked_fill(~keep, float("-inf")).amax(dim=dim, keepdim=True).detach()
     e = torch.exp(logits - shift) * mask
     return e / e.sum(dim=dim, keepdim=True)
+
+
+def released_softmax(logits: Tensor, mask: Tensor, eps: float = RELEASED_EPS) -> Tensor:
+    """LTMP's masked softmax of its training forward, as released (``softmax_with_mask``, training).
+
+    ``(exp(a_j - max_k a_k) m_j + eps / N) / (sum_k exp(a_k - max_k a_k) m_k + eps)`` over the last
+    dimension of length ``N``: the shift is the maximum over every entry, masked ones included, and
+    not detached, and every entry, a masked one too, keeps a weight of about ``eps / N``. ``mask``
+    broadcasts against ``logits``. :func:`masked_softmax` is the exact form of the same idea.
+    """
+    e = torch.exp(logits - logits.amax(dim=-1, keepdim=True)) * mask
+    return (e + eps / logits.shape[-1]) / (e.sum(dim=-1, keepdim=True) + eps)
 
 
 def threshold_between(

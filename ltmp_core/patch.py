@@ -41,6 +41,7 @@ from .geometry import STATE, ModelState, ViTGeometry, block_widths, check_model,
 from .masking import score_spread, threshold_between, threshold_mask
 from .plan import LayerPlan, ReductionPlan, kept_count, stage_counts
 from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Compact, Reducer, Tokens, head_mean, top_k_mask, unit_norm
+from .released import RELEASED
 
 __all__ = [
     "MODES",
@@ -66,6 +67,8 @@ __all__ = [
     "TokenTrace",
     "FORMS",
     "reduction_form",
+    "SOFT_FORMS",
+    "get_soft_form",
 ]
 
 MODES = ("soft", "dynamic", "static")
@@ -76,6 +79,12 @@ MODES = ("soft", "dynamic", "static")
 #: form or :func:`trace_tokens`: the same, but a stage with nothing to remove is skipped), ``compact``
 #: (static mode's fast forms, :class:`ltmp_core.reducers.Compact`).
 FORMS = ("masked", "top-k", "compact")
+
+#: What soft mode computes: ``project`` (this project's soft forward, the default: the masks compose,
+#: the split alternates over live tokens, and the deployed model's rules hold) or ``ltmp`` (LTMP's
+#: released training forward, :mod:`ltmp_core.released`: merge and prune only, ToMe's token order,
+#: mean attention over all queries in raw units).
+SOFT_FORMS = ("project", "ltmp")
 
 #: The learned scalars a block may hold: which one a stage uses is ``Reducer.threshold``.
 THRESHOLDS = ("merge_threshold", "prune_threshold")
@@ -117,6 +126,7 @@ class _State(ModelState):
         super().__init__(cut_from)
         self.plan = plan
         self.mode = mode
+        self.soft_form = "project"  # SOFT_FORMS: what soft mode computes
         self.num_prefix = num_prefix
         # calibrate(): "budgets" sets each threshold from the batch before its layer reduces; "spread"
         # keeps the thresholds and records how spread the scores are around each one.
@@ -211,7 +221,8 @@ class _LTMPBlockMixin:
         kind = layer.importance if any(REDUCERS[s].needs_importance for s in layer.stages) else None
         y, k, scores = attend(self.attn, self.norm1(x), size=p.size, alive=p.alive, soft=st.mode == "soft",
                               packing=p.packing, importance=kind, num_prefix=st.num_prefix,
-                              raw=layer.importance_scale == "raw", **self._positions(p, extra))
+                              raw=layer.importance_scale == "raw", released=_released(st),
+                              **self._positions(p, extra))
         x = x + self._branch1(y)
         x = _reduce(st, self, index, x, k, scores) if layer.stages else _pass_through(st, x)
         # A padded batch (dynamic mode) runs its MLP on the live tokens only.
@@ -410,6 +421,8 @@ def _reduce(st: _State, block: nn.Module, index: int, x: Tensor, k: Tensor, impo
     t = Tokens(x=x, size=ones if p.size is None else p.size, alive=ones if p.alive is None else p.alive,
                metric=metric, importance=importance, num_prefix=st.num_prefix, order=p.order,
                merge_order=layer.merge_order, squeeze_host=layer.squeeze_host)
+    if _released(st):
+        return _reduce_released(st, block, index, t)
     if st.trace is not None:
         t.route = torch.arange(n, device=x.device).expand(b, n).clone()
         t.fate = torch.zeros(b, n, dtype=torch.long, device=x.device)
@@ -442,6 +455,53 @@ def _reduce(st: _State, block: nn.Module, index: int, x: Tensor, k: Tensor, impo
     p.counts.append(p.alive.sum(dim=1))
     p.own.append(own[:, st.num_prefix:].sum(dim=1))
     return t.x
+
+
+def _released(st: _State) -> bool:
+    """Whether the pass runs LTMP's released training forward (soft mode, soft form ``ltmp``)."""
+    return st.mode == "soft" and st.soft_form == "ltmp"
+
+
+def _reduce_released(st: _State, block: nn.Module, index: int, t: Tokens) -> Tensor:
+    """The reduction of soft form ``ltmp`` (:mod:`ltmp_core.released`): each stage overwrites the masks.
+
+    A block's own count is the sum of the new masks of the patch tokens live when it started: after
+    LTMP's overwrite those masks carry this block's thresholds alone.
+    """
+    p, layer = st.last, st.plan.layers[index]
+    before = t.alive.detach() > 0.5
+    for name in layer.stages:
+        threshold = REDUCERS[name].threshold
+        param = block._parameters.get(threshold)
+        if param is None:
+            raise LTMPError(f"layers[{index}].{threshold}: not set; calibrate the thresholds with "
+                            "ltmp_core.calibrate(model, images) first")
+        t = RELEASED[name](t, partial(threshold_mask, threshold=param, tau=layer.tau))
+    p.alive, p.size, p.order = t.alive, t.size, t.order
+    p.counts.append(p.alive.sum(dim=1))
+    p.own.append((t.alive * before)[:, st.num_prefix:].sum(dim=1))
+    return t.x
+
+
+def _check_soft_form(plan: ReductionPlan, soft_form: str) -> None:
+    """Raise :class:`LTMPError` unless ``soft_form`` is known and, for ``ltmp``, the plan is one that
+    LTMP's released forward can run (so that soft and hard modes mean the same by each threshold)."""
+    if soft_form not in SOFT_FORMS:
+        raise LTMPError(f"soft_form: unknown soft form {soft_form!r} (choose from {', '.join(SOFT_FORMS)})")
+    if soft_form == "project":
+        return
+    for i, layer in enumerate(plan.layers):
+        others = [s for s in layer.stages if s not in RELEASED]
+        if others:
+            raise LTMPError(f"layers[{i}].op: soft_form 'ltmp' runs LTMP's released merge and prune only, "
+                            f"not {others[0]!r}; use soft_form='project'")
+        wanted = {"merge_order": "tome"} if "merge" in layer.stages else {}
+        if "prune" in layer.stages:
+            wanted.update(importance="mean", importance_scale="raw")
+        for name, value in wanted.items():
+            if getattr(layer, name) != value:
+                raise LTMPError(f"layers[{i}].{name}: soft_form 'ltmp' is LTMP's released forward, which "
+                                f"needs {name}={value!r}, got {getattr(layer, name)!r}")
 
 
 def _pass_through(st: _State, x: Tensor) -> Tensor:
@@ -784,8 +844,11 @@ def _check_thresholds(plan: ReductionPlan, mode: str, has: Callable[[int, str], 
                 )
 
 
-def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> nn.Module:
+def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static", *, soft_form: str = "project") -> nn.Module:
     """Patch a timm ViT in place to reduce tokens as ``plan`` says; returns the model.
+
+    ``soft_form`` (:data:`SOFT_FORMS`) says what soft mode computes: this project's soft forward, or
+    LTMP's released training forward (``ltmp``; see :func:`set_mode`).
 
     Thresholds in the plan become parameters of the blocks (``blocks.i.merge_threshold``,
     ``blocks.i.prune_threshold``). A plan that keeps fewer heads or MLP units than the model has
@@ -803,6 +866,7 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
     if not isinstance(plan, ReductionPlan):
         raise LTMPError(f"plan: expected a ReductionPlan, got {type(plan).__name__}")
     _check_thresholds(plan, mode, lambda i, name: getattr(plan.layers[i], name) is not None)
+    _check_soft_form(plan, soft_form)
     if model.global_pool not in ("token", "", "avg") and not hasattr(type(model), "pool"):
         raise LTMPError(f"model: global_pool={model.global_pool!r} of {type(model).__name__} is not supported")
     if plan.depth != len(model.blocks):
@@ -811,6 +875,7 @@ def apply_plan(model: nn.Module, plan: ReductionPlan, mode: str = "static") -> n
     _check_fit(model, plan, cut_from or ViTGeometry.from_model(model))
     _unpatch(model)
     st = _State(plan, mode, int(model.num_prefix_tokens), cut_from)
+    st.soft_form = soft_form
     st.positional = _is_positional(model)
     st.checkpointing = bool(getattr(model, "grad_checkpointing", False))
     model.grad_checkpointing = False  # the blocks checkpoint themselves (_PatchedModel.set_grad_checkpointing)
@@ -858,10 +923,25 @@ def remove_plan(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_mode(model: nn.Module, mode: str) -> nn.Module:
-    """Switch a patched model between ``soft``, ``dynamic`` and ``static``; returns the model."""
+def set_mode(model: nn.Module, mode: str, *, soft_form: str | None = None) -> nn.Module:
+    """Switch a patched model between ``soft``, ``dynamic`` and ``static``; returns the model.
+
+    ``soft_form`` (:data:`SOFT_FORMS`; ``None`` keeps the model's) says what soft mode computes:
+    ``project``, this project's soft forward (the default), or ``ltmp``, LTMP's released training
+    forward (:mod:`ltmp_core.released`: the split over all positions, detached fusion, masks
+    overwritten, the top patch prunable, scores not detached, LTMP's epsilon softmax). ``ltmp`` runs
+    merge and prune only, with ToMe's token order (``merge_order='tome'``) and LTMP's importance
+    (``importance='mean'``, ``importance_scale='raw'``). The hard modes are the same for both forms.
+
+    Raises:
+        LTMPError: an unknown mode or form, thresholds ``mode`` needs are not set, or the plan is not
+            one that soft form ``ltmp`` can run.
+    """
     st = _state(model)
     _check_thresholds(st.plan, mode, lambda i, name: name in model.blocks[i]._parameters)
+    if soft_form is not None:
+        _check_soft_form(st.plan, soft_form)
+        st.soft_form = soft_form
     st.mode = mode
     return model
 
@@ -869,6 +949,11 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
 def get_mode(model: nn.Module) -> str:
     """The current mode of a patched model."""
     return _state(model).mode
+
+
+def get_soft_form(model: nn.Module) -> str:
+    """What soft mode computes in a patched model: one of :data:`SOFT_FORMS`."""
+    return _state(model).soft_form
 
 
 def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
