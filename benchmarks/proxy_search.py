@@ -124,12 +124,15 @@ def ablation(flops: float, seed: int, proxy: str = "mnist") -> list[dict]:
         return p.with_layers(merge_threshold=[0.9] * depth, prune_threshold=[0.0] * depth)
 
     ltmp = dict(LTMP_TUNING)
+    # This project's soft forward: the variants below change what LTMP's released forward cannot run.
+    project = {**ltmp, "soft_form": "project"}
     cases = [
         ("LTMP's released recipe", plan(), Recipe(steps=epoch, **ltmp), LTMP_BATCH),
-        ("order-preserving merge split (merge_order=keep)", plan(merge_order="keep"), Recipe(steps=epoch, **ltmp),
+        ("LTMP's recipe through this project's soft forward", plan(), Recipe(steps=epoch, **project), LTMP_BATCH),
+        ("order-preserving merge split (merge_order=keep)", plan(merge_order="keep"), Recipe(steps=epoch, **project),
          LTMP_BATCH),
         ("importance relative to the live count (x n)", plan(importance_scale="relative"),
-         Recipe(steps=epoch, **ltmp), LTMP_BATCH),
+         Recipe(steps=epoch, **project), LTMP_BATCH),
         ("per-layer budgets calibrated, then LTMP's SGD", plan(), Recipe(steps=epoch, **{**ltmp, "start": "calibrate"}),
          LTMP_BATCH),
         ("per-layer budgets, Adam at the score scale, global term x1000",

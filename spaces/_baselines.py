@@ -3,7 +3,8 @@
 - ``ltmp``: LTMP's released recipe (tools/train.py of the LTMP repository): merge then prune in every
   block, ToMe's token order, raw mean-attention importance, thresholds starting at 0.9 (merge) and
   0 (prune), trained with plain SGD (5e-3 and 5e-6), tau 0.5, label smoothing 0.1, clamped to
-  [0, 1], loss ``CE + 10 * (r_target - r_flops)^2``. One fixed plan.
+  [0, 1], loss ``CE + 10 * (r_target - r_flops)^2``, through LTMP's own training forward (soft form
+  ``ltmp``, :mod:`ltmp_core.released`). One fixed plan.
 - ``ltmp-search``: the same, with the recipe's hyperparameters (the two learning rates, tau, the
   budget weight) sampled per trial: the fair baseline for a search of equal compute.
 - ``tome``: ToMe: a constant number ``r`` of merges in every block (at most half of the tokens),
@@ -30,7 +31,7 @@ from ._registry import Infeasible, register_space, solve
 
 #: LTMP's released training recipe, as ``Recipe`` fields (search/finetune.py); steps are the caller's.
 LTMP_TUNING = dict(optimizer="sgd", lr=5e-3, lr_prune=5e-6, budget="global", budget_weight=10.0, smoothing=0.1,
-                   clamp=True, start="plan", tau=0.5)
+                   clamp=True, start="plan", tau=0.5, soft_form="ltmp")
 
 
 def _plan(geometry: ViTGeometry, ops: Sequence[str], keeps: Sequence[float], space: str, **layer) -> ReductionPlan:

@@ -49,6 +49,9 @@ class Recipe:
             aim on the calibration batch), ``calibrate`` (every layer starts at its budget) or ``plan``
             (the plan's thresholds).
         tau: Temperature of the soft threshold masks (LTMP's ``tau``), for every layer.
+        soft_form: What the soft (training) forward computes (:data:`ltmp_core.SOFT_FORMS`):
+            ``project`` (this project's) or ``ltmp`` (LTMP's released training forward, for plans of
+            merge and prune in ToMe's order with raw mean-attention importance).
     """
 
     steps: int = 40
@@ -61,10 +64,11 @@ class Recipe:
     clamp: bool = False
     start: str = "calibrate"
     tau: float = 0.1
+    soft_form: str = "project"
 
     def __post_init__(self) -> None:
         for name, table in (("optimizer", ("adam", "sgd")), ("budget", ("layer", "global")),
-                            ("start", ("solve", "calibrate", "plan"))):
+                            ("start", ("solve", "calibrate", "plan")), ("soft_form", ltmp_core.SOFT_FORMS)):
             if getattr(self, name) not in table:
                 raise LTMPError(f"tuning.{name}: expected one of {', '.join(table)}, got {getattr(self, name)!r}")
 
@@ -127,7 +131,7 @@ def tune_thresholds(
             [{"params": [p], "lr": r * s} for p, r, s in zip(thresholds, rates, scales)])
     else:
         opt = torch.optim.SGD([{"params": [p], "lr": r} for p, r in zip(thresholds, rates)], momentum=0.0)
-    ltmp_core.set_mode(model, "soft")
+    ltmp_core.set_mode(model, "soft", soft_form=recipe.soft_form)
     model.eval()  # dropout and drop-path off: the thresholds learn for the deployed model
     for step in range(1, recipe.steps + 1):
         x, y = next(batches)

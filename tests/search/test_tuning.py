@@ -95,7 +95,7 @@ def test_one_ltmp_sgd_step_is_the_released_recipe_written_out():
     plan = ltmp_core.make_plan(model, op="merge+prune", keep=0.7, merge_order="tome", importance_scale="raw", tau=0.5)
     plan = plan.with_layers(merge_threshold=[0.9, 0.95, 0.99, 1.0], prune_threshold=[0.0, 0.02, 0.05, 0.03])
     ltmp_core.apply_plan(model, plan, mode="soft")
-    by_hand = ltmp_core.apply_plan(tiny_model("deit_small"), plan, mode="soft")
+    by_hand = ltmp_core.apply_plan(tiny_model("deit_small"), plan, mode="soft", soft_form="ltmp")
     x, y = next(batches(3))
     # By hand, on the twin model.
     loss = torch.nn.functional.cross_entropy(by_hand(x), y, label_smoothing=0.1)
@@ -110,3 +110,13 @@ def test_one_ltmp_sgd_step_is_the_released_recipe_written_out():
     got = {n: float(p) for n, p in model.named_parameters() if n in expected}
     assert got == pytest.approx(expected, abs=1e-7)
     assert any(float(g) != 0 for g in grads) and got["blocks.3.merge_threshold"] <= 1.0
+
+
+def test_soft_form_is_a_recipe_setting():
+    with pytest.raises(ltmp_core.LTMPError, match="soft_form"):
+        Recipe(soft_form="released")
+    model = tiny_model("deit_small")
+    plan = ltmp_core.make_plan(model, op="merge+prune", keep=0.7, merge_order="tome", importance_scale="raw", tau=0.5)
+    ltmp_core.apply_plan(model, plan.with_layers(merge_threshold=[0.9] * 4, prune_threshold=[0.0] * 4), mode="dynamic")
+    tune_thresholds(model, batches(2), recipe=Recipe(steps=1, soft_form="ltmp"), target=0.5, device=CPU)
+    assert ltmp_core.get_soft_form(model) == "ltmp"

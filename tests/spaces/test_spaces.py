@@ -95,14 +95,15 @@ def test_every_layerwise_plan_lands_on_its_target(g, data, target):
 
 def test_ltmp_baseline_is_the_released_recipe():
     """LTMP's tools/train.py and model class: merge then prune everywhere, ToMe's order, raw mean
-    attention, thresholds from 0.9 and 0, SGD at 5e-3 / 5e-6, tau 0.5, smoothing 0.1, clamp, lambda 10."""
+    attention, thresholds from 0.9 and 0, SGD at 5e-3 / 5e-6, tau 0.5, smoothing 0.1, clamp, lambda 10,
+    trained through LTMP's own training forward (soft form ltmp)."""
     plan = spaces.suggest("ltmp", optuna.trial.FixedTrial({}), DEIT_S, 0.35)
     assert set(plan.ops) == {"merge+prune"}
     assert {(l.merge_order, l.importance, l.importance_scale, l.merge_threshold, l.prune_threshold)
             for l in plan.layers} == {("tome", "mean", "raw", 0.9, 0.0)}
     assert plan.meta["tuning"] == {"optimizer": "sgd", "lr": 5e-3, "lr_prune": 5e-6, "budget": "global",
                                    "budget_weight": 10.0, "smoothing": 0.1, "clamp": True, "start": "plan",
-                                   "tau": 0.5}
+                                   "tau": 0.5, "soft_form": "ltmp"}
 
 
 def test_ltmp_search_samples_the_recipe_hyperparameters_and_starts_from_the_released_ones():
