@@ -12,7 +12,8 @@ How the thresholds start (:class:`search.finetune.Recipe` ``start``):
 Then ``steps`` tuning steps (none for a space that does not tune), and the score: top-1 on the whole
 select split with tokens really removed, with the measured FLOPs ratio as the constraint. With a
 range of targets (``--flops LO:HI``) the study has two objectives, top-1 (up) and the measured FLOPs
-ratio (down), and every trial draws its own target in the range.
+ratio (down), and every trial draws its own target from the part of the range its shape reaches
+(:meth:`Objective._range_budget`).
 """
 
 from __future__ import annotations
@@ -37,11 +38,26 @@ from .record import TrialRecord
 from .tuning import NonFiniteLoss, Recipe, tune_thresholds
 from ..setup.workbench import Workbench
 
-__all__ = ["Objective", "TrialHooks", "METRIC_NAME", "METRIC_NAMES", "recipe_for"]
+__all__ = ["Objective", "TrialHooks", "METRIC_NAME", "METRIC_NAMES", "recipe_for", "range_position"]
 
 METRIC_NAME = "top-1 accuracy"
 #: The objectives of a study over a range of targets.
 METRIC_NAMES = (METRIC_NAME, "FLOPs ratio")
+#: In a study over a range, aims stay this fraction above a shape's predicted floor: thresholds solved
+#: on real images rarely reach the floor that budgets at their limits predict.
+RANGE_HEADROOM = 0.05
+
+
+def range_position(number: int) -> float:
+    """Where trial ``number`` of a study over a range of targets aims, in [0, 1): the base-2 van der
+    Corput sequence (0, 1/2, 1/4, 3/4, 1/8, ...), so every prefix of a study's trials, and so every
+    study size, spreads its aims evenly over the range."""
+    position, scale = 0.0, 0.5
+    while number:
+        number, bit = divmod(number, 2)
+        position += bit * scale
+        scale /= 2
+    return position
 
 
 @dataclass
@@ -96,22 +112,52 @@ class Objective:
         c = self.config
         self.hooks.on_trial_start(trial.number)
         seed = c.seed + trial.number
-        budget = c.flops_budget(trial.suggest_float("flops_target", c.flops_min, c.flops) if self.multi else None)
-        TrialRecord.write(trial, seed=seed, device=str(self.device), target=budget.target)
+        TrialRecord.write(trial, seed=seed, device=str(self.device))
         meter = ComputeMeter()
         try:
-            return self._plan_and_run(trial, seed, budget, meter)
+            return self._plan_and_run(trial, seed, meter)
         finally:
             # Scored, pruned or failed: what the trial ran is part of the study's compute.
             TrialRecord.write(trial, images_processed=meter.images, forward_equivalents=meter.forward_equivalents)
 
-    def _plan_and_run(self, trial: optuna.Trial, seed: int, budget: Budget,
-                      meter: ComputeMeter) -> float | tuple[float, float]:
+    def _suggest(self, trial: optuna.Trial, aim: float) -> ltmp_core.ReductionPlan:
         c = self.config
         try:
-            plan = suggest(c.space, trial, self.geometry, budget.aim, ops=c.ops, importance=c.importance)
+            # Asked again in one trial, the sampler's parameters keep their values: the same shape.
+            return suggest(c.space, trial, self.geometry, aim, ops=c.ops, importance=c.importance)
         except Infeasible as e:
             self._infeasible(trial, e.ops, str(e))
+
+    def _range_budget(self, trial: optuna.Trial) -> tuple[Budget, ltmp_core.ReductionPlan]:
+        """A trial's target in a study over a range: drawn from the part of the range its shape reaches.
+
+        The shape is sampled first (at the top of the range, the easiest target); its lowest predicted
+        FLOPs ratio (every reducing layer at its floor) bounds the range from below. The trial's aim is
+        then spread over what is left by its position in a low-discrepancy sequence of trial numbers
+        (:func:`range_position`), so the trials of a study cover the range evenly and none is spent on a
+        target its shape cannot reach. Only a shape that cannot reach even the top is pruned.
+        """
+        c = self.config
+        top = c.flops_budget(c.flops)
+        plan = self._suggest(trial, top.aim)
+        floors = [1.0 if op == "none" else ltmp_core.lowest_keep(op, self.geometry.num_patches) for op in plan.ops]
+        lowest = ltmp_core.plan_flops_ratio(plan.with_keeps(floors), static=not self.space.tune)
+        # Plans land on their aim: spread the aims, so the measured ratios cover [flops_min, flops].
+        low_aim = max(c.flops_min, lowest * (1.0 + RANGE_HEADROOM))
+        if low_aim >= top.aim:
+            return top, plan
+        aim = low_aim + range_position(trial.number) * (top.aim - low_aim)
+        budget = c.flops_budget(min(c.flops, aim / (1.0 - top.margin)))
+        return budget, self._suggest(trial, budget.aim)
+
+    def _plan_and_run(self, trial: optuna.Trial, seed: int, meter: ComputeMeter) -> float | tuple[float, float]:
+        c = self.config
+        if self.multi:
+            budget, plan = self._range_budget(trial)
+        else:
+            budget = c.flops_budget()
+            plan = self._suggest(trial, budget.aim)
+        TrialRecord.write(trial, target=budget.target)
         recipe = recipe_for(c, self.space.budget, plan.meta.get("tuning"))
         plan = replace(plan, model=c.model, meta={**plan.meta, **budget.to_meta()})
         plan = plan.with_layers(tau=[recipe.tau] * plan.depth)
@@ -144,7 +190,8 @@ class Objective:
         mode = "static"
         if self.space.tune:
             mode = "dynamic"
-            self._start(trial, model, plan, recipe, budget, meter)
+            budget = self._start(trial, model, plan, recipe, budget, meter)
+            plan = replace(plan, meta={**plan.meta, **budget.to_meta()})
             self._tune(trial, model, recipe, seed, batch_size, budget, meter)
         TrialRecord.write(trial, recipe=asdict(recipe))
         tune_seconds = time.perf_counter() - start
@@ -164,9 +211,11 @@ class Objective:
         return self.bench.reduced(plan, "static", teacher=self.base)
 
     def _start(self, trial: optuna.Trial, model: nn.Module, plan: ltmp_core.ReductionPlan, recipe: Recipe,
-               budget: Budget, meter: ComputeMeter) -> None:
+               budget: Budget, meter: ComputeMeter) -> Budget:
         """Set the thresholds where the recipe starts them (every pass over the calibration batch is
-        counted). An unreachable aim prunes the trial."""
+        counted); returns the trial's budget. An unreachable aim prunes the trial, except in a study
+        over a range, where a target the prediction put under what the images reach moves up to what
+        they reach (while that is in the range)."""
         self.hooks.on_phase("calibrate")
         passes = _count_forwards(model)
         try:
@@ -175,14 +224,28 @@ class Objective:
             else:
                 try:
                     if recipe.start == "solve":
-                        ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
+                        budget = self._solve(model, budget)
                     else:
                         ltmp_core.calibrate(model, self.calibration)
                 except ltmp_core.Unreachable as e:
                     self._infeasible(trial, list(plan.ops), str(e).removeprefix("flops: "))
         finally:
             meter.forward(passes() * len(self.calibration))
-        TrialRecord.write(trial, calibrated_plan=ltmp_core.get_plan(model).to_dict())
+        TrialRecord.write(trial, target=budget.target, calibrated_plan=ltmp_core.get_plan(model).to_dict())
+        return budget
+
+    def _solve(self, model: nn.Module, budget: Budget) -> Budget:
+        try:
+            ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
+            return budget
+        except ltmp_core.Unreachable as e:
+            c = self.config
+            aim = e.lowest * (1.0 + RANGE_HEADROOM)
+            if not self.multi or aim >= c.flops_budget(c.flops).aim:
+                raise
+        budget = c.flops_budget(min(c.flops, aim / (1.0 - budget.margin)))
+        ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
+        return budget
 
     def _tune(self, trial: optuna.Trial, model: nn.Module, recipe: Recipe, seed: int, batch_size: int,
               budget: Budget, meter: ComputeMeter) -> None:

@@ -282,6 +282,17 @@ def test_search_can_choose_the_importance_per_layer(workdir):
     assert study.user_attrs["config"]["importance"] == ["mean", "cls"]
 
 
+def test_range_positions_are_the_van_der_corput_sequence_and_fill_every_bin_once():
+    from search.study.objective import range_position
+
+    # By hand: the binary digits of the trial number, mirrored behind the point.
+    assert [range_position(n) for n in range(8)] == [0, 0.5, 0.25, 0.75, 0.125, 0.625, 0.375, 0.875]
+    assert range_position(6) == 0b011 / 8  # 6 = 0b110
+    for k in range(1, 8):  # the first 2**k trials put exactly one aim in each of 2**k equal bins
+        bins = sorted(int(range_position(n) * 2 ** k) for n in range(2 ** k))
+        assert bins == list(range(2 ** k))
+
+
 def test_a_range_of_targets_is_one_two_objective_study_and_exports_any_budget_in_it(workdir):
     url = f"sqlite:///{workdir / 'range.db'}"
     code, out, err = cli("run", "--flops", "0.3:0.7", "--preset", "tiny.toml", "--storage", url, "--space", "structured",
@@ -292,10 +303,18 @@ def test_a_range_of_targets_is_one_two_objective_study_and_exports_any_budget_in
     study = optuna.load_study(study_name=name, storage=url)
     assert len(study.directions) == 2 and study.metric_names == ["top-1 accuracy", "FLOPs ratio"]
     done = study.get_trials(states=(TrialState.COMPLETE,))
-    assert done and all(0.3 <= t.params["flops_target"] <= 0.7 for t in done)
+    assert done and all(0.3 <= t.user_attrs["target"] <= 0.7 for t in done)
     for t in done:  # the objectives are what was measured; feasible means under the trial's own target
         assert t.values == [t.user_attrs["accuracy"], t.user_attrs["flops_ratio"]]
-        assert t.user_attrs["feasible"] == (t.user_attrs["flops_ratio"] <= t.params["flops_target"])
+        assert t.user_attrs["feasible"] == (t.user_attrs["flops_ratio"] <= t.user_attrs["target"])
+    # Each trial's target comes from what its shape reaches: a trial is pruned as out of reach only
+    # when its shape cannot reach even the top of the range (aim 0.7 * (1 - 0.02) = 0.686), and the
+    # measured ratios spread over the range instead of gathering at one end.
+    unreachable = [t.user_attrs["pruned_reason"] for t in study.get_trials(states=(TrialState.PRUNED,))
+                   if "reach" in t.user_attrs.get("pruned_reason", "")]
+    assert all(reason.startswith("a FLOPs ratio of 0.686 ") for reason in unreachable), unreachable
+    ratios = sorted(t.user_attrs["flops_ratio"] for t in done)
+    assert len(done) >= 4 and ratios[-1] - ratios[0] >= 0.5 * (0.7 - 0.3), ratios
     limit = sorted(t.user_attrs["flops_ratio"] for t in done if t.user_attrs["feasible"])[-1]
     code, out, err = cli("export", name, "--storage", url, "--flops", f"{limit:.6f}", "-o", "range.json", "--json")
     assert code == 0, err
