@@ -19,7 +19,22 @@ upper bound. Here both are given more compute and compared where their compute i
 
 Every chosen plan is scored on the test split, which no selection reads. One JSON row per point:
 ``method``, ``proxy``, ``seed``, ``flops_target``, ``setting`` (trials or epochs), ``forward_equivalents``,
-``select_top1``, ``test_top1``, ``flops_ratio`` (on test), ``seconds``.
+``select_top1``, ``test_top1``, ``flops_ratio`` (on test), ``seconds``, and which test images it got right
+(``test_correct``: the bits in the test split's fixed order, packed by
+:func:`search.setup.evaluation.pack_correct`, 168 characters for 1,000 images; ``test_images``), so two
+rows of one proxy and seed can be compared image by image.
+
+The analysis reads the rows of any number of seeds (and ``proxy_search.py --json`` rows, e.g. ToMe, TPS,
+``ltmp-search``), draws test top-1 against forward equivalents and prints the search's margin over each
+baseline at the default study's compute, with a paired bootstrap 95% interval over test images pooled over
+seeds, and the compute factor (``benchmarks/curves_report.py`` says how each is read)::
+
+    for S in 0 1 2; do
+        python benchmarks/compute_curves.py --proxy mnist --flops 0.35 --seed $S --epochs 1,2,4,8,12,16 --json \\
+            >> docs/data/compute_curves_mnist_0.35.jsonl
+    done
+    python benchmarks/curves_report.py docs/data/compute_curves_mnist_0.35.jsonl [PROXY_SEARCH_ROWS.jsonl] \\
+        --plot docs/compute_curves_mnist_0.35.png [--json]
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ import numpy as np
 SEARCH = "search"
 RESAMPLES = 10_000
 RNG_SEED = 0
+NO_INTERVAL = "no interval: no per-image test data"
 
 
 def read_rows(paths: list[str]) -> list[dict]:
@@ -194,8 +195,7 @@ def margin_against(search: dict[int, dict], rows: dict[int, list[dict]], name: s
         return Margin(name, [], None, None, [], "no row at or under the search's compute")
     margin = 100 * float(np.mean(diffs))
     if any(a is None or b is None for a, b in pairs):
-        return Margin(name, seeds, margin, None, chosen, "no interval: it needs per-image test data (test_correct) "
-                      "on both rows of every seed; rows from compute_curves.py since issue 26 carry it")
+        return Margin(name, seeds, margin, None, chosen, NO_INTERVAL)
     low, high = paired_interval(pairs)
     return Margin(name, seeds, margin, (100 * low, 100 * high), chosen)
 
@@ -308,6 +308,9 @@ def render(result: dict) -> str:
               f"{result['resamples']:,} resamples)" if m["interval"] else m["note"])
         lines.append(f"  {m['baseline']}: {m['margin']:+.2f} points over seeds {m['seeds']}; {ci}")
         lines.extend(f"      {c}" for c in m["chosen"])
+    if any(m["note"] == NO_INTERVAL for m in result["margins"]):
+        lines.append("  (an interval needs per-image test data, test_correct, on both rows of every seed: "
+                     "rows written since issue 26 carry it)")
     lines += ["", "Compute factor (a baseline's forward equivalents to reach the search's test top-1, over the search's):"]
     for f in result["factors"]:
         if f["factor"] is None:
