@@ -16,7 +16,8 @@ Rows of one proxy and one FLOPs target are read (``--proxy`` / ``--flops`` pick 
 - **Margin at equal compute**: the search's row at ``--at`` (default: its largest setting, the default
   study's compute), per seed. For each other method, per seed, the row it would have chosen with at most
   that seed's search compute: the highest ``select_top1`` among its rows with ``forward_equivalents`` at
-  most the search's (ties: the cheaper), never chosen on test. Margin = search test top-1 minus that row's,
+  most the search's (ties: the cheaper, as the search's best-so-far keeps its earlier trial), never chosen
+  on test; the report names the rows a tie passed over. Margin = search test top-1 minus that row's,
   mean over seeds. "best baseline" chooses the same way among all other methods' rows together. The 95%
   interval is a paired percentile bootstrap over test images, pooled over seeds: 10,000 resamples (fixed
   generator), each drawing every seed's test images with replacement (the two methods' answers on an
@@ -188,8 +189,12 @@ def margin_against(search: dict[int, dict], rows: dict[int, list[dict]], name: s
         seeds.append(seed)
         diffs.append(s["test_top1"] - b["test_top1"])
         over = " over the target" if b.get("flops_ratio", 0) > b.get("flops_target", 1) + 1e-12 else ""
+        ties = [f"{r['method']} {r['setting']}" for r in rows.get(seed, []) if r is not b
+                and r["forward_equivalents"] <= s["forward_equivalents"] and r.get("select_top1") == b["select_top1"]]
+        tied = f"; tied on select with {', '.join(ties)} (the cheaper is kept)" if ties else ""
         chosen.append(f"seed {seed}: {b['method']} {b['setting']} at {b['forward_equivalents']:,.0f} f.e., "
-                      f"{100 * b['test_top1']:.1f}% test (FLOPs {b.get('flops_ratio', float('nan')):.3f}{over})")
+                      f"{100 * b['select_top1']:.1f}% select, {100 * b['test_top1']:.1f}% test "
+                      f"(FLOPs {b.get('flops_ratio', float('nan')):.3f}{over}){tied}")
         pairs.append((correct_of(s), correct_of(b)))
     if not seeds:
         return Margin(name, [], None, None, [], "no row at or under the search's compute")

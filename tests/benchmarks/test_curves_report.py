@@ -168,3 +168,11 @@ def test_command_line_reads_older_rows_without_setting_and_draws_the_plot(tmp_pa
     assert result["search"]["setting"] == "3 trials"
     assert result["margins"][0]["margin"] == pytest.approx(3.0) and result["margins"][0]["interval"] is None
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_tie_on_select_keeps_the_cheaper_row_and_says_so():
+    rows = [row("search", 0, "24 trials", 1000, 0.95, test=0.90),
+            row("ltmp", 0, "2 epochs", 400, 0.93, test=0.85), row("ltmp", 0, "4 epochs", 800, 0.93, test=0.87)]
+    (m,) = cr.margins(rows, "24 trials")
+    assert m.margin == pytest.approx(5.0)
+    assert m.chosen[0].startswith("seed 0: ltmp 2 epochs") and "tied on select with ltmp 4 epochs" in m.chosen[0]
