@@ -19,7 +19,22 @@ upper bound. Here both are given more compute and compared where their compute i
 
 Every chosen plan is scored on the test split, which no selection reads. One JSON row per point:
 ``method``, ``proxy``, ``seed``, ``flops_target``, ``setting`` (trials or epochs), ``forward_equivalents``,
-``select_top1``, ``test_top1``, ``flops_ratio`` (on test), ``seconds``.
+``select_top1``, ``test_top1``, ``flops_ratio`` (on test), ``seconds``, and which test images it got right
+(``test_correct``: the bits in the test split's fixed order, packed by
+:func:`search.setup.evaluation.pack_correct`, 168 characters for 1,000 images; ``test_images``), so two
+rows of one proxy and seed can be compared image by image.
+
+The analysis reads the rows of any number of seeds (and ``proxy_search.py --json`` rows, e.g. ToMe, TPS,
+``ltmp-search``), draws test top-1 against forward equivalents and prints the search's margin over each
+baseline at the default study's compute, with a paired bootstrap 95% interval over test images pooled over
+seeds, and the compute factor (``benchmarks/curves_report.py`` says how each is read)::
+
+    for S in 0 1 2; do
+        python benchmarks/compute_curves.py --proxy mnist --flops 0.35 --seed $S --epochs 1,2,4,8,12,16 --json \\
+            >> docs/data/compute_curves_mnist_0.35.jsonl
+    done
+    python benchmarks/curves_report.py docs/data/compute_curves_mnist_0.35.jsonl [PROXY_SEARCH_ROWS.jsonl] \\
+        --plot docs/compute_curves_mnist_0.35.png [--json]
 """
 
 from __future__ import annotations
@@ -46,7 +61,7 @@ LTMP_BATCH = 128  # LTMP's released batch size
 def _tested(config: StudyConfig, trial: optuna.trial.FrozenTrial) -> dict:
     record = TrialRecord.from_trial(trial)
     plan = ltmp_core.ReductionPlan.from_dict(record.plan)
-    return validate_plan(plan, config, split="test", mode=record.eval_mode, name="curve")
+    return validate_plan(plan, config, split="test", mode=record.eval_mode, name="curve", per_image=True)
 
 
 def search_curve(config: StudyConfig, url: str, seed: int, flops: float) -> list[dict]:
@@ -71,6 +86,7 @@ def search_curve(config: StudyConfig, url: str, seed: int, flops: float) -> list
                      "best_trial": best.number,
                      "forward_equivalents": spent, "select_top1": TrialRecord.from_trial(best).accuracy,
                      "test_top1": test["top1"], "flops_ratio": test["flops_ratio"],
+                     "test_images": test["images"], "test_correct": test["correct"],
                      "seconds": round(seconds * k / len(trials), 1)})
     return rows
 
@@ -81,7 +97,7 @@ def ltmp_curve(config: StudyConfig, seed: int, flops: float, checkpoints: list[i
     epoch e is exactly a run of e epochs; its compute at e is the training steps plus one select score."""
     import torch
 
-    from search.setup.evaluation import evaluate
+    from search.setup.evaluation import evaluate, pack_correct
     from search.setup.workbench import Workbench
     from search.study.compute import ComputeMeter
     from search.study.objective import recipe_for
@@ -106,13 +122,15 @@ def ltmp_curve(config: StudyConfig, seed: int, flops: float, checkpoints: list[i
         if epoch not in checkpoints:
             continue
         select = evaluate(model, bench.data.holdout_batches(250), device=bench.device, amp=bench.amp, mode="dynamic")
-        test = evaluate(model, bench.data.test_batches(250), device=bench.device, amp=bench.amp, mode="dynamic")
+        test = evaluate(model, bench.data.test_batches(250), device=bench.device, amp=bench.amp, mode="dynamic",
+                        per_image=True)
         thresholds = ltmp_core.get_plan(model).layers
         rows.append({"method": "ltmp", "seed": seed, "flops_target": flops, "setting": f"{epoch} epochs",
                      "epochs": epoch, "steps": epoch * per_epoch,
                      "forward_equivalents": meter.forward_equivalents + select.images,
                      "select_top1": select.accuracy, "select_flops_ratio": select.macs / unreduced,
                      "test_top1": test.accuracy, "flops_ratio": test.macs / unreduced,
+                     "test_images": test.images, "test_correct": pack_correct(test.correct),
                      "merge_thresholds": [round(l.merge_threshold, 4) for l in thresholds],
                      "prune_thresholds": [float(f"{l.prune_threshold:.3g}") for l in thresholds],
                      "seconds": round(time.perf_counter() - start, 1)})

@@ -84,8 +84,10 @@ def run_method(method: str, flops: float, seed: int, url: str, n_trials: int, lt
     else:
         chosen = best
     plan = ltmp_core.ReductionPlan.from_dict(chosen.user_attrs["plan"])
-    tested = validate_plan(plan, config, split="test", mode=chosen.user_attrs.get("eval_mode"), name=method)
+    tested = validate_plan(plan, config, split="test", mode=chosen.user_attrs.get("eval_mode"), name=method,
+                           per_image=True)
     row.update(test_top1=tested["top1"], select_top1=accuracy_of(chosen), flops_ratio=tested["flops_ratio"],
+               test_images=tested["images"], test_correct=tested["correct"],
                feasible_on_test=tested["flops_ratio"] <= flops, best_trial=chosen.number,
                ops=" ".join(layer.op for layer in plan.layers),
                seeded=chosen.number < study.user_attrs.get("seed_trials", 0))

@@ -18,7 +18,7 @@ from ..setup.budget import Budget
 from ..setup.config import StudyConfig
 from ..setup.data import SPLITS
 from .program import compile_static
-from ..setup.evaluation import evaluate, unreduced_accuracy
+from ..setup.evaluation import evaluate, pack_correct, unreduced_accuracy
 from ..setup.workbench import Workbench
 
 __all__ = ["validate_plan", "read_any", "TRAINED_SETTINGS"]
@@ -47,6 +47,7 @@ def validate_plan(
     mode: str | None = None,
     compile: bool = False,
     name: str | None = None,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``plan`` (or the plan file at that path) on ``config``'s model, data and preprocessing.
 
@@ -55,7 +56,8 @@ def validate_plan(
     fractions, its thresholds relative scores); when the model's token grid differs from the one the
     plan was searched on, the result says so in ``geometry_note``. ``name`` labels the plan in the
     result (default: its path). The plan's budget (its study's target and aim) is reported beside
-    the measured ratio.
+    the measured ratio. ``per_image``: the result also holds ``correct``, which images of the split
+    the plan got right, in the split's order (:func:`search.setup.evaluation.pack_correct`).
     """
     if not isinstance(plan, ReductionPlan):
         name = name or str(plan)
@@ -83,7 +85,7 @@ def validate_plan(
     runner = compile_static(model, bench.device) if compile else model
     start = time.perf_counter()
     result = evaluate(model, bench.data.split_batches(split, config.batch_size), device=bench.device, amp=bench.amp,
-                      mode=mode, runner=runner)
+                      mode=mode, runner=runner, per_image=per_image)
     seconds = time.perf_counter() - start
     ratio = result.macs / ltmp_core.unreduced_macs(geometry)
     budget = Budget.from_meta(plan.meta)
@@ -110,4 +112,5 @@ def validate_plan(
         "device": str(bench.device),
         "skipped_images": bench.data.skipped(),
         "geometry_note": note,
+        **({"correct": pack_correct(result.correct)} if per_image else {}),
     }
