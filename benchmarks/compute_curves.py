@@ -64,7 +64,7 @@ def _tested(config: StudyConfig, trial: optuna.trial.FrozenTrial) -> dict:
     return validate_plan(plan, config, split="test", mode=record.eval_mode, name="curve", per_image=True)
 
 
-def search_curve(config: StudyConfig, url: str, seed: int, flops: float) -> list[dict]:
+def search_curve(config: StudyConfig, url: str, seed: int, flops: float, method: str = "search") -> list[dict]:
     """The best trial after each trial of one study, at the compute spent so far."""
     start = time.perf_counter()
     study = run(config, storage=url, study_name=f"search-{flops}-{seed}").study
@@ -82,7 +82,7 @@ def search_curve(config: StudyConfig, url: str, seed: int, flops: float) -> list
         if best.number not in tested:
             tested[best.number] = _tested(config, best)
         test = tested[best.number]
-        rows.append({"method": "search", "seed": seed, "flops_target": flops, "setting": f"{k} trials", "trials": k,
+        rows.append({"method": method, "trial_steps": config.trial_steps, "seed": seed, "flops_target": flops, "setting": f"{k} trials", "trials": k,
                      "best_trial": best.number,
                      "forward_equivalents": spent, "select_top1": TrialRecord.from_trial(best).accuracy,
                      "test_top1": test["top1"], "flops_ratio": test["flops_ratio"],
@@ -145,14 +145,19 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=24)
     parser.add_argument("--epochs", default="1,2,4,8,16", help="LTMP's runs, in epochs of the tune split")
     parser.add_argument("--methods", default="search,ltmp")
+    parser.add_argument("--trial-steps", type=int, default=None,
+                        help="tuning steps per search trial (default: the preset's); rows then name the method "
+                             "'search+tune'")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    config = resolve(args.proxy, {"flops": args.flops, "seed": args.seed, "n_trials": args.n_trials})
+    config = resolve(args.proxy, {"flops": args.flops, "seed": args.seed, "n_trials": args.n_trials,
+                                  "trial_steps": args.trial_steps})
+    tuned = args.trial_steps is not None and args.trial_steps > 0
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'curves.db'}"
         if "search" in args.methods:
-            _emit(search_curve(config, url, args.seed, args.flops), args)
+            _emit(search_curve(config, url, args.seed, args.flops, "search+tune" if tuned else "search"), args)
         if "ltmp" in args.methods:
             _emit(ltmp_curve(config, args.seed, args.flops, [int(e) for e in args.epochs.split(",")]), args)
 
