@@ -91,10 +91,38 @@ def search_curve(config: StudyConfig, url: str, seed: int, flops: float, method:
     return rows
 
 
-def ltmp_curve(config: StudyConfig, seed: int, flops: float, checkpoints: list[int]) -> list[dict]:
+def _resolved_row(bench, model, budget, seed: int, flops: float, epoch: int, per_epoch: int, unreduced: float,
+                  spent: int, start: float) -> dict:
+    """LTMP's thresholds after ``epoch`` epochs, then one shared shift of its merge thresholds solved so the
+    calibration batch costs the aim (as every search trial starts): LTMP's learned shape, on the budget."""
+    import copy
+
+    from search.setup.evaluation import evaluate, pack_correct
+    from search.study.compute import count_forwards
+
+    resolved = copy.deepcopy(model)
+    calibration = bench.data.calibration_batch(bench.config.calib_images, bench.config.seed).to(bench.device)
+    passes = count_forwards(resolved)
+    ltmp_core.calibrate_to_flops(resolved, calibration, budget.aim)
+    spent += passes() * len(calibration)
+    select = evaluate(resolved, bench.data.holdout_batches(250), device=bench.device, amp=bench.amp, mode="dynamic")
+    test = evaluate(resolved, bench.data.test_batches(250), device=bench.device, amp=bench.amp, mode="dynamic",
+                    per_image=True)
+    return {"method": "ltmp+re-solve", "seed": seed, "flops_target": flops, "setting": f"{epoch} epochs",
+            "epochs": epoch, "steps": epoch * per_epoch, "forward_equivalents": spent + select.images,
+            "select_top1": select.accuracy, "select_flops_ratio": select.macs / unreduced,
+            "test_top1": test.accuracy, "flops_ratio": test.macs / unreduced,
+            "test_images": test.images, "test_correct": pack_correct(test.correct),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def ltmp_curve(config: StudyConfig, seed: int, flops: float, checkpoints: list[int],
+               resolve_shift: bool = False) -> list[dict]:
     """LTMP's recipe in one run of ``max(checkpoints)`` epochs of the tune split, scored on select and
     test after each checkpoint's epoch. Its SGD has no momentum and a constant rate, so the run up to
-    epoch e is exactly a run of e epochs; its compute at e is the training steps plus one select score."""
+    epoch e is exactly a run of e epochs; its compute at e is the training steps plus one select score.
+    ``resolve_shift``: also a row per checkpoint of the same thresholds with one merge shift re-solved for the
+    aim (method ``ltmp+re-solve``; its compute adds the bisection's passes over the calibration batch)."""
     import torch
 
     from search.setup.evaluation import evaluate, pack_correct
@@ -125,6 +153,9 @@ def ltmp_curve(config: StudyConfig, seed: int, flops: float, checkpoints: list[i
         test = evaluate(model, bench.data.test_batches(250), device=bench.device, amp=bench.amp, mode="dynamic",
                         per_image=True)
         thresholds = ltmp_core.get_plan(model).layers
+        if resolve_shift:
+            rows.append(_resolved_row(bench, model, budget, seed, flops, epoch, per_epoch, unreduced,
+                                      meter.forward_equivalents + select.images, start))
         rows.append({"method": "ltmp", "seed": seed, "flops_target": flops, "setting": f"{epoch} epochs",
                      "epochs": epoch, "steps": epoch * per_epoch,
                      "forward_equivalents": meter.forward_equivalents + select.images,
@@ -144,7 +175,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-trials", type=int, default=24)
     parser.add_argument("--epochs", default="1,2,4,8,16", help="LTMP's runs, in epochs of the tune split")
-    parser.add_argument("--methods", default="search,ltmp")
+    parser.add_argument("--methods", default="search,ltmp",
+                        help="search, ltmp, and ltmp+re-solve (LTMP's run, each checkpoint also re-solved on the aim)")
     parser.add_argument("--trial-steps", type=int, default=None,
                         help="tuning steps per search trial (default: the preset's); rows then name the method "
                              "'search+tune'")
@@ -156,10 +188,12 @@ def main() -> None:
     tuned = args.trial_steps is not None and args.trial_steps > 0
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'curves.db'}"
-        if "search" in args.methods:
+        if "search" in args.methods.split(","):
             _emit(search_curve(config, url, args.seed, args.flops, "search+tune" if tuned else "search"), args)
-        if "ltmp" in args.methods:
-            _emit(ltmp_curve(config, args.seed, args.flops, [int(e) for e in args.epochs.split(",")]), args)
+        methods = args.methods.split(",")
+        if "ltmp" in methods or "ltmp+re-solve" in methods:
+            _emit(ltmp_curve(config, args.seed, args.flops, [int(e) for e in args.epochs.split(",")],
+                             resolve_shift="ltmp+re-solve" in methods), args)
 
 
 def _emit(rows: list[dict], args: argparse.Namespace) -> None:

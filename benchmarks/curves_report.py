@@ -15,7 +15,8 @@ Rows of one proxy and one FLOPs target are read (``--proxy`` / ``--flops`` pick 
   method with one setting is one point with a min-max bar. The search's compared point is ringed.
 - **Margin at equal compute**: the search's row at ``--at`` (default: its largest setting, the default
   study's compute), per seed. For each other method, per seed, the row it would have chosen with at most
-  that seed's search compute: the highest ``select_top1`` among its rows with ``forward_equivalents`` at
+  that seed's search compute: the highest ``select_top1`` among its rows on the FLOPs target (on select:
+  ``select_flops_ratio`` at most ``flops_target``, :func:`on_budget`) with ``forward_equivalents`` at
   most the search's (ties: the cheaper, as the search's best-so-far keeps its earlier trial), never chosen
   on test; the report names the rows a tie passed over. Margin = search test top-1 minus that row's,
   mean over seeds. "best baseline" chooses the same way among all other methods' rows together. The 95%
@@ -94,9 +95,20 @@ def by_method_seed(rows: list[dict]) -> dict[str, dict[int, list[dict]]]:
     return out
 
 
+def on_budget(row: dict) -> bool:
+    """Whether a row is an answer at its FLOPs target, judged as a user could judge it, on select: its
+    ``select_flops_ratio`` at or under ``flops_target``. Rows without that figure were chosen under the
+    target by their own study (the search's best feasible trial, ToMe's and TPS's counts) and count as on
+    it. A row over the target is drawn but never chosen: more FLOPs buy accuracy, so it is no answer."""
+    ratio, target = row.get("select_flops_ratio"), row.get("flops_target")
+    return ratio is None or target is None or ratio <= target + 1e-12
+
+
 def chosen_within(rows: list[dict], budget: float) -> dict | None:
-    """The row chosen on select among ``rows`` at or under ``budget`` forward equivalents (ties: the cheaper)."""
-    within = [r for r in rows if r["forward_equivalents"] <= budget and r.get("select_top1") is not None]
+    """The row chosen on select among ``rows`` on their FLOPs budget (:func:`on_budget`) and at or under
+    ``budget`` forward equivalents (ties: the cheaper)."""
+    within = [r for r in rows if r["forward_equivalents"] <= budget and r.get("select_top1") is not None
+              and on_budget(r)]
     return max(within, key=lambda r: (r["select_top1"], -r["forward_equivalents"]), default=None)
 
 
@@ -121,7 +133,8 @@ def curve(rows: list[dict], *, envelope: bool = False) -> list[Point]:
     groups = defaultdict(list)
     for r in rows:
         scored = chosen_within(per_seed[r["seed"]], r["forward_equivalents"]) if envelope else r
-        groups[r["setting"]].append((r["forward_equivalents"], (scored or r)["test_top1"]))
+        if scored is not None:  # with nothing on the budget yet, the envelope has no point there
+            groups[r["setting"]].append((r["forward_equivalents"], scored["test_top1"]))
     points = [Point(s, float(np.mean([f for f, _ in v])), float(np.mean([t for _, t in v])),
                     min(t for _, t in v), max(t for _, t in v), len(v)) for s, v in groups.items()]
     return sorted(points, key=lambda p: p.forward_equivalents)
@@ -197,7 +210,7 @@ def margin_against(search: dict[int, dict], rows: dict[int, list[dict]], name: s
                       f"(FLOPs {b.get('flops_ratio', float('nan')):.3f}{over}){tied}")
         pairs.append((correct_of(s), correct_of(b)))
     if not seeds:
-        return Margin(name, [], None, None, [], "no row at or under the search's compute")
+        return Margin(name, [], None, None, [], "no row on the FLOPs target at or under the search's compute")
     margin = 100 * float(np.mean(diffs))
     if any(a is None or b is None for a, b in pairs):
         return Margin(name, seeds, margin, None, chosen, NO_INTERVAL)

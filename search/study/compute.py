@@ -16,8 +16,11 @@ failed: comparing a search with a method that runs once is only fair at equal co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
-__all__ = ["ComputeMeter"]
+import torch.nn as nn
+
+__all__ = ["ComputeMeter", "count_forwards"]
 
 
 @dataclass
@@ -37,3 +40,15 @@ class ComputeMeter:
         forward when distilling."""
         self.images += images * (2 if teacher else 1)
         self.forward_equivalents += images * (4 if teacher else 3)
+
+
+def count_forwards(model: nn.Module) -> Callable[[], int]:
+    """Count the forward passes of ``model`` from now on: returns a function that tells how many."""
+    calls = [0]
+    handle = model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+
+    def count() -> int:
+        handle.remove()
+        return calls[0]
+
+    return count

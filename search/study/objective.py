@@ -33,7 +33,7 @@ from ..setup.budget import Budget
 from ..setup.config import StudyConfig
 from ..setup.data import StudyData
 from ..setup.evaluation import evaluate, unreduced_accuracy
-from .compute import ComputeMeter
+from .compute import ComputeMeter, count_forwards
 from .record import TrialRecord
 from .tuning import NonFiniteLoss, Recipe, tune_thresholds
 from ..setup.workbench import Workbench
@@ -217,7 +217,7 @@ class Objective:
         over a range, where a target the prediction put under what the images reach moves up to what
         they reach (while that is in the range)."""
         self.hooks.on_phase("calibrate")
-        passes = _count_forwards(model)
+        passes = count_forwards(model)
         try:
             if recipe.start == "plan":
                 ltmp_core.set_mode(model, "dynamic")
@@ -319,14 +319,3 @@ class Objective:
         return unreduced_accuracy(self.base, self.data.holdout_batches(self.config.batch_size), device=self.device,
                                   amp=self.amp)[0]
 
-
-def _count_forwards(model: nn.Module) -> Callable[[], int]:
-    """Count the forward passes of ``model`` from now on: returns a function that tells how many."""
-    calls = [0]
-    handle = model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
-
-    def count() -> int:
-        handle.remove()
-        return calls[0]
-
-    return count

@@ -105,6 +105,20 @@ def test_the_baseline_row_is_chosen_on_select_within_the_search_compute_never_on
     assert m.interval is None and "per-image" in m.note
 
 
+
+def test_a_row_over_its_flops_target_on_select_is_never_chosen():
+    rows = [row("search", 0, "24 trials", 1000, 0.95, test=0.90),
+            {**row("ltmp", 0, "1 epochs", 300, 0.97, test=0.93), "select_flops_ratio": 0.37},  # over 0.35: no answer
+            {**row("ltmp", 0, "2 epochs", 600, 0.90, test=0.86), "select_flops_ratio": 0.349}]
+    (m,) = cr.margins(rows, "24 trials")
+    assert m.margin == pytest.approx(100 * (0.90 - 0.86)) and "2 epochs" in m.chosen[0]
+    only_over = [rows[0], rows[1]]
+    (m,) = cr.margins(only_over, "24 trials")
+    assert m.margin is None and "on the FLOPs target" in m.note
+    # The compute factor reads the same rows: the over-target row's 93% does not reach the search's 90% for it.
+    _, (factor,) = cr.compute_factors(rows, "24 trials")
+    assert factor.factor is None
+
 def test_best_baseline_is_chosen_on_select_across_methods_per_seed():
     rows = [row("search", 0, "24 trials", 1000, 0.95, test=0.90),
             row("ltmp", 0, "1 epochs", 500, 0.91, test=0.88),
