@@ -472,11 +472,8 @@ def _reduce_released(st: _State, block: nn.Module, index: int, t: Tokens) -> Ten
     before = t.alive.detach() > 0.5
     for name in layer.stages:
         threshold = REDUCERS[name].threshold
-        param = block._parameters.get(threshold)
-        if param is None:
-            raise LTMPError(f"layers[{index}].{threshold}: not set; calibrate the thresholds with "
-                            "ltmp_core.calibrate(model, images) first")
-        t = RELEASED[name](t, partial(threshold_mask, threshold=param, tau=layer.tau))
+        t = RELEASED[name](t, partial(threshold_mask, threshold=_threshold_param(block, index, threshold),
+                                      tau=layer.tau))
     p.alive, p.size, p.order = t.alive, t.size, t.order
     p.counts.append(p.alive.sum(dim=1))
     p.own.append((t.alive * before)[:, st.num_prefix:].sum(dim=1))
@@ -551,13 +548,19 @@ def _decider(st: _State, block: nn.Module, index: int, layer: LayerPlan, stage: 
             return ((score > theta) & eligible).float()
 
         return calibrate_and_decide
+    param = _threshold_param(block, index, name)
+    if st.mode == "soft":
+        return lambda score, eligible: threshold_mask(score, sign * param, layer.tau)
+    return lambda score, eligible: (score > sign * param).float()
+
+
+def _threshold_param(block: nn.Module, index: int, name: str) -> nn.Parameter:
+    """Block ``index``'s learned threshold ``name``; an error saying how to set it when it is not set."""
     param = block._parameters.get(name)
     if param is None:
         raise LTMPError(f"layers[{index}].{name}: not set; calibrate the thresholds with "
                         "ltmp_core.calibrate(model, images) or apply the plan in mode='static'")
-    if st.mode == "soft":
-        return lambda score, eligible: threshold_mask(score, sign * param, layer.tau)
-    return lambda score, eligible: (score > sign * param).float()
+    return param
 
 
 def _set_threshold(block: nn.Module, name: str, value: float) -> None:

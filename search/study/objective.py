@@ -235,11 +235,11 @@ class Objective:
         return budget
 
     def _solve(self, model: nn.Module, budget: Budget) -> Budget:
+        c = self.config
         try:
             ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
             return budget
         except ltmp_core.Unreachable as e:
-            c = self.config
             aim = e.lowest * (1.0 + RANGE_HEADROOM)
             if not self.multi or aim >= c.flops_budget(c.flops).aim:
                 raise
