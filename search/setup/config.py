@@ -374,6 +374,8 @@ def differences(saved: Mapping[str, Any], config: StudyConfig) -> list[str]:
 
 #: Recipes of ``search train``.
 RECIPES = ("ltmp", "full")
+#: ``search train --soft-form``: :data:`ltmp_core.SOFT_FORMS` or ``auto``.
+TRAIN_SOFT_FORMS = ("auto", "ltmp", "project")
 
 
 def train_option(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
@@ -394,6 +396,10 @@ class TrainSettings:
                               "LTMP's 1/1000 of it in raw units), of the weights for full (1e-4)", flag="--lr")
     opt: str | None = train_option(None, "full: timm optimizer name (adamw; e.g. momentum, sgd, lamb); ltmp always uses SGD "
                              "without momentum", flag="--opt")
+    soft_form: str = train_option("auto", "what the soft (training) forward computes: ltmp (LTMP's released "
+                                  "training forward; merge and prune plans in ToMe's order with raw mean-attention "
+                                  "importance), project (this project's, any plan), or auto (ltmp for --recipe ltmp "
+                                  "where the plan allows it, else project)", flag="--soft-form")
     threshold_lr: float | None = train_option(None, "full: learning rate of the thresholds (1e-3; relative units)",
                                         flag="--threshold-lr")
     weight_decay: float | None = train_option(None, "weight decay (ltmp: 0, full: 0.05; never on thresholds, norms, biases)",
@@ -423,6 +429,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise LTMPError(f"--recipe: expected one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.soft_form not in TRAIN_SOFT_FORMS:
+            raise LTMPError(f"--soft-form: expected one of {', '.join(TRAIN_SOFT_FORMS)}, got {self.soft_form!r}")
         positive = ("epochs", "lr", "threshold_lr", "train_images", "save_every", "model_ema_decay")
         for f in fields(self):
             value = getattr(self, f.name)

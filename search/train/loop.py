@@ -9,7 +9,9 @@ Two recipes:
   prune thresholds in LTMP's raw units (mean attention received, about 1/n); a plan whose prune
   thresholds are in relative units (importance times the token count) gets 5e-6 times the patch count,
   the same step in those units. Thresholds are clamped as LTMP does ([0, 1]; relative prune thresholds
-  at 0 from below only).
+  at 0 from below only). The soft forward is LTMP's released one (``--soft-form ltmp``, the default for this
+  recipe where the plan is merge and prune in ToMe's order with raw mean-attention importance); other plans
+  train through this project's soft forward (``--soft-form project``).
 - ``full``: weights and thresholds train in soft mode with the same budget term, AdamW with warm-up and
   cosine decay (timm's ``create_optimizer_v2`` / ``create_scheduler_v2``), label smoothing, optional
   Mixup/CutMix (timm's ``Mixup``), distillation from the unreduced model (DeiT's soft distillation,
@@ -242,7 +244,7 @@ def _open(plan: ReductionPlan, budget: Budget, config: StudyConfig, s: TrainSett
     calibration = data.calibration_batch(config.calib_images, 0)
     if any(getattr(layer, name) is None for layer in plan.layers for name in layer.needs()):
         ltmp_core.calibrate(model, calibration.to(device))  # budgets only: each layer starts at its budget
-    ltmp_core.set_mode(model, "soft")
+    ltmp_core.set_mode(model, "soft", soft_form=_soft_form(model, s))
     optimizer, scheduler = _optimizer(model, s, bench.geometry.num_patches, steps_per_epoch)
     net: nn.Module = model
     if world > 1:
@@ -251,6 +253,24 @@ def _open(plan: ReductionPlan, budget: Budget, config: StudyConfig, s: TrainSett
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return _Run(s, bench, plan, budget, out, args, rank, world, model, net, optimizer, scheduler, calibration,
                 steps_per_epoch, teacher=teacher, base_top1=base_top1, **_extras(model, s, config, data.num_classes))
+
+
+def _soft_form(model: nn.Module, s: TrainSettings) -> str:
+    """The soft form asked for; ``auto``: LTMP's released forward for its recipe where the plan is one that
+    forward runs (merge and prune in ToMe's order, raw mean-attention importance), else this project's."""
+    if s.soft_form != "auto":
+        try:
+            ltmp_core.set_mode(model, "soft", soft_form=s.soft_form)
+        except LTMPError as e:
+            raise LTMPError(f"--soft-form: {e}") from None
+        return s.soft_form
+    if s.recipe == "ltmp":
+        try:
+            ltmp_core.set_mode(model, "soft", soft_form="ltmp")
+            return "ltmp"
+        except LTMPError:
+            pass
+    return "project"
 
 
 def _steps_per_epoch(n: int, batch: int, world: int, s: TrainSettings) -> int:
@@ -507,7 +527,8 @@ def _finish(run: _Run) -> dict[str, Any]:
         pass
     s, plan, config = run.settings, run.plan, run.bench.config
     facts = {
-        "recipe": s.recipe, "epochs": s.epochs, "steps": run.step, **run.budget.to_meta(),
+        "recipe": s.recipe, "soft_form": ltmp_core.get_soft_form(model), "epochs": s.epochs, "steps": run.step,
+        **run.budget.to_meta(),
         "shifted_to_aim": shifted, "select_top1": select.accuracy, "select_flops_ratio": select.macs / unreduced,
         "test_top1": test.accuracy, "test_top5": test.top5, "test_flops_ratio": test.macs / unreduced,
         "base_test_top1": run.base_top1, "search_top1": plan.meta.get("top1"), "config": run.args["config"],

@@ -68,7 +68,7 @@ def test_ltmp_recipe_trains_the_thresholds_alone_and_writes_whole_outputs(traine
     _, plan, facts = ltmp_core.read_trained(out / "model.safetensors")
     thresholds = [layer.merge_threshold for layer in plan.layers]
     assert all(t is not None and 0 <= t <= 1 for t in thresholds), "learned, clamped to [0, 1] as LTMP does"
-    assert facts["recipe"] == "ltmp" and facts["steps"] == 6 and facts["test_top1"] == result["test_top1"]
+    assert facts["recipe"] == "ltmp" and facts["soft_form"] == "project" and facts["steps"] == 6 and facts["test_top1"] == result["test_top1"]
     target = ltmp_core.plan_flops_ratio(ltmp_core.load_plan(plan_file))
     assert result["target_flops_ratio"] == pytest.approx(target)
     assert result["test_flops_ratio"] <= target and result["select_flops_ratio"] <= target
@@ -325,3 +325,42 @@ def test_ltmp_recipe_runs_its_one_epoch_at_the_full_rate(plan_file, tmp_path):
     rates = [float(r["lr"]) for r in rows]
     # cosine over 2 epochs, no warm-up, min 0: 5e-3 in epoch 1, 5e-3 * (1 + cos(pi / 2)) / 2 in epoch 2
     assert rates == pytest.approx([5e-3, 2.5e-3])
+
+
+@pytest.fixture(scope="module")
+def ltmp_plan_file(tmp_path_factory) -> Path:
+    """A plan LTMP's released forward runs: merge and prune in every block, ToMe's order, raw
+    mean-attention importance, at 0.5 of the FLOPs."""
+    path = tmp_path_factory.mktemp("ltmp_plan") / "plan.json"
+    model = _base()
+    g = ltmp_core.ViTGeometry.from_model(model)
+    keeps = ltmp_core.budgets_for_ratio(["merge+prune"] * g.depth, [1.0] * g.depth, g, 0.5)
+    plan = ltmp_core.make_plan(model, op="merge+prune", keep=keeps, importance="mean", merge_order="tome",
+                               importance_scale="raw", model_name="ltmp_vit_mnist")
+    ltmp_core.save_plan(plan, path)
+    return path
+
+
+def _learned(out: Path) -> tuple[list, dict]:
+    _, plan, facts = ltmp_core.read_trained(out / "model.safetensors", weights=False)
+    return [(layer.merge_threshold, layer.prune_threshold) for layer in plan.layers], facts
+
+
+def test_ltmp_recipe_trains_through_ltmp_released_forward_where_the_plan_allows(ltmp_plan_file, plan_file, tmp_path):
+    """`--recipe ltmp` trains an LTMP-shaped plan through LTMP's released soft forward by default, which
+    learns other thresholds than this project's soft forward; a plan that forward cannot run is refused on
+    the flag when it is asked for (and trains through the project's by default, `trained` above)."""
+    runs = {}
+    for name, extra in (("auto", ()), ("project", ("--soft-form", "project"))):
+        code, _, err = cli("train", str(ltmp_plan_file), "-o", str(tmp_path / name), *QUICK, "--json", *extra)
+        assert code == 0, err
+        runs[name] = _learned(tmp_path / name)
+    assert [f["soft_form"] for _, f in runs.values()] == ["ltmp", "project"]
+    assert runs["auto"][0] != runs["project"][0], "the two soft forwards give the thresholds other gradients"
+
+    code, text, err = cli("train", str(plan_file), "-o", str(tmp_path / "cls"), *QUICK, "--soft-form", "ltmp")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("search: error: --soft-form:"), err
+    assert "merge_order" in lines[0] and not (tmp_path / "cls").exists(), "refused before anything is written"
+    code, text, err = cli("train", str(plan_file), "-o", str(tmp_path / "bad"), *QUICK, "--soft-form", "released")
+    assert code == 2 and "--soft-form" in err and not (tmp_path / "bad").exists()
