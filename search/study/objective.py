@@ -136,6 +136,7 @@ class Objective:
         """
         if self.multi:
             raise LTMPError("refine: not for a study over a range of targets")
+        self.hooks.on_trial_start(parent.number)  # the progress shows the parent's number while it refines
         trial = optuna.trial.FixedTrial(dict(parent.params), number=parent.number)
         TrialRecord.write(trial, refined_from=parent.number)
         value = self._trial(trial, refine=steps)
