@@ -65,15 +65,30 @@ def _tested(config: StudyConfig, trial: optuna.trial.FrozenTrial) -> dict:
 
 
 def search_curve(config: StudyConfig, url: str, seed: int, flops: float, method: str = "search") -> list[dict]:
-    """The best trial after each trial of one study, at the compute spent so far."""
+    """The best trial after each trial of one study, at the compute spent so far. With
+    ``config.refine_top`` (method ``search+refine``) the refine stage's trials follow the sampled ones
+    (``"24 trials + j refined"``), their compute added to the study's."""
     start = time.perf_counter()
     study = run(config, storage=url, study_name=f"search-{flops}-{seed}").study
     seconds = time.perf_counter() - start
+    # the refine stage adds its trials after the sampled ones
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    rows, spent, best, tested = [], 0, None, {}
+    by_number = {t.number: t for t in trials}
+    rows, spent, best, tested, sampled, refined = [], 0, None, {}, 0, 0
     for k, trial in enumerate(trials, 1):
         record = TrialRecord.from_trial(trial)
         spent += record.forward_equivalents or 0
+        if record.refined_from is None:
+            sampled += 1
+            setting, extra = f"{sampled} trials", {}
+        else:
+            refined += 1
+            parent = TrialRecord.from_trial(by_number[record.refined_from])
+            setting = f"{sampled} trials + {refined} refined"
+            extra = {"refined": refined, "refined_from": record.refined_from, "refined_trial": trial.number,
+                     "refined_select_top1": record.accuracy, "parent_select_top1": parent.accuracy,
+                     "refined_select_flops_ratio": record.flops_ratio, "parent_select_flops_ratio": parent.flops_ratio,
+                     "refine_steps": config.refine_steps}
         if trial.state == optuna.trial.TrialState.COMPLETE and record.feasible:
             if best is None or record.accuracy > TrialRecord.from_trial(best).accuracy:
                 best = trial
@@ -82,7 +97,8 @@ def search_curve(config: StudyConfig, url: str, seed: int, flops: float, method:
         if best.number not in tested:
             tested[best.number] = _tested(config, best)
         test = tested[best.number]
-        rows.append({"method": method, "trial_steps": config.trial_steps, "seed": seed, "flops_target": flops, "setting": f"{k} trials", "trials": k,
+        rows.append({"method": method, "trial_steps": config.trial_steps, "seed": seed, "flops_target": flops,
+                     "setting": setting, "trials": sampled, **extra,
                      "best_trial": best.number,
                      "forward_equivalents": spent, "select_top1": TrialRecord.from_trial(best).accuracy,
                      "test_top1": test["top1"], "flops_ratio": test["flops_ratio"],
@@ -176,7 +192,10 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=24)
     parser.add_argument("--epochs", default="1,2,4,8,16", help="LTMP's runs, in epochs of the tune split")
     parser.add_argument("--methods", default="search,ltmp",
-                        help="search, ltmp, and ltmp+re-solve (LTMP's run, each checkpoint also re-solved on the aim)")
+                        help="search, search+refine (the study, then its refine stage: --refine-top, --refine-steps), "
+                             "ltmp, and ltmp+re-solve (LTMP's run, each checkpoint also re-solved on the aim)")
+    parser.add_argument("--refine-top", type=int, default=2, help="search+refine: shapes refined")
+    parser.add_argument("--refine-steps", type=int, default=24, help="search+refine: tuning steps per refined shape")
     parser.add_argument("--trial-steps", type=int, default=None,
                         help="tuning steps per search trial (default: the preset's); rows then name the method "
                              "'search+tune'")
@@ -188,9 +207,13 @@ def main() -> None:
     tuned = args.trial_steps is not None and args.trial_steps > 0
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'curves.db'}"
-        if "search" in args.methods.split(","):
-            _emit(search_curve(config, url, args.seed, args.flops, "search+tune" if tuned else "search"), args)
         methods = args.methods.split(",")
+        if "search" in methods:
+            _emit(search_curve(config, url, args.seed, args.flops, "search+tune" if tuned else "search"), args)
+        if "search+refine" in methods:
+            refining = replace(config, refine_top=args.refine_top, refine_steps=args.refine_steps)
+            _emit(search_curve(refining, f"sqlite:///{Path(tmp) / 'refine.db'}", args.seed, args.flops,
+                               "search+refine"), args)
         if "ltmp" in methods or "ltmp+re-solve" in methods:
             _emit(ltmp_curve(config, args.seed, args.flops, [int(e) for e in args.epochs.split(",")],
                              resolve_shift="ltmp+re-solve" in methods), args)

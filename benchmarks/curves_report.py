@@ -31,6 +31,9 @@ Rows of one proxy and one FLOPs target are read (``--proxy`` / ``--flops`` pick 
   divided by the search's. Settings are measured points, so the crossing lies between that setting and
   the one before. When no setting reaches it: "not reached", the factor above the largest measured
   compute over the search's.
+- **Refined against parent, on select** (rows of ``compute_curves.py --methods search+refine``): for every
+  refined trial, its select top-1 minus its parent trial's (the same shape before the refine stage), and
+  their mean; the refine stage's default is decided on this, never on test.
 """
 
 from __future__ import annotations
@@ -297,6 +300,19 @@ def plot(rows: list[dict], path: str, *, setting: str, search: str = SEARCH) -> 
     plt.close(fig)
 
 
+def refined_on_select(rows: list[dict], search: str = SEARCH) -> dict | None:
+    """Per refined trial of ``search``'s rows, select top-1 refined minus parent (``None`` without such rows)."""
+    pairs = [{"seed": r["seed"], "parent": r["refined_from"], "trial": r.get("refined_trial"),
+              "difference": r["refined_select_top1"] - r["parent_select_top1"]}
+             for r in rows if r["method"] == search and r.get("refined_select_top1") is not None
+             and r.get("parent_select_top1") is not None]
+    if not pairs:
+        return None
+    differences = [p["difference"] for p in pairs]
+    return {"pairs": pairs, "mean": float(np.mean(differences)), "better": sum(d > 0 for d in differences),
+            "worse": sum(d < 0 for d in differences)}
+
+
 def report(rows: list[dict], setting: str, search: str = SEARCH) -> dict:
     """Everything the text and ``--json`` print."""
     point, factors = compute_factors(rows, setting, search)
@@ -309,6 +325,7 @@ def report(rows: list[dict], setting: str, search: str = SEARCH) -> dict:
         "factors": [asdict(f) for f in factors],
         "best_factor": min(reached, key=lambda f: f.factor).baseline if reached else None,
         "resamples": RESAMPLES, "rng_seed": RNG_SEED,
+        "refined_on_select": refined_on_select(rows, search),
     }
 
 
@@ -342,6 +359,12 @@ def render(result: dict) -> str:
         lines.append("  no baseline reached it within its measured compute")
     else:
         lines.append(f"  the least: {result['best_factor']}")
+    refined = result.get("refined_on_select")
+    if refined:
+        lines += ["", f"Refined minus parent on select ({len(refined['pairs'])} refined trials): mean "
+                      f"{100 * refined['mean']:+.2f} points, {refined['better']} better, {refined['worse']} worse"]
+        lines.extend(f"  seed {p['seed']}: trial {p['parent']} -> {p['trial']}: {100 * p['difference']:+.1f}"
+                     for p in refined["pairs"])
     return "\n".join(lines)
 
 

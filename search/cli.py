@@ -359,7 +359,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import optuna
 
     from .present import ui
-    from .study.results import FINISHED, best_trial, ranked_trials, trial_summary
+    from .study.results import best_trial, ranked_trials, sampled_finished, trial_summary
     from .study.storage import redact
     from .study.run import run
 
@@ -368,13 +368,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     display = ui.RunDisplay(err, config.n_trials, config.trial_steps, quiet=args.quiet or args.json, jobs=args.jobs)
 
     def trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        display.trial_end(study, trial, len(study.get_trials(deepcopy=False, states=FINISHED)))
+        display.trial_end(study, trial, sampled_finished(study))
+
+    refined_lines: list[str] = []
+
+    def refined(trial: optuna.trial.FrozenTrial | None, parent: optuna.trial.FrozenTrial, reason: str | None) -> None:
+        if trial is None:
+            refined_lines.append(f"Trial {parent.number} could not be refined: {reason}")
+            return
+        r, p = TrialRecord.from_trial(trial), TrialRecord.from_trial(parent)
+        refined_lines.append(f"Refined trial {parent.number} ({ui.pct(p.accuracy)} at {ui.num(p.flops_ratio)}) as trial "
+                             f"{trial.number}: {ui.pct(r.accuracy)} at {ui.num(r.flops_ratio)} on select "
+                             f"({config.refine_steps} steps, shift re-solved)")
 
     try:
         with display:
             result = run(config, storage=args.storage, study_name=args.study_name, jobs=args.jobs, artifacts=args.artifacts,
                          hooks=display.hooks(), on_base_epoch=display.base_epoch, on_trial_end=trial_end,
-                         on_warning=lambda message: err.print(f"warning: {message}"))
+                         on_warning=lambda message: err.print(f"warning: {message}"), on_refined=refined)
     except KeyboardInterrupt:
         return _interrupted(args, config)
     study = result.study
@@ -385,15 +396,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({
             "study": study.study_name, "storage": where, "target_flops_ratio": config.flops,
-            "new_trials": result.new_trials, "base": result.base,
+            "new_trials": result.new_trials, "refined_trials": result.refined, "base": result.base,
             "best": None if best is None else {**trial_summary(best), "plan": TrialRecord.from_trial(best).plan},
         })
         return 0
-    if not result.new_trials:
+    if not result.new_trials and not refined_lines:
         out.print(f"Study {study.study_name!r} already has {result.finished_before} finished trials "
                   f"(--n-trials {config.n_trials}); nothing to run. Raise --n-trials to continue it.")
     base = result.base
     out.print(ui.finished_line(study) + f" (this run: {len(result.new_trials)})")
+    for line in refined_lines:
+        out.print(line)
     if base.get("cached_at"):
         out.print(f"The base model was trained once and cached at {base['cached_at']}; later runs load it "
                   "(LTMP_CACHE=DIR moves the cache).")
@@ -405,7 +418,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               base_accuracy=base.get("evaluated_accuracy")))
     storage_flag = "" if args.storage is None else f" --storage '{where}'"
     if best is None:
-        more = len(study.get_trials(deepcopy=False, states=FINISHED)) + config.n_trials
+        more = sampled_finished(study) + config.n_trials
         out.print(f"No trial is at or under the FLOPs target {config.flops:g} yet; continue the study with "
                   f"--n-trials {more}.")
     else:

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..study.objective import TrialHooks
 from ..study.record import TrialRecord
-from ..study.results import accuracy_of, best_trial, state_counts
+from ..study.results import accuracy_of, best_trial, refined_trials, state_counts
 
 __all__ = [
     "OP_SYMBOLS", "ops_glance", "pct", "num", "trials_table", "PLAN_COLUMNS", "WIDTH_COLUMNS", "plan_columns",
@@ -56,6 +56,8 @@ def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | Non
         done = r["state"] == "complete"
         feasible = {True: "yes", False: "no", None: "-"}[r.get("feasible")] if done else "-"
         label = f"{r['number']} ({r['seed_of']})" if r.get("seed_of") else str(r["number"])
+        if r.get("refined_from") is not None:
+            label = f"{r['number']} (refined {r['refined_from']})"
         cells = [label, r["state"], pct(r["top1"]) if done else "-"]
         if base_accuracy is not None:
             cells.append(f"{100 * (r['top1'] - base_accuracy):+.1f}" if done and r["top1"] is not None else "-")
@@ -256,12 +258,15 @@ class RunDisplay:
 
 
 def finished_line(study: optuna.Study) -> str:
-    """``24 trials: 20 complete, 4 pruned, 0 failed``: the study's trials by state."""
+    """``24 trials: 20 complete, 4 pruned, 0 failed``: the study's sampled trials by state (and
+    ``, plus 2 refined`` when the refine stage added some)."""
     count = state_counts(study)
     s = optuna.trial.TrialState
     done = count[s.COMPLETE] + count[s.PRUNED]
+    refined = len(refined_trials(study))
     return (f"{done} trials: {count[s.COMPLETE]} complete, {count[s.PRUNED]} pruned, {count[s.FAIL]} failed"
-            + (f", {count[s.WAITING]} waiting" if count[s.WAITING] else ""))
+            + (f", {count[s.WAITING]} waiting" if count[s.WAITING] else "")
+            + (f", plus {refined} refined" if refined else ""))
 
 
 class TrainDisplay:

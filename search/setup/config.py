@@ -157,6 +157,12 @@ class StudyConfig:
     width_recovery: int = setting(30, "steps of recovery after a width cut (64 images each): the remaining norms and "
                                   "biases learn the unreduced model's predictions again, so that a trial ranks width "
                                   "cuts closer to how they train (0: none)", flag="--width-recovery", minimum=0)
+    refine_top: int = setting(0, "refine stage: after the trials, the best N distinct feasible shapes on select get "
+                              "--refine-steps steps of threshold tuning with the global FLOPs term, then the shared "
+                              "shift re-solved for the aim; each is scored and added as its own trial (0: off)",
+                              flag="--refine-top", result=False, minimum=0)
+    refine_steps: int = setting(24, "threshold-tuning steps of each refined shape (--refine-top)",
+                                flag="--refine-steps", result=False, minimum=1)
     sampler: str = setting("tpe", "Optuna sampler", flag="--sampler", result=False, choices=_samplers, noun="sampler")
     pruner: str = setting("median", "Optuna pruner", flag="--pruner", result=False, choices=_pruners, noun="pruner")
     seed: int = setting(0, "seed of the sampler and the data order", flag="--seed", result=False, minimum=0)
@@ -271,6 +277,8 @@ def _check(c: StudyConfig) -> None:
     check_margin(c.flops_margin, label("flops_margin"))
     if c.flops_min is not None and not 0.0 < c.flops_min < c.flops:
         raise LTMPError(f"{label('flops')}: a range LO:HI needs 0 < LO < HI, got {c.flops_min}:{c.flops}")
+    if c.refine_top and c.flops_min is not None:
+        raise LTMPError(f"{label('refine_top')}: not for a range of targets (--flops LO:HI); refine one target's study")
     if c.tau == 0:
         raise LTMPError(f"tau: must be > 0, got {c.tau}")
     for key, value in c.model_kwargs.items():

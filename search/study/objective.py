@@ -24,9 +24,11 @@ from typing import Any, Callable
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial
 import torch.nn as nn
 
 import ltmp_core
+from ltmp_core import LTMPError
 from spaces import Infeasible, get_space, suggest
 
 from ..setup.budget import Budget
@@ -38,7 +40,7 @@ from .record import TrialRecord
 from .tuning import NonFiniteLoss, Recipe, tune_thresholds
 from ..setup.workbench import Workbench
 
-__all__ = ["Objective", "TrialHooks", "METRIC_NAME", "METRIC_NAMES", "recipe_for", "range_position"]
+__all__ = ["Objective", "TrialHooks", "Refined", "METRIC_NAME", "METRIC_NAMES", "recipe_for", "range_position"]
 
 METRIC_NAME = "top-1 accuracy"
 #: The objectives of a study over a range of targets.
@@ -69,6 +71,16 @@ class TrialHooks:
     on_phase: Callable[[str], None] = lambda phase: None
     #: The study is open: how many of its trials had finished before this run.
     on_study: Callable[[int], None] = lambda finished: None
+
+
+@dataclass
+class Refined:
+    """What :meth:`Objective.refine` gave: the trial's value, its user attributes (what a trial records,
+    compute and ``refined_from`` included) and its FLOPs constraint, for ``optuna.trial.create_trial``."""
+
+    value: float
+    user_attrs: dict[str, Any]
+    constraints: dict[str, float]
 
 
 def recipe_for(config: StudyConfig, space_budget: str, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -109,13 +121,34 @@ class Objective:
         return cls(bench, hooks=hooks, recorder=None if recorder is None else recorder(bench.data))
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        c = self.config
         self.hooks.on_trial_start(trial.number)
+        return self._trial(trial)
+
+    def refine(self, parent: FrozenTrial, steps: int) -> Refined:
+        """Refine a finished trial's shape: its parameters run again as a trial does (the same plan, the
+        same start), then ``steps`` tuning steps with the global FLOPs term (the study's ``--budget``
+        where it names one), no pruner, then the shared shift re-solved on the calibration batch so the
+        FLOPs sit on the aim again, then the score on select. Every pass is counted as a trial's are.
+
+        Raises what a trial raises (``optuna.TrialPruned`` for a shape that cannot reach the aim,
+        :class:`search.study.tuning.NonFiniteLoss`, ``ltmp_core.Unreachable`` when the re-solve cannot
+        reach it after tuning); the caller decides.
+        """
+        if self.multi:
+            raise LTMPError("refine: not for a study over a range of targets")
+        self.hooks.on_trial_start(parent.number)  # the progress shows the parent's number while it refines
+        trial = optuna.trial.FixedTrial(dict(parent.params), number=parent.number)
+        TrialRecord.write(trial, refined_from=parent.number)
+        value = self._trial(trial, refine=steps)
+        return Refined(float(value), dict(trial.user_attrs), dict(trial.constraints))
+
+    def _trial(self, trial: optuna.Trial | optuna.trial.FixedTrial, refine: int | None = None) -> float | tuple[float, float]:
+        c = self.config
         seed = c.seed + trial.number
         TrialRecord.write(trial, seed=seed, device=str(self.device))
         meter = ComputeMeter()
         try:
-            return self._plan_and_run(trial, seed, meter)
+            return self._plan_and_run(trial, seed, meter, refine)
         finally:
             # Scored, pruned or failed: what the trial ran is part of the study's compute.
             TrialRecord.write(trial, images_processed=meter.images, forward_equivalents=meter.forward_equivalents)
@@ -150,7 +183,8 @@ class Objective:
         budget = c.flops_budget(min(c.flops, aim / (1.0 - top.margin)))
         return budget, self._suggest(trial, budget.aim)
 
-    def _plan_and_run(self, trial: optuna.Trial, seed: int, meter: ComputeMeter) -> float | tuple[float, float]:
+    def _plan_and_run(self, trial: optuna.Trial, seed: int, meter: ComputeMeter,
+                      refine: int | None = None) -> float | tuple[float, float]:
         c = self.config
         if self.multi:
             budget, plan = self._range_budget(trial)
@@ -159,18 +193,20 @@ class Objective:
             plan = self._suggest(trial, budget.aim)
         TrialRecord.write(trial, target=budget.target)
         recipe = recipe_for(c, self.space.budget, plan.meta.get("tuning"))
+        if refine is not None:  # LTMP's kind of tuning: the global FLOPs term, unless the study names one
+            recipe = replace(recipe, steps=refine, budget="global" if c.budget == "space" else c.budget)
         plan = replace(plan, model=c.model, meta={**plan.meta, **budget.to_meta()})
         plan = plan.with_layers(tau=[recipe.tau] * plan.depth)
         TrialRecord.write(trial, ops=list(plan.ops),
                           predicted_flops_ratio=ltmp_core.plan_flops_ratio(plan, static=not self.space.tune))
         try:
-            return self._run(trial, plan, recipe, seed, c.batch_size, budget, meter)
+            return self._run(trial, plan, recipe, seed, c.batch_size, budget, meter, refine is not None)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             half = max(1, c.batch_size // 2)
             TrialRecord.write(trial, oom_retry_batch_size=half)
             try:
-                return self._run(trial, plan, recipe, seed, half, budget, meter)
+                return self._run(trial, plan, recipe, seed, half, budget, meter, refine is not None)
             except torch.cuda.OutOfMemoryError:
                 TrialRecord.write(trial, fail_reason=f"CUDA out of memory at batch size {c.batch_size} and again at {half}")
                 raise
@@ -181,9 +217,10 @@ class Objective:
         raise optuna.TrialPruned(reason)
 
     def _run(self, trial: optuna.Trial, plan: ltmp_core.ReductionPlan, recipe: Recipe, seed: int, batch_size: int,
-             budget: Budget, meter: ComputeMeter) -> float | tuple[float, float]:
+             budget: Budget, meter: ComputeMeter, refine: bool = False) -> float | tuple[float, float]:
         """One trial's work on its plan: cut and patch a copy of the base model, start its thresholds,
-        tune them, score it; ``meter`` counts what it runs."""
+        tune them, score it; ``meter`` counts what it runs. ``refine``: no pruner, the shared shift
+        re-solved after tuning, no dashboard pictures (:meth:`refine`)."""
         torch.manual_seed(seed)
         start = time.perf_counter()
         model, plan = self._reduced(plan, meter)
@@ -192,10 +229,13 @@ class Objective:
             mode = "dynamic"
             budget = self._start(trial, model, plan, recipe, budget, meter)
             plan = replace(plan, meta={**plan.meta, **budget.to_meta()})
-            self._tune(trial, model, recipe, seed, batch_size, budget, meter)
+            self._tune(trial, model, recipe, seed, batch_size, budget, meter, report=not refine)
+            if refine:
+                self._resolve(model, budget, meter)
         TrialRecord.write(trial, recipe=asdict(recipe))
         tune_seconds = time.perf_counter() - start
-        return self._score(trial, model, plan, recipe, mode, batch_size, budget, meter, tune_seconds)
+        return self._score(trial, model, plan, recipe, mode, batch_size, budget, meter, tune_seconds,
+                           pictures=not refine)
 
     def _reduced(self, plan: ltmp_core.ReductionPlan,
                  meter: ComputeMeter) -> tuple[nn.Module, ltmp_core.ReductionPlan]:
@@ -247,17 +287,27 @@ class Objective:
         ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
         return budget
 
+    def _resolve(self, model: nn.Module, budget: Budget, meter: ComputeMeter) -> None:
+        """After tuning: one shift of the tuned thresholds re-solved so the calibration batch costs the
+        aim (the tuned differences between layers stay); its passes are counted."""
+        self.hooks.on_phase("re-solve")
+        passes = count_forwards(model)
+        try:
+            ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
+        finally:
+            meter.forward(passes() * len(self.calibration))
+
     def _tune(self, trial: optuna.Trial, model: nn.Module, recipe: Recipe, seed: int, batch_size: int,
-              budget: Budget, meter: ComputeMeter) -> None:
-        """The recipe's tuning steps on the thresholds, each counted as it ends. The pruner sees the
-        trial's intermediate scores."""
+              budget: Budget, meter: ComputeMeter, report: bool = True) -> None:
+        """The recipe's tuning steps on the thresholds, each counted as it ends. With ``report``, the
+        pruner sees the trial's intermediate scores."""
         c = self.config
 
         def on_step(step: int) -> None:
             meter.step(batch_size, teacher=c.distill)
             self.hooks.on_step(step, recipe.steps)
             # The pruner sees a trial only once it has tuned (never its calibrated start).
-            if step % c.eval_every == 0 and step < recipe.steps and not self.multi:
+            if report and step % c.eval_every == 0 and step < recipe.steps and not self.multi:
                 self._report(trial, model, step, batch_size, meter)
 
         if recipe.steps:
@@ -274,7 +324,7 @@ class Objective:
 
     def _score(self, trial: optuna.Trial, model: nn.Module, plan: ltmp_core.ReductionPlan, recipe: Recipe,
                mode: str, batch_size: int, budget: Budget, meter: ComputeMeter,
-               tune_seconds: float) -> float | tuple[float, float]:
+               tune_seconds: float, pictures: bool = True) -> float | tuple[float, float]:
         """Top-1 on the select split with tokens removed; the measured FLOPs ratio is the constraint."""
         self.hooks.on_phase("score")
         result = evaluate(model, self.data.holdout_batches(batch_size), device=self.device, amp=self.amp, mode=mode)
@@ -292,7 +342,7 @@ class Objective:
             time_tune_s=tune_seconds, time_eval_s=result.seconds,
         )
         TrialRecord.write(trial, **record.to_user_attrs())
-        if self.recorder is not None:
+        if self.recorder is not None and pictures:
             self.recorder.record(trial, model, mode, record.plan, result.kept_tokens, result.accuracy, ratio,
                                  budget.target)
         if self.multi:

@@ -24,6 +24,9 @@ class TrialRecord:
         slot: The trial is one of the study's slots (:mod:`search.study.worker`); a retry keeps it.
         seed_of: For the study's first trials, the published method whose plan shape it runs
             (``LTMP``, ``ToMe``, ``TPS``).
+        refined_from: For a trial of the refine stage (:mod:`search.study.refine`), the number of the
+            sampled trial whose shape it refined; such a trial is not one of the study's slots and
+            does not count towards ``--n-trials``.
         worker: ``host:pid`` of the process that ran it.
         seed: Seed of the trial's data order and random draws (the study's seed plus its number).
         device: Where it ran.
@@ -58,6 +61,7 @@ class TrialRecord:
 
     slot: bool | None = None
     seed_of: str | None = None
+    refined_from: int | None = None
     worker: str | None = None
     seed: int | None = None
     device: str | None = None

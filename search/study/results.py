@@ -9,7 +9,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .record import StudyRecord, TrialRecord
 
-__all__ = ["FINISHED", "state_counts", "ranked_trials", "best_trial", "trial_summary", "list_studies", "target_of", "accuracy_of"]
+__all__ = ["FINISHED", "state_counts", "is_refined", "sampled_finished", "refined_trials", "ranked_trials", "best_trial", "trial_summary", "list_studies", "target_of", "accuracy_of"]
 
 #: States of a trial that counts towards ``--n-trials``.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -20,12 +20,31 @@ def target_of(study: optuna.Study | optuna.study.StudySummary) -> float | None:
     return StudyRecord.from_study(study).target
 
 
+def is_refined(trial: FrozenTrial) -> bool:
+    """A trial of the refine stage (:mod:`search.study.refine`), not one the sampler proposed."""
+    return TrialRecord.from_trial(trial).refined_from is not None
+
+
 def state_counts(study: optuna.Study) -> dict[TrialState, int]:
-    """How many of the study's trials are in each state (every state present, 0 when none)."""
+    """How many of the study's sampled trials are in each state (every state present, 0 when none).
+    Refined trials (:func:`is_refined`) are left out: they are not slots and do not count towards
+    ``--n-trials``."""
     out = {state: 0 for state in TrialState}
     for t in study.get_trials(deepcopy=False):
-        out[t.state] += 1
+        if not is_refined(t):
+            out[t.state] += 1
     return out
+
+
+def sampled_finished(study: optuna.Study) -> int:
+    """Finished (complete or pruned) trials that count towards ``--n-trials``: refined ones left out."""
+    c = state_counts(study)
+    return sum(c[state] for state in FINISHED)
+
+
+def refined_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials the refine stage added, in order."""
+    return [t for t in study.get_trials(deepcopy=False) if is_refined(t)]
 
 
 def accuracy_of(trial: FrozenTrial) -> float | None:
@@ -76,6 +95,7 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
         "duration_s": duration,
         "reason": r.reason,
         "seed_of": r.seed_of,
+        "refined_from": r.refined_from,
     }
 
 
@@ -96,6 +116,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             "complete": sum(t.state == TrialState.COMPLETE for t in trials),
             "pruned": sum(t.state == TrialState.PRUNED for t in trials),
             "failed": sum(t.state == TrialState.FAIL for t in trials),
+            "refined": sum(is_refined(t) for t in trials),
             "best_trial": None if best is None else best.number,
             "best_top1": None if best is None else accuracy_of(best),
             "best_flops_ratio": None if best is None else TrialRecord.from_trial(best).flops_ratio,

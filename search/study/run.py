@@ -23,7 +23,8 @@ from spaces import get_space
 from ..setup.config import StudyConfig, differences
 from .objective import METRIC_NAME, METRIC_NAMES, Objective, TrialHooks
 from .record import StudyRecord
-from .results import FINISHED, best_trial
+from .refine import refine_study
+from .results import best_trial, sampled_finished
 from .storage import open_storage, open_study, resolve_storage, sqlite_file
 from .tables import Store
 from ..setup.workbench import open_data, resolve_device
@@ -41,6 +42,8 @@ class RunResult:
     new_trials: list[int] = field(default_factory=list)
     base: dict[str, Any] = field(default_factory=dict)
     finished_before: int = 0
+    #: Trials the refine stage added in this run (``--refine-top``).
+    refined: list[int] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
 
@@ -72,12 +75,17 @@ def run(
     on_base_epoch: Callable[[int, int, float], None] | None = None,
     on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    on_refined: Callable[[FrozenTrial | None, FrozenTrial, str | None], None] | None = None,
 ) -> RunResult:
     """Create or resume a study and run trials until it has ``config.n_trials`` finished ones.
 
     Everything a user can get wrong is checked before the database is touched. With ``jobs > 1``,
     that many worker processes share the study (see :mod:`search.study.worker`); workers on other
     machines join by running the same command against the same storage and study name.
+
+    With ``config.refine_top``, the refine stage follows the trials (:mod:`search.study.refine`), under
+    the study's lock, so two processes that finish together do not refine one shape twice;
+    ``on_refined`` is told of each refined shape.
     """
     from ..present.dashboard import artifact_dir, recorder_for, save_study_note
 
@@ -120,7 +128,7 @@ def run(
             study, uid=uuid.uuid4().hex, config=config.to_dict(), unreduced_gmacs=ltmp_core.unreduced_macs(geometry) / 1e9,
             base={**base_info, "evaluated_accuracy": objective.base_accuracy()}, seed_trials=len(first))
     store.sync(study)
-    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    finished = sampled_finished(study)
     if hooks is not None:
         hooks.on_study(finished)
     result = RunResult(study, url, base=StudyRecord.from_study(study).base or base_info, finished_before=finished)
@@ -131,6 +139,12 @@ def run(
         else:
             del objective
             result.new_trials = run_workers(config, url, name, jobs, study, on_trial_end, pictures)
+            store.sync(study)
+        if config.refine_top:
+            if jobs > 1:  # the workers had the objective; this process opens its own
+                objective = Objective.open(config, hooks, data=data)
+            with store.lock(name):
+                result.refined = refine_study(study, objective, config.refine_top, config.refine_steps, on_refined)
             store.sync(study)
         save_study_note(study, best_trial(study))
     finally:

@@ -190,3 +190,17 @@ def test_a_tie_on_select_keeps_the_cheaper_row_and_says_so():
     (m,) = cr.margins(rows, "24 trials")
     assert m.margin == pytest.approx(5.0)
     assert m.chosen[0].startswith("seed 0: ltmp 2 epochs") and "tied on select with ltmp 4 epochs" in m.chosen[0]
+
+
+def test_refined_minus_parent_is_read_on_select_per_refined_trial():
+    rows = [row("search+refine", 0, "24 trials", 100, 0.96, test=0.97),
+            {**row("search+refine", 0, "24 trials + 1 refined", 130, 0.965, test=0.964),
+             "refined_from": 8, "refined_trial": 24, "refined_select_top1": 0.965, "parent_select_top1": 0.96},
+            {**row("search+refine", 1, "24 trials + 1 refined", 130, 0.95, test=0.99),
+             "refined_from": 3, "refined_trial": 24, "refined_select_top1": 0.94, "parent_select_top1": 0.95},
+            row("ltmp", 0, "1 epochs", 50, 0.90, test=0.99)]
+    result = cr.refined_on_select(rows, "search+refine")
+    assert [p["parent"] for p in result["pairs"]] == [8, 3]
+    assert result["mean"] == pytest.approx((0.005 - 0.01) / 2)
+    assert (result["better"], result["worse"]) == (1, 1)
+    assert cr.refined_on_select(rows, "ltmp") is None
