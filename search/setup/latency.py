@@ -13,8 +13,9 @@ submodules marking where each part starts and ends:
 Each part becomes a curve of seconds against token count (entering tokens for ``attention`` and
 ``reduce``, per kind of block; leaving tokens for ``mlp``, one curve for all blocks): piecewise
 linear over the measured counts and made non-decreasing. The sum of a plan's parts maps to its
-end-to-end time by one constant, the median over the probes of their unhooked time less their
-summed parts (patch embedding and head, less what the hooks add: the same for every plan of a model). A plan's predicted latency ratio is its predicted time over
+end-to-end time by a line fitted on the patched probes' unhooked times, taken as the real checks
+take them (``Timer.blocked_autorange``, interleaved): hooks cost time too, and patch embedding and
+head are its constant; the stock model's own unhooked time anchors the unreduced prediction. A plan's predicted latency ratio is its predicted time over
 the unreduced model's.
 
 The model is keyed by the device's fingerprint (:func:`search.setup.timing.device_fingerprint`),
@@ -36,7 +37,7 @@ import torch.nn as nn
 import ltmp_core
 from ltmp_core import LayerPlan, LTMPError, ReductionPlan, ViTGeometry
 
-from .timing import device_fingerprint
+from .timing import device_fingerprint, time_interleaved
 
 __all__ = ["LATENCY_MODES", "Curve", "LatencyModel", "kind_of", "kinds_for", "model_key", "measure_latency_model",
            "plan_counts"]
@@ -122,11 +123,10 @@ class LatencyModel:
         attention: Per kind of block, seconds of its attention against entering tokens.
         reduce: Per kind of block, seconds of its residual and reduction against entering tokens.
         mlp: Seconds of a block's MLP against leaving tokens.
-        scale: End-to-end seconds per second of summed parts (1: the hooks' cost is one constant per model).
-        constant: End-to-end seconds of a patched model beyond its blocks (patch embedding, head, the
-            patch's own work), less what the hooks add: the median over the patched probes of end-to-end
-            minus summed parts.
-        stock_constant: The same for the stock (unreduced) model.
+        scale: End-to-end seconds per second of summed parts (fitted on the patched probes).
+        constant: End-to-end seconds of a patched model beyond its scaled parts (patch embedding, head, the
+            patch's own work, less what the hooks add).
+        stock_constant: The same for the stock (unreduced) model, from its own end-to-end time.
         probes: The probes' measured and predicted end-to-end seconds (how well the model fits).
         measured_s: Seconds the measurement took.
     """
@@ -258,14 +258,16 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int = 1, mode: str = "static",
-                          device: torch.device | None = None, seconds: float = 15.0, min_rounds: int = 5,
-                          max_rounds: int = 40) -> LatencyModel:
+                          device: torch.device | None = None, seconds: float = 6.0, min_rounds: int = 3,
+                          max_rounds: int = 30, min_run_time: float = 0.1) -> LatencyModel:
     """Time probe plans of ``base`` (unreduced, on ``device``) at ``batch`` and fit a :class:`LatencyModel`.
 
     ``kinds``: the kinds of block the plans to predict can have (:func:`kinds_for`). The probes are timed
-    in rounds, every probe once per round with hooks and once without (interleaved, so load hits them
+    with hooks in rounds, :data:`CALLS` calls of every probe per round (interleaved, so load hits them
     alike), until about ``seconds`` have passed (at least ``min_rounds``, at most ``max_rounds``); the
-    medians make the curves.
+    medians make the curves. Then every probe is timed end to end without hooks
+    (:func:`search.setup.timing.time_interleaved`, ``min_run_time`` each) to fit how summed parts map
+    to end-to-end time.
     """
     if mode not in LATENCY_MODES:
         raise LTMPError(f"--latency-mode: {mode!r} is not built; a latency model is measured for "
@@ -284,29 +286,34 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
         layer_kinds[name] = [kind_of(layer) for layer in plan.layers]
     x = torch.randn(batch, 3, *geometry.img_size, device=device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     hooked: dict[str, list[list[tuple[float, float, float]]]] = {name: [] for name in models}
-    whole: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for m in models.values():  # warm-up (static programs are worked out on the first forward)
             m(x)
         rounds = 0
         while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - started < seconds):
-            for name, m in models.items():  # each probe with hooks, then without, side by side
+            for name, m in models.items():
                 m(x)  # warm again after the other probes (as a timer's repeated calls are)
                 timer = _PartTimer(m, device)
                 try:
                     for _ in range(CALLS):
                         m(x)
+                        sync()
                         hooked[name].append(timer.parts())
                 finally:
                     timer.remove()
-                for _ in range(CALLS):
-                    sync()
-                    t0 = time.perf_counter()
-                    m(x)
-                    sync()
-                    whole[name].append(time.perf_counter() - t0)
             rounds += 1
+
+    def call(m: nn.Module) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode():
+                return m(x)
+        return run
+
+    # End to end, without hooks, timed as the checks after a run time plans (one Timer block each, in turn).
+    whole = dict(zip(models, time_interleaved([call(m) for m in models.values()], repeats=1,
+                                              min_run_time=min_run_time)))
     samples: dict[str, dict[str, list[tuple[float, float]]]] = {"attention": {}, "reduce": {}}
     mlp: list[tuple[float, float]] = []
     part_sums: dict[str, float] = {}
@@ -319,11 +326,12 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
             samples["reduce"].setdefault(kinds_here[i], []).append((c[i], float(red)))
             mlp.append((c[i + 1], float(mlp_s)))
     e2e = {name: statistics.median(v) for name, v in whole.items()}
-    # Every patched probe has the same blocks, hooks, embedding and head: what the parts miss (or the
-    # hooks add) is one constant for them, and another for the stock model.
-    scale = 1.0
-    constant = statistics.median(e2e[n] - part_sums[n] for n in models if n != "unreduced")
-    stock = e2e["unreduced"] - part_sums["unreduced"]
+    # Every patched probe has the same blocks, hooks, embedding and head: their end-to-end times are a
+    # line in their summed parts (what the hooks add, and what the parts miss); the stock model's own
+    # time is measured.
+    patched = [n for n in models if n != "unreduced"]
+    scale, constant = _line([part_sums[n] for n in patched], [e2e[n] for n in patched])
+    stock = e2e["unreduced"] - scale * part_sums["unreduced"]
     model = LatencyModel(
         device_fingerprint(device), batch, mode, geometry.num_tokens, geometry.depth,
         {k: Curve.fit(v) for k, v in samples["attention"].items()}, {k: Curve.fit(v) for k, v in samples["reduce"].items()},
@@ -331,3 +339,14 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
     probes = [{"probe": n, "measured_s": e2e[n], "predicted_s": model.unreduced_seconds() if n == "unreduced" else
                model.seconds(counts[n], layer_kinds[n])} for n in models]
     return LatencyModel(**{**model.__dict__, "probes": probes, "measured_s": time.perf_counter() - started})
+
+
+def _line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Least-squares ``y = a x + b`` (``a`` kept within [0.5, 2]); with too little spread in ``x``,
+    ``a = 1`` and ``b`` the median offset."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(xs) >= 3 and np.ptp(xs) > 0.05 * abs(xs.mean()):
+        a, _ = np.polyfit(xs, ys, 1)
+        a = float(min(2.0, max(0.5, a)))
+        return a, float(np.median(ys - a * xs))
+    return 1.0, float(np.median(ys - xs))

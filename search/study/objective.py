@@ -53,7 +53,9 @@ METRIC_NAMES = (METRIC_NAME, "FLOPs ratio")
 #: on real images rarely reach the floor that budgets at their limits predict.
 RANGE_HEADROOM = 0.05
 #: Bisection steps of a trial's FLOPs aim towards the latency target (:meth:`Objective._meet_latency`).
-LATENCY_STEPS = 6
+LATENCY_STEPS = 5
+#: Calibration images the latency bisection solves on (the final solve takes them all).
+LATENCY_IMAGES = 64
 
 
 def range_position(number: int) -> float:
@@ -115,12 +117,11 @@ class Objective:
     def _predicted_latency(self, plan: ltmp_core.ReductionPlan) -> float:
         return self.latency.ratio(plan, self.geometry)
 
-    def _calibrated_latency(self, model: nn.Module) -> float:
-        """Predicted latency ratio of the model's thresholds: static counts from what they keep of the
-        calibration batch."""
+    def _calibrated_latency(self, model: nn.Module, images: torch.Tensor) -> float:
+        """Predicted latency ratio of the model's thresholds: static counts from what they keep of ``images``."""
         with torch.no_grad():
             ltmp_core.set_mode(model, "dynamic")
-            model(self.calibration)
+            model(images)
         kept = ltmp_core.token_counts(model)[1:].float().mean(1).tolist()
         return self._predicted_latency(ltmp_core.measured_plan(ltmp_core.get_plan(model), kept, self.geometry))
 
@@ -270,25 +271,27 @@ class Objective:
 
     def _meet_latency(self, model: nn.Module, aim: float) -> float:
         """Lower the FLOPs aim of the shared threshold shift until the predicted latency meets the latency
-        target less its margin (bisection between the lowest FLOPs the shape reaches and ``aim``); the
-        thresholds are left solved for the aim found, which is returned.
+        target less its margin (bisection, on the first :data:`LATENCY_IMAGES` calibration images, between
+        the lowest FLOPs the shape reaches and ``aim``); the thresholds are left solved for the aim found
+        on the whole calibration batch, and the aim is returned.
 
         Raises:
             Unreachable: not even the lowest FLOPs the shape reaches are predicted fast enough.
         """
         c = self.config
         goal = c.latency * (1.0 - c.latency_margin)
-        if self._calibrated_latency(model) <= goal:
+        images = self.calibration[:LATENCY_IMAGES]
+        if self._calibrated_latency(model, images) <= goal:
             return aim
         plan = ltmp_core.get_plan(model)
         floors = [1.0 if op == "none" else ltmp_core.lowest_keep(op, self.geometry.num_patches) for op in plan.ops]
         lowest = min(aim, ltmp_core.plan_flops_ratio(plan.with_keeps(floors)) * (1.0 + RANGE_HEADROOM))
         try:
-            ltmp_core.calibrate_to_flops(model, self.calibration, lowest)
+            ltmp_core.calibrate_to_flops(model, images, lowest)
         except ltmp_core.Unreachable as e:  # what the images reach lies above the budgets' floor
             lowest = min(aim, e.lowest * (1.0 + 1e-3))
-            ltmp_core.calibrate_to_flops(model, self.calibration, lowest)
-        fastest = self._calibrated_latency(model)
+            ltmp_core.calibrate_to_flops(model, images, lowest)
+        fastest = self._calibrated_latency(model, images)
         if fastest > goal:
             raise ltmp_core.Unreachable(
                 f"latency: this shape is predicted at a latency ratio of {fastest:.3f} even at its lowest FLOPs "
@@ -296,12 +299,16 @@ class Objective:
         good, bad = lowest, aim
         for _ in range(LATENCY_STEPS):
             mid = 0.5 * (good + bad)
-            ltmp_core.calibrate_to_flops(model, self.calibration, mid)
-            if self._calibrated_latency(model) <= goal:
+            ltmp_core.calibrate_to_flops(model, images, mid)
+            if self._calibrated_latency(model, images) <= goal:
                 good = mid
             else:
                 bad = mid
-        ltmp_core.calibrate_to_flops(model, self.calibration, good)
+        try:
+            ltmp_core.calibrate_to_flops(model, self.calibration, good)
+        except ltmp_core.Unreachable as e:
+            good = e.lowest * (1.0 + 1e-3)
+            ltmp_core.calibrate_to_flops(model, self.calibration, good)
         return good
 
     def _solve_flops(self, model: nn.Module, budget: Budget) -> Budget:
