@@ -25,6 +25,16 @@ from tests.search.helpers import cli, folder_with, isolate, preset
 BATCH = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread, as a latency study on a shared 2-core machine should run: two threads wait for each other
+    under load and every timing (and the test's time) grows manyfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vit() -> torch.nn.Module:
     torch.manual_seed(0)
