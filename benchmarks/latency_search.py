@@ -6,7 +6,8 @@ same measured latency, on a proxy.
 Per seed, the proxy's default search at ``--flops 0.35`` (one study; its plan does not depend on the
 batch). Per seed and batch size: that plan's latency ratio is measured (static mode, plan and
 unreduced model interleaved in this process, median of 3 repeats); a study with ``--latency`` at
-that ratio (and no FLOPs target) searches a plan as fast. Rows (one per study and batch):
+that ratio (and no FLOPs target; at most 1, the largest ``--latency``) searches a plan as fast. Rows
+(one per study and batch):
 
 - ``budget``: ``flops`` or ``latency``; ``target``: its target;
 - ``predicted_latency_ratio``: the latency study's model of this device predicts both plans;
@@ -139,6 +140,9 @@ def main() -> None:
                         args.proxy, args.threads),
             ]
             rows[0]["latency_target_of"] = "its own measured latency"
+            # A FLOPs plan slower than the unreduced model (batch 1) asks for a ratio above 1: the latency
+            # study then searches at 1 (no slower than unreduced), the most --latency accepts.
+            rows[1].update(target=lat_config.latency, requested_target=target)
             rows[1]["latency_checks"] = record.latency_checks
             for row in rows:
                 print(json.dumps(row) if args.json else
