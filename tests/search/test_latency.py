@@ -136,14 +136,14 @@ def test_a_study_measured_on_another_device_is_refused_by_the_command(workdir, m
 def test_search_run_with_a_latency_budget_end_to_end(workdir, monkeypatch):
     isolate(monkeypatch, workdir)
     url = f"sqlite:///{workdir / 'run.db'}"
-    code, out, err = cli("run", "--preset", "small.toml", "--flops", "0.5", "--latency", "0.9", "--latency-batch", "32",
+    code, out, err = cli("run", "--preset", "small.toml", "--flops", "0.5", "--latency", "0.9", "--latency-batch", "16",
                          "--storage", url, "--study-name", "lat", "--quiet", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["target_latency_ratio"] == 0.9 and result["latency_device"] == device_fingerprint(torch.device("cpu"))
     study = optuna.load_study(study_name="lat", storage=url)
     record = StudyRecord.from_study(study)
-    assert [m["batch"] for m in record.latency_models.values()] == [32]
+    assert [m["batch"] for m in record.latency_models.values()] == [16]
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     for t in complete:
         a = t.user_attrs
@@ -165,6 +165,6 @@ def test_search_run_with_a_latency_budget_end_to_end(workdir, monkeypatch):
     if result["best"] is not None:
         code, out, err = cli("export", "lat", "--storage", url, "-o", str(workdir / "plan.json"), "--json")
         meta = json.loads(out)["plan"]["meta"]
-        assert code == 0 and meta["target_latency_ratio"] == 0.9 and meta["latency_batch"] == 32
+        assert code == 0 and meta["target_latency_ratio"] == 0.9 and meta["latency_batch"] == 16
         assert meta["predicted_latency_ratio"] == result["best"]["predicted_latency_ratio"]
         assert meta["measured_latency_ratio"] == record.measured_latency().get(result["best"]["number"])
