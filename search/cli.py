@@ -385,7 +385,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         with display:
             result = run(config, storage=args.storage, study_name=args.study_name, jobs=args.jobs, artifacts=args.artifacts,
                          hooks=display.hooks(), on_base_epoch=display.base_epoch, on_trial_end=trial_end,
-                         on_warning=lambda message: err.print(f"warning: {message}"), on_refined=refined)
+                         on_warning=lambda message: err.print(f"warning: {message}"), on_refined=refined,
+                         on_note=display.line)
     except KeyboardInterrupt:
         return _interrupted(args, config)
     study = result.study
@@ -393,11 +394,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = redact(result.storage_url)
     if result.skipped:
         err.print(f"warning: skipped {len(result.skipped)} unreadable image(s), e.g. {result.skipped[0]}")
+    from .study.latency_study import ERROR_BOUND
+
+    for check in result.latency_checks:
+        if check["error"] is not None and abs(check["error"]) > ERROR_BOUND:
+            err.print(f"warning: trial {check['trial']}: predicted latency ratio {check['predicted']:.3f}, measured "
+                      f"{check['measured']:.3f} ({100 * check['error']:+.0f}%, beyond {100 * ERROR_BOUND:.0f}%); the "
+                      "measured value decides")
+    measured = StudyRecord.from_study(study).measured_latency()
     if args.json:
         _print_json({
             "study": study.study_name, "storage": where, "target_flops_ratio": config.flops,
+            "target_latency_ratio": config.latency, "latency_batch": config.latency_batch if config.latency else None,
+            "latency_device": result.latency_device, "latency_checks": result.latency_checks,
             "new_trials": result.new_trials, "refined_trials": result.refined, "base": result.base,
-            "best": None if best is None else {**trial_summary(best), "plan": TrialRecord.from_trial(best).plan},
+            "best": None if best is None else {**trial_summary(best, measured), "plan": TrialRecord.from_trial(best).plan},
         })
         return 0
     if not result.new_trials and not refined_lines:
@@ -413,16 +424,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if base.get("evaluated_accuracy") is not None:
         out.print(f"Unreduced base model ({base.get('model')}): top-1 {ui.pct(base['evaluated_accuracy'])} "
                   f"on the {config.holdout} select images, {StudyRecord.from_study(study).unreduced_gmacs or 0:.4f} GMACs.")
-    rows = [trial_summary(t) for t in ranked_trials(study)[:5]]
+    rows = [trial_summary(t, measured) for t in ranked_trials(study)[:5]]
     out.print(ui.trials_table(rows, f"Best trials of {study.study_name}", config.flops,
-                              base_accuracy=base.get("evaluated_accuracy")))
+                              base_accuracy=base.get("evaluated_accuracy"), latency=config.latency))
     storage_flag = "" if args.storage is None else f" --storage '{where}'"
     if best is None:
         more = sampled_finished(study) + config.n_trials
-        out.print(f"No trial is at or under the FLOPs target {config.flops:g} yet; continue the study with "
-                  f"--n-trials {more}.")
+        what = f"the FLOPs target {config.flops:g}" + (f" and the latency target {config.latency:g}" if config.latency else "")
+        out.print(f"No trial is at or under {what} yet; continue the study with --n-trials {more}.")
     else:
-        out.print(ui.best_plan(best))
+        out.print(ui.best_plan(best, measured.get(best.number)))
         out.print(f"Export it:   search export {study.study_name}{storage_flag} -o plan.json")
     out.print(f"Dashboard:   search dashboard{storage_flag}")
     return 0
@@ -482,7 +493,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         check_plot_path(args.plot)
     url = resolve_storage(args.storage, create=False)
     study = load_study(open_storage(url), args.study_name)
-    rows = [trial_summary(t) for t in study.get_trials(deepcopy=False)]
+    record = StudyRecord.from_study(study)
+    measured = record.measured_latency()
+    rows = [trial_summary(t, measured) for t in study.get_trials(deepcopy=False)]
     best = best_trial(study)
     target = target_of(study)
     if args.plot:
@@ -499,15 +512,15 @@ def cmd_show(args: argparse.Namespace) -> int:
             for r in store.layers(study)
         ]
         store.dispose()
-        record = StudyRecord.from_study(study)
         _print_json({"study": study.study_name, "target_flops_ratio": target,
+                     "target_latency_ratio": record.latency_target, "latency_checks": record.latency_checks or [],
                      "config": record.config, "base": record.base,
                      "trials": rows, "best_trial": None if best is None else best.number, "layers": layers})
         return 0
     out, _ = _consoles()
     out.print(ui.trials_table(rows, f"Trials of {study.study_name}", target,
-                              base_accuracy=(StudyRecord.from_study(study).base or {}).get("evaluated_accuracy")))
-    out.print(ui.best_plan(best))
+                              base_accuracy=(record.base or {}).get("evaluated_accuracy"), latency=record.latency_target))
+    out.print(ui.best_plan(best, None if best is None else measured.get(best.number)))
     return 0
 
 
@@ -530,8 +543,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         _print_json({"path": str(path), "trial": trial.number, "plan": plan.to_dict()})
         return 0
     out, _ = _consoles()
+    latency = ""
+    if plan.meta.get("predicted_latency_ratio") is not None:
+        latency = f", latency ratio {ui.num(plan.meta['predicted_latency_ratio'])} predicted"
+        if plan.meta.get("measured_latency_ratio") is not None:
+            latency += f", {ui.num(plan.meta['measured_latency_ratio'])} measured"
     out.print(f"Wrote {path}: trial {trial.number} of {args.study_name}, top-1 {ui.pct(accuracy_of(trial))}, "
-              f"FLOPs ratio {ui.num(TrialRecord.from_trial(trial).flops_ratio)}.")
+              f"FLOPs ratio {ui.num(TrialRecord.from_trial(trial).flops_ratio)}{latency}.")
     out.print("Apply it:    ltmp_core.apply_plan(model, ltmp_core.load_plan(%r), mode='dynamic')" % str(path))
     return 0
 

@@ -136,6 +136,17 @@ def save_study_note(study: optuna.Study, best: optuna.trial.FrozenTrial | None) 
     if base.get("random_weights"):
         lines += ["**Warning: the base model has random weights** (no `--pretrained` or `--checkpoint`): every "
                   "accuracy here is an untrained model's.", ""]
+    if record.latency_target is not None:
+        lines += [f"Latency target: the plan's time at most **{record.latency_target}** of the unreduced model's "
+                  f"(batch {config.get('latency_batch')}, {config.get('latency_mode')} mode), predicted per trial "
+                  "(user attribute `predicted_latency_ratio`) by the latency model of the device.", ""]
+        if record.latency_checks:
+            lines += ["| trial | predicted | measured | error | feasible | device |", "|---|---|---|---|---|---|"]
+            for c in record.latency_checks:
+                error = "-" if c["error"] is None else f"{100 * c['error']:+.1f}%"
+                lines.append(f"| {c['trial']} | {num(c['predicted'])} | {num(c['measured'])} | {error} | "
+                             f"{'yes' if c['feasible'] else 'no'} | {c['device']} |")
+            lines.append("")
     if best is None:
         lines.append("No feasible trial yet.")
     else:

@@ -40,16 +40,19 @@ def num(v: float | None, fmt: str = ".3f") -> str:
 
 
 def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | None,
-                 base_accuracy: float | None = None) -> Table:
+                 base_accuracy: float | None = None, latency: float | None = None) -> Table:
     """Trials, one row each. A seeded trial names the published method whose plan it runs; a pruned
     or failed trial shows its reason instead of an intermediate score; with ``base_accuracy`` a
-    column gives each top-1's drop from the unreduced model."""
+    column gives each top-1's drop from the unreduced model; with a ``latency`` target, two columns
+    give each plan's latency ratio as predicted and as measured (trials timed after the run)."""
     table = Table(title=title, title_justify="left")
     columns = [("trial", "right"), ("state", "left"), ("top-1", "right")]
     if base_accuracy is not None:
         columns.append(("drop", "right"))
-    columns += [("FLOPs ratio", "right"), ("GMACs", "right"), ("feasible", "center"), ("ops per layer", "left"),
-                ("time", "right")]
+    columns += [("FLOPs ratio", "right"), ("GMACs", "right")]
+    if latency is not None:
+        columns += [("latency pred.", "right"), ("latency meas.", "right")]
+    columns += [("feasible", "center"), ("ops per layer", "left"), ("time", "right")]
     for name, justify in columns:
         table.add_column(name, justify=justify)
     for r in rows:
@@ -62,7 +65,10 @@ def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | Non
         if base_accuracy is not None:
             cells.append(f"{100 * (r['top1'] - base_accuracy):+.1f}" if done and r["top1"] is not None else "-")
         reason = (r.get("reason") or "")[:60]
-        cells += [num(r["flops_ratio"]) if done else "-", num(r["gmacs"], ".4g") if done else "-", feasible,
+        cells += [num(r["flops_ratio"]) if done else "-", num(r["gmacs"], ".4g") if done else "-"]
+        if latency is not None:
+            cells += [num(r.get("predicted_latency_ratio")) if done else "-", num(r.get("measured_latency_ratio"))]
+        cells += [feasible,
                   ops_glance(r["ops"]) if done or not reason else reason,
                   "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s"]
         table.add_row(*cells)
@@ -70,7 +76,9 @@ def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | Non
         table.caption = (f"FLOPs ratio = measured MACs / unreduced MACs, target <= {target:g}. "
                          "Ops: . none, M merge, P prune, S squeeze, MP merge+prune, MS merge+squeeze. "
                          "(LTMP), (ToMe), (TPS): the published methods' plans the study started from"
-                         + ("; drop: points of top-1 against the unreduced model" if base_accuracy is not None else ""))
+                         + ("; drop: points of top-1 against the unreduced model" if base_accuracy is not None else "")
+                         + (f"; latency = the plan's time / the unreduced model's on this device, target <= {latency:g}"
+                            " (a measured value decides where there is one)" if latency is not None else ""))
     return table
 
 
@@ -116,23 +124,35 @@ def plan_table(plan: dict[str, Any], kept: Sequence[float] | None, title: str) -
     return table
 
 
-def best_plan(trial: optuna.trial.FrozenTrial | None) -> Table | str:
+def best_plan(trial: optuna.trial.FrozenTrial | None, measured_latency: float | None = None) -> Table | str:
     """The best feasible trial's plan as a table, or the line that says there is none."""
     if trial is None:
         return "No feasible trial yet."
     r = TrialRecord.from_trial(trial)
+    latency = ""
+    if r.predicted_latency_ratio is not None:
+        latency = f", latency ratio {r.predicted_latency_ratio:.3f} predicted"
+        if measured_latency is not None:
+            latency += f", {measured_latency:.3f} measured"
     return plan_table(r.plan, r.kept_tokens, f"Best plan: trial {trial.number}, top-1 "
-                      f"{pct(accuracy_of(trial))}, FLOPs ratio {r.flops_ratio:.3f}")
+                      f"{pct(accuracy_of(trial))}, FLOPs ratio {r.flops_ratio:.3f}{latency}")
 
 
 def studies_table(rows: Sequence[dict[str, Any]], where: str) -> Table:
     table = Table(title=f"Studies in {where}", title_justify="left")
-    for name in ("study", "target", "model", "done/pruned/failed", "best top-1", "best FLOPs ratio"):
+    for name in ("study", "target", "model", "done/pruned/failed", "best top-1", "best FLOPs ratio",
+                 "latency target", "best latency"):
         table.add_column(name, justify="left" if name in ("study", "model") else "right")
     for r in rows:
+        latency = r.get("target_latency_ratio")
+        best = r.get("best_measured_latency_ratio")
+        best_text = (f"{best:.3f} meas." if best is not None else
+                     f"{r['best_predicted_latency_ratio']:.3f} pred." if r.get("best_predicted_latency_ratio") is not None
+                     else "-")
         table.add_row(
             r["study"], num(r["target_flops_ratio"], "g"), r["model"] or "-",
             f"{r['complete']}/{r['pruned']}/{r['failed']}", pct(r["best_top1"]), num(r["best_flops_ratio"]),
+            "-" if latency is None else f"{latency:g} (b{r.get('latency_batch')})", best_text,
         )
     return table
 
@@ -142,7 +162,9 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     r = TrialRecord.from_trial(trial)
     if trial.state == optuna.trial.TrialState.COMPLETE:
         feasible = "feasible" if r.feasible else "over the target"
-        return (f"trial {trial.number}: top-1 {pct(accuracy_of(trial))}, FLOPs ratio {num(r.flops_ratio)} "
+        latency = "" if r.predicted_latency_ratio is None else f", latency ratio {r.predicted_latency_ratio:.3f} predicted"
+        feasible = "feasible" if r.feasible else "over the target"
+        return (f"trial {trial.number}: top-1 {pct(accuracy_of(trial))}, FLOPs ratio {num(r.flops_ratio)}{latency} "
                 f"({feasible}), {r.gmacs or 0:.4g} GMACs")
     reason = r.reason or ""
     return f"trial {trial.number}: {trial.state.name.lower()}" + (f" ({reason})" if reason else "")

@@ -24,14 +24,14 @@ DEFAULT_MARGIN = 0.02
 TARGET_KEY, MARGIN_KEY, AIM_KEY = "target_flops_ratio", "flops_margin", "aim"
 
 
-def check_ratio(value: Any, where: str = "--flops") -> float:
-    """``value`` as a FLOPs ratio in (0, 1]; an error naming ``where`` otherwise."""
+def check_ratio(value: Any, where: str = "--flops", noun: str = "FLOPs ratio") -> float:
+    """``value`` as a ratio (FLOPs, or ``noun``) in (0, 1]; an error naming ``where`` otherwise."""
     try:
         ratio = float(value)
     except (TypeError, ValueError):
-        raise LTMPError(f"{where}: expected a FLOPs ratio in (0, 1], got {value!r}") from None
+        raise LTMPError(f"{where}: expected a {noun} in (0, 1], got {value!r}") from None
     if isinstance(value, bool) or not (math.isfinite(ratio) and 0.0 < ratio <= 1.0):
-        raise LTMPError(f"{where}: the target FLOPs ratio must be in (0, 1], got {value!r}")
+        raise LTMPError(f"{where}: the target {noun} must be in (0, 1], got {value!r}")
     return ratio
 
 

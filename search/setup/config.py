@@ -103,6 +103,20 @@ class StudyConfig:
                                       "objectives, top-1 up and measured FLOPs down", minimum=0)
     flops_margin: float = setting(DEFAULT_MARGIN, "plans aim this fraction under the target, for the images that "
                                   "cost more than the calibration batch", minimum=0, flag="--flops-margin")
+    latency: float | None = setting(None, "target latency ratio: the plan's time over the unreduced model's on this "
+                                    "device (--device) at --latency-batch, predicted by a latency model measured once "
+                                    "per device and checked by timing the best plans; with --flops: both constraints",
+                                    flag="--latency")
+    latency_batch: int = setting(1, "images per forward that --latency is measured at", flag="--latency-batch",
+                                 minimum=1)
+    latency_mode: str = setting("static", "mode the plan's latency is measured in (static: fixed counts, the "
+                                "deployment path)", flag="--latency-mode",
+                                choices=lambda: ("static", "dynamic"), noun="latency mode")
+    latency_margin: float = setting(0.03, "plans aim this fraction under the latency target (the prediction's error)",
+                                    flag="--latency-margin", minimum=0)
+    latency_remeasure: bool = setting(False, "measure a latency model on this device although the study holds one "
+                                      "of another device (its trials then mix devices)", flag="--latency-remeasure",
+                                      result=False)
     preset: str = setting(DEFAULT_PRESET, "name or path of the preset these values came from", result=False)
     model: str = setting("ltmp_vit_digits", "timm model name", flag="--model", group="model")
     model_kwargs: dict[str, Any] = setting(help="extra arguments for timm.create_model, e.g. patch_size=8 depth=4",
@@ -202,7 +216,10 @@ class StudyConfig:
         if self.model != base.get("model", StudyConfig.model):
             parts.append(self.model)
         parts.append(self.space)
-        parts.append(f"flops{self.flops:g}" if self.flops_min is None else f"flops{self.flops_min:g}-{self.flops:g}")
+        if self.latency is None or self.flops < 1.0:
+            parts.append(f"flops{self.flops:g}" if self.flops_min is None else f"flops{self.flops_min:g}-{self.flops:g}")
+        if self.latency is not None:
+            parts.append(f"latency{self.latency:g}-b{self.latency_batch}")
         return "-".join(parts)
 
 
@@ -275,6 +292,14 @@ def _check(c: StudyConfig) -> None:
                 object.__setattr__(c, name, tuple(value))
     check_ratio(c.flops, label("flops"))
     check_margin(c.flops_margin, label("flops_margin"))
+    if c.latency is not None:
+        check_ratio(c.latency, label("latency"), noun="latency ratio")
+        if c.latency_mode != "static":
+            raise LTMPError(f"{label('latency_mode')}: only static is built (a dynamic plan's time depends on every "
+                            "image's token counts); use --latency-mode static")
+        if c.flops_min is not None:
+            raise LTMPError(f"{label('latency')}: not with a range of FLOPs targets (--flops LO:HI)")
+    check_margin(c.latency_margin, label("latency_margin"))
     if c.flops_min is not None and not 0.0 < c.flops_min < c.flops:
         raise LTMPError(f"{label('flops')}: a range LO:HI needs 0 < LO < HI, got {c.flops_min}:{c.flops}")
     if c.refine_top and c.flops_min is not None:
@@ -353,6 +378,8 @@ def resolve(preset: str | None, overrides: Mapping[str, Any]) -> StudyConfig:
     unknown = sorted(set(given) - set(_FIELDS))
     if unknown:
         raise LTMPError(f"{unknown[0]}: not a setting")
+    if given.get("latency") is not None and "flops" not in given and "flops" not in _preset_values(base.preset):
+        given["flops"] = 1.0  # --latency alone: the latency is the budget, FLOPs are free
     if given.get("model", base.model) != base.model:
         for name in MODEL_SHAPE_FIELDS:
             f = _FIELDS[name]

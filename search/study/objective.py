@@ -14,6 +14,11 @@ select split with tokens really removed, with the measured FLOPs ratio as the co
 range of targets (``--flops LO:HI``) the study has two objectives, top-1 (up) and the measured FLOPs
 ratio (down), and every trial draws its own target from the part of the range its shape reaches
 (:meth:`Objective._range_budget`).
+
+With a latency target (``--latency R``), the study's latency model of this device
+(:mod:`search.setup.latency`) predicts each plan's time over the unreduced model's: a solved trial
+lowers its FLOPs aim by bisection until the prediction meets ``R`` less ``--latency-margin``
+(:meth:`Objective._meet_latency`), and the scored plan's prediction is a second constraint.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ..setup.budget import Budget
 from ..setup.config import StudyConfig
 from ..setup.data import StudyData
 from ..setup.evaluation import evaluate, unreduced_accuracy
+from ..setup.latency import LatencyModel
 from .compute import ComputeMeter, count_forwards
 from .record import TrialRecord
 from .tuning import NonFiniteLoss, Recipe, tune_thresholds
@@ -48,6 +54,10 @@ METRIC_NAMES = (METRIC_NAME, "FLOPs ratio")
 #: In a study over a range, aims stay this fraction above a shape's predicted floor: thresholds solved
 #: on real images rarely reach the floor that budgets at their limits predict.
 RANGE_HEADROOM = 0.05
+#: Bisection steps of a trial's FLOPs aim towards the latency target (:meth:`Objective._meet_latency`).
+LATENCY_STEPS = 5
+#: Calibration images the latency bisection solves on (the final solve takes them all).
+LATENCY_IMAGES = 64
 
 
 def range_position(number: int) -> float:
@@ -109,6 +119,23 @@ class Objective:
         self.calibration = self.data.calibration_batch(self.config.calib_images, self.config.seed).to(self.device)
         self.multi = self.config.flops_min is not None
         self._reported: set[tuple[int, int]] = set()
+        #: The study's latency model of this device (:meth:`use_latency`); ``None`` without ``--latency``.
+        self.latency: LatencyModel | None = None
+
+    def use_latency(self, model: LatencyModel) -> None:
+        """Predict every plan's latency with ``model`` (a study with ``--latency``)."""
+        self.latency = model
+
+    def _predicted_latency(self, plan: ltmp_core.ReductionPlan) -> float:
+        return self.latency.ratio(plan, self.geometry)
+
+    def _calibrated_latency(self, model: nn.Module, images: torch.Tensor) -> float:
+        """Predicted latency ratio of the model's thresholds: static counts from what they keep of ``images``."""
+        with torch.no_grad():
+            ltmp_core.set_mode(model, "dynamic")
+            model(images)
+        kept = ltmp_core.token_counts(model)[1:].float().mean(1).tolist()
+        return self._predicted_latency(ltmp_core.measured_plan(ltmp_core.get_plan(model), kept, self.geometry))
 
     @classmethod
     def open(cls, config: StudyConfig, hooks: TrialHooks | None = None,
@@ -264,17 +291,67 @@ class Objective:
             else:
                 try:
                     if recipe.start == "solve":
-                        budget = self._solve(model, budget)
+                        budget = self._solve(model, budget, trial)
                     else:
                         ltmp_core.calibrate(model, self.calibration)
                 except ltmp_core.Unreachable as e:
-                    self._infeasible(trial, list(plan.ops), str(e).removeprefix("flops: "))
+                    self._infeasible(trial, list(plan.ops), str(e).removeprefix("flops: ").removeprefix("latency: "))
         finally:
             meter.forward(passes() * len(self.calibration))
         TrialRecord.write(trial, target=budget.target, calibrated_plan=ltmp_core.get_plan(model).to_dict())
         return budget
 
-    def _solve(self, model: nn.Module, budget: Budget) -> Budget:
+    def _solve(self, model: nn.Module, budget: Budget, trial: optuna.Trial | None = None) -> Budget:
+        budget = self._solve_flops(model, budget)
+        if self.latency is not None:
+            aim = self._meet_latency(model, budget.aim)
+            if trial is not None:
+                TrialRecord.write(trial, latency_flops_aim=aim)
+        return budget
+
+    def _meet_latency(self, model: nn.Module, aim: float) -> float:
+        """Lower the FLOPs aim of the shared threshold shift until the predicted latency meets the latency
+        target less its margin (bisection, on the first :data:`LATENCY_IMAGES` calibration images, between
+        the lowest FLOPs the shape reaches and ``aim``); the thresholds are left solved for the aim found
+        on the whole calibration batch, and the aim is returned.
+
+        Raises:
+            Unreachable: not even the lowest FLOPs the shape reaches are predicted fast enough.
+        """
+        c = self.config
+        goal = c.latency * (1.0 - c.latency_margin)
+        images = self.calibration[:LATENCY_IMAGES]
+        if self._calibrated_latency(model, images) <= goal:
+            return aim
+        plan = ltmp_core.get_plan(model)
+        floors = [1.0 if op == "none" else ltmp_core.lowest_keep(op, self.geometry.num_patches) for op in plan.ops]
+        lowest = min(aim, ltmp_core.plan_flops_ratio(plan.with_keeps(floors)) * (1.0 + RANGE_HEADROOM))
+        try:
+            ltmp_core.calibrate_to_flops(model, images, lowest)
+        except ltmp_core.Unreachable as e:  # what the images reach lies above the budgets' floor
+            lowest = min(aim, e.lowest * (1.0 + 1e-3))
+            ltmp_core.calibrate_to_flops(model, images, lowest)
+        fastest = self._calibrated_latency(model, images)
+        if fastest > goal:
+            raise ltmp_core.Unreachable(
+                f"latency: this shape is predicted at a latency ratio of {fastest:.3f} even at its lowest FLOPs "
+                f"({lowest:.3f}), above the target {c.latency:g} less its margin", lowest)
+        good, bad = lowest, aim
+        for _ in range(LATENCY_STEPS):
+            mid = 0.5 * (good + bad)
+            ltmp_core.calibrate_to_flops(model, images, mid)
+            if self._calibrated_latency(model, images) <= goal:
+                good = mid
+            else:
+                bad = mid
+        try:
+            ltmp_core.calibrate_to_flops(model, self.calibration, good)
+        except ltmp_core.Unreachable as e:
+            good = e.lowest * (1.0 + 1e-3)
+            ltmp_core.calibrate_to_flops(model, self.calibration, good)
+        return good
+
+    def _solve_flops(self, model: nn.Module, budget: Budget) -> Budget:
         c = self.config
         try:
             ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
@@ -294,6 +371,8 @@ class Objective:
         passes = count_forwards(model)
         try:
             ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
+            if self.latency is not None:  # and below the latency target again, as a trial's solve is
+                self._meet_latency(model, budget.aim)
         finally:
             meter.forward(passes() * len(self.calibration))
 
@@ -325,7 +404,9 @@ class Objective:
     def _score(self, trial: optuna.Trial, model: nn.Module, plan: ltmp_core.ReductionPlan, recipe: Recipe,
                mode: str, batch_size: int, budget: Budget, meter: ComputeMeter,
                tune_seconds: float, pictures: bool = True) -> float | tuple[float, float]:
-        """Top-1 on the select split with tokens removed; the measured FLOPs ratio is the constraint."""
+        """Top-1 on the select split with tokens removed; the measured FLOPs ratio is the constraint, and
+        with a latency target the plan's predicted latency ratio too."""
+        c = self.config
         self.hooks.on_phase("score")
         result = evaluate(model, self.data.holdout_batches(batch_size), device=self.device, amp=self.amp, mode=mode)
         meter.forward(result.images)
@@ -336,10 +417,17 @@ class Objective:
             # Thresholds, not budgets, decided the counts: the budgets (what static mode keeps) become
             # the mean fractions the thresholds kept on the select split.
             final = ltmp_core.measured_plan(final, result.kept_tokens, self.geometry)
+        feasible = ratio <= budget.target
+        latency: dict[str, float] = {}
+        if self.latency is not None:
+            predicted = self._predicted_latency(final)
+            trial.set_constraint("latency", predicted - c.latency)
+            latency = dict(predicted_latency_ratio=predicted, latency_constraint=predicted - c.latency)
+            feasible = feasible and predicted <= c.latency
         record = TrialRecord(
             constraint=ratio - budget.target, accuracy=result.accuracy, flops_ratio=ratio, gmacs=result.macs / 1e9,
-            feasible=ratio <= budget.target, kept_tokens=result.kept_tokens, eval_mode=mode, plan=final.to_dict(),
-            time_tune_s=tune_seconds, time_eval_s=result.seconds,
+            feasible=feasible, kept_tokens=result.kept_tokens, eval_mode=mode, plan=final.to_dict(),
+            time_tune_s=tune_seconds, time_eval_s=result.seconds, **latency,
         )
         TrialRecord.write(trial, **record.to_user_attrs())
         if self.recorder is not None and pictures:

@@ -59,6 +59,15 @@ def trial_plan(study: optuna.Study, trial_number: int | None = None,
         "gmacs": record.gmacs,
         "eval_mode": record.eval_mode or "dynamic",
     }
+    study_record = StudyRecord.from_study(study)
+    if study_record.latency_target is not None:
+        meta.update({
+            "target_latency_ratio": study_record.latency_target,
+            "latency_batch": config.get("latency_batch"),
+            "latency_mode": config.get("latency_mode"),
+            "predicted_latency_ratio": record.predicted_latency_ratio,
+            "measured_latency_ratio": study_record.measured_latency().get(trial.number),
+        })
     return ReductionPlan(plan.layers, model=plan.model, geometry=plan.geometry, meta=meta), trial
 
 

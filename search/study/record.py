@@ -43,7 +43,14 @@ class TrialRecord:
         accuracy: Top-1 on the select split.
         flops_ratio: Measured FLOPs over the unreduced model's, on the select split.
         gmacs: Measured GMACs per image.
-        feasible: ``flops_ratio <= target``.
+        feasible: ``flops_ratio <= target`` (and, with a latency target, ``predicted_latency_ratio`` at or
+            under it).
+        predicted_latency_ratio: With a latency target: the scored plan's time over the unreduced model's,
+            predicted by the study's latency model of this device (static counts from its budgets).
+        latency_constraint: ``predicted_latency_ratio`` minus the latency target (Optuna's constraint
+            ``latency``, mirrored).
+        latency_flops_aim: The FLOPs aim the trial's thresholds were solved for after the latency
+            bisection lowered it until the predicted latency met the target.
         kept_tokens: Mean tokens after each block (prefix included), on the select split.
         eval_mode: ``dynamic`` (thresholds) or ``static`` (fixed counts).
         plan: The plan as it was scored (``ReductionPlan.to_dict``), with its budget in ``meta``.
@@ -78,6 +85,9 @@ class TrialRecord:
     flops_ratio: float | None = None
     gmacs: float | None = None
     feasible: bool | None = None
+    predicted_latency_ratio: float | None = None
+    latency_constraint: float | None = None
+    latency_flops_aim: float | None = None
     kept_tokens: list[float] | None = None
     eval_mode: str | None = None
     plan: dict[str, Any] | None = None
@@ -126,6 +136,12 @@ class StudyRecord:
         base: The base model: name, where its weights came from, its select-split accuracy.
         seed_trials: How many of the first trials run published plan shapes.
         skipped_images: Unreadable images the study's data skipped.
+        latency_models: Latency models of the devices the study ran on
+            (:meth:`search.setup.latency.LatencyModel.to_dict`), keyed by device fingerprint, batch and
+            mode (:func:`search.setup.latency.model_key`): every worker on the same kind of device reads it.
+        latency_checks: The best trials timed for real after a run (plan and unreduced model interleaved):
+            one dict each with ``trial``, ``predicted``, ``measured``, ``spread``, ``error`` (predicted over
+            measured, minus 1), ``feasible`` (measured at or under the target), ``device``, ``batch``.
     """
 
     uid: str | None = None
@@ -134,6 +150,8 @@ class StudyRecord:
     base: dict[str, Any] | None = None
     seed_trials: int | None = None
     skipped_images: list[str] | None = None
+    latency_models: dict[str, Any] | None = None
+    latency_checks: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_study(cls, study: Any) -> "StudyRecord":
@@ -152,6 +170,15 @@ class StudyRecord:
     def target(self) -> float | None:
         """The FLOPs ratio the user asked the study for."""
         return (self.config or {}).get("flops")
+
+    @property
+    def latency_target(self) -> float | None:
+        """The latency ratio the user asked the study for (``None``: no latency budget)."""
+        return (self.config or {}).get("latency")
+
+    def measured_latency(self) -> dict[int, float]:
+        """Trial number -> its measured latency ratio (the last check of it)."""
+        return {c["trial"]: c["measured"] for c in self.latency_checks or []}
 
 
 _STUDY_FIELDS = tuple(f.name for f in fields(StudyRecord))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .record import StudyRecord, TrialRecord
 
-__all__ = ["FINISHED", "state_counts", "is_refined", "sampled_finished", "refined_trials", "ranked_trials", "best_trial", "trial_summary", "list_studies", "target_of", "accuracy_of"]
+__all__ = ["FINISHED", "state_counts", "is_refined", "sampled_finished", "refined_trials", "ranked_trials", "best_trial", "feasible_check", "trial_summary", "list_studies", "target_of", "accuracy_of"]
 
 #: States of a trial that counts towards ``--n-trials``.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -52,33 +52,58 @@ def accuracy_of(trial: FrozenTrial) -> float | None:
     return trial.values[0] if trial.values else None
 
 
-def _feasible(trial: FrozenTrial, flops: float | None) -> bool:
-    """At or under its own target and, if given, under ``flops`` too."""
-    r = TrialRecord.from_trial(trial)
-    return bool(r.feasible) and (flops is None or (r.flops_ratio is not None and r.flops_ratio <= flops))
+class _Feasibility:
+    """Whether a trial is feasible: at or under its own FLOPs target and, if given, under ``flops`` too;
+    with a latency target, a trial timed after the run (``latency_checks``) counts by its measured
+    latency ratio, the others by their prediction (recorded in ``feasible``)."""
+
+    def __init__(self, study: optuna.Study, flops: float | None) -> None:
+        record = StudyRecord.from_study(study)
+        self.flops = flops
+        self.latency = record.latency_target
+        self.measured = record.measured_latency() if self.latency is not None else {}
+
+    def __call__(self, trial: FrozenTrial) -> bool:
+        r = TrialRecord.from_trial(trial)
+        if self.flops is not None and (r.flops_ratio is None or r.flops_ratio > self.flops):
+            return False
+        if trial.number in self.measured:
+            return (r.flops_ratio is not None and r.target is not None and r.flops_ratio <= r.target
+                    and self.measured[trial.number] <= self.latency)
+        return bool(r.feasible)
+
+
+def feasible_check(study: optuna.Study, flops: float | None = None) -> Callable[[FrozenTrial], bool]:
+    """A function that says whether a trial of ``study`` is feasible (see :func:`ranked_trials`)."""
+    return _Feasibility(study, flops)
 
 
 def ranked_trials(study: optuna.Study, flops: float | None = None) -> list[FrozenTrial]:
     """Complete trials, best first: feasible ones (at or under the target, and under ``flops`` if
-    given) by accuracy, ties by fewer FLOPs; then the others by accuracy. The one ranking every
-    command uses."""
+    given; with a latency target, by the measured latency ratio where the trial was timed, else by
+    the predicted one) by accuracy, ties by fewer FLOPs; then the others by accuracy. The one ranking
+    every command uses."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    feasible = _Feasibility(study, flops)
+
     def ratio(t: FrozenTrial) -> float:
         value = TrialRecord.from_trial(t).flops_ratio
         return 1.0 if value is None else value
 
-    return sorted(complete, key=lambda t: (not _feasible(t, flops), -accuracy_of(t), ratio(t), t.number))
+    return sorted(complete, key=lambda t: (not feasible(t), -accuracy_of(t), ratio(t), t.number))
 
 
 def best_trial(study: optuna.Study, flops: float | None = None) -> FrozenTrial | None:
     """The most accurate feasible trial (measured FLOPs at or under the target, and at or under
-    ``flops`` if given: a study over a range of targets answers for any budget in it), or ``None``."""
+    ``flops`` if given: a study over a range of targets answers for any budget in it; with a latency
+    target, at or under it as measured or, where not timed, as predicted), or ``None``."""
     ranked = ranked_trials(study, flops)
-    return ranked[0] if ranked and _feasible(ranked[0], flops) else None
+    return ranked[0] if ranked and _Feasibility(study, flops)(ranked[0]) else None
 
 
-def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
-    """What ``search show`` prints of one trial."""
+def trial_summary(trial: FrozenTrial, measured: dict[int, float] | None = None) -> dict[str, Any]:
+    """What ``search show`` prints of one trial (``measured``: trial number -> measured latency ratio,
+    :meth:`StudyRecord.measured_latency`)."""
     r = TrialRecord.from_trial(trial)
     layers = (r.plan or {}).get("layers", [])
     ops = [layer["op"] for layer in layers] or list(r.ops or [])
@@ -90,6 +115,8 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
         "flops_ratio": r.flops_ratio,
         "gmacs": r.gmacs,
         "feasible": r.feasible,
+        "predicted_latency_ratio": r.predicted_latency_ratio,
+        "measured_latency_ratio": (measured or {}).get(trial.number),
         "ops": ops,
         "keeps": [layer["keep"] for layer in layers],
         "duration_s": duration,
@@ -106,7 +133,8 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
         study = optuna.load_study(study_name=s.study_name, storage=storage)
         trials = study.get_trials(deepcopy=False)
         best = best_trial(study)
-        config = StudyRecord.from_study(s).config or {}
+        record = StudyRecord.from_study(s)
+        config = record.config or {}
         out.append({
             "study": s.study_name,
             "target_flops_ratio": config.get("flops"),
@@ -120,6 +148,10 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             "best_trial": None if best is None else best.number,
             "best_top1": None if best is None else accuracy_of(best),
             "best_flops_ratio": None if best is None else TrialRecord.from_trial(best).flops_ratio,
+            "target_latency_ratio": config.get("latency"),
+            "latency_batch": config.get("latency_batch") if config.get("latency") is not None else None,
+            "best_predicted_latency_ratio": None if best is None else TrialRecord.from_trial(best).predicted_latency_ratio,
+            "best_measured_latency_ratio": None if best is None else record.measured_latency().get(best.number),
             "started": min((t.datetime_start for t in trials if t.datetime_start), default=None),
         })
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial
 
 import ltmp_core
@@ -21,6 +22,8 @@ from ltmp_core import LTMPError, ViTGeometry
 from spaces import get_space
 
 from ..setup.config import StudyConfig, differences
+from ..setup.timing import check_timeable
+from .latency_study import check_latency, study_latency_model
 from .objective import METRIC_NAME, METRIC_NAMES, Objective, TrialHooks
 from .record import StudyRecord
 from .refine import refine_study
@@ -45,6 +48,10 @@ class RunResult:
     #: Trials the refine stage added in this run (``--refine-top``).
     refined: list[int] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: With ``--latency``: the fingerprint of the device whose latency model predicted, and the trials
+    #: this run timed for real (:func:`search.study.latency_study.check_latency`).
+    latency_device: str | None = None
+    latency_checks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _check_resume(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig) -> None:
@@ -76,6 +83,7 @@ def run(
     on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     on_refined: Callable[[FrozenTrial | None, FrozenTrial, str | None], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Create or resume a study and run trials until it has ``config.n_trials`` finished ones.
 
@@ -86,11 +94,16 @@ def run(
     With ``config.refine_top``, the refine stage follows the trials (:mod:`search.study.refine`), under
     the study's lock, so two processes that finish together do not refine one shape twice;
     ``on_refined`` is told of each refined shape.
+
+    With ``config.latency``, the study's latency model of this device is read (or measured) before the
+    trials, and the best trials are timed for real after them (``on_note`` hears of both).
     """
     from ..present.dashboard import artifact_dir, recorder_for, save_study_note
 
     if jobs < 1:
         raise LTMPError(f"--jobs: must be >= 1, got {jobs}")
+    if config.latency is not None and config.device != "auto":
+        check_timeable(torch.device(config.device))
     device = resolve_device(config.device)
     data = open_data(config, device)  # the data and model name are checked before the storage is touched
     url = resolve_storage(storage)
@@ -128,10 +141,17 @@ def run(
             study, uid=uuid.uuid4().hex, config=config.to_dict(), unreduced_gmacs=ltmp_core.unreduced_macs(geometry) / 1e9,
             base={**base_info, "evaluated_accuracy": objective.base_accuracy()}, seed_trials=len(first))
     store.sync(study)
+    result_device = None
+    if config.latency is not None:
+        latency_model = study_latency_model(study, objective.bench, config, on_measure=on_note)
+        objective.use_latency(latency_model)
+        result_device = latency_model.fingerprint
     finished = sampled_finished(study)
     if hooks is not None:
         hooks.on_study(finished)
-    result = RunResult(study, url, base=StudyRecord.from_study(study).base or base_info, finished_before=finished)
+    result = RunResult(study, url, base=StudyRecord.from_study(study).base or base_info, finished_before=finished,
+                       latency_device=result_device)
+    bench = objective.bench
     try:
         ensure_slots(study, store, config.n_trials, first)
         if jobs == 1:
@@ -143,9 +163,15 @@ def run(
         if config.refine_top:
             if jobs > 1:  # the workers had the objective; this process opens its own
                 objective = Objective.open(config, hooks, data=data)
+                if config.latency is not None:
+                    objective.use_latency(latency_model)
             with store.lock(name):
                 result.refined = refine_study(study, objective, config.refine_top, config.refine_steps, on_refined)
             store.sync(study)
+        if config.latency is not None:
+            if on_note is not None:
+                on_note("timing the best trials for real (plan and unreduced model interleaved, median of 3)")
+            result.latency_checks = check_latency(study, bench, config)
         save_study_note(study, best_trial(study))
     finally:
         store.dispose()

@@ -1,0 +1,109 @@
+"""Timing models side by side: a plan's time over its unreduced model's, measured in one process.
+
+The models alternate (one ``torch.utils.benchmark.Timer.blocked_autorange`` block each, in turn),
+so that load on a shared machine hits them alike; the ratio of every repeat is taken within that
+repeat, and the median over the repeats is the answer. ``Timer`` keeps the thread count of this
+process (``num_threads``) and synchronises CUDA around its blocks.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.benchmark import Timer
+
+from ltmp_core import LTMPError
+
+__all__ = ["check_timeable", "device_fingerprint", "time_interleaved", "latency_ratio", "Ratio"]
+
+
+def check_timeable(device: torch.device, where: str = "--device") -> None:
+    """An error naming ``where`` unless ``device`` is one this module can time (the CPU, or CUDA that is there)."""
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LTMPError(f"{where}: {device} cannot be timed here (no CUDA device); a latency budget is measured on "
+                            "the device it is for")
+        return
+    raise LTMPError(f"{where}: {device} cannot be timed (latency budgets are measured on cpu or cuda)")
+
+
+def device_fingerprint(device: torch.device) -> str:
+    """What makes timings of one machine comparable with another's: the processor (CPU model and torch's
+    thread count, or the CUDA device's name and capability) and the torch version."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        chip = f"{torch.cuda.get_device_name(index)} sm{major}{minor}"
+    else:
+        chip = f"{_cpu_model()} x{torch.get_num_threads()} threads"
+    return f"{chip} | torch {torch.__version__.split('+')[0]}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def time_interleaved(runners: Sequence[Callable[[], Any]], *, repeats: int = 3,
+                     min_run_time: float = 0.2) -> list[list[float]]:
+    """Seconds per call of every runner, one list per runner with one median per repeat.
+
+    In every repeat the runners take turns, each timed by ``Timer.blocked_autorange`` for about
+    ``min_run_time`` seconds (after one untimed call).
+    """
+    out: list[list[float]] = [[] for _ in runners]
+    for _ in range(repeats):
+        for i, run in enumerate(runners):
+            run()
+            timer = Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
+            out[i].append(timer.blocked_autorange(min_run_time=min_run_time).median)
+    return out
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A measured latency ratio.
+
+    Attributes:
+        ratio: Median over the repeats of (plan's time / unreduced model's time) within each repeat.
+        spread: Half the range of the per-repeat ratios (the noise of this measurement).
+        base_s: Median seconds per batch of the unreduced model.
+        plan_s: Median seconds per batch of the plan.
+    """
+
+    ratio: float
+    spread: float
+    base_s: float
+    plan_s: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"ratio": self.ratio, "spread": self.spread, "base_s": self.base_s, "plan_s": self.plan_s}
+
+
+def latency_ratio(base: nn.Module, reduced: nn.Module, images: torch.Tensor, *, repeats: int = 3,
+                  min_run_time: float = 0.2) -> Ratio:
+    """The time of ``reduced`` over ``base`` on ``images`` (one batch), interleaved (:func:`time_interleaved`)."""
+    def call(model: nn.Module) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode():
+                return model(images)
+        return run
+
+    base_t, plan_t = time_interleaved([call(base.eval()), call(reduced.eval())], repeats=repeats,
+                                      min_run_time=min_run_time)
+    ratios = [p / b for p, b in zip(plan_t, base_t)]
+    return Ratio(statistics.median(ratios), (max(ratios) - min(ratios)) / 2, statistics.median(base_t),
+                 statistics.median(plan_t))

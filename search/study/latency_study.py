@@ -1,0 +1,123 @@
+"""A study with a latency budget: its latency models (one per kind of device), and the real timing of
+its best trials after a run.
+
+The latency model of a device (:class:`search.setup.latency.LatencyModel`) is measured once and kept
+in the study (user attribute ``latency_models``, keyed by device fingerprint, batch and mode), so
+every worker on the same kind of device predicts with the same model. A study whose models were all
+measured on other devices is refused unless ``--latency-remeasure`` asks for one of this device.
+
+After the trials, the best feasible trials are timed for real (:func:`check_latency`): plan and
+unreduced model interleaved in this process, median of three repeats, until one meets the target and
+at least :data:`MIN_CHECKS` are timed. From then on the measured ratio decides a checked trial's
+feasibility (:func:`search.study.results.ranked_trials`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optuna
+import torch
+
+from ltmp_core import LTMPError, ReductionPlan
+
+from ..setup.config import StudyConfig, label
+from ..setup.latency import LatencyModel, kinds_for, measure_latency_model, model_key
+from ..setup.timing import check_timeable, device_fingerprint, latency_ratio
+from ..setup.workbench import Workbench
+from .record import StudyRecord, TrialRecord
+from .results import feasible_check, ranked_trials
+
+__all__ = ["study_latency_model", "check_latency", "MIN_CHECKS", "MAX_CHECKS", "ERROR_BOUND"]
+
+#: Trials timed after a run at least (while there are feasible ones), and at most.
+MIN_CHECKS, MAX_CHECKS = 3, 8
+#: A prediction further than this from the measured ratio is reported.
+ERROR_BOUND = 0.10
+
+
+def study_latency_model(study: optuna.Study, bench: Workbench, config: StudyConfig, *,
+                        remeasure: bool | None = None,
+                        on_measure: Callable[[str], None] | None = None) -> LatencyModel:
+    """The study's latency model of this device, measured and stored first if the study has none.
+
+    Raises:
+        LTMPError: the device cannot be timed, or the study's models are of other devices and
+            ``remeasure`` (default ``config.latency_remeasure``) is not set.
+    """
+    check_timeable(bench.device, label("device"))
+    fingerprint = device_fingerprint(bench.device)
+    key = model_key(fingerprint, config.latency_batch, config.latency_mode)
+    models = dict(StudyRecord.from_study(study).latency_models or {})
+    if key in models:
+        return LatencyModel.from_dict(models[key])
+    others = [LatencyModel.from_dict(m) for m in models.values()]
+    same_setting = [m for m in others if m.batch == config.latency_batch and m.mode == config.latency_mode]
+    allow = config.latency_remeasure if remeasure is None else remeasure
+    if same_setting and not allow:
+        raise LTMPError(f"{label('latency')}: the study's latency model was measured on another device "
+                        f"({same_setting[0].fingerprint}), not on this one ({fingerprint}); run it there, or pass "
+                        "--latency-remeasure to measure one here (its trials then mix devices)")
+    if on_measure is not None:
+        on_measure(f"measuring the latency model of this device ({fingerprint}, batch {config.latency_batch}, "
+                   f"{config.latency_mode}); once per study and device")
+    model = measure_latency_model(bench.base, kinds_for(config.ops, config.importance), batch=config.latency_batch,
+                                  mode=config.latency_mode, device=bench.device)
+    models[model.key] = model.to_dict()
+    StudyRecord.write(study, latency_models=models)
+    return model
+
+
+def _images(bench: Workbench, batch: int) -> torch.Tensor:
+    g = bench.geometry
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, *g.img_size, generator=generator).to(bench.device)
+
+
+def _candidate(study: optuna.Study, checked: set[int]) -> optuna.trial.FrozenTrial | None:
+    """The best trial, feasible by what is known of it, that has not been timed yet."""
+    feasible = feasible_check(study)
+    for trial in ranked_trials(study):
+        if not feasible(trial):
+            return None  # ranked: the feasible ones come first
+        if trial.number not in checked:
+            return trial
+    return None
+
+
+def check_latency(study: optuna.Study, bench: Workbench, config: StudyConfig, *, repeats: int = 3,
+                  on_check: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Time the best feasible trials for real, until one meets the latency target and at least
+    :data:`MIN_CHECKS` are timed (at most :data:`MAX_CHECKS`); every check is stored in the study's
+    ``latency_checks`` at once. Returns this call's checks (``on_check`` sees each)."""
+    record = StudyRecord.from_study(study)
+    checks = list(record.latency_checks or [])
+    fingerprint = device_fingerprint(bench.device)
+    checked = {c["trial"] for c in checks if c.get("device") == fingerprint and c.get("batch") == config.latency_batch}
+    x = _images(bench, config.latency_batch)
+    new: list[dict[str, Any]] = []
+    met = any(c["feasible"] for c in checks if c["trial"] in checked)
+    while len(new) < MAX_CHECKS and not (met and len(checked) >= MIN_CHECKS):
+        trial = _candidate(study, checked)
+        if trial is None:
+            break
+        r = TrialRecord.from_trial(trial)
+        plan = ReductionPlan.from_dict(r.plan)
+        reduced, _ = bench.reduced(plan, config.latency_mode)
+        measured = latency_ratio(bench.base, reduced, x, repeats=repeats)
+        check = {
+            "trial": trial.number, "predicted": r.predicted_latency_ratio, "measured": measured.ratio,
+            "spread": measured.spread, "error": None if r.predicted_latency_ratio is None
+            else r.predicted_latency_ratio / measured.ratio - 1.0,
+            "feasible": measured.ratio <= config.latency, "target": config.latency, "device": fingerprint,
+            "batch": config.latency_batch, "mode": config.latency_mode, "base_ms": 1000 * measured.base_s,
+            "plan_ms": 1000 * measured.plan_s, "repeats": repeats,
+        }
+        checks = [c for c in checks if not (c["trial"] == trial.number and c.get("device") == fingerprint)] + [check]
+        StudyRecord.write(study, latency_checks=checks)
+        checked.add(trial.number)
+        met = met or check["feasible"]
+        new.append(check)
+        if on_check is not None:
+            on_check(check)
+    return new

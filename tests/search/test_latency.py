@@ -1,0 +1,170 @@
+"""Latency as the budget: the latency model against real timings, its storage in a study, refusals, and
+`search run --latency` end to end on the embedded default's model and data."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import timm
+import torch
+
+import ltmp_core
+import search.setup.models  # noqa: F401  (registers ltmp_vit_mnist)
+from ltmp_core import LTMPError
+from search.setup.config import StudyConfig
+from search.setup.latency import Curve, LatencyModel, kinds_for, measure_latency_model
+from search.setup.timing import device_fingerprint, latency_ratio
+from search.study.latency_study import study_latency_model
+from search.study.record import StudyRecord
+from tests.search.helpers import cli, folder_with, isolate, preset
+
+BATCH = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread, as a latency study on a shared 2-core machine should run: two threads wait for each other
+    under load and every timing (and the test's time) grows manyfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("ltmp_vit_mnist", img_size=32).eval()  # speed does not depend on the weights
+
+
+@pytest.fixture(scope="module")
+def measured(vit) -> LatencyModel:
+    return measure_latency_model(vit, kinds_for(["merge"], ["cls"]), batch=BATCH, seconds=2.0)
+
+
+def test_curve_is_piecewise_linear_and_never_falls():
+    # Hand-computed: the means at 10 (1.0) and 20 (0.8) violate the order and pool to 0.9.
+    curve = Curve.fit([(10, 1.0), (10, 1.0), (20, 0.8), (20, 0.8), (40, 2.0)])
+    assert curve.seconds == pytest.approx([0.9, 0.9, 2.0])
+    assert curve(30) == pytest.approx(1.45)  # halfway between (20, 0.9) and (40, 2.0)
+    assert curve(5) == pytest.approx(0.9) and curve(80) == pytest.approx(2.0)  # flat beyond the measured counts
+
+
+def test_fewer_tokens_are_never_predicted_slower(measured, vit):
+    g = ltmp_core.ViTGeometry.from_model(vit)
+    ratios = [measured.ratio(ltmp_core.make_plan(vit, op="merge", keep=k), g) for k in (0.95, 0.9, 0.8, 0.7, 0.6)]
+    assert ratios == sorted(ratios, reverse=True)
+    assert measured.unreduced_seconds() > 0
+
+
+def test_prediction_agrees_with_a_real_timing(measured, vit):
+    """A plan the probes did not run, timed for real (interleaved with the unreduced model): the prediction is
+    within a loose bound (a shared machine's load moves single timings by tens of percent)."""
+    g = ltmp_core.ViTGeometry.from_model(vit)
+    plan = ltmp_core.make_plan(vit, op="merge", keep=0.85)
+    real = latency_ratio(vit, ltmp_core.apply_plan(copy.deepcopy(vit), plan, mode="static"),
+                         torch.randn(BATCH, 3, 32, 32), repeats=3, min_run_time=0.1)
+    predicted = measured.ratio(plan, g)
+    assert 0.5 < predicted / real.ratio < 2.0, (predicted, real)
+
+
+def test_a_model_survives_a_sqlite_study_and_another_devices_model_is_refused(measured, vit, tmp_path):
+    url = f"sqlite:///{tmp_path / 'latency.db'}"
+    study = optuna.create_study(study_name="s", storage=url)
+    foreign = LatencyModel.from_dict({**measured.to_dict(), "fingerprint": "Another CPU x64 threads | torch 0.1"})
+    StudyRecord.write(study, latency_models={foreign.key: foreign.to_dict()})
+    reread = optuna.load_study(study_name="s", storage=optuna.storages.RDBStorage(url))
+    stored = StudyRecord.from_study(reread).latency_models
+    assert LatencyModel.from_dict(stored[foreign.key]) == foreign  # JSON round trip through the database
+
+    config = StudyConfig(latency=0.8, latency_batch=BATCH, ops=("merge",), importance=("cls",))
+    bench = SimpleNamespace(device=torch.device("cpu"), base=vit)
+    with pytest.raises(LTMPError, match="another device.*--latency-remeasure"):
+        study_latency_model(reread, bench, config)
+    own = study_latency_model(reread, bench, config, remeasure=True)
+    assert own.fingerprint == device_fingerprint(torch.device("cpu")) != foreign.fingerprint
+    keys = set(StudyRecord.from_study(optuna.load_study(study_name="s", storage=url)).latency_models)
+    assert keys == {foreign.key, own.key}
+
+
+MNIST_SMALL = preset(model="ltmp_vit_mnist", data="mnist", holdout=100, test_images=100, calib_images=64,
+                     batch_size=100, trial_steps=0, space="structured", ops=["merge"], importance=["cls"], n_trials=2)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return folder_with(tmp_path_factory, "latency", {"small.toml": MNIST_SMALL,
+                                                     "digits.toml": preset(base_epochs=1, n_trials=1)})
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--latency", "0"], "--latency"),
+    (["--latency", "1.5"], "--latency"),
+    (["--latency", "0.5", "--latency-mode", "dynamic"], "--latency-mode"),
+    (["--latency", "0.5", "--latency-margin", "0.7"], "--latency-margin"),
+])
+def test_bad_latency_input_is_one_line_and_exit_2(workdir, monkeypatch, args, flag):
+    isolate(monkeypatch, workdir)
+    code, out, err = cli("run", "--preset", "digits.toml", "--storage", f"sqlite:///{workdir / 'bad.db'}", *args)
+    assert code == 2 and err.count("\n") == 1 and flag in err, err
+    assert not (workdir / "bad.db").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_that_cannot_be_timed_is_one_line_and_exit_2(workdir, monkeypatch):
+    isolate(monkeypatch, workdir)
+    code, _, err = cli("run", "--preset", "digits.toml", "--latency", "0.5", "--device", "cuda",
+                       "--storage", f"sqlite:///{workdir / 'cuda.db'}")
+    assert code == 2 and err.count("\n") == 1 and "--device" in err, err
+
+
+def test_a_study_measured_on_another_device_is_refused_by_the_command(workdir, monkeypatch, measured):
+    isolate(monkeypatch, workdir)
+    url = f"sqlite:///{workdir / 'foreign.db'}"
+    study = optuna.create_study(study_name="foreign", storage=url, direction="maximize")
+    foreign = {**measured.to_dict(), "fingerprint": "Another CPU x64 threads | torch 0.1", "batch": 1}
+    StudyRecord.write(study, latency_models={"another": foreign})
+    code, _, err = cli("run", "--preset", "digits.toml", "--latency", "0.9", "--storage", url, "--study-name", "foreign",
+                       "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "another device" in err and "--latency-remeasure" in err, err
+
+
+def test_search_run_with_a_latency_budget_end_to_end(workdir, monkeypatch):
+    isolate(monkeypatch, workdir)
+    url = f"sqlite:///{workdir / 'run.db'}"
+    code, out, err = cli("run", "--preset", "small.toml", "--flops", "0.5", "--latency", "0.9", "--latency-batch", "16",
+                         "--storage", url, "--study-name", "lat", "--quiet", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["target_latency_ratio"] == 0.9 and result["latency_device"] == device_fingerprint(torch.device("cpu"))
+    study = optuna.load_study(study_name="lat", storage=url)
+    record = StudyRecord.from_study(study)
+    assert [m["batch"] for m in record.latency_models.values()] == [16]
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    for t in complete:
+        a = t.user_attrs
+        # Optuna's second constraint is the predicted latency ratio over the target, and feasibility needs both.
+        assert t.constraints["latency"] == pytest.approx(a["predicted_latency_ratio"] - 0.9)
+        assert a["feasible"] == (a["flops_ratio"] <= 0.5 and a["predicted_latency_ratio"] <= 0.9)
+    checks = record.latency_checks or []
+    assert [c["trial"] for c in checks] == [c["trial"] for c in result["latency_checks"]]
+    for c in checks:
+        assert c["measured"] > 0 and c["feasible"] == (c["measured"] <= 0.9)
+        assert c["error"] == pytest.approx(c["predicted"] / c["measured"] - 1)
+    code, out, _ = cli("show", "lat", "--storage", url, "--json")
+    shown = json.loads(out)
+    assert shown["target_latency_ratio"] == 0.9
+    measured_rows = {r["number"]: r["measured_latency_ratio"] for r in shown["trials"]}
+    assert all(measured_rows[c["trial"]] == c["measured"] for c in checks)
+    code, out, _ = cli("studies", "--storage", url, "--json")
+    assert json.loads(out)[0]["target_latency_ratio"] == 0.9
+    if result["best"] is not None:
+        code, out, err = cli("export", "lat", "--storage", url, "-o", str(workdir / "plan.json"), "--json")
+        meta = json.loads(out)["plan"]["meta"]
+        assert code == 0 and meta["target_latency_ratio"] == 0.9 and meta["latency_batch"] == 16
+        assert meta["predicted_latency_ratio"] == result["best"]["predicted_latency_ratio"]
+        assert meta["measured_latency_ratio"] == record.measured_latency().get(result["best"]["number"])
