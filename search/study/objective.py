@@ -18,7 +18,9 @@ ratio (down), and every trial draws its own target from the part of the range it
 With a latency target (``--latency R``), the study's latency model of this device
 (:mod:`search.setup.latency`) predicts each plan's time over the unreduced model's: a solved trial
 lowers its FLOPs aim by bisection until the prediction meets ``R`` less ``--latency-margin``
-(:meth:`Objective._meet_latency`), and the scored plan's prediction is a second constraint.
+(:meth:`Objective._meet_latency`), and the scored plan's prediction is a second constraint. The latency is
+static mode's, so such a trial is scored in static mode: each layer keeps, as a fixed count, what its solved
+threshold kept of the calibration batch (:meth:`Objective._as_static`).
 """
 
 from __future__ import annotations
@@ -407,6 +409,8 @@ class Objective:
         """Top-1 on the select split with tokens removed; the measured FLOPs ratio is the constraint, and
         with a latency target the plan's predicted latency ratio too."""
         c = self.config
+        if self.latency is not None and mode == "dynamic":
+            model, mode = self._as_static(model, plan, meter), "static"
         self.hooks.on_phase("score")
         result = evaluate(model, self.data.holdout_batches(batch_size), device=self.device, amp=self.amp, mode=mode)
         meter.forward(result.images)
@@ -438,6 +442,18 @@ class Objective:
         if self.space.tune and recipe.steps:
             trial.report(result.accuracy, recipe.steps)
         return result.accuracy
+
+    def _as_static(self, model: nn.Module, plan: ltmp_core.ReductionPlan, meter: ComputeMeter) -> nn.Module:
+        """The model in the mode its latency is predicted and timed in (``--latency-mode static``): each
+        layer keeps what its solved threshold kept of the calibration batch, as a fixed count. A latency
+        study scores this, so the plan it names is the plan that runs at the latency it names."""
+        ltmp_core.set_mode(model, "dynamic")
+        with torch.no_grad():
+            _, kept = ltmp_core.measure_flops(model, [self.calibration.to(self.device)])
+        meter.forward(len(self.calibration))
+        fixed = replace(ltmp_core.measured_plan(ltmp_core.get_plan(model), kept, self.geometry), meta=plan.meta)
+        ltmp_core.remove_plan(model)
+        return ltmp_core.apply_plan(model, fixed, mode="static")
 
     def _report(self, trial: optuna.Trial, model: nn.Module, step: int, batch_size: int,
                 meter: ComputeMeter) -> None:

@@ -168,3 +168,10 @@ def test_search_run_with_a_latency_budget_end_to_end(workdir, monkeypatch):
         assert code == 0 and meta["target_latency_ratio"] == 0.9 and meta["latency_batch"] == 16
         assert meta["predicted_latency_ratio"] == result["best"]["predicted_latency_ratio"]
         assert meta["measured_latency_ratio"] == record.measured_latency().get(result["best"]["number"])
+        # The latency is static mode's, so the study scored the plan as static mode runs it: the exported
+        # plan, applied afresh with fixed counts, scores the best trial's value on the select split.
+        code, out, err = cli("validate", str(workdir / "plan.json"), "--preset", "small.toml", "--split", "select",
+                             "--mode", "static", "--json")
+        assert code == 0, err
+        assert json.loads(out)["top1"] == pytest.approx(result["best"]["top1"], abs=1e-9)
+    assert complete and all(t.user_attrs["eval_mode"] == "static" for t in complete)
