@@ -571,10 +571,12 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
             most, least = -1.0 - max(used) - 1e-3, 1.0 - min(used) + 1e-3
         else:  # importance >= 0: at 0 nothing is pruned; raise the shift until the target is met
             least, most = -max(used), 1.0 - min(used)
-            while ratio(most) > flops and most < 2.0 ** 30:
-                least, most = most, 2.0 * most + 1.0
+            step = 1.0  # the shift grows by doubling steps (whatever sign the offsets give ``most``)
+            while ratio(most) > flops and most - least < 2.0 ** 30:
+                least, most, step = most, most + step, 2.0 * step
         lowest = ratio(most)
         if lowest > flops:
+            set_thresholds(model, name, offsets)  # as they were: a caller may retry from them
             raise Unreachable(f"flops: a FLOPs ratio of {flops:.3f} cannot be reached by shifting the {name}s "
                               f"(the lowest reachable on these images is {lowest:.3f})", lowest)
         feasible = least if ratio(least) <= flops else most

@@ -377,6 +377,16 @@ def test_calibrate_to_flops_solves_prune_thresholds_without_merges_and_says_what
         ltmp_core.calibrate_to_flops(one, x, 0.3)
     # Merging only in the last of 4 blocks cannot take more than a quarter of the MACs away.
     assert 0.75 < e.value.lowest < 1.0 and isinstance(e.value, LTMPError)
+    # The thresholds it could not solve are left as they were, so a caller may retry from them.
+    before = [layer.prune_threshold for layer in solved.layers]
+    with pytest.raises(ltmp_core.Unreachable):
+        ltmp_core.calibrate_to_flops(model, x, 0.01)
+    assert [layer.prune_threshold for layer in ltmp_core.get_plan(model).layers] == pytest.approx(before)
+    # Offsets far above any importance (a shift solved before, then solved again): still solved, from below.
+    ltmp_core.set_thresholds(model, "prune_threshold", [None, 1e6, None, 1e6 + 0.5])
+    again = ltmp_core.calibrate_to_flops(model, x, 0.8)
+    assert again.layers[3].prune_threshold - again.layers[1].prune_threshold == pytest.approx(0.5, rel=1e-3)
+    assert 0.8 - 0.02 <= _measured(model, x) <= 0.8
     both = tiny_model("deit_small")
     ltmp_core.apply_plan(both, ltmp_core.make_plan(both, op="merge+prune", keep=0.9), mode="static")
     with pytest.raises(LTMPError, match=r"layers\[0\]\.prune_threshold: not set"):
