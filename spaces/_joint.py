@@ -55,6 +55,7 @@ def _seeds(geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str])
     description="the structured token shape plus a per-block cut of attention heads and MLP units "
                 "(torch-pruning); one FLOPs target for both",
     seeds=_seeds,
+    cuts_width=True,
 )
 def joint(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str],
           importance: Sequence[str] = ("mean",)) -> ReductionPlan:

@@ -50,6 +50,8 @@ class Space:
         seeds: ``seeds(geometry, ops, importance)``: the plans a new study of this space starts from
             (the published methods' shapes), as ``{label: parameters}`` in order, or ``None``. The
             label names the method on the trial (its record's ``seed_of``), in tables and the dashboard.
+        cuts_width: Whether its plans may cut heads and MLP units as well as tokens (a latency model
+            measured on full-width blocks cannot predict those, so ``--latency`` refuses such a space).
     """
 
     name: str
@@ -58,6 +60,7 @@ class Space:
     tune: bool = True
     description: str = ""
     seeds: SeedFn | None = None
+    cuts_width: bool = False
 
     def seeded(self, geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         """``(label, parameters)`` of a new study's first trials (none for a space without seeds)."""
@@ -72,7 +75,7 @@ SPACES: dict[str, Space] = {}
 
 
 def register_space(name: str, *, budget: str = "layer", tune: bool = True, description: str = "",
-                   seeds: SeedFn | None = None):
+                   seeds: SeedFn | None = None, cuts_width: bool = False):
     """Register ``fn(trial, geometry, target, *, ops, importance) -> ReductionPlan`` as space ``name``.
 
     Registering a name again replaces the space, with a warning (as timm's model registry does).
@@ -84,7 +87,7 @@ def register_space(name: str, *, budget: str = "layer", tune: bool = True, descr
         if name in SPACES:
             warnings.warn(f"Overwriting search space {name!r} ({SPACES[name].fn.__qualname__}) with "
                           f"{fn.__qualname__}", stacklevel=2)
-        SPACES[name] = Space(name, fn, budget, tune, description, seeds)
+        SPACES[name] = Space(name, fn, budget, tune, description, seeds, cuts_width)
         return fn
 
     return wrap

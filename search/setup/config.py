@@ -299,6 +299,11 @@ def _check(c: StudyConfig) -> None:
                             "image's token counts); use --latency-mode static")
         if c.flops_min is not None:
             raise LTMPError(f"{label('latency')}: not with a range of FLOPs targets (--flops LO:HI)")
+        from spaces import SPACES
+
+        if SPACES[c.space].cuts_width:
+            raise LTMPError(f"{label('latency')}: not with --space {c.space}: the latency model is measured on "
+                            "full-width blocks and cannot predict plans that cut heads and MLP units")
     check_margin(c.latency_margin, label("latency_margin"))
     if c.flops_min is not None and not 0.0 < c.flops_min < c.flops:
         raise LTMPError(f"{label('flops')}: a range LO:HI needs 0 < LO < HI, got {c.flops_min}:{c.flops}")

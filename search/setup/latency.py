@@ -172,6 +172,9 @@ class LatencyModel:
         if geometry.num_tokens != self.num_tokens or plan.depth != self.depth:
             raise LTMPError(f"latency model: measured on a model of {self.depth} blocks and {self.num_tokens} tokens, "
                             f"not {plan.depth} and {geometry.num_tokens}")
+        if plan.cuts_width:
+            raise LTMPError("latency model: measured on full-width blocks; it cannot predict a plan that cuts heads "
+                            "or MLP units")
         kinds = [kind_of(layer) for layer in plan.layers]
         return self.seconds(plan_counts(plan, geometry), kinds) / self.unreduced_seconds()
 

@@ -175,3 +175,22 @@ def test_search_run_with_a_latency_budget_end_to_end(workdir, monkeypatch):
         assert code == 0, err
         assert json.loads(out)["top1"] == pytest.approx(result["best"]["top1"], abs=1e-9)
     assert complete and all(t.user_attrs["eval_mode"] == "static" for t in complete)
+
+
+def test_a_space_that_cuts_width_is_refused_with_latency(workdir, monkeypatch):
+    """The latency model times full-width blocks: a joint study's plans would get figures for widths they do
+    not have, so --latency refuses the space before anything is written."""
+    isolate(monkeypatch, workdir)
+    code, _, err = cli("run", "--preset", "digits.toml", "--space", "joint", "--latency", "0.5",
+                       "--storage", f"sqlite:///{workdir / 'joint.db'}")
+    assert code == 2 and err.count("\n") == 1 and "--latency" in err and "--space joint" in err, err
+    assert not (workdir / "joint.db").exists()
+
+
+def test_the_latency_model_refuses_a_plan_that_cuts_width(measured, vit):
+    g = ltmp_core.ViTGeometry.from_model(vit)
+    narrow = ltmp_core.make_plan(vit, op="merge", keep=0.9, mlp_hidden=g.mlp_hidden // 2)
+    assert narrow.cuts_width
+    assert measured.ratio(ltmp_core.make_plan(vit, op="merge", keep=0.9), g) > 0  # the same tokens at full width
+    with pytest.raises(LTMPError, match="full-width"):
+        measured.ratio(narrow, g)
