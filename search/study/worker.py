@@ -127,7 +127,12 @@ def _guarded(objective: Objective, n_trials: int | None = None) -> Callable[[opt
         except (optuna.TrialPruned, Surplus):
             raise
         except KeyboardInterrupt:
-            TrialRecord.write(trial, fail_reason="interrupted (Ctrl-C)")
+            run.interrupted = True
+            _release_session(trial.study)
+            try:
+                TrialRecord.write(trial, fail_reason="interrupted (Ctrl-C)")
+            except Exception:  # the storage refused the note: the trial still ends failed, the run still stops
+                _release_session(trial.study)
             raise
         except LTMPError as e:
             TrialRecord.write(trial, fail_reason=f"configuration error: {e}")
@@ -138,7 +143,21 @@ def _guarded(objective: Objective, n_trials: int | None = None) -> Callable[[opt
                 TrialRecord.write(trial, fail_reason=f"{type(e).__name__}: {message}")
             raise TrialFailed(TrialRecord.from_trial(trial).fail_reason or type(e).__name__) from e
 
+    run.interrupted = False
     return run
+
+
+def _release_session(study: optuna.Study) -> None:
+    """Close this thread's session of the study's RDB storage. Optuna rolls a session back when a storage
+    call raises an ``Exception``, not a ``KeyboardInterrupt``: a Ctrl-C that lands inside a storage call
+    leaves its transaction half done, and the next call through that session would carry it on."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    scoped = getattr(backend, "scoped_session", None)
+    if scoped is not None:
+        try:
+            scoped.remove()
+        except Exception:
+            pass
 
 
 def work(
@@ -192,7 +211,15 @@ def _loop(study: optuna.Study, guarded: Callable[[optuna.Trial], float], store: 
                 time.sleep(POLL_S)  # others are running trials: wait, they may go stale
             continue
         before = len(ran)
-        study.optimize(guarded, n_trials=1, catch=(TrialFailed, Surplus), callbacks=[record])
+        try:
+            study.optimize(guarded, n_trials=1, catch=(TrialFailed, Surplus), callbacks=[record])
+        except Exception as e:
+            # After a Ctrl-C, a storage error while the trial is closed (Optuna's tell) must not turn the
+            # interrupt into a crash: the run stops as interrupted, and the trial's heartbeat, no longer
+            # beating, lets the next run fail and retry it if it was left running.
+            if getattr(guarded, "interrupted", False):
+                raise KeyboardInterrupt from e
+            raise
         trial = study.trials[ran[-1]] if len(ran) > before else None
         if trial is not None and trial.state == TrialState.FAIL:
             reason = TrialRecord.from_trial(trial).fail_reason or ""

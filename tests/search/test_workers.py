@@ -258,6 +258,43 @@ def fail_once(monkeypatch, module, name, error: BaseException, times: int = 1):
     return calls
 
 
+def test_ctrl_c_whose_storage_writes_fail_still_exits_130_and_the_study_resumes(workdir, local, monkeypatch):
+    """A Ctrl-C can land while the storage is busy or half way through a call: however the trial's last
+    writes fare (here the fail reason and Optuna's FAIL are both refused once), the run stops as
+    interrupted (130, not a crash), and the next run fails the stale trial and finishes the study."""
+    fail_once(monkeypatch, search.study.objective, "tune_thresholds", KeyboardInterrupt())
+    refused = []
+    rdb = optuna.storages.RDBStorage
+    set_attr, set_state = rdb.set_trial_user_attr, rdb.set_trial_state_values
+
+    def attr(self, trial_id, key, value):
+        if key == "fail_reason" and not refused:
+            refused.append(key)
+            raise optuna.exceptions.StorageInternalError("database is locked")
+        return set_attr(self, trial_id, key, value)
+
+    def state(self, trial_id, state, values=None):
+        if state == TrialState.FAIL and len(refused) == 1:
+            refused.append("FAIL")
+            raise optuna.exceptions.StorageInternalError("database is locked")
+        return set_state(self, trial_id, state, values)
+
+    monkeypatch.setattr(rdb, "set_trial_user_attr", attr)
+    monkeypatch.setattr(rdb, "set_trial_state_values", state)
+    args = ("run", "--flops", "0.5", "--preset", preset_file(workdir, 1, steps=4), "--storage", local, "--study-name", "k")
+    code, _, err = cli(*args)
+    assert code == 130 and refused == ["fail_reason", "FAIL"], (refused, err)
+    assert "interrupted" in err and "Traceback" not in err
+    left = optuna.load_study(study_name="k", storage=local)
+    assert [t.state for t in left.trials if t.state != TrialState.WAITING] == [TrialState.RUNNING]  # neither write landed
+    time.sleep(3.5)  # the heartbeat's grace (3 beats of 1 s) passes: the trial is stale
+    code, _, err = cli(*args, "--quiet")
+    assert code == 0, err
+    study = check_exact(local, "k", 1)
+    stale = study.get_trials(states=(TrialState.FAIL,))
+    assert len(stale) == 1 and stale[0].number == 0
+
+
 def test_nan_loss_fails_the_trial_with_reason_and_the_study_goes_on(workdir, local, monkeypatch):
     original = search.study.tuning.F.cross_entropy
     calls = {"n": 0}
