@@ -279,7 +279,9 @@ def plot(rows: list[dict], path: str, *, setting: str, search: str = SEARCH) -> 
         seeds = len(grouped[method])
         label = f"{method} ({seeds} seed{'s' if seeds > 1 else ''})"
         if len(points) == 1:
-            ax.errorbar(x, y, yerr=[y - low, high - y], fmt="o", capsize=3, label=label)
+            # Equal seeds give a mean a rounding error off their min and max: no bar is below zero.
+            ax.errorbar(x, y, yerr=[np.clip(y - low, 0, None), np.clip(high - y, 0, None)], fmt="o", capsize=3,
+                        label=label)
             continue
         line, = ax.plot(x, y, marker=".", label=label, drawstyle="steps-post" if method == search else "default")
         ax.fill_between(x, low, high, alpha=0.2, color=line.get_color(), step="post" if method == search else None)
