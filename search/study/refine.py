@@ -15,7 +15,9 @@ its parent's parameters and distributions, its own value, FLOPs constraint and r
 (:mod:`search.study.compute`). Refined trials are not slots: they do not count towards
 ``--n-trials`` (:func:`search.study.results.state_counts`), and the best trial, the export and
 ``search show`` read them like any other. A parent is refined once: a resumed study refines only
-shapes that no refined trial came from yet.
+shapes that no refined trial came from yet, and its sampler never models a refined trial
+(:class:`search.study.samplers.SampledTrialsOnly`): more trials after a refine stage are sampled as
+if it had not run.
 """
 
 from __future__ import annotations
