@@ -241,7 +241,7 @@ class _LTMPBlockMixin:
         if steps:
             t = Compact(x=x, index=None, size=p.size, keys=k, importance=scores, num_prefix=st.num_prefix,
                         merge_order=layer.merge_order, squeeze_host=layer.squeeze_host,
-                        inplace=not (torch.is_grad_enabled() and x.requires_grad))
+                        inplace=not (torch.is_grad_enabled() and x.requires_grad), positional=st.positional)
             for i, (stage, r) in enumerate(steps):
                 _tell_later_stages(t, [s for s, _ in steps[i + 1:]])
                 t = stage.static(t, r)

@@ -267,6 +267,8 @@ class Compact:
         num_prefix, merge_order, squeeze_host, needs_metric, needs_importance: as in :class:`Tokens`.
         inplace: The per-token tensors belong to this block alone and no gradient flows: stages may
             write their fused tokens over the old ones in place instead of copying the whole sequence.
+        positional: The block must know where every live token came from (rotary or relative
+            positions read ``index``), so a stage may not start the sequence afresh.
     """
 
     x: Tensor
@@ -281,6 +283,7 @@ class Compact:
     needs_importance: bool = True
     metric: Tensor | None = None
     inplace: bool = False
+    positional: bool = False
 
     @property
     def length(self) -> int:
@@ -364,6 +367,9 @@ def _static_merge(t: Compact, r: int) -> Compact:
     """:func:`merge` on a compact sequence: the ``r`` best-matched sources join their destinations."""
     if r <= 0:
         return t
+    if (t.index is None and t.merge_order == "tome" and not t.positional and not t.needs_metric
+            and not (t.needs_importance and t.importance is not None)):
+        return _merge_afresh(t, r)
     p, n = t.num_prefix, t.length
     # Sources: odd patch ranks ("keep"), or even positions of the whole sequence ("tome", ToMe's split).
     first_src = p + 1 if t.merge_order == "keep" or p % 2 == 1 else p
@@ -390,6 +396,28 @@ def _static_merge(t: Compact, r: int) -> Compact:
         order = stay.argsort(dim=1, descending=True, stable=True)[:, :n - r]
     return _fuse_static(t, host, moved, into, s_host, s_moved, s_host.scatter_add(1, into, s_moved),
                         index=t.positions(order))
+
+
+def _merge_afresh(t: Compact, r: int) -> Compact:
+    """:func:`_static_merge` in ToMe's order as a block's last stage on an untouched sequence: the two
+    halves are strided views and the new sequence is built in one concatenation (prefix, unmerged
+    sources, destinations), with no positions to carry. Same tokens, same values as the general form."""
+    p, n = t.num_prefix, t.length
+    first_src = p + 1 if p % 2 == 1 else p
+    src, dst = slice(first_src, n, 2), slice(p + (first_src == p), n, 2)
+    metric = t.unit_metric().detach()
+    best, dest = (metric[:, src] @ metric[:, dst].transpose(1, 2)).float().max(dim=-1)
+    ranked = best.argsort(dim=1, descending=True, stable=True)
+    merged, kept = ranked[:, :r], ranked[:, r:]
+    unmerged = kept.sort(dim=1).values if p else kept
+    into = dest.gather(1, merged)
+    size = t.sizes()
+    x_src, s_src, s_dst = t.x[:, src], size[:, src], size[:, dst]
+    s_moved = s_src.gather(1, merged)
+    x_dst = _fold_into(t.x[:, dst], s_dst, _gather_rows(x_src, merged), s_moved, into)
+    x = torch.cat([t.x[:, :p], _gather_rows(x_src, unmerged), x_dst], dim=1)
+    size = torch.cat([size[:, :p], s_src.gather(1, unmerged), s_dst.scatter_add(1, into, s_moved)], dim=1)
+    return replace(t, x=x, index=None, size=size, keys=None, metric=None)
 
 
 def _merge_pairs(n: int, r: int) -> int:

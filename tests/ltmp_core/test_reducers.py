@@ -272,6 +272,13 @@ def test_tome_without_a_class_token_keeps_its_edge_order_by_hand():
                 metric=t.metric)
     static = _static_merge(c, 2)
     assert static.index[0].tolist() == [6, 2, 1, 3, 5, 7]
+    # As a block's last stage (nothing later reads the metric) the sequence is built afresh, same tokens.
+    last = Compact(x=t.x, index=None, size=t.size, keys=None, importance=None, num_prefix=0, merge_order="tome",
+                   metric=t.metric, needs_metric=False, needs_importance=False)
+    afresh = _static_merge(last, 2)
+    assert afresh.index is None
+    assert afresh.x[0, :, 0].tolist() == [6, 2, 0.5, 3, 4.5, 7]  # p1+p0 and p5+p4 are means
+    assert afresh.size[0].tolist() == [1, 1, 2, 1, 2, 1]
 
 
 def test_tome_parity_with_a_distillation_token():
