@@ -14,9 +14,12 @@ Each part becomes a curve of seconds against token count (entering tokens for ``
 ``reduce``, per kind of block; leaving tokens for ``mlp``, one curve for all blocks): piecewise
 linear over the measured counts and made non-decreasing. The sum of a plan's parts maps to its
 end-to-end time by a line fitted on the patched probes' unhooked times, taken as the real checks
-take them (``Timer.blocked_autorange``, interleaved): hooks cost time too, and patch embedding and
-head are its constant; the stock model's own unhooked time anchors the unreduced prediction. A plan's predicted latency ratio is its predicted time over
-the unreduced model's.
+take them (``Timer.blocked_autorange``, interleaved with the stock model, :data:`E2E_REPEATS`
+repeats): hooks cost time too, and patch embedding and head are its constant. Each probe's time
+enters the fit as its ratio to the stock model's time in the same repeat (median over the repeats,
+in units of the stock model's median time), so the stock model anchors the unreduced prediction
+through ratios, as robust to a loaded machine as the real checks, not through one timing of its own.
+A plan's predicted latency ratio is its predicted time over the unreduced model's.
 
 The model is keyed by the device's fingerprint (:func:`search.setup.timing.device_fingerprint`),
 the batch size and the mode, and is stored as JSON (:meth:`LatencyModel.to_dict`).
@@ -49,6 +52,8 @@ PROBE_KEEPS = (0.8, 0.93)
 PARTS = ("attention", "reduce", "mlp")
 #: Calls of a probe in a row, with hooks and then without, in every round.
 CALLS = 3
+#: Repeats of the end-to-end timing of every probe (interleaved with the stock model).
+E2E_REPEATS = 3
 
 
 def kind_of(layer: LayerPlan) -> str:
@@ -126,8 +131,9 @@ class LatencyModel:
         scale: End-to-end seconds per second of summed parts (fitted on the patched probes).
         constant: End-to-end seconds of a patched model beyond its scaled parts (patch embedding, head, the
             patch's own work, less what the hooks add).
-        stock_constant: The same for the stock (unreduced) model, from its own end-to-end time.
-        probes: The probes' measured and predicted end-to-end seconds (how well the model fits).
+        stock_constant: The same for the stock (unreduced) model, from its median end-to-end time.
+        probes: The probes' measured and predicted end-to-end seconds (how well the model fits); measured
+            as the median ratio to the stock model within a repeat, times the stock model's median time.
         measured_s: Seconds the measurement took.
     """
 
@@ -315,7 +321,7 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
         return run
 
     # End to end, without hooks, timed as the checks after a run time plans (one Timer block each, in turn).
-    whole = dict(zip(models, time_interleaved([call(m) for m in models.values()], repeats=1,
+    whole = dict(zip(models, time_interleaved([call(m) for m in models.values()], repeats=E2E_REPEATS,
                                               min_run_time=min_run_time)))
     samples: dict[str, dict[str, list[tuple[float, float]]]] = {"attention": {}, "reduce": {}}
     mlp: list[tuple[float, float]] = []
@@ -328,13 +334,17 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
             samples["attention"].setdefault(kinds_here[i], []).append((c[i], float(att)))
             samples["reduce"].setdefault(kinds_here[i], []).append((c[i], float(red)))
             mlp.append((c[i + 1], float(mlp_s)))
-    e2e = {name: statistics.median(v) for name, v in whole.items()}
     # Every patched probe has the same blocks, hooks, embedding and head: their end-to-end times are a
-    # line in their summed parts (what the hooks add, and what the parts miss); the stock model's own
-    # time is measured.
+    # line in their summed parts (what the hooks add, and what the parts miss). The line is fitted to
+    # each probe's time as a ratio to the stock model's in the same repeat (median over the repeats),
+    # in units of the stock model's median time: a single timing of the stock model moves by tens of
+    # percent on a loaded machine and would shift every predicted ratio with it, while ratios taken
+    # within a repeat are what the real checks measure. The stock model's constant closes the line at 1.
+    base = statistics.median(whole["unreduced"])
+    e2e = {name: base * statistics.median(t / u for t, u in zip(v, whole["unreduced"])) for name, v in whole.items()}
     patched = [n for n in models if n != "unreduced"]
     scale, constant = _line([part_sums[n] for n in patched], [e2e[n] for n in patched])
-    stock = e2e["unreduced"] - scale * part_sums["unreduced"]
+    stock = base - scale * part_sums["unreduced"]
     model = LatencyModel(
         device_fingerprint(device), batch, mode, geometry.num_tokens, geometry.depth,
         {k: Curve.fit(v) for k, v in samples["attention"].items()}, {k: Curve.fit(v) for k, v in samples["reduce"].items()},

@@ -72,6 +72,25 @@ def test_prediction_agrees_with_a_real_timing(measured, vit):
     assert 0.5 < predicted / real.ratio < 2.0, (predicted, real)
 
 
+def test_a_load_spike_on_one_timing_of_the_stock_model_does_not_move_the_fit(vit, monkeypatch):
+    """End-to-end timings with a spike: in the first repeat the stock model's block takes twice as long (load
+    that hit it alone). The fit reads every probe as its ratio to the stock model within a repeat, median over
+    the repeats, so it sees the steady times (hand-set here: the stock model 10 ms, probe i 10 - i ms)."""
+    import search.setup.latency as latency
+
+    def steady_with_a_spike(runners, *, repeats, min_run_time):
+        out = [[(10.0 - i) / 1000] * repeats for i in range(len(runners))]
+        out[0][0] *= 2  # the stock model ("unreduced", timed first) in the first repeat
+        return out
+
+    monkeypatch.setattr(latency, "time_interleaved", steady_with_a_spike)
+    model = measure_latency_model(vit, kinds_for(["merge"], ["cls"]), batch=2, seconds=0.0, max_rounds=1)
+    assert latency.E2E_REPEATS >= 3
+    measured = [p["measured_s"] for p in model.probes]
+    assert measured == pytest.approx([(10.0 - i) / 1000 for i in range(len(measured))])
+    assert model.probes[0]["probe"] == "unreduced"
+
+
 def test_a_model_survives_a_sqlite_study_and_another_devices_model_is_refused(measured, vit, tmp_path):
     url = f"sqlite:///{tmp_path / 'latency.db'}"
     study = optuna.create_study(study_name="s", storage=url)
