@@ -11,7 +11,9 @@ timings is the plan's measured ratio. One row per model and plan: ``predicted``,
 ``model_seconds`` (how long measuring the model took).
 
 The plans: merging in every block at keeps 0.6, 0.75, 0.87 and 0.97 (the probes keep 0.8 and 0.93);
-merge then prune (``cls`` importance) and squeeze (``mean``) at 0.85; merging from block 3 on at 0.8.
+merge then prune (``cls`` importance) and squeeze (``mean``) at 0.85; merging from block 3 on at 0.8;
+and, on a 12-block model, merge then prune in ToMe's order with the budgets a search chose
+(:data:`SEARCHED_KEEPS`).
 The spread of ``timings`` is what the machine's noise allows a prediction to be judged by.
 
 Timing runs with ``--threads`` threads (1 by default, as ``latency_search.py``).
@@ -33,11 +35,19 @@ from search.setup.timing import device_fingerprint, latency_ratio
 from search.setup.workbench import Workbench
 
 
+#: The budgets of a plan the proxy's default search chose at 0.35 (seed 1 of ``latency_search.py``):
+#: steep cuts early, and late blocks whose stages remove one token or none.
+SEARCHED_KEEPS = (0.597, 0.755, 0.832, 0.846, 0.954, 0.957, 0.983, 0.988, 0.992, 0.94, 0.991, 0.968)
+
+
 def plans(base: torch.nn.Module, depth: int) -> dict[str, ltmp_core.ReductionPlan]:
     out = {f"merge {k:g}": ltmp_core.make_plan(base, op="merge", keep=k) for k in (0.6, 0.75, 0.87, 0.97)}
     out["merge+prune/cls 0.85"] = ltmp_core.make_plan(base, op="merge+prune", keep=0.85, importance="cls")
     out["squeeze/mean 0.85"] = ltmp_core.make_plan(base, op="squeeze", keep=0.85, importance="mean")
     out["merge from block 3, 0.8"] = ltmp_core.make_plan(base, op=["none"] * 3 + ["merge"] * (depth - 3), keep=0.8)
+    if depth == len(SEARCHED_KEEPS):
+        out["merge+prune/mean, tome order, searched"] = ltmp_core.make_plan(
+            base, op="merge+prune", keep=list(SEARCHED_KEEPS), importance="mean", merge_order="tome")
     return out
 
 

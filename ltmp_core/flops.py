@@ -18,7 +18,7 @@ plus the patch embedding and the classifier head once per image. The similarity 
 by mode: the masked reducers of soft and dynamic mode compare all ``n x n`` pairs of the block's
 sequence in every merge or squeeze stage (``head_dim`` wide, or ``embed_dim`` for TPS's squeeze);
 static mode's fast forms compare only what they need, and a static stage that removes nothing
-compares nothing (:func:`block_macs`). Elementwise work (softmax, norms, scatters, top-k) is not
+compares nothing and scores nothing (:func:`block_macs`). Elementwise work (softmax, norms, scatters, top-k) is not
 counted, as neither the papers nor PyTorch's counter count it.
 """
 
@@ -138,8 +138,13 @@ def _similarity_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan 
 
 def _block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str, form: str) -> Number:
     name = op if isinstance(op, str) else op.op
+    scored = OPS[name]
+    if form == "compact":  # static mode's fast forms run only the stages that remove tokens
+        prefix = g.num_prefix_tokens
+        sizes = _stage_sizes(_whole(n_in) - prefix, _whole(n_out) - prefix, op)
+        scored = tuple(s for s, (_, removed) in zip(scored, sizes) if removed > 0)
     cls_row = (not isinstance(op, str) and op.importance == "cls"
-               and any(REDUCERS[s].needs_importance for s in OPS[name]))
+               and any(REDUCERS[s].needs_importance for s in scored))
     heads = (None if isinstance(op, str) else op.heads) or g.num_heads
     hidden = (None if isinstance(op, str) else op.mlp_hidden) or g.mlp_hidden
     attn_dim = heads * g.head_dim
@@ -157,7 +162,8 @@ def block_macs(g: ViTGeometry, n_in: Number, n_out: Number, op: LayerPlan | str 
 
     ``op`` is the block's :class:`LayerPlan` (or just its op name, at full width): its ``heads`` and
     ``mlp_hidden`` set the widths; a prune or squeeze scored by ``cls`` importance adds the class
-    query's row of attention logits, ``attn_dim * n_in``; a TPS squeeze compares token features
+    query's row of attention logits, ``attn_dim * n_in`` (in static mode's fast forms only where that
+    stage removes tokens: a stage that removes nothing is not run); a TPS squeeze compares token features
     (``embed_dim`` wide) instead of keys (``head_dim``).
 
     The reducers' similarity products are counted as the mode runs them. ``static=False`` (soft and

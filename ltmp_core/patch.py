@@ -147,8 +147,10 @@ class _State(ModelState):
         return state
 
     def static_program(self, x: Tensor) -> list[list[tuple[Reducer, int]]] | None:
-        """Begin a static pass through the stages' fast forms: per block, each stage and how many tokens
-        it removes (worked out once per input length), or ``None`` when a stage has no fast form.
+        """Begin a static pass through the stages' fast forms: per block, each stage that removes tokens
+        and how many (worked out once per input length), or ``None`` when a stage has no fast form. A
+        block whose stages all remove nothing runs as an unreduced block: no importance scores, no
+        similarities.
 
         The pass records token counts as plain integers: every image has the same.
         """
@@ -163,7 +165,8 @@ class _State(ModelState):
                     break
                 steps = []
                 for stage, target in zip(stages, stage_counts(current, layer)):
-                    steps.append((stage, current - target))
+                    if target < current:  # a stage that removes nothing is not run (nor its scores worked out)
+                        steps.append((stage, current - target))
                     current = target
                 program.append(steps)
             self._programs[n] = program

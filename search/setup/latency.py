@@ -38,12 +38,13 @@ import torch
 import torch.nn as nn
 
 import ltmp_core
-from ltmp_core import LayerPlan, LTMPError, ReductionPlan, ViTGeometry
+from ltmp_core import OPS, REDUCERS, LayerPlan, LTMPError, ReductionPlan, ViTGeometry, stage_counts
+from ltmp_core.plan import MERGE_ORDERS
 
 from .timing import device_fingerprint, time_interleaved
 
 __all__ = ["LATENCY_MODES", "Curve", "LatencyModel", "kind_of", "kinds_for", "model_key", "measure_latency_model",
-           "plan_counts"]
+           "plan_counts", "plan_kinds"]
 
 #: Modes a latency model is built for (dynamic mode's time depends on every image's counts).
 LATENCY_MODES = ("static",)
@@ -56,22 +57,58 @@ CALLS = 3
 E2E_REPEATS = 3
 
 
-def kind_of(layer: LayerPlan) -> str:
-    """What a block's time depends on besides its counts: its op, and for pruning ops the importance
-    (``mean`` needs the whole attention map, ``cls`` does not)."""
-    if layer.op in ("none", "merge"):
-        return layer.op
-    return f"{layer.op}/{layer.importance}"
+#: How a kind names a merge in ToMe's order (its own fast form when it is the block's last stage).
+TOME_ORDER = ", tome order"
 
 
-def kinds_for(ops: Iterable[str], importance: Iterable[str]) -> list[str]:
-    """Every kind of block a study with these ops and importances can run (``none`` always)."""
+def kind_of(layer: LayerPlan, stages: Sequence[str] | None = None) -> str:
+    """What a block's time depends on besides its counts: the stages that run (static mode runs only
+    those that remove tokens: ``stages``, default all of the op's), for a merge its order, and where a
+    stage ranks tokens the importance (``mean`` needs the whole attention map, ``cls`` does not).
+    ``none`` for a block that runs no stage."""
+    stages = tuple(layer.stages if stages is None else stages)
+    if not stages:
+        return "none"
+    kind = "+".join(stages)
+    if any(REDUCERS[s].needs_importance for s in stages):
+        kind += f"/{layer.importance}"
+    return kind + (TOME_ORDER if "merge" in stages and layer.merge_order == "tome" else "")
+
+
+def _parse_kind(kind: str) -> tuple[str, str, str]:
+    """``(op, importance, merge order)`` of a kind named by :func:`kind_of`."""
+    order = "tome" if kind.endswith(TOME_ORDER) else "keep"
+    op, _, importance = kind.removesuffix(TOME_ORDER).partition("/")
+    return op, importance or "mean", order
+
+
+def plan_kinds(plan: ReductionPlan, geometry: ViTGeometry) -> list[str]:
+    """The kind of every block of ``plan`` in static mode (:func:`kind_of` of the stages that remove tokens)."""
+    out, current = [], geometry.num_patches
+    for layer in plan.layers:
+        running = []
+        for stage, left in zip(layer.stages, stage_counts(current, layer)):
+            if left < current:
+                running.append(stage)
+            current = left
+        out.append(kind_of(layer, running))
+    return out
+
+
+def kinds_for(ops: Iterable[str], importance: Iterable[str], orders: Iterable[str] = MERGE_ORDERS) -> list[str]:
+    """Every kind of block a study with these ops, importances and merge orders can run in static mode
+    (``none`` always; of a two-stage op also each stage alone, for a block where the other removes nothing)."""
     out = ["none"]
+    orders = tuple(orders)
     for op in ops:
-        for imp in importance:
-            kind = kind_of(LayerPlan(op=op, keep=1.0 if op == "none" else 0.9, importance=imp))
-            if kind not in out:
-                out.append(kind)
+        stages = OPS[op]
+        runs = [stages[i:j] for i in range(len(stages)) for j in range(i + 1, len(stages) + 1)]
+        for run in runs:
+            for imp in importance:
+                for order in orders:
+                    kind = kind_of(LayerPlan(op="+".join(run), keep=0.9, importance=imp, merge_order=order))
+                    if kind not in out:
+                        out.append(kind)
     return out
 
 
@@ -181,8 +218,7 @@ class LatencyModel:
         if plan.cuts_width:
             raise LTMPError("latency model: measured on full-width blocks; it cannot predict a plan that cuts heads "
                             "or MLP units")
-        kinds = [kind_of(layer) for layer in plan.layers]
-        return self.seconds(plan_counts(plan, geometry), kinds) / self.unreduced_seconds()
+        return self.seconds(plan_counts(plan, geometry), plan_kinds(plan, geometry)) / self.unreduced_seconds()
 
     def to_dict(self) -> dict[str, Any]:
         def curve(c: Curve) -> dict[str, list[float]]:
@@ -212,15 +248,15 @@ def _probe_plans(base: nn.Module, geometry: ViTGeometry, kinds: Sequence[str]) -
     probes: dict[str, ReductionPlan] = {}
     reducing = [k for k in kinds if k != "none"]
     for kind in reducing:
-        op, _, importance = kind.partition("/")
+        op, importance, order = _parse_kind(kind)
         for keep in PROBE_KEEPS:
-            probes[f"{kind} keep {keep:g}"] = ltmp_core.make_plan(base, op=op, keep=keep,
-                                                                  importance=importance or "mean")
+            probes[f"{kind} keep {keep:g}"] = ltmp_core.make_plan(base, op=op, keep=keep, importance=importance,
+                                                                  merge_order=order)
     if reducing:
-        op, _, importance = reducing[0].partition("/")
+        op, importance, order = _parse_kind(reducing[0])
         ops = [op if i % 2 == 0 else "none" for i in range(geometry.depth)]
-        probes["none between reductions"] = ltmp_core.make_plan(base, op=ops, keep=0.75,
-                                                                 importance=importance or "mean")
+        probes["none between reductions"] = ltmp_core.make_plan(base, op=ops, keep=0.75, importance=importance,
+                                                                 merge_order=order)
     return probes
 
 
@@ -292,7 +328,7 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
     for name, plan in plans.items():
         models[name] = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode=mode).to(device)
         counts[name] = plan_counts(plan, geometry)
-        layer_kinds[name] = [kind_of(layer) for layer in plan.layers]
+        layer_kinds[name] = plan_kinds(plan, geometry)
     x = torch.randn(batch, 3, *geometry.img_size, device=device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

@@ -39,7 +39,8 @@ ERROR_BOUND = 0.10
 def study_latency_model(study: optuna.Study, bench: Workbench, config: StudyConfig, *,
                         remeasure: bool | None = None,
                         on_measure: Callable[[str], None] | None = None) -> LatencyModel:
-    """The study's latency model of this device, measured and stored first if the study has none.
+    """The study's latency model of this device, measured and stored first if the study has none (or
+    has one of fewer kinds of block than the study's ops can run, :func:`kinds_for`).
 
     Raises:
         LTMPError: the device cannot be timed, or the study's models are of other devices and
@@ -49,9 +50,13 @@ def study_latency_model(study: optuna.Study, bench: Workbench, config: StudyConf
     fingerprint = device_fingerprint(bench.device)
     key = model_key(fingerprint, config.latency_batch, config.latency_mode)
     models = dict(StudyRecord.from_study(study).latency_models or {})
+    kinds = kinds_for(config.ops, config.importance)
     if key in models:
-        return LatencyModel.from_dict(models[key])
-    others = [LatencyModel.from_dict(m) for m in models.values()]
+        stored = LatencyModel.from_dict(models[key])
+        if set(kinds) <= set(stored.attention):
+            return stored
+        # Measured by an earlier version for fewer kinds of block than this one tells apart: measure again.
+    others = [LatencyModel.from_dict(m) for k, m in models.items() if k != key]
     same_setting = [m for m in others if m.batch == config.latency_batch and m.mode == config.latency_mode]
     allow = config.latency_remeasure if remeasure is None else remeasure
     if same_setting and not allow:
@@ -61,7 +66,7 @@ def study_latency_model(study: optuna.Study, bench: Workbench, config: StudyConf
     if on_measure is not None:
         on_measure(f"measuring the latency model of this device ({fingerprint}, batch {config.latency_batch}, "
                    f"{config.latency_mode}); once per study and device")
-    model = measure_latency_model(bench.base, kinds_for(config.ops, config.importance), batch=config.latency_batch,
+    model = measure_latency_model(bench.base, kinds, batch=config.latency_batch,
                                   mode=config.latency_mode, device=bench.device)
     models[model.key] = model.to_dict()
     StudyRecord.write(study, latency_models=models)

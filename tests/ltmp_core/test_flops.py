@@ -327,6 +327,21 @@ def test_static_budgets_keep_thresholds_lift_merge_keep_and_say_what_is_out_of_r
         ltmp_core.static_budgets(dataclasses.replace(merges, geometry=None), 0.5)
 
 
+def test_the_class_query_row_is_counted_where_static_mode_scores_tokens():
+    """``cls`` importance adds the class query's row of logits, ``attn_dim * n`` MACs, to a block that
+    scores tokens. By hand on ViT-S (197 tokens, 384 wide): a prune that keeps everything in block 0, then
+    one that prunes in block 1. Static mode skips block 0's stage and its scores: one row; the masked
+    reducers (dynamic mode's count) score in both blocks: two."""
+    ops = ["prune", "prune"] + ["none"] * 10
+    by_importance = {imp: ReductionPlan(tuple(LayerPlan(op=o, keep=k, importance=imp) for o, k in
+                                              zip(ops, [1.0, 0.5] + [1.0] * 10)), geometry=GEOMETRY)
+                     for imp in ("cls", "mean")}
+    row = 384 * 197
+    for static, rows in ((True, 1), (False, 2)):
+        cls, mean = (ltmp_core.plan_macs(by_importance[imp], static=static) for imp in ("cls", "mean"))
+        assert cls - mean == rows * row, (static, cls - mean)
+
+
 def test_geometry_json_round_trip_and_validation():
     assert ViTGeometry.from_dict(GEOMETRY.to_dict()) == GEOMETRY
     bad = {**GEOMETRY.to_dict(), "head_dim": 0}

@@ -519,6 +519,35 @@ def test_static_merge_that_removes_nothing_is_no_op(arch, masked, monkeypatch):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
 
 
+def test_static_stages_that_remove_nothing_do_not_run(monkeypatch):
+    """In static mode a stage left with nothing to remove is not run, and neither are the importance scores
+    only it would read: a prune that keeps everything asks attention for no scores (the block runs as an
+    unreduced one), and a merge+prune whose prune keeps everything asks for none either; the outputs equal
+    the same plan with those stages left out."""
+    import ltmp_core.patch as patch
+
+    asked: list[str | None] = []
+    real = patch.attend
+
+    def spy(*args, importance=None, **kwargs):
+        asked.append(importance)
+        return real(*args, importance=importance, **kwargs)
+
+    monkeypatch.setattr(patch, "attend", spy)
+    model = tiny_model("deit_small")
+    x = images(4, seed=3)
+    outs = []
+    for ops, merge_keep in [(["prune", "merge+prune", "prune", "prune"], [None, 0.75, None, None]),
+                            (["none", "merge", "prune", "prune"], None)]:
+        plan = ltmp_core.make_plan(model, op=ops, keep=[1.0, 0.75, 0.8, 0.7], importance="cls", merge_keep=merge_keep)
+        patched = ltmp_core.apply_plan(copy.deepcopy(model), plan, mode="static")
+        asked.clear()
+        with torch.no_grad():
+            outs.append(patched(x))
+        assert asked == [None, None, "cls", "cls"], (ops, asked)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ["deit_small", "avg_pool"])
 def test_static_sizes_are_the_traced_groups(arch):
     """The sizes static mode keeps (they weigh attention and average pooling) are the numbers of

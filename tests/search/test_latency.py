@@ -16,7 +16,7 @@ import ltmp_core
 import search.setup.models  # noqa: F401  (registers ltmp_vit_mnist)
 from ltmp_core import LTMPError
 from search.setup.config import StudyConfig
-from search.setup.latency import Curve, LatencyModel, kinds_for, measure_latency_model
+from search.setup.latency import Curve, LatencyModel, kinds_for, measure_latency_model, plan_kinds
 from search.setup.timing import device_fingerprint, latency_ratio
 from search.study.latency_study import study_latency_model
 from search.study.record import StudyRecord
@@ -52,6 +52,23 @@ def test_curve_is_piecewise_linear_and_never_falls():
     assert curve.seconds == pytest.approx([0.9, 0.9, 2.0])
     assert curve(30) == pytest.approx(1.45)  # halfway between (20, 0.9) and (40, 2.0)
     assert curve(5) == pytest.approx(0.9) and curve(80) == pytest.approx(2.0)  # flat beyond the measured counts
+
+
+def test_a_block_is_timed_as_the_stages_static_mode_runs(vit):
+    """Static mode runs only the stages that remove tokens (by hand, 64 patches, ToMe's order): block 0's
+    merge takes 64 to 48 and leaves its prune nothing (a merge); block 1's merge keeps everything and its
+    prune takes 48 to 36 (a cls-scored prune); block 2 keeps everything (unreduced); block 3 merges. A study
+    with these ops measures every one of those kinds."""
+    depth = len(vit.blocks)
+    plan = ltmp_core.make_plan(vit, op=["merge+prune", "merge+prune", "prune", "merge"] + ["none"] * (depth - 4),
+                               keep=[0.75, 0.75, 1.0, 0.8] + [1.0] * (depth - 4),
+                               merge_keep=[0.75, 1.0, None, None] + [None] * (depth - 4),
+                               importance="cls", merge_order="tome")
+    g = ltmp_core.ViTGeometry.from_model(vit)
+    assert plan.static_counts(g.num_patches)[:4] == [48, 36, 36, 29]
+    kinds = plan_kinds(plan, g)
+    assert kinds == ["merge, tome order", "prune/cls", "none", "merge, tome order"] + ["none"] * (depth - 4)
+    assert set(kinds) <= set(kinds_for(["merge+prune", "prune", "merge"], ["cls"], ["tome"]))
 
 
 def test_fewer_tokens_are_never_predicted_slower(measured, vit):
@@ -108,6 +125,20 @@ def test_a_model_survives_a_sqlite_study_and_another_devices_model_is_refused(me
     assert own.fingerprint == device_fingerprint(torch.device("cpu")) != foreign.fingerprint
     keys = set(StudyRecord.from_study(optuna.load_study(study_name="s", storage=url)).latency_models)
     assert keys == {foreign.key, own.key}
+
+
+def test_a_stored_model_of_fewer_kinds_of_block_is_measured_again(measured, vit, tmp_path):
+    """A model an earlier version stored for this device, without curves for a kind of block the study's ops
+    can run (here a merge in ToMe's order), is measured again and replaced, not used to fail every trial."""
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'stale.db'}")
+    d = measured.to_dict()
+    stale = {**d, "attention": {k: d["attention"][k] for k in ("none", "merge")},
+             "reduce": {k: d["reduce"][k] for k in ("none", "merge")}}
+    StudyRecord.write(study, latency_models={measured.key: stale})
+    config = StudyConfig(latency=0.8, latency_batch=BATCH, ops=("merge",), importance=("cls",))
+    model = study_latency_model(study, SimpleNamespace(device=torch.device("cpu"), base=vit), config)
+    assert model.key == measured.key and "merge, tome order" in model.attention
+    assert LatencyModel.from_dict(StudyRecord.from_study(study).latency_models[measured.key]) == model
 
 
 MNIST_SMALL = preset(model="ltmp_vit_mnist", data="mnist", holdout=100, test_images=100, calib_images=64,
