@@ -53,7 +53,7 @@ _EXPORTS = {
         "TokenTrace")},
     **{name: "plan" for name in (
         "IMPORTANCE", "OPS", "WIDTH_IMPORTANCE", "LayerPlan", "ReductionPlan", "kept_count", "load_plan", "lowest_keep",
-        "make_plan", "measured_plan", "save_plan", "stage_counts")},
+        "make_plan", "measured_plan", "save_plan", "stage_counts", "static_stages")},
     **{name: "reducers" for name in ("KEPT", "MERGED", "PRUNED", "REDUCERS", "SQUEEZED", "Compact", "Tokens",
                                      "register_reducer")},
     **{name: "trained" for name in ("TRAINED_FORMAT", "load_trained", "read_trained", "save_trained")},
@@ -92,7 +92,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     )
     from .plan import (
         IMPORTANCE, OPS, WIDTH_IMPORTANCE, LayerPlan, ReductionPlan, kept_count, load_plan, lowest_keep, make_plan,
-        measured_plan, save_plan, stage_counts,
+        measured_plan, save_plan, stage_counts, static_stages,
     )
     from .reducers import KEPT, MERGED, PRUNED, REDUCERS, SQUEEZED, Compact, Tokens, register_reducer
     from .trained import TRAINED_FORMAT, load_trained, read_trained, save_trained

@@ -39,7 +39,7 @@ from .attention import Packing, attend, packed
 from .errors import LTMPError
 from .geometry import STATE, ModelState, ViTGeometry, block_widths, check_model, is_cut_from, model_state
 from .masking import score_spread, threshold_between, threshold_mask
-from .plan import LayerPlan, ReductionPlan, kept_count, stage_counts
+from .plan import LayerPlan, ReductionPlan, kept_count, stage_counts, static_stages
 from .reducers import KEPT, PRUNED, REDUCERS, SQUEEZED, Compact, Reducer, Tokens, head_mean, top_k_mask, unit_norm
 from .released import RELEASED
 
@@ -159,15 +159,12 @@ class _State(ModelState):
             program: list[list[tuple[Reducer, int]]] | None = []
             current = n - self.num_prefix
             for layer in self.plan.layers:
-                stages = [REDUCERS[s] for s in layer.stages]
-                if any(stage.static is None for stage in stages):
+                if any(REDUCERS[s].static is None for s in layer.stages):
                     program = None
                     break
-                steps = []
-                for stage, target in zip(stages, stage_counts(current, layer)):
-                    if target < current:  # a stage that removes nothing is not run (nor its scores worked out)
-                        steps.append((stage, current - target))
-                    current = target
+                # A stage that removes nothing is not run (nor are the scores only it would read).
+                steps = [(REDUCERS[stage], r) for stage, r in static_stages(current, layer)]
+                current -= sum(r for _, r in steps)
                 program.append(steps)
             self._programs[n] = program
         self.program = self._programs[n]

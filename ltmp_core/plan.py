@@ -45,6 +45,7 @@ __all__ = [
     "save_plan",
     "load_plan",
     "stage_counts",
+    "static_stages",
     "kept_count",
     "lowest_keep",
     "measured_plan",
@@ -246,6 +247,18 @@ def stage_counts(n: int, layer: LayerPlan) -> list[int]:
             want = max(want, cur - cur // 2)
         cur = min(want, cur)
         out.append(cur)
+    return out
+
+
+def static_stages(n: int, layer: LayerPlan) -> list[tuple[str, int]]:
+    """The stages hard-static mode runs in ``layer`` when ``n`` patch tokens enter it, each with the
+    tokens it removes (:func:`stage_counts`): a stage left with nothing to remove is not run."""
+    out: list[tuple[str, int]] = []
+    cur = n
+    for stage, left in zip(layer.stages, stage_counts(n, layer)):
+        if left < cur:
+            out.append((stage, cur - left))
+        cur = left
     return out
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 import ltmp_core
-from ltmp_core import OPS, REDUCERS, LayerPlan, LTMPError, ReductionPlan, ViTGeometry, stage_counts
+from ltmp_core import OPS, REDUCERS, LayerPlan, LTMPError, ReductionPlan, ViTGeometry, static_stages
 from ltmp_core.plan import MERGE_ORDERS
 
 from .timing import device_fingerprint, time_interleaved
@@ -86,12 +86,9 @@ def plan_kinds(plan: ReductionPlan, geometry: ViTGeometry) -> list[str]:
     """The kind of every block of ``plan`` in static mode (:func:`kind_of` of the stages that remove tokens)."""
     out, current = [], geometry.num_patches
     for layer in plan.layers:
-        running = []
-        for stage, left in zip(layer.stages, stage_counts(current, layer)):
-            if left < current:
-                running.append(stage)
-            current = left
-        out.append(kind_of(layer, running))
+        running = static_stages(current, layer)
+        out.append(kind_of(layer, [stage for stage, _ in running]))
+        current -= sum(r for _, r in running)
     return out
 
 
@@ -330,7 +327,6 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
         counts[name] = plan_counts(plan, geometry)
         layer_kinds[name] = plan_kinds(plan, geometry)
     x = torch.randn(batch, 3, *geometry.img_size, device=device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     hooked: dict[str, list[list[tuple[float, float, float]]]] = {name: [] for name in models}
     with torch.inference_mode():
