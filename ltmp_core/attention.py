@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .masking import masked_softmax, released_softmax
 
-__all__ = ["attend", "importance_scores", "packed", "project_qkv"]
+__all__ = ["attend", "importance_scores", "length_groups", "packed", "project_qkv"]
 
 Packing = Tensor  # flat indices of the live rows of a padded batch
 
@@ -58,6 +58,7 @@ def attend(
     soft: bool,
     packing: Packing | None,
     importance: str | None,
+    lengths: list[int] | None = None,
     num_prefix: int,
     raw: bool = False,
     rope: Tensor | None = None,
@@ -76,6 +77,9 @@ def attend(
         soft: Soft (training) mode: ``alive`` may carry straight-through gradients; dead keys are
             weighted out of the softmax (:func:`~ltmp_core.masking.masked_softmax`), not set to -inf.
         packing: For a padded batch, the live rows: token-wise layers run on live rows only.
+        lengths: For a padded batch whose live tokens come first in every row, each image's live count:
+            the fused attention runs on groups of images of similar length, each cut to its longest
+            image (:func:`length_groups`), instead of over the whole batch's padding.
         importance: ``None`` (no stage needs scores), ``mean`` (the full attention map) or ``cls`` (the
             class query's row alone, so the attention itself stays fused).
         num_prefix: Leading class, distillation and register tokens (their importance is ``+inf``).
@@ -140,17 +144,84 @@ def attend(
             # One query: a product and a sum over the keys as they lie (a matmul would copy them first).
             row = normalise((k * (q[:, :, :1] * attn.scale)).sum(dim=-1).unsqueeze(2))
             scores = importance_scores(row, alive, num_prefix, raw)
-        mask = bias
-        if alive is not None:
-            pad = torch.zeros_like(alive, dtype=q.dtype).masked_fill(alive <= 0.5, float("-inf"))[:, None, None, :]
-            mask = pad if mask is None else mask + pad
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
-        )
+        dropout = attn.attn_drop.p if attn.training else 0.0
+        groups = None
+        if lengths is not None and alive is not None:
+            # On the CPU a call costs little beside its work: every image alone, through views. On an
+            # accelerator a launch costs more than a little padding: images of similar length together.
+            groups = length_groups(lengths, slack=None if q.device.type == "cpu" else GROUP_SLACK)
+        if groups is not None and len(groups) > 1:
+            out = _grouped_attention(q, k, v, bias, alive, lengths, groups, dropout)
+        else:
+            mask = bias
+            if alive is not None:
+                pad = torch.zeros_like(alive, dtype=q.dtype).masked_fill(alive <= 0.5, float("-inf"))[:, None, None, :]
+                mask = pad if mask is None else mask + pad
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     out = out.transpose(1, 2).reshape(b, n, h * d)
     if packing is not None and getattr(attn, "gate", None) is None:
         return packed(lambda o: _attn_out(attn, o, None), out, packing), k, scores
     return _attn_out(attn, out, x), k, scores
+
+
+#: A group of images may carry this much more attention work than its images alone (padding to its longest).
+GROUP_SLACK = 0.1
+
+
+def length_groups(lengths: list[int], slack: float | None = GROUP_SLACK) -> list[tuple[list[int], int]]:
+    """Images of a padded batch in groups of similar length, longest first: ``(images, length)`` pairs.
+
+    An image joins the group of the images just longer than it while the group's attention, every image
+    padded to the group's longest (``size * length ** 2`` query-key pairs), stays within ``1 + slack`` of
+    what its images need alone; else it starts a group. Equal lengths always share a group. ``slack=None``:
+    every image is a group of its own (in the batch's order).
+    """
+    if slack is None:
+        return [([i], n) for i, n in enumerate(lengths)]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[tuple[list[int], int]] = []
+    members: list[int] = []
+    need = 0
+    for i in order:
+        n = lengths[i]
+        if members and (len(members) + 1) * longest ** 2 > (1 + slack) * (need + n * n):
+            groups.append((members, longest))
+            members, need = [], 0
+        if not members:
+            longest = n
+        members.append(i)
+        need += n * n
+    if members:
+        groups.append((members, longest))
+    return groups
+
+
+def _grouped_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, alive: Tensor, lengths: list[int],
+                       groups: list[tuple[list[int], int]], dropout: float) -> Tensor:
+    """Fused attention of a padded batch (live tokens first in every row), one call per group of images
+    cut to the group's longest image; the padding rows of the output are zero (they are dropped)."""
+    out = q.new_zeros(q.shape[:3] + (v.shape[-1],))
+    for members, n in groups:
+        rows: Tensor | slice
+        if len(members) == 1:
+            rows = slice(members[0], members[0] + 1)  # views: nothing copied
+        else:
+            rows = torch.tensor(members, device=q.device)
+        qg, kg, vg = (t[:, :, :n][rows] for t in (q, k, v))
+        mask = None
+        if bias is not None:  # [B or 1, 1 or H, 1 or N, N]
+            b = bias[:, :, :n, :n] if bias.shape[2] > 1 else bias[:, :, :, :n]
+            mask = b if b.shape[0] == 1 else b[rows]
+        if any(lengths[i] < n for i in members):
+            live = alive[:, :n][rows]
+            pad = torch.zeros_like(live, dtype=q.dtype).masked_fill(live <= 0.5, float("-inf"))[:, None, None, :]
+            mask = pad if mask is None else mask + pad
+        done = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout)
+        if isinstance(rows, slice):
+            out[rows, :, :n] = done
+        else:
+            out[:, :, :n].index_copy_(0, rows, done)
+    return out
 
 
 def head_width(attn: nn.Module) -> int:

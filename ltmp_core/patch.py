@@ -104,6 +104,7 @@ class _Pass:
     alive: Tensor | None = None  # [B, N]: 0/1 (soft: straight-through masks); None while every position is live
     order: Tensor | None = None  # soft mode, [B, N]: sequence order keys after a tome-order merge; None: positions
     packing: Packing | None = None  # hard modes, padded batch: flat indices of the live rows
+    lengths: list[int] | None = None  # hard modes, padded batch: live tokens of each image (live ones first)
     form: str = "masked"  # FORMS: how the reducers of this pass ran
     # hard modes, models with positions (RoPE, relative bias), [B, N]: where in block 0's sequence each
     # token stood (a merged token: its destination); None while every token is where it started
@@ -220,7 +221,7 @@ class _LTMPBlockMixin:
         layer = st.plan.layers[index]
         kind = layer.importance if any(REDUCERS[s].needs_importance for s in layer.stages) else None
         y, k, scores = attend(self.attn, self.norm1(x), size=p.size, alive=p.alive, soft=st.mode == "soft",
-                              packing=p.packing, importance=kind, num_prefix=st.num_prefix,
+                              packing=p.packing, lengths=p.lengths, importance=kind, num_prefix=st.num_prefix,
                               raw=layer.importance_scale == "raw", released=_released(st),
                               **self._positions(p, extra))
         x = x + self._branch1(y)
@@ -580,9 +581,10 @@ def _compact(st: _State, t: Tokens, n_keep: int | None, fused: bool) -> Tensor:
     b, n = alive.shape
     counts = alive.sum(dim=1)
     padded = False
+    lengths = None
     if n_keep is None:
-        lo, hi = (int(v) for v in counts.aminmax())
-        n_keep, padded = hi, lo != hi
+        lengths = [int(v) for v in counts.tolist()]  # one host sync, as the longest row's length needs anyway
+        n_keep, padded = max(lengths), min(lengths) != max(lengths)
     pos = torch.arange(n, device=alive.device)
     if t.order is None:
         key = torch.where(alive, pos, pos + n)
@@ -599,8 +601,9 @@ def _compact(st: _State, t: Tokens, n_keep: int | None, fused: bool) -> Tensor:
     if padded:
         flat = p.alive.flatten() > 0.5
         p.packing = flat.nonzero().squeeze(1)
+        p.lengths = lengths
     else:
-        p.packing = None
+        p.packing = p.lengths = None
     if st.trace is not None:
         _follow(st.trace, t, idx)
     p.counts.append(counts.float())

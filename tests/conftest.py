@@ -17,6 +17,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+import ltmp_core  # noqa: E402
+
 from tests.flop_reference import counted_macs, versions  # noqa: E402,F401  (re-exported for the tests)
 
 # Property tests draw the same examples on every run, so a CI result can be reproduced and does not
@@ -60,6 +62,34 @@ def tiny_timm(name: str, extra: dict, *, fused: bool = True, seed: int = 0, **ov
 def images(n: int = 6, seed: int = 1, size: int = 32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g)
+
+
+def assert_grouped_attention_equals_padded(model: torch.nn.Module, x: torch.Tensor, monkeypatch) -> None:
+    """A dynamic-mode ``model``'s fused attention over a padded batch, run per image (the CPU's rule), in
+    groups of similar length (an accelerator's rule) or in two interleaved groups, gives the outputs and
+    token counts of one call over the whole padded batch with the padding masked (run ``model`` in
+    float64: then equal to 1e-10, and no threshold decision can flip on rounding)."""
+    from ltmp_core import attention
+
+    real = attention.length_groups
+    ways = {
+        "padded": lambda lengths, slack=None: [(list(range(len(lengths))), max(lengths))],
+        "per image": real,
+        "groups": lambda lengths, slack=None: real(lengths, 0.1),
+        "interleaved": lambda lengths, slack=None: [([i for i in range(len(lengths)) if i % 2 == j],
+                                                     max(lengths[j::2])) for j in (0, 1)],
+    }
+    out, counts = {}, {}
+    for name, rule in ways.items():
+        monkeypatch.setattr(attention, "length_groups", rule)
+        with torch.no_grad():
+            out[name] = model(x)
+        counts[name] = ltmp_core.token_counts(model)
+    c = counts["padded"]
+    assert (c.max(dim=1).values > c.min(dim=1).values).any(), "images kept different counts (padding)"
+    for name in ways:
+        assert torch.equal(counts[name], c), name
+        torch.testing.assert_close(out[name], out["padded"], rtol=0, atol=1e-10, msg=name)
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ltmp_core
-from tests.conftest import counted_macs, images, tiny_timm
+from tests.conftest import assert_grouped_attention_equals_padded, counted_macs, images, tiny_timm
 
 #: Tiny members of each family: (timm name, extra kwargs).
 FAMILIES = {
@@ -81,6 +81,22 @@ def test_dynamic_flops_and_batch_invariance(family, fused):
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
     measured, _ = ltmp_core.measure_flops(model, [x[i:i + 1] for i in range(3)])
     assert measured == pytest.approx(sum(counted_macs(model, x[i:i + 1]) for i in range(3)) / 3, rel=0.01)
+
+
+@pytest.mark.parametrize("family", ["eva02", "relpos_clsgap", "beit"])
+def test_dynamic_attention_in_length_groups_with_positions(family, monkeypatch):
+    """Rotary tables and relative position biases are cut with the keys when a group is cut to its length."""
+    model = family_model(family).double()  # `cls` importance: every block runs the fused attention
+    with torch.no_grad():
+        for name, table in model.named_parameters():
+            if "relative_position_bias_table" in name:  # BEiT starts it at zero: a bias cut wrongly would not show
+                table.normal_(generator=torch.Generator().manual_seed(0))
+    plan = ltmp_core.make_plan(model, op=["prune", "merge", "squeeze", "merge+prune"], keep=[0.7, 0.7, 0.7, 0.6],
+                               importance="cls")
+    ltmp_core.apply_plan(model, plan, mode="static")
+    ltmp_core.calibrate(model, images(8).double())
+    ltmp_core.set_mode(model, "dynamic")
+    assert_grouped_attention_equals_padded(model, images(6, seed=11).double(), monkeypatch)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

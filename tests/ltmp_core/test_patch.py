@@ -12,7 +12,7 @@ from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostB
 
 import ltmp_core
 from ltmp_core import LTMPError
-from tests.conftest import ARCHITECTURES, TINY, images, tiny_model
+from tests.conftest import ARCHITECTURES, TINY, assert_grouped_attention_equals_padded, images, tiny_model
 
 MIXED_OPS = ["merge", "prune", "squeeze", "merge+squeeze"]
 ALL_OPS = ["merge+prune", "squeeze", "merge", "prune"]
@@ -103,6 +103,29 @@ def test_dynamic_mode_is_batch_invariant(arch, fused):
         alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
     assert (counts.max(dim=1).values > counts.min(dim=1).values).any(), "images kept different counts (padding)"
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["deit_small", "reg4_dinov2", "deit_small_distilled"])
+def test_dynamic_attention_in_length_groups_equals_attention_over_the_padded_batch(arch, monkeypatch):
+    # `cls` importance: every block runs the fused attention, the one that runs in groups
+    model = tiny_model(arch).double()
+    plan = ltmp_core.make_plan(model, op=["prune", "merge", "squeeze", "merge+prune"], keep=[0.7, 0.7, 0.7, 0.6],
+                               importance="cls")
+    ltmp_core.apply_plan(model, plan, mode="static")
+    ltmp_core.calibrate(model, images(8, seed=3).double())
+    ltmp_core.set_mode(model, "dynamic")
+    assert_grouped_attention_equals_padded(model, images(6).double(), monkeypatch)
+
+
+def test_length_groups_by_hand():
+    from ltmp_core.attention import length_groups
+
+    # 100 and 96 together: 2 * 100^2 = 20000 <= 1.1 * (10000 + 9216); 60 would make 3 * 100^2 = 30000 >
+    # 1.1 * 22816 = 25098: a new group, which 58 joins (2 * 3600 <= 1.1 * 6964).
+    assert length_groups([60, 100, 58, 96]) == [([1, 3], 100), ([0, 2], 60)]
+    assert length_groups([7, 7, 7]) == [([0, 1, 2], 7)]  # equal lengths share a group
+    assert length_groups([7, 7, 7], slack=0.0) == [([0, 1, 2], 7)]
+    assert length_groups([5, 9], slack=None) == [([0], 5), ([1], 9)]  # each alone, in the batch's order
 
 
 @pytest.mark.parametrize(
