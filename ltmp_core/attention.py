@@ -149,7 +149,8 @@ def attend(
         if lengths is not None and alive is not None:
             # On the CPU a call costs little beside its work: every image alone, through views. On an
             # accelerator a launch costs more than a little padding: images of similar length together.
-            groups = length_groups(lengths, slack=None if q.device.type == "cpu" else GROUP_SLACK)
+            groups = (length_groups(lengths, slack=None) if q.device.type == "cpu"
+                      else length_groups(lengths, GROUP_SLACK, max_groups=MAX_GROUPS))
         if groups is not None and len(groups) > 1:
             out = _grouped_attention(q, k, v, bias, alive, lengths, groups, dropout)
         else:
@@ -166,18 +167,30 @@ def attend(
 
 #: A group of images may carry this much more attention work than its images alone (padding to its longest).
 GROUP_SLACK = 0.1
+#: At most this many groups per attention on an accelerator (each is a few kernel launches).
+MAX_GROUPS = 8
 
 
-def length_groups(lengths: list[int], slack: float | None = GROUP_SLACK) -> list[tuple[list[int], int]]:
+def length_groups(lengths: list[int], slack: float | None = GROUP_SLACK,
+                  max_groups: int | None = None) -> list[tuple[list[int], int]]:
     """Images of a padded batch in groups of similar length, longest first: ``(images, length)`` pairs.
 
     An image joins the group of the images just longer than it while the group's attention, every image
     padded to the group's longest (``size * length ** 2`` query-key pairs), stays within ``1 + slack`` of
-    what its images need alone; else it starts a group. Equal lengths always share a group. ``slack=None``:
-    every image is a group of its own (in the batch's order).
+    what its images need alone; else it starts a group. Equal lengths always share a group. With
+    ``max_groups``, the slack doubles until the groups are that few. ``slack=None``: every image is a group
+    of its own (in the batch's order).
     """
     if slack is None:
         return [([i], n) for i, n in enumerate(lengths)]
+    groups = _greedy_groups(lengths, slack)
+    while max_groups is not None and len(groups) > max_groups:
+        slack *= 2
+        groups = _greedy_groups(lengths, slack)
+    return groups
+
+
+def _greedy_groups(lengths: list[int], slack: float) -> list[tuple[list[int], int]]:
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[tuple[list[int], int]] = []
     members: list[int] = []

@@ -126,6 +126,10 @@ def test_length_groups_by_hand():
     assert length_groups([7, 7, 7]) == [([0, 1, 2], 7)]  # equal lengths share a group
     assert length_groups([7, 7, 7], slack=0.0) == [([0, 1, 2], 7)]
     assert length_groups([5, 9], slack=None) == [([0], 5), ([1], 9)]  # each alone, in the batch's order
+    # 100, 80, 60, 40 are four groups at slack 0.1; at most two: slack 0.2 still keeps 100 and 80 apart
+    # (2 * 10000 > 1.2 * 16400), 0.4 pairs them and 60 with 40 (2 * 3600 <= 1.4 * 5200)
+    assert len(length_groups([100, 80, 60, 40])) == 4
+    assert length_groups([100, 80, 60, 40], max_groups=2) == [([0, 1], 100), ([2, 3], 60)]
 
 
 @pytest.mark.parametrize(
