@@ -19,7 +19,8 @@ Rows of one proxy and one FLOPs target are read (``--proxy`` / ``--flops`` pick 
   ``select_flops_ratio`` at most ``flops_target``, :func:`on_budget`) with ``forward_equivalents`` at
   most the search's (ties: the cheaper, as the search's best-so-far keeps its earlier trial), never chosen
   on test; the report names the rows a tie passed over. Margin = search test top-1 minus that row's,
-  mean over seeds. "best baseline" chooses the same way among all other methods' rows together. The 95%
+  mean over seeds. "best baseline" chooses the same way among all other methods' rows together, the search's
+  own variants (methods named ``search...``, e.g. ``search+tune``) left out. The 95%
   interval is a paired percentile bootstrap over test images, pooled over seeds: 10,000 resamples (fixed
   generator), each drawing every seed's test images with replacement (the two methods' answers on an
   image stay together) and averaging the seeds' margins. An image's paired difference is -1, 0 or +1, so
@@ -227,11 +228,14 @@ def margins(rows: list[dict], setting: str, search: str = SEARCH) -> list[Margin
     at = {seed: r for seed, rs in grouped[search].items() for r in rs if r["setting"] == setting}
     others = sorted(m for m in grouped if m != search)
     out = [margin_against(at, grouped[m], m) for m in others]
+    # Variants of the search (``search+tune``, ``search+refine``, another setting's ``search``) are compared
+    # one by one, but they are not baselines: the best baseline is chosen among the other methods only.
+    baselines = [m for m in others if not m.startswith("search")]
     pooled = defaultdict(list)
-    for m in others:
+    for m in baselines:
         for seed, rs in grouped[m].items():
             pooled[seed].extend(rs)
-    if len(others) > 1:
+    if len(baselines) > 1:
         out.append(margin_against(at, pooled, "best baseline"))
     return out
 

@@ -128,6 +128,17 @@ def test_best_baseline_is_chosen_on_select_across_methods_per_seed():
     assert margins["best baseline"].margin == pytest.approx(20.0) and "tome" in margins["best baseline"].chosen[0]
 
 
+def test_the_searchs_own_variants_are_compared_but_never_the_best_baseline():
+    rows = [row("search", 0, "24 trials", 1000, 0.95, test=0.90),
+            row("search+tune", 0, "3 trials", 500, 0.99, test=0.91),  # best on select of all: a variant
+            row("ltmp", 0, "1 epochs", 500, 0.91, test=0.88),
+            row("tome", 0, "1 trials", 100, 0.93, test=0.70)]
+    margins = {m.baseline: m for m in cr.margins(rows, "24 trials")}
+    assert set(margins) == {"ltmp", "tome", "search+tune", "best baseline"}
+    assert margins["search+tune"].margin == pytest.approx(-1.0)
+    assert margins["best baseline"].margin == pytest.approx(20.0) and "tome" in margins["best baseline"].chosen[0]
+
+
 def test_compute_factor_at_the_first_setting_that_reaches_the_search():
     rows = [row("search", s, "24 trials", 1000, 0.9, test=0.90) for s in (0, 1)]
     for s in (0, 1):
