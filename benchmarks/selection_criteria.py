@@ -49,7 +49,7 @@ from search.setup.workbench import Workbench  # noqa: E402
 from search.study.record import TrialRecord  # noqa: E402
 from search.study.run import run  # noqa: E402
 
-#: name -> (per-image score, True when higher is better)
+#: The criteria (:func:`per_image_scores`) and which way each is better.
 CRITERIA = ("top1", "nll", "kl", "agree")
 HIGHER_IS_BETTER = {"top1": True, "nll": False, "kl": False, "agree": True}
 

@@ -154,10 +154,7 @@ def attend(
         if groups is not None and len(groups) > 1:
             out = _grouped_attention(q, k, v, bias, alive, lengths, groups, dropout)
         else:
-            mask = bias
-            if alive is not None:
-                pad = torch.zeros_like(alive, dtype=q.dtype).masked_fill(alive <= 0.5, float("-inf"))[:, None, None, :]
-                mask = pad if mask is None else mask + pad
+            mask = bias if alive is None else _with_padding(bias, alive, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     out = out.transpose(1, 2).reshape(b, n, h * d)
     if packing is not None and getattr(attn, "gate", None) is None:
@@ -226,15 +223,19 @@ def _grouped_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, ali
             b = bias[:, :, :n, :n] if bias.shape[2] > 1 else bias[:, :, :, :n]
             mask = b if b.shape[0] == 1 else b[rows]
         if any(lengths[i] < n for i in members):
-            live = alive[:, :n][rows]
-            pad = torch.zeros_like(live, dtype=q.dtype).masked_fill(live <= 0.5, float("-inf"))[:, None, None, :]
-            mask = pad if mask is None else mask + pad
+            mask = _with_padding(mask, alive[:, :n][rows], q.dtype)
         done = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout)
         if isinstance(rows, slice):
             out[rows, :, :n] = done
         else:
             out[:, :, :n].index_copy_(0, rows, done)
     return out
+
+
+def _with_padding(mask: Tensor | None, alive: Tensor, dtype: torch.dtype) -> Tensor:
+    """An additive attention mask with ``-inf`` on the keys ``alive`` marks dead or padding (``[B, N]``)."""
+    pad = torch.zeros_like(alive, dtype=dtype).masked_fill(alive <= 0.5, float("-inf"))[:, None, None, :]
+    return pad if mask is None else mask + pad
 
 
 def head_width(attn: nn.Module) -> int:

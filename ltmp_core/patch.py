@@ -583,7 +583,7 @@ def _compact(st: _State, t: Tokens, n_keep: int | None, fused: bool) -> Tensor:
     padded = False
     lengths = None
     if n_keep is None:
-        lengths = [int(v) for v in counts.tolist()]  # one host sync, as the longest row's length needs anyway
+        lengths = counts.tolist()  # one host sync, as the longest row's length needs anyway
         n_keep, padded = max(lengths), min(lengths) != max(lengths)
     pos = torch.arange(n, device=alive.device)
     if t.order is None:

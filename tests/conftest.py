@@ -73,10 +73,10 @@ def assert_grouped_attention_equals_padded(model: torch.nn.Module, x: torch.Tens
 
     real = attention.length_groups
     ways = {
-        "padded": lambda lengths, slack=None: [(list(range(len(lengths))), max(lengths))],
+        "padded": lambda lengths, *_, **__: [(list(range(len(lengths))), max(lengths))],
         "per image": real,
-        "groups": lambda lengths, slack=None: real(lengths, 0.1),
-        "interleaved": lambda lengths, slack=None: [([i for i in range(len(lengths)) if i % 2 == j],
+        "groups": lambda lengths, *_, **__: real(lengths, 0.1),
+        "interleaved": lambda lengths, *_, **__: [([i for i in range(len(lengths)) if i % 2 == j],
                                                      max(lengths[j::2])) for j in (0, 1)],
     }
     out, counts = {}, {}
