@@ -1,22 +1,25 @@
 """Latency as the budget (issue 28): a FLOPs-targeted search against a latency-targeted one at the
 same measured latency, on a proxy.
 
-    python benchmarks/latency_search.py --proxy mnist --batch 1 32 --seed 0 1 2 --n-trials 12 [--json]
+    python benchmarks/latency_search.py --proxy mnist --batch 1 32 --seed 0 1 2 --n-trials 12
+        [--mode static|dynamic] [--json]
 
 Per seed, the proxy's default search at ``--flops 0.35`` (one study; its plan does not depend on the
-batch). Per seed and batch size: that plan's latency ratio is measured (static mode, plan and
-unreduced model interleaved in this process, median of 3 repeats); a study with ``--latency`` at
+batch). Per seed and batch size: that plan's latency ratio is measured (in ``--mode``, plan and
+unreduced model interleaved in this process, median of 3 repeats; dynamic mode on the first select
+images, as a study's checks time it); a study with ``--latency`` at
 that ratio (and no FLOPs target; at most 1, the largest ``--latency``) searches a plan as fast. Rows
 (one per study and batch):
 
 - ``budget``: ``flops`` or ``latency``; ``target``: its target;
-- ``predicted_latency_ratio``: the latency study's model of this device predicts both plans;
+- ``predicted_latency_ratio``: the latency study's model of this device predicts both plans (dynamic
+  mode: from the counts each plan leaves on the images it is timed on);
 - ``measured_latency_ratio``: as the run measured it (the latency study's checks; the FLOPs plan's
   measurement that set the target);
 - ``fresh_latency_ratio``, ``fresh_spread``, ``fresh_feasible``: the plan timed again in a fresh
   process (``--retime``), feasible when at or under the target plus that measurement's spread;
-- ``flops_ratio`` and ``test_top1``: the plan scored on the test split in static mode (the mode its
-  latency is for); ``batch``; ``seconds``: the study's wall time (the latency study's includes
+- ``flops_ratio`` and ``test_top1``: the plan scored on the test split in ``--mode`` (the mode its
+  latency is for); ``batch``; ``mode``; ``seconds``: the study's wall time (the latency study's includes
   measuring its latency model and the real checks).
 
 Timing runs with ``--threads`` threads (1 by default: on a shared 2-core machine two threads wait for
@@ -43,47 +46,64 @@ from search.setup.config import resolve
 from search.setup.latency import LatencyModel
 from search.setup.timing import device_fingerprint, latency_ratio
 from search.setup.workbench import Workbench
+from search.setup.latency import dynamic_kinds
+from search.study.latency_study import timing_images
 from search.study.plans import trial_plan
 from search.study.record import StudyRecord
 from search.study.results import best_trial
 from search.study.run import run
 
 
-def measure(config, plan: ltmp_core.ReductionPlan, batch: int) -> dict:
-    """The plan's latency ratio at ``batch`` in static mode, interleaved with the unreduced model."""
+def measure(config, plan: ltmp_core.ReductionPlan, batch: int, mode: str) -> dict:
+    """The plan's latency ratio at ``batch`` in ``mode``, interleaved with the unreduced model, on the images
+    a study's checks time it on (:func:`search.study.latency_study.timing_images`)."""
     bench = Workbench.open(config)
-    reduced, _ = bench.reduced(plan, "static")
-    x = torch.randn(batch, 3, *bench.geometry.img_size, generator=torch.Generator().manual_seed(0))
-    return latency_ratio(bench.base, reduced, x, repeats=3).to_dict()
+    reduced, _ = bench.reduced(plan, mode)
+    return latency_ratio(bench.base, reduced, timing_images(bench, batch, mode), repeats=3).to_dict()
 
 
-def retime_fresh(plan_path: Path, proxy: str, batch: int, threads: int) -> dict:
+def predicted(config, plan: ltmp_core.ReductionPlan, batch: int, mode: str, model: LatencyModel) -> float:
+    """``model``'s prediction of ``plan``: static mode from its fixed counts; dynamic mode from the counts its
+    thresholds leave on the images it is timed on, image by image."""
+    if mode == "static":
+        return model.ratio(plan, plan.geometry)
+    bench = Workbench.open(config)
+    reduced, _ = bench.reduced(plan, mode)
+    counts = []
+    with torch.inference_mode():
+        for x in timing_images(bench, batch, mode):
+            reduced(x)
+            counts.append(ltmp_core.token_counts(reduced).float())
+    return model.ratio_of_counts(torch.cat(counts, dim=1).cpu().numpy(), dynamic_kinds(plan))
+
+
+def retime_fresh(plan_path: Path, proxy: str, batch: int, threads: int, mode: str) -> dict:
     """:func:`measure` in a new Python process."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, __file__, "--retime", str(plan_path), "--proxy", proxy, "--batch", str(batch),
-                          "--threads", str(threads)], capture_output=True, text=True, env=env, check=True)
+                          "--threads", str(threads), "--mode", mode], capture_output=True, text=True, env=env,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_top1(config, plan: ltmp_core.ReductionPlan) -> tuple[float, float]:
-    tested = validate_plan(plan, config, split="test", mode="static", name="plan")
+def test_top1(config, plan: ltmp_core.ReductionPlan, mode: str) -> tuple[float, float]:
+    tested = validate_plan(plan, config, split="test", mode=mode, name="plan")
     return tested["top1"], tested["flops_ratio"]
 
 
 def row_for(budget: str, target: float, study: optuna.Study, config, batch: int, seconds: float,
-            model: LatencyModel, measured: float | None, folder: Path, proxy: str, threads: int) -> dict:
+            model: LatencyModel, measured: float | None, folder: Path, proxy: str, threads: int, mode: str) -> dict:
     best = best_trial(study)
-    row = {"proxy": proxy, "budget": budget, "target": target, "batch": batch, "seed": config.seed,
+    row = {"proxy": proxy, "budget": budget, "target": target, "batch": batch, "mode": mode, "seed": config.seed,
            "study": study.study_name, "seconds": seconds, "device": model.fingerprint, "torch": torch.__version__}
     if best is None:
         return {**row, "feasible_trial": False}
     plan, _ = trial_plan(study, best.number)
     path = ltmp_core.save_plan(plan, folder / f"{study.study_name}-b{batch}.json")
-    g = plan.geometry
-    top1, flops = test_top1(config, plan)
-    fresh = retime_fresh(path, proxy, batch, threads)
+    top1, flops = test_top1(config, plan, mode)
+    fresh = retime_fresh(path, proxy, batch, threads, mode)
     row.update(feasible_trial=True, trial=best.number, ops=" ".join(plan.ops),
-               predicted_latency_ratio=model.ratio(plan, g), measured_latency_ratio=measured,
+               predicted_latency_ratio=predicted(config, plan, batch, mode, model), measured_latency_ratio=measured,
                fresh_latency_ratio=fresh["ratio"], fresh_spread=fresh["spread"],
                fresh_feasible=fresh["ratio"] <= target + fresh["spread"], flops_ratio=flops, test_top1=top1)
     if row["measured_latency_ratio"] is not None:
@@ -99,6 +119,8 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=12)
     parser.add_argument("--flops", type=float, default=0.35)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mode", choices=("static", "dynamic"), default="static",
+                        help="the mode plans are timed and scored in (the latency studies' --latency-mode)")
     parser.add_argument("--storage", help="database URL (default: a temporary SQLite file)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     parser.add_argument("--retime", metavar="PLAN.json", help=argparse.SUPPRESS)
@@ -107,7 +129,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.retime:
         plan = ltmp_core.load_plan(args.retime)
-        print(json.dumps(measure(resolve(args.proxy, {}), plan, args.batch[0])))
+        print(json.dumps(measure(resolve(args.proxy, {}), plan, args.batch[0], args.mode)))
         return
     folder = Path(tempfile.mkdtemp(prefix="latency_search-"))
     url = args.storage or f"sqlite:///{folder / 'studies.db'}"
@@ -122,21 +144,22 @@ def main() -> None:
             continue
         flops_plan, _ = trial_plan(flops_study, best.number)
         for batch in args.batch:
-            target = measure(flops_config, flops_plan, batch)["ratio"]
+            target = measure(flops_config, flops_plan, batch, args.mode)["ratio"]
             lat_config = resolve(args.proxy, {"latency": min(1.0, target), "latency_batch": batch, "seed": seed,
-                                              "n_trials": args.n_trials})
+                                              "latency_mode": args.mode, "n_trials": args.n_trials})
             start = time.perf_counter()
             result = run(lat_config, storage=url, study_name=f"latency-s{seed}-b{batch}")
             lat_seconds = time.perf_counter() - start
             record = StudyRecord.from_study(result.study)
-            model = LatencyModel.from_dict(next(m for m in record.latency_models.values() if m["batch"] == batch))
+            model = LatencyModel.from_dict(next(m for m in record.latency_models.values()
+                                                if m["batch"] == batch and m["mode"] == args.mode))
             lat_best = best_trial(result.study)
             rows = [
                 row_for("flops", args.flops, flops_study, flops_config, batch, flops_seconds, model, target, folder,
-                        args.proxy, args.threads),
+                        args.proxy, args.threads, args.mode),
                 row_for("latency", target, result.study, lat_config, batch, lat_seconds, model,
                         None if lat_best is None else record.measured_latency().get(lat_best.number), folder,
-                        args.proxy, args.threads),
+                        args.proxy, args.threads, args.mode),
             ]
             rows[0]["latency_target_of"] = "its own measured latency"
             # A FLOPs plan slower than the unreduced model (batch 1) asks for a ratio above 1: the latency

@@ -406,6 +406,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_json({
             "study": study.study_name, "storage": where, "target_flops_ratio": config.flops,
             "target_latency_ratio": config.latency, "latency_batch": config.latency_batch if config.latency else None,
+            "latency_mode": config.latency_mode if config.latency else None,
             "latency_device": result.latency_device, "latency_checks": result.latency_checks,
             "new_trials": result.new_trials, "refined_trials": result.refined, "base": result.base,
             "best": None if best is None else {**trial_summary(best, measured), "plan": TrialRecord.from_trial(best).plan},

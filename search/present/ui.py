@@ -152,7 +152,9 @@ def studies_table(rows: Sequence[dict[str, Any]], where: str) -> Table:
         table.add_row(
             r["study"], num(r["target_flops_ratio"], "g"), r["model"] or "-",
             f"{r['complete']}/{r['pruned']}/{r['failed']}", pct(r["best_top1"]), num(r["best_flops_ratio"]),
-            "-" if latency is None else f"{latency:g} (b{r.get('latency_batch')})", best_text,
+            "-" if latency is None else f"{latency:g} (b{r.get('latency_batch')}"
+                                        + ("" if r.get("latency_mode", "static") == "static" else f", {r['latency_mode']}")
+                                        + ")", best_text,
         )
     return table
 

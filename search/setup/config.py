@@ -110,8 +110,9 @@ class StudyConfig:
     latency_batch: int = setting(1, "images per forward that --latency is measured at", flag="--latency-batch",
                                  minimum=1)
     latency_mode: str = setting("static", "mode the plan's latency is measured in (static: fixed counts, the "
-                                "deployment path)", flag="--latency-mode",
-                                choices=lambda: ("static", "dynamic"), noun="latency mode")
+                                "deployment path; dynamic: the thresholds decide every image's counts, and the "
+                                "latency is predicted from the counts they leave on the calibration images)",
+                                flag="--latency-mode", choices=lambda: ("static", "dynamic"), noun="latency mode")
     latency_margin: float = setting(0.03, "plans aim this fraction under the latency target (the prediction's error)",
                                     flag="--latency-margin", minimum=0)
     latency_remeasure: bool = setting(False, "measure a latency model on this device although the study holds one "
@@ -219,7 +220,8 @@ class StudyConfig:
         if self.latency is None or self.flops < 1.0:
             parts.append(f"flops{self.flops:g}" if self.flops_min is None else f"flops{self.flops_min:g}-{self.flops:g}")
         if self.latency is not None:
-            parts.append(f"latency{self.latency:g}-b{self.latency_batch}")
+            parts.append(f"latency{self.latency:g}-b{self.latency_batch}"
+                         + ("" if self.latency_mode == "static" else f"-{self.latency_mode}"))
         return "-".join(parts)
 
 
@@ -294,9 +296,6 @@ def _check(c: StudyConfig) -> None:
     check_margin(c.flops_margin, label("flops_margin"))
     if c.latency is not None:
         check_ratio(c.latency, label("latency"), noun="latency ratio")
-        if c.latency_mode != "static":
-            raise LTMPError(f"{label('latency_mode')}: only static is built (a dynamic plan's time depends on every "
-                            "image's token counts); use --latency-mode static")
         if c.flops_min is not None:
             raise LTMPError(f"{label('latency')}: not with a range of FLOPs targets (--flops LO:HI)")
         from spaces import SPACES

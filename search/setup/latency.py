@@ -21,6 +21,13 @@ in units of the stock model's median time), so the stock model anchors the unred
 through ratios, as robust to a loaded machine as the real checks, not through one timing of its own.
 A plan's predicted latency ratio is its predicted time over the unreduced model's.
 
+Dynamic mode (``mode="dynamic"``): thresholds decide every image's counts, the linears run on the live
+rows of a padded batch and every image attends over its own tokens, while the reductions run over the
+padded batch. A dynamic plan is predicted from the counts it leaves on a batch of images: a block's
+attention and MLP at the mean of the curves over the images' counts, its reduction at the expected
+longest image of a batch (:meth:`LatencyModel.parts`); the curves are the static ones, and the line to
+end-to-end time is fitted on the probes run in dynamic mode (what compaction and host syncs cost).
+
 The model is keyed by the device's fingerprint (:func:`search.setup.timing.device_fingerprint`),
 the batch size and the mode, and is stored as JSON (:meth:`LatencyModel.to_dict`).
 """
@@ -30,7 +37,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -44,10 +51,11 @@ from ltmp_core.plan import MERGE_ORDERS
 from .timing import device_fingerprint, time_interleaved
 
 __all__ = ["LATENCY_MODES", "Curve", "LatencyModel", "kind_of", "kinds_for", "model_key", "measure_latency_model",
-           "plan_counts", "plan_kinds"]
+           "plan_counts", "plan_kinds", "dynamic_kinds", "expected_max"]
 
-#: Modes a latency model is built for (dynamic mode's time depends on every image's counts).
-LATENCY_MODES = ("static",)
+#: Modes a latency model is built for: ``static`` (fixed counts) and ``dynamic`` (thresholds decide every
+#: image's counts; predicted from the counts of a batch of images).
+LATENCY_MODES = ("static", "dynamic")
 #: Keeps of the probe plans: every block of a probe keeps this fraction of what enters it.
 PROBE_KEEPS = (0.8, 0.93)
 PARTS = ("attention", "reduce", "mlp")
@@ -90,6 +98,24 @@ def plan_kinds(plan: ReductionPlan, geometry: ViTGeometry) -> list[str]:
         out.append(kind_of(layer, [stage for stage, _ in running]))
         current -= sum(r for _, r in running)
     return out
+
+
+def dynamic_kinds(plan: ReductionPlan) -> list[str]:
+    """The kind of every block of ``plan`` in dynamic mode: every stage of its op runs (its threshold decides
+    what it removes, which may be nothing)."""
+    return [kind_of(layer) for layer in plan.layers]
+
+
+def expected_max(values: Sequence[float] | np.ndarray, batch: int) -> float:
+    """The expected largest of ``batch`` draws (with replacement) from ``values``: the length a padded batch
+    of ``batch`` images has when each image's length is drawn from ``values``. With sorted values
+    ``x_1 <= ... <= x_N``, draw ``k`` is the largest with probability ``(k/N)^B - ((k-1)/N)^B``."""
+    x = np.sort(np.asarray(values, dtype=float).ravel())
+    n = len(x)
+    if n == 0:
+        raise ValueError("expected_max: no values")
+    cdf = (np.arange(1, n + 1) / n) ** batch
+    return float(np.dot(x, np.diff(cdf, prepend=0.0)))
 
 
 def kinds_for(ops: Iterable[str], importance: Iterable[str], orders: Iterable[str] = MERGE_ORDERS) -> list[str]:
@@ -148,6 +174,10 @@ class Curve:
     def __call__(self, n: float) -> float:
         return float(np.interp(n, self.counts, self.seconds))
 
+    def mean(self, ns: Sequence[float] | np.ndarray) -> float:
+        """The mean of the curve at every count of ``ns``."""
+        return float(np.mean(np.interp(np.asarray(ns, dtype=float), self.counts, self.seconds)))
+
 
 @dataclass(frozen=True)
 class LatencyModel:
@@ -156,7 +186,8 @@ class LatencyModel:
     Attributes:
         fingerprint: The device it was measured on.
         batch: Images per forward.
-        mode: ``static``.
+        mode: ``static`` or ``dynamic`` (the same part curves, measured in static mode; the line from parts to
+            end-to-end time fitted on probes run in this mode).
         num_tokens: Tokens entering the first block of the model it was measured on.
         depth: Blocks of that model.
         attention: Per kind of block, seconds of its attention against entering tokens.
@@ -189,17 +220,26 @@ class LatencyModel:
     def key(self) -> str:
         return model_key(self.fingerprint, self.batch, self.mode)
 
-    def parts(self, counts: Sequence[float], kinds: Sequence[str]) -> float:
-        """Summed part seconds of blocks of ``kinds`` with ``counts`` (``depth + 1``, prefix included)."""
+    def parts(self, counts: Sequence[float] | np.ndarray, kinds: Sequence[str]) -> float:
+        """Summed part seconds of blocks of ``kinds`` with ``counts``: ``depth + 1`` counts (prefix included),
+        or per image, ``[depth + 1, images]``. With counts per image (dynamic mode) a block's attention and
+        MLP are the mean over the images of their curves at each image's count (its linears run on live
+        rows only and every image attends over its own tokens), and its reduction runs over the padded
+        batch: the expected longest of :attr:`batch` images (:func:`expected_max`). With one count per
+        block (static mode) both readings are the curves at that count."""
+        c = np.asarray(counts, dtype=float)
+        if c.ndim == 1:
+            c = c[:, None]
         total = 0.0
         for i, kind in enumerate(kinds):
             if kind not in self.attention:
                 raise LTMPError(f"latency model: no curve for a {kind} block (measured for "
                                 f"{', '.join(self.attention)}); measure it again with --latency-remeasure")
-            total += self.attention[kind](counts[i]) + self.reduce[kind](counts[i]) + self.mlp(counts[i + 1])
+            total += (self.attention[kind].mean(c[i]) + self.reduce[kind](expected_max(c[i], self.batch))
+                      + self.mlp.mean(c[i + 1]))
         return total
 
-    def seconds(self, counts: Sequence[float], kinds: Sequence[str]) -> float:
+    def seconds(self, counts: Sequence[float] | np.ndarray, kinds: Sequence[str]) -> float:
         """Predicted seconds of one forward."""
         return self.scale * self.parts(counts, kinds) + self.constant
 
@@ -215,7 +255,18 @@ class LatencyModel:
         if plan.cuts_width:
             raise LTMPError("latency model: measured on full-width blocks; it cannot predict a plan that cuts heads "
                             "or MLP units")
-        return self.seconds(plan_counts(plan, geometry), plan_kinds(plan, geometry)) / self.unreduced_seconds()
+        kinds = plan_kinds(plan, geometry) if self.mode == "static" else dynamic_kinds(plan)
+        return self.seconds(plan_counts(plan, geometry), kinds) / self.unreduced_seconds()
+
+    def ratio_of_counts(self, counts: Sequence[Sequence[float]] | np.ndarray, kinds: Sequence[str]) -> float:
+        """Predicted time over the unreduced model's of blocks of ``kinds`` whose tokens per image, prefix
+        included, are ``counts`` (``[depth + 1, images]``, as :func:`ltmp_core.token_counts` gives them): a
+        dynamic plan on images like these (:meth:`parts`)."""
+        c = np.asarray(counts, dtype=float)
+        if c.ndim != 2 or c.shape[0] != self.depth + 1 or len(kinds) != self.depth:
+            raise LTMPError(f"latency model: expected counts of {self.depth + 1} rows and {self.depth} kinds, got "
+                            f"{list(c.shape)} and {len(kinds)}")
+        return self.seconds(c, kinds) / self.unreduced_seconds()
 
     def to_dict(self) -> dict[str, Any]:
         def curve(c: Curve) -> dict[str, list[float]]:
@@ -309,7 +360,9 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
     alike), until about ``seconds`` have passed (at least ``min_rounds``, at most ``max_rounds``); the
     medians make the curves. Then every probe is timed end to end without hooks
     (:func:`search.setup.timing.time_interleaved`, ``min_run_time`` each) to fit how summed parts map
-    to end-to-end time.
+    to end-to-end time. The part curves are always measured in static mode (fixed counts); with ``mode``
+    ``dynamic`` the end-to-end probes run in dynamic mode, their thresholds calibrated on the probe images,
+    and the line maps their parts at every image's counts (:meth:`LatencyModel.parts`) to their time.
     """
     if mode not in LATENCY_MODES:
         raise LTMPError(f"--latency-mode: {mode!r} is not built; a latency model is measured for "
@@ -320,10 +373,10 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
     geometry = ViTGeometry.from_model(base)
     plans = _probe_plans(base, geometry, kinds)
     models: dict[str, nn.Module] = {"unreduced": base}
-    counts: dict[str, list[int]] = {"unreduced": [geometry.num_tokens] * (geometry.depth + 1)}
+    counts: dict[str, Any] = {"unreduced": [geometry.num_tokens] * (geometry.depth + 1)}
     layer_kinds: dict[str, list[str]] = {"unreduced": ["none"] * geometry.depth}
     for name, plan in plans.items():
-        models[name] = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode=mode).to(device)
+        models[name] = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode="static").to(device)
         counts[name] = plan_counts(plan, geometry)
         layer_kinds[name] = plan_kinds(plan, geometry)
     x = torch.randn(batch, 3, *geometry.img_size, device=device)
@@ -352,9 +405,6 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
                 return m(x)
         return run
 
-    # End to end, without hooks, timed as the checks after a run time plans (one Timer block each, in turn).
-    whole = dict(zip(models, time_interleaved([call(m) for m in models.values()], repeats=E2E_REPEATS,
-                                              min_run_time=min_run_time)))
     samples: dict[str, dict[str, list[tuple[float, float]]]] = {"attention": {}, "reduce": {}}
     mlp: list[tuple[float, float]] = []
     part_sums: dict[str, float] = {}
@@ -366,6 +416,29 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
             samples["attention"].setdefault(kinds_here[i], []).append((c[i], float(att)))
             samples["reduce"].setdefault(kinds_here[i], []).append((c[i], float(red)))
             mlp.append((c[i + 1], float(mlp_s)))
+    curves = LatencyModel(device_fingerprint(device), batch, mode, geometry.num_tokens, geometry.depth,
+                          {k: Curve.fit(v) for k, v in samples["attention"].items()},
+                          {k: Curve.fit(v) for k, v in samples["reduce"].items()}, Curve.fit(mlp), 1.0, 0.0, 0.0)
+    if mode == "dynamic":
+        # The line is fitted on the probes as dynamic mode runs them: thresholds placed so each block keeps
+        # its budget of these images (pooled over the batch, so images differ), the parts read from the
+        # curves at every image's counts.
+        e2e_models: dict[str, nn.Module] = {"unreduced": base}
+        for name, plan in plans.items():
+            m = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode="static").to(device)
+            ltmp_core.calibrate(m, x)
+            ltmp_core.set_mode(m, "dynamic")
+            with torch.inference_mode():
+                m(x)
+            e2e_models[name] = m
+            counts[name] = ltmp_core.token_counts(m).cpu().numpy()
+            layer_kinds[name] = dynamic_kinds(plan)
+        part_sums = {name: curves.parts(counts[name], layer_kinds[name]) for name in e2e_models}
+    else:
+        e2e_models = models
+    # End to end, without hooks, timed as the checks after a run time plans (one Timer block each, in turn).
+    whole = dict(zip(e2e_models, time_interleaved([call(m) for m in e2e_models.values()], repeats=E2E_REPEATS,
+                                                  min_run_time=min_run_time)))
     # Every patched probe has the same blocks, hooks, embedding and head: their end-to-end times are a
     # line in their summed parts (what the hooks add, and what the parts miss). The line is fitted to
     # each probe's time as a ratio to the stock model's in the same repeat (median over the repeats),
@@ -374,16 +447,13 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
     # within a repeat are what the real checks measure. The stock model's constant closes the line at 1.
     base = statistics.median(whole["unreduced"])
     e2e = {name: base * statistics.median(t / u for t, u in zip(v, whole["unreduced"])) for name, v in whole.items()}
-    patched = [n for n in models if n != "unreduced"]
+    patched = [n for n in e2e_models if n != "unreduced"]
     scale, constant = _line([part_sums[n] for n in patched], [e2e[n] for n in patched])
     stock = base - scale * part_sums["unreduced"]
-    model = LatencyModel(
-        device_fingerprint(device), batch, mode, geometry.num_tokens, geometry.depth,
-        {k: Curve.fit(v) for k, v in samples["attention"].items()}, {k: Curve.fit(v) for k, v in samples["reduce"].items()},
-        Curve.fit(mlp), scale, constant, stock)
+    model = replace(curves, scale=scale, constant=constant, stock_constant=stock)
     probes = [{"probe": n, "measured_s": e2e[n], "predicted_s": model.unreduced_seconds() if n == "unreduced" else
-               model.seconds(counts[n], layer_kinds[n])} for n in models]
-    return LatencyModel(**{**model.__dict__, "probes": probes, "measured_s": time.perf_counter() - started})
+               model.seconds(counts[n], layer_kinds[n])} for n in e2e_models]
+    return replace(model, probes=probes, measured_s=time.perf_counter() - started)
 
 
 def _line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:

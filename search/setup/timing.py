@@ -8,6 +8,7 @@ process (``num_threads``) and synchronises CUDA around its blocks.
 
 from __future__ import annotations
 
+import itertools
 import platform
 import statistics
 from dataclasses import dataclass
@@ -93,13 +94,18 @@ class Ratio:
         return {"ratio": self.ratio, "spread": self.spread, "base_s": self.base_s, "plan_s": self.plan_s}
 
 
-def latency_ratio(base: nn.Module, reduced: nn.Module, images: torch.Tensor, *, repeats: int = 3,
-                  min_run_time: float = 0.2) -> Ratio:
-    """The time of ``reduced`` over ``base`` on ``images`` (one batch), interleaved (:func:`time_interleaved`)."""
+def latency_ratio(base: nn.Module, reduced: nn.Module, images: torch.Tensor | Sequence[torch.Tensor], *,
+                  repeats: int = 3, min_run_time: float = 0.2) -> Ratio:
+    """The time of ``reduced`` over ``base`` on ``images``, interleaved (:func:`time_interleaved`): one batch,
+    or several that every call takes in turn (a dynamic plan's time depends on the images)."""
+    batches = [images] if isinstance(images, torch.Tensor) else list(images)
+
     def call(model: nn.Module) -> Callable[[], Any]:
+        turn = itertools.cycle(batches)
+
         def run() -> Any:
             with torch.inference_mode():
-                return model(images)
+                return model(next(turn))
         return run
 
     base_t, plan_t = time_interleaved([call(base.eval()), call(reduced.eval())], repeats=repeats,

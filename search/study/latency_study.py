@@ -28,12 +28,14 @@ from ..setup.workbench import Workbench
 from .record import StudyRecord, TrialRecord
 from .results import feasible_check, ranked_trials
 
-__all__ = ["study_latency_model", "check_latency", "MIN_CHECKS", "MAX_CHECKS", "ERROR_BOUND"]
+__all__ = ["study_latency_model", "check_latency", "timing_images", "MIN_CHECKS", "MAX_CHECKS", "ERROR_BOUND"]
 
 #: Trials timed after a run at least (while there are feasible ones), and at most.
 MIN_CHECKS, MAX_CHECKS = 3, 8
 #: A prediction further than this from the measured ratio is reported.
 ERROR_BOUND = 0.10
+#: Select images a dynamic plan is timed on, at the least (in batches of the latency batch size).
+DYNAMIC_IMAGES = 64
 
 
 def study_latency_model(study: optuna.Study, bench: Workbench, config: StudyConfig, *,
@@ -73,10 +75,16 @@ def study_latency_model(study: optuna.Study, bench: Workbench, config: StudyConf
     return model
 
 
-def _images(bench: Workbench, batch: int) -> torch.Tensor:
-    g = bench.geometry
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 3, *g.img_size, generator=generator).to(bench.device)
+def timing_images(bench: Workbench, batch: int, mode: str) -> list[torch.Tensor]:
+    """What a plan is timed on at ``batch`` in ``mode``. Static mode: one batch of random images (its counts
+    are fixed). Dynamic mode: the first batches of the select split (the thresholds' counts depend on the
+    images; at least :data:`DYNAMIC_IMAGES` images, every call takes the next batch)."""
+    if mode == "static":
+        generator = torch.Generator().manual_seed(0)
+        return [torch.randn(batch, 3, *bench.geometry.img_size, generator=generator).to(bench.device)]
+    wanted = max(1, -(-DYNAMIC_IMAGES // batch))
+    batches = [b[0].to(bench.device) for b in bench.data.holdout_batches(batch, limit=wanted * batch)]
+    return [b for b in batches if len(b) == batch] or batches[:1]
 
 
 def _candidate(study: optuna.Study, checked: set[int]) -> optuna.trial.FrozenTrial | None:
@@ -94,12 +102,13 @@ def check_latency(study: optuna.Study, bench: Workbench, config: StudyConfig, *,
                   on_check: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Time the best feasible trials for real, until one meets the latency target and at least
     :data:`MIN_CHECKS` are timed (at most :data:`MAX_CHECKS`); every check is stored in the study's
-    ``latency_checks`` at once. Returns this call's checks (``on_check`` sees each)."""
+    ``latency_checks`` at once. Returns this call's checks (``on_check`` sees each). A plan is timed on
+    :func:`timing_images`."""
     record = StudyRecord.from_study(study)
     checks = list(record.latency_checks or [])
     fingerprint = device_fingerprint(bench.device)
     checked = {c["trial"] for c in checks if c.get("device") == fingerprint and c.get("batch") == config.latency_batch}
-    x = _images(bench, config.latency_batch)
+    x = timing_images(bench, config.latency_batch, config.latency_mode)
     new: list[dict[str, Any]] = []
     met = any(c["feasible"] for c in checks if c["trial"] in checked)
     while len(new) < MAX_CHECKS and not (met and len(checked) >= MIN_CHECKS):

@@ -18,9 +18,11 @@ ratio (down), and every trial draws its own target from the part of the range it
 With a latency target (``--latency R``), the study's latency model of this device
 (:mod:`search.setup.latency`) predicts each plan's time over the unreduced model's: a solved trial
 lowers its FLOPs aim by bisection until the prediction meets ``R`` less ``--latency-margin``
-(:meth:`Objective._meet_latency`), and the scored plan's prediction is a second constraint. The latency is
-static mode's, so such a trial is scored in static mode: each layer keeps, as a fixed count, what its solved
-threshold kept of the calibration batch (:meth:`Objective._as_static`).
+(:meth:`Objective._meet_latency`), and the scored plan's prediction is a second constraint. With
+``--latency-mode static`` (the default) the latency is static mode's, so such a trial is scored in static
+mode: each layer keeps, as a fixed count, what its solved threshold kept of the calibration batch
+(:meth:`Objective._as_static`). With ``--latency-mode dynamic`` the trial is scored in dynamic mode and its
+latency predicted from every calibration image's counts under its thresholds.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ..setup.budget import Budget
 from ..setup.config import StudyConfig
 from ..setup.data import StudyData
 from ..setup.evaluation import evaluate, unreduced_accuracy
-from ..setup.latency import LatencyModel
+from ..setup.latency import LatencyModel, dynamic_kinds
 from .compute import ComputeMeter, count_forwards
 from .record import TrialRecord
 from .tuning import NonFiniteLoss, Recipe, tune_thresholds
@@ -132,11 +134,15 @@ class Objective:
         return self.latency.ratio(plan, self.geometry)
 
     def _calibrated_latency(self, model: nn.Module, images: torch.Tensor) -> float:
-        """Predicted latency ratio of the model's thresholds: static counts from what they keep of ``images``."""
+        """Predicted latency ratio of the model's thresholds on ``images``: for static mode, of the fixed
+        counts they keep on average; for dynamic mode, of every image's counts."""
         with torch.no_grad():
             ltmp_core.set_mode(model, "dynamic")
-            model(images)
-        kept = ltmp_core.token_counts(model)[1:].float().mean(1).tolist()
+            model(images.to(self.device))
+        counts = ltmp_core.token_counts(model).float()
+        if self.latency.mode == "dynamic":
+            return self.latency.ratio_of_counts(counts.cpu().numpy(), dynamic_kinds(ltmp_core.get_plan(model)))
+        kept = counts[1:].mean(1).tolist()
         return self._predicted_latency(ltmp_core.measured_plan(ltmp_core.get_plan(model), kept, self.geometry))
 
     @classmethod
@@ -409,7 +415,7 @@ class Objective:
         """Top-1 on the select split with tokens removed; the measured FLOPs ratio is the constraint, and
         with a latency target the plan's predicted latency ratio too."""
         c = self.config
-        if self.latency is not None and mode == "dynamic":
+        if self.latency is not None and mode == "dynamic" and self.latency.mode == "static":
             model, mode = self._as_static(model, plan, meter), "static"
         self.hooks.on_phase("score")
         result = evaluate(model, self.data.holdout_batches(batch_size), device=self.device, amp=self.amp, mode=mode)
@@ -424,7 +430,11 @@ class Objective:
         feasible = ratio <= budget.target
         latency: dict[str, float] = {}
         if self.latency is not None:
-            predicted = self._predicted_latency(final)
+            if mode == "dynamic":  # the thresholds' counts on the calibration images, image by image
+                predicted = self._calibrated_latency(model, self.calibration)
+                meter.forward(len(self.calibration))
+            else:
+                predicted = self._predicted_latency(final)
             trial.set_constraint("latency", predicted - c.latency)
             latency = dict(predicted_latency_ratio=predicted, latency_constraint=predicted - c.latency)
             feasible = feasible and predicted <= c.latency

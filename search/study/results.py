@@ -150,6 +150,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             "best_flops_ratio": None if best is None else TrialRecord.from_trial(best).flops_ratio,
             "target_latency_ratio": config.get("latency"),
             "latency_batch": config.get("latency_batch") if config.get("latency") is not None else None,
+            "latency_mode": config.get("latency_mode", "static") if config.get("latency") is not None else None,
             "best_predicted_latency_ratio": None if best is None else TrialRecord.from_trial(best).predicted_latency_ratio,
             "best_measured_latency_ratio": None if best is None else record.measured_latency().get(best.number),
             "started": min((t.datetime_start for t in trials if t.datetime_start), default=None),

@@ -16,7 +16,8 @@ import ltmp_core
 import search.setup.models  # noqa: F401  (registers ltmp_vit_mnist)
 from ltmp_core import LTMPError
 from search.setup.config import StudyConfig
-from search.setup.latency import Curve, LatencyModel, kinds_for, measure_latency_model, plan_kinds
+from search.setup.latency import (Curve, LatencyModel, dynamic_kinds, expected_max, kinds_for, measure_latency_model,
+                                  plan_kinds)
 from search.setup.timing import device_fingerprint, latency_ratio
 from search.study.latency_study import study_latency_model
 from search.study.record import StudyRecord
@@ -69,6 +70,71 @@ def test_a_block_is_timed_as_the_stages_static_mode_runs(vit):
     kinds = plan_kinds(plan, g)
     assert kinds == ["merge, tome order", "prune/cls", "none", "merge, tome order"] + ["none"] * (depth - 4)
     assert set(kinds) <= set(kinds_for(["merge+prune", "prune", "merge"], ["cls"], ["tome"]))
+
+
+def test_expected_longest_image_by_hand():
+    # Two draws from (1, 2, 3): the largest is 1 with probability 1/9, 2 with 3/9, 3 with 5/9.
+    assert expected_max([3, 1, 2], 2) == pytest.approx((1 * 1 + 2 * 3 + 3 * 5) / 9)
+    assert expected_max([3, 1, 2], 1) == pytest.approx(2.0)  # one image: the mean
+    assert expected_max([5, 5, 5], 7) == pytest.approx(5.0)
+    assert expected_max(list(range(10)), 10_000) == pytest.approx(9.0)  # a large batch holds the longest
+
+
+def test_a_dynamic_batch_is_predicted_from_every_images_counts_by_hand():
+    """One block, two images entering with 4 and 2 tokens and leaving with 3 and 1, at batch 2; curves of
+    1, 10 and 100 seconds per token. Attention: the mean over the images, (4 + 2) / 2 = 3; the reduction runs
+    over the padded batch, the expected longer of two images drawn from (4, 2), 2 / 4 + 4 * 3 / 4 = 3.5 tokens:
+    35; the MLP on the live rows: (3 + 1) / 2 * 100 = 200. With a scale of 2 and a constant of 1: 477.
+    The same counts for every image read as static mode's fixed counts."""
+    line = Curve([0.0, 100.0], [0.0, 100.0])
+    times = lambda k: Curve(line.counts, [k * s for s in line.seconds])  # noqa: E731
+    model = LatencyModel("cpu", 2, "dynamic", 4, 1, {"merge": line, "none": line}, {"merge": times(10), "none": times(10)},
+                         times(100), scale=2.0, constant=1.0, stock_constant=1.0)
+    assert model.seconds([[4, 2], [3, 1]], ["merge"]) == pytest.approx(2 * (3 + 35 + 200) + 1)
+    assert model.seconds([[4, 4], [3, 3]], ["merge"]) == pytest.approx(model.seconds([4, 3], ["merge"]))
+    assert model.ratio_of_counts([[4, 2], [3, 1]], ["merge"]) == pytest.approx(477 / (2 * (4 + 40 + 400) + 1))
+    with pytest.raises(LTMPError, match="2 rows and 1 kinds"):
+        model.ratio_of_counts([[4, 2]], ["merge"])
+
+
+def test_a_dynamic_blocks_kind_is_every_stage_of_its_op(vit):
+    """Dynamic mode runs every stage of an op (the threshold decides what it removes), where static mode skips
+    a stage that removes nothing."""
+    depth = len(vit.blocks)
+    plan = ltmp_core.make_plan(vit, op=["merge+prune"] + ["none"] * (depth - 1), keep=[0.75] + [1.0] * (depth - 1),
+                               merge_keep=[0.75] + [None] * (depth - 1), importance="cls")
+    g = ltmp_core.ViTGeometry.from_model(vit)
+    assert plan_kinds(plan, g)[0] == "merge" and dynamic_kinds(plan)[0] == "merge+prune/cls"
+
+
+@pytest.fixture(scope="module")
+def measured_dynamic(vit) -> LatencyModel:
+    return measure_latency_model(vit, kinds_for(["merge"], ["cls"]), batch=BATCH, seconds=2.0, mode="dynamic")
+
+
+def test_dynamic_prediction_agrees_with_a_real_timing(measured_dynamic, vit):
+    """A dynamic plan whose thresholds were placed on other images than the probes', predicted from the counts
+    it leaves on the images it is timed on: within a loose bound of a real timing (load moves single timings),
+    and a plan that keeps fewer tokens is predicted faster."""
+    torch.manual_seed(1)
+    images = torch.randn(BATCH, 3, 32, 32)
+    ratios, predicted = [], []
+    for keep in (0.9, 0.7):
+        plan = ltmp_core.make_plan(vit, op="merge", keep=keep, importance="cls")
+        model = ltmp_core.apply_plan(copy.deepcopy(vit), plan, mode="static")
+        ltmp_core.calibrate(model, torch.randn(BATCH, 3, 32, 32))
+        ltmp_core.set_mode(model, "dynamic")
+        with torch.inference_mode():
+            model(images)
+        counts = ltmp_core.token_counts(model).numpy()
+        assert counts.std(axis=1).max() > 0  # the images do differ
+        predicted.append(measured_dynamic.ratio_of_counts(counts, dynamic_kinds(plan)))
+        ratios.append(latency_ratio(vit, model, images, repeats=3, min_run_time=0.1).ratio)
+    assert predicted[1] < predicted[0]
+    for p, r in zip(predicted, ratios):
+        assert 0.5 < p / r < 2.0, (predicted, ratios)
+    assert measured_dynamic.mode == "dynamic" and measured_dynamic.key.endswith("| dynamic")
+    assert [p["probe"] for p in measured_dynamic.probes][0] == "unreduced"
 
 
 def test_fewer_tokens_are_never_predicted_slower(measured, vit):
@@ -154,7 +220,7 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize("args, flag", [
     (["--latency", "0"], "--latency"),
     (["--latency", "1.5"], "--latency"),
-    (["--latency", "0.5", "--latency-mode", "dynamic"], "--latency-mode"),
+    (["--latency", "0.5", "--latency-mode", "sparse"], "--latency-mode"),
     (["--latency", "0.5", "--latency-margin", "0.7"], "--latency-margin"),
 ])
 def test_bad_latency_input_is_one_line_and_exit_2(workdir, monkeypatch, args, flag):
@@ -225,6 +291,42 @@ def test_search_run_with_a_latency_budget_end_to_end(workdir, monkeypatch):
         assert code == 0, err
         assert json.loads(out)["top1"] == pytest.approx(result["best"]["top1"], abs=1e-9)
     assert complete and all(t.user_attrs["eval_mode"] == "static" for t in complete)
+
+
+def test_search_run_with_a_dynamic_latency_budget_end_to_end(workdir, monkeypatch):
+    """``--latency-mode dynamic``: the study's latency model is the dynamic one, its trials are scored in dynamic
+    mode, the checks time plans in dynamic mode, and the exported plan, run in dynamic mode afresh, scores the
+    best trial's value on the select split."""
+    isolate(monkeypatch, workdir)
+    url = f"sqlite:///{workdir / 'dynamic.db'}"
+    code, out, err = cli("run", "--preset", "small.toml", "--flops", "0.5", "--latency", "0.95", "--latency-batch", "16",
+                         "--latency-mode", "dynamic", "--n-trials", "1", "--storage", url, "--study-name", "dyn",
+                         "--quiet", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["latency_mode"] == "dynamic"
+    study = optuna.load_study(study_name="dyn", storage=url)
+    record = StudyRecord.from_study(study)
+    assert [(m["batch"], m["mode"]) for m in record.latency_models.values()] == [(16, "dynamic")]
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert complete
+    for t in complete:
+        a = t.user_attrs
+        assert a["eval_mode"] == "dynamic" and 0 < a["predicted_latency_ratio"]
+        assert t.constraints["latency"] == pytest.approx(a["predicted_latency_ratio"] - 0.95)
+    for c in record.latency_checks or []:
+        assert c["mode"] == "dynamic" and c["feasible"] == (c["measured"] <= 0.95)
+    assert [c["trial"] for c in record.latency_checks or []] == [c["trial"] for c in result["latency_checks"]]
+    scored = complete[0]  # exported by number: the real check may have found it over the target
+    code, out, err = cli("export", "dyn", "--trial", str(scored.number), "--storage", url,
+                         "-o", str(workdir / "dynamic.json"), "--json")
+    assert code == 0, err
+    code, out, err = cli("validate", str(workdir / "dynamic.json"), "--preset", "small.toml", "--split", "select",
+                         "--mode", "dynamic", "--json")
+    assert code == 0, err
+    assert json.loads(out)["top1"] == pytest.approx(scored.user_attrs["accuracy"], abs=1e-9)
+    code, out, _ = cli("studies", "--storage", url, "--json")
+    assert json.loads(out)[0]["latency_mode"] == "dynamic"
 
 
 def test_a_space_that_cuts_width_is_refused_with_latency(workdir, monkeypatch):
