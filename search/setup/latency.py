@@ -23,10 +23,12 @@ A plan's predicted latency ratio is its predicted time over the unreduced model'
 
 Dynamic mode (``mode="dynamic"``): thresholds decide every image's counts, the linears run on the live
 rows of a padded batch and every image attends over its own tokens, while the reductions run over the
-padded batch. A dynamic plan is predicted from the counts it leaves on a batch of images: a block's
-attention and MLP at the mean of the curves over the images' counts, its reduction at the expected
-longest image of a batch (:meth:`LatencyModel.parts`); the curves are the static ones, and the line to
-end-to-end time is fitted on the probes run in dynamic mode (what compaction and host syncs cost).
+padded batch. The probes run in dynamic mode (thresholds placed so each block keeps its budget of the
+probe images, pooled over the batch, so the images differ), a block's kind is every stage of its op
+(:func:`dynamic_kinds`), and the curves are read at the probe images' mean count for attention and MLP
+and at the padded batch's length for the reduction. A dynamic plan is predicted from the counts it
+leaves on a batch of images: a block's attention and MLP at the mean of the curves over the images'
+counts, its reduction at the expected longest image of a batch (:meth:`LatencyModel.parts`).
 
 The model is keyed by the device's fingerprint (:func:`search.setup.timing.device_fingerprint`),
 the batch size and the mode, and is stored as JSON (:meth:`LatencyModel.to_dict`).
@@ -186,8 +188,7 @@ class LatencyModel:
     Attributes:
         fingerprint: The device it was measured on.
         batch: Images per forward.
-        mode: ``static`` or ``dynamic`` (the same part curves, measured in static mode; the line from parts to
-            end-to-end time fitted on probes run in this mode).
+        mode: ``static`` or ``dynamic``: the mode the probes ran in.
         num_tokens: Tokens entering the first block of the model it was measured on.
         depth: Blocks of that model.
         attention: Per kind of block, seconds of its attention against entering tokens.
@@ -360,9 +361,8 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
     alike), until about ``seconds`` have passed (at least ``min_rounds``, at most ``max_rounds``); the
     medians make the curves. Then every probe is timed end to end without hooks
     (:func:`search.setup.timing.time_interleaved`, ``min_run_time`` each) to fit how summed parts map
-    to end-to-end time. The part curves are always measured in static mode (fixed counts); with ``mode``
-    ``dynamic`` the end-to-end probes run in dynamic mode, their thresholds calibrated on the probe images,
-    and the line maps their parts at every image's counts (:meth:`LatencyModel.parts`) to their time.
+    to end-to-end time. With ``mode`` ``dynamic`` the probes run in dynamic mode, their thresholds
+    calibrated on the probe images (see the module's text).
     """
     if mode not in LATENCY_MODES:
         raise LTMPError(f"--latency-mode: {mode!r} is not built; a latency model is measured for "
@@ -375,11 +375,22 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
     models: dict[str, nn.Module] = {"unreduced": base}
     counts: dict[str, Any] = {"unreduced": [geometry.num_tokens] * (geometry.depth + 1)}
     layer_kinds: dict[str, list[str]] = {"unreduced": ["none"] * geometry.depth}
-    for name, plan in plans.items():
-        models[name] = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode="static").to(device)
-        counts[name] = plan_counts(plan, geometry)
-        layer_kinds[name] = plan_kinds(plan, geometry)
     x = torch.randn(batch, 3, *geometry.img_size, device=device)
+    for name, plan in plans.items():
+        m = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode="static").to(device)
+        if mode == "dynamic":
+            # Thresholds placed so each block keeps its budget of these images, pooled over the batch (so
+            # the images' counts differ and the batch is padded, as dynamic mode runs real images).
+            ltmp_core.calibrate(m, x)
+            ltmp_core.set_mode(m, "dynamic")
+            with torch.inference_mode():
+                m(x)
+            counts[name] = ltmp_core.token_counts(m).cpu().numpy()
+            layer_kinds[name] = dynamic_kinds(plan)
+        else:
+            counts[name] = plan_counts(plan, geometry)
+            layer_kinds[name] = plan_kinds(plan, geometry)
+        models[name] = m
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     hooked: dict[str, list[list[tuple[float, float, float]]]] = {name: [] for name in models}
     with torch.inference_mode():
@@ -411,34 +422,17 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
     for name in models:
         medians = np.median(np.array(hooked[name]), axis=0)  # [depth, 3]
         part_sums[name] = float(medians.sum())
-        c, kinds_here = counts[name], layer_kinds[name]
+        c, kinds_here = np.asarray(counts[name], dtype=float), layer_kinds[name]
+        c = c[:, None] if c.ndim == 1 else c  # [depth + 1, images]
         for i, (att, red, mlp_s) in enumerate(medians):
-            samples["attention"].setdefault(kinds_here[i], []).append((c[i], float(att)))
-            samples["reduce"].setdefault(kinds_here[i], []).append((c[i], float(red)))
-            mlp.append((c[i + 1], float(mlp_s)))
-    curves = LatencyModel(device_fingerprint(device), batch, mode, geometry.num_tokens, geometry.depth,
-                          {k: Curve.fit(v) for k, v in samples["attention"].items()},
-                          {k: Curve.fit(v) for k, v in samples["reduce"].items()}, Curve.fit(mlp), 1.0, 0.0, 0.0)
-    if mode == "dynamic":
-        # The line is fitted on the probes as dynamic mode runs them: thresholds placed so each block keeps
-        # its budget of these images (pooled over the batch, so images differ), the parts read from the
-        # curves at every image's counts.
-        e2e_models: dict[str, nn.Module] = {"unreduced": base}
-        for name, plan in plans.items():
-            m = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode="static").to(device)
-            ltmp_core.calibrate(m, x)
-            ltmp_core.set_mode(m, "dynamic")
-            with torch.inference_mode():
-                m(x)
-            e2e_models[name] = m
-            counts[name] = ltmp_core.token_counts(m).cpu().numpy()
-            layer_kinds[name] = dynamic_kinds(plan)
-        part_sums = {name: curves.parts(counts[name], layer_kinds[name]) for name in e2e_models}
-    else:
-        e2e_models = models
+            # Read as :meth:`LatencyModel.parts` predicts: attention and MLP at the images' mean count, the
+            # reduction at the padded batch's length.
+            samples["attention"].setdefault(kinds_here[i], []).append((c[i].mean(), float(att)))
+            samples["reduce"].setdefault(kinds_here[i], []).append((c[i].max(), float(red)))
+            mlp.append((c[i + 1].mean(), float(mlp_s)))
     # End to end, without hooks, timed as the checks after a run time plans (one Timer block each, in turn).
-    whole = dict(zip(e2e_models, time_interleaved([call(m) for m in e2e_models.values()], repeats=E2E_REPEATS,
-                                                  min_run_time=min_run_time)))
+    whole = dict(zip(models, time_interleaved([call(m) for m in models.values()], repeats=E2E_REPEATS,
+                                              min_run_time=min_run_time)))
     # Every patched probe has the same blocks, hooks, embedding and head: their end-to-end times are a
     # line in their summed parts (what the hooks add, and what the parts miss). The line is fitted to
     # each probe's time as a ratio to the stock model's in the same repeat (median over the repeats),
@@ -447,12 +441,15 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
     # within a repeat are what the real checks measure. The stock model's constant closes the line at 1.
     base = statistics.median(whole["unreduced"])
     e2e = {name: base * statistics.median(t / u for t, u in zip(v, whole["unreduced"])) for name, v in whole.items()}
-    patched = [n for n in e2e_models if n != "unreduced"]
+    patched = [n for n in models if n != "unreduced"]
     scale, constant = _line([part_sums[n] for n in patched], [e2e[n] for n in patched])
     stock = base - scale * part_sums["unreduced"]
-    model = replace(curves, scale=scale, constant=constant, stock_constant=stock)
+    model = LatencyModel(
+        device_fingerprint(device), batch, mode, geometry.num_tokens, geometry.depth,
+        {k: Curve.fit(v) for k, v in samples["attention"].items()}, {k: Curve.fit(v) for k, v in samples["reduce"].items()},
+        Curve.fit(mlp), scale, constant, stock)
     probes = [{"probe": n, "measured_s": e2e[n], "predicted_s": model.unreduced_seconds() if n == "unreduced" else
-               model.seconds(counts[n], layer_kinds[n])} for n in e2e_models]
+               model.seconds(counts[n], layer_kinds[n])} for n in models]
     return replace(model, probes=probes, measured_s=time.perf_counter() - started)
 
 
