@@ -1,6 +1,6 @@
 """How well a latency model predicts plans it never ran (issue 28, item 2).
 
-    python benchmarks/latency_model.py --proxy mnist --batch 1 32 --models 3 --timings 3 [--json]
+    python benchmarks/latency_model.py --proxy mnist --batch 1 32 --models 3 --timings 3 [--mode dynamic] [--json]
 
 Per batch size: the latency model of this device is measured ``--models`` times (as a study measures it,
 every kind of block the proxy's default search can run); after each, a fixed set of static plans that are
@@ -16,6 +16,11 @@ and, on a 12-block model, merge then prune in ToMe's order with the budgets a se
 (:data:`SEARCHED_KEEPS`).
 The spread of ``timings`` is what the machine's noise allows a prediction to be judged by.
 
+``--mode dynamic``: the model is measured for dynamic mode, every plan's thresholds are placed on the
+study's calibration images (each block keeps its budget of them, pooled), and the plan is timed on the
+images a study's checks time it on (the first select images, every call the next batch) and predicted
+from the counts it leaves on them, image by image.
+
 Timing runs with ``--threads`` threads (1 by default, as ``latency_search.py``).
 """
 
@@ -30,9 +35,10 @@ import torch
 
 import ltmp_core
 from search.setup.config import resolve
-from search.setup.latency import kinds_for, measure_latency_model
+from search.setup.latency import dynamic_kinds, kinds_for, measure_latency_model
 from search.setup.timing import device_fingerprint, latency_ratio
 from search.setup.workbench import Workbench
+from search.study.latency_study import timing_images
 
 
 #: The budgets of a plan the proxy's default search chose at 0.35 (seed 1 of ``latency_search.py``):
@@ -58,6 +64,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=3, help="latency models measured per batch size")
     parser.add_argument("--timings", type=int, default=3, help="real timings of every plan per model")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mode", choices=("static", "dynamic"), default="static")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,17 +73,34 @@ def main() -> None:
     g = bench.geometry
     kinds = kinds_for(config.ops, config.importance)
     reduced = {name: (plan, bench.reduced(plan, "static")[0]) for name, plan in plans(bench.base, g.depth).items()}
+    if args.mode == "dynamic":
+        calibration = bench.data.calibration_batch(config.calib_images).to(bench.device)
+        for _, module in reduced.values():
+            ltmp_core.calibrate(module, calibration)
+            ltmp_core.set_mode(module, "dynamic")
     errors: dict[int, list[float]] = {}
     for batch in args.batch:
-        x = torch.randn(batch, 3, *g.img_size, generator=torch.Generator().manual_seed(0)).to(bench.device)
+        x = timing_images(bench, batch, args.mode)
+        counts = {}  # dynamic mode: the counts every plan's thresholds leave on the images it is timed on
+        for name, (plan, module) in reduced.items():
+            per_batch = []
+            with torch.inference_mode():
+                for images in x if args.mode == "dynamic" else []:
+                    module(images)
+                    per_batch.append(ltmp_core.token_counts(module).float())
+            if per_batch:
+                counts[name] = torch.cat(per_batch, dim=1).cpu().numpy()
         for run in range(args.models):
             start = time.perf_counter()
-            model = measure_latency_model(bench.base, kinds, batch=batch, device=bench.device)
+            model = measure_latency_model(bench.base, kinds, batch=batch, mode=args.mode, device=bench.device)
             seconds = time.perf_counter() - start
             for name, (plan, module) in reduced.items():
                 timings = [latency_ratio(bench.base, module, x, repeats=3).ratio for _ in range(args.timings)]
-                measured, predicted = statistics.median(timings), model.ratio(plan, g)
-                row = {"proxy": args.proxy, "batch": batch, "model_run": run, "plan": name, "predicted": predicted,
+                predicted = (model.ratio(plan, g) if args.mode == "static"
+                             else model.ratio_of_counts(counts[name], dynamic_kinds(plan)))
+                measured = statistics.median(timings)
+                row = {"proxy": args.proxy, "batch": batch, "mode": args.mode, "model_run": run, "plan": name,
+                       "predicted": predicted,
                        "measured": measured, "timings": timings, "error": predicted / measured - 1,
                        "model_seconds": seconds, "device": device_fingerprint(bench.device),
                        "torch": torch.__version__}
