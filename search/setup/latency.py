@@ -26,9 +26,11 @@ rows of a padded batch and every image attends over its own tokens, while the re
 padded batch. The probes run in dynamic mode (thresholds placed so each block keeps its budget of the
 probe images, pooled over the batch, so the images differ), a block's kind is every stage of its op
 (:func:`dynamic_kinds`), and the curves are read at the probe images' mean count for attention and MLP
-and at the padded batch's length for the reduction. A dynamic plan is predicted from the counts it
-leaves on a batch of images: a block's attention and MLP at the mean of the curves over the images'
-counts, its reduction at the expected longest image of a batch (:meth:`LatencyModel.parts`).
+and at the padded batch's length for the reduction (and for an attention that needs the whole attention
+map, which runs over the padded batch: :func:`attends_padded`). A dynamic plan is predicted from the
+counts it leaves on a batch of images: a block's attention and MLP at the mean of the curves over the
+images' counts, its reduction (and such an attention) at the expected longest image of a batch
+(:meth:`LatencyModel.parts`).
 
 The model is keyed by the device's fingerprint (:func:`search.setup.timing.device_fingerprint`),
 the batch size and the mode, and is stored as JSON (:meth:`LatencyModel.to_dict`).
@@ -53,7 +55,7 @@ from ltmp_core.plan import MERGE_ORDERS
 from .timing import device_fingerprint, time_interleaved
 
 __all__ = ["LATENCY_MODES", "Curve", "LatencyModel", "kind_of", "kinds_for", "model_key", "measure_latency_model",
-           "plan_counts", "plan_kinds", "dynamic_kinds", "expected_max"]
+           "plan_counts", "plan_kinds", "dynamic_kinds", "expected_max", "attends_padded"]
 
 #: Modes a latency model is built for: ``static`` (fixed counts) and ``dynamic`` (thresholds decide every
 #: image's counts; predicted from the counts of a batch of images).
@@ -100,6 +102,13 @@ def plan_kinds(plan: ReductionPlan, geometry: ViTGeometry) -> list[str]:
         out.append(kind_of(layer, [stage for stage, _ in running]))
         current -= sum(r for _, r in running)
     return out
+
+
+def attends_padded(kind: str) -> bool:
+    """Whether a block of ``kind`` attends over a padded batch in dynamic mode: its stage ranks tokens by
+    the mean attention they receive, which needs the whole attention map (computed over the padded batch),
+    where fused attention runs every image over its own tokens."""
+    return "/" in kind and _parse_kind(kind)[1] == "mean"
 
 
 def dynamic_kinds(plan: ReductionPlan) -> list[str]:
@@ -226,8 +235,9 @@ class LatencyModel:
         or per image, ``[depth + 1, images]``. With counts per image (dynamic mode) a block's attention and
         MLP are the mean over the images of their curves at each image's count (its linears run on live
         rows only and every image attends over its own tokens), and its reduction runs over the padded
-        batch: the expected longest of :attr:`batch` images (:func:`expected_max`). With one count per
-        block (static mode) both readings are the curves at that count."""
+        batch: the expected longest of :attr:`batch` images (:func:`expected_max`); so does the attention
+        of a block that needs the whole attention map (:func:`attends_padded`). With one count per block
+        (static mode) all readings are the curves at that count."""
         c = np.asarray(counts, dtype=float)
         if c.ndim == 1:
             c = c[:, None]
@@ -236,8 +246,9 @@ class LatencyModel:
             if kind not in self.attention:
                 raise LTMPError(f"latency model: no curve for a {kind} block (measured for "
                                 f"{', '.join(self.attention)}); measure it again with --latency-remeasure")
-            total += (self.attention[kind].mean(c[i]) + self.reduce[kind](expected_max(c[i], self.batch))
-                      + self.mlp.mean(c[i + 1]))
+            padded = expected_max(c[i], self.batch)
+            attention = self.attention[kind](padded) if attends_padded(kind) else self.attention[kind].mean(c[i])
+            total += attention + self.reduce[kind](padded) + self.mlp.mean(c[i + 1])
         return total
 
     def seconds(self, counts: Sequence[float] | np.ndarray, kinds: Sequence[str]) -> float:
@@ -426,8 +437,9 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
         c = c[:, None] if c.ndim == 1 else c  # [depth + 1, images]
         for i, (att, red, mlp_s) in enumerate(medians):
             # Read as :meth:`LatencyModel.parts` predicts: attention and MLP at the images' mean count, the
-            # reduction at the padded batch's length.
-            samples["attention"].setdefault(kinds_here[i], []).append((c[i].mean(), float(att)))
+            # reduction (and an attention over the padded batch) at the padded batch's length.
+            at = c[i].max() if attends_padded(kinds_here[i]) else c[i].mean()
+            samples["attention"].setdefault(kinds_here[i], []).append((at, float(att)))
             samples["reduce"].setdefault(kinds_here[i], []).append((c[i].max(), float(red)))
             mlp.append((c[i + 1].mean(), float(mlp_s)))
     # End to end, without hooks, timed as the checks after a run time plans (one Timer block each, in turn).

@@ -85,12 +85,16 @@ def test_a_dynamic_batch_is_predicted_from_every_images_counts_by_hand():
     1, 10 and 100 seconds per token. Attention: the mean over the images, (4 + 2) / 2 = 3; the reduction runs
     over the padded batch, the expected longer of two images drawn from (4, 2), 2 / 4 + 4 * 3 / 4 = 3.5 tokens:
     35; the MLP on the live rows: (3 + 1) / 2 * 100 = 200. With a scale of 2 and a constant of 1: 477.
-    The same counts for every image read as static mode's fixed counts."""
+    A prune ranked by mean attention needs the whole attention map, over the padded batch: its attention at
+    3.5 tokens, 478. The same counts for every image read as static mode's fixed counts."""
     line = Curve([0.0, 100.0], [0.0, 100.0])
     times = lambda k: Curve(line.counts, [k * s for s in line.seconds])  # noqa: E731
-    model = LatencyModel("cpu", 2, "dynamic", 4, 1, {"merge": line, "none": line}, {"merge": times(10), "none": times(10)},
+    kinds = ("merge", "none", "prune/mean", "prune/cls")
+    model = LatencyModel("cpu", 2, "dynamic", 4, 1, {k: line for k in kinds}, {k: times(10) for k in kinds},
                          times(100), scale=2.0, constant=1.0, stock_constant=1.0)
     assert model.seconds([[4, 2], [3, 1]], ["merge"]) == pytest.approx(2 * (3 + 35 + 200) + 1)
+    assert model.seconds([[4, 2], [3, 1]], ["prune/mean"]) == pytest.approx(2 * (3.5 + 35 + 200) + 1)
+    assert model.seconds([[4, 2], [3, 1]], ["prune/cls"]) == pytest.approx(477)
     assert model.seconds([[4, 4], [3, 3]], ["merge"]) == pytest.approx(model.seconds([4, 3], ["merge"]))
     assert model.ratio_of_counts([[4, 2], [3, 1]], ["merge"]) == pytest.approx(477 / (2 * (4 + 40 + 400) + 1))
     with pytest.raises(LTMPError, match="2 rows and 1 kinds"):
