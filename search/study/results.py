@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Callable
 
 import optuna
@@ -13,6 +14,9 @@ __all__ = ["FINISHED", "state_counts", "is_refined", "sampled_finished", "refine
 
 #: States of a trial that counts towards ``--n-trials``.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: Real checks of a latency study from which the latency model's bias on the device is read (see
+#: :class:`_Feasibility`).
+BIAS_CHECKS = 3
 
 
 def target_of(study: optuna.Study | optuna.study.StudySummary) -> float | None:
@@ -55,13 +59,20 @@ def accuracy_of(trial: FrozenTrial) -> float | None:
 class _Feasibility:
     """Whether a trial is feasible: at or under its own FLOPs target and, if given, under ``flops`` too;
     with a latency target, a trial timed after the run (``latency_checks``) counts by its measured
-    latency ratio, the others by their prediction (recorded in ``feasible``)."""
+    latency ratio, the others by their prediction (recorded in ``feasible``). Once at least
+    :data:`BIAS_CHECKS` trials were timed and ran slower than predicted (the median of measured over
+    predicted, :attr:`bias`, above 1), an untimed trial's prediction counts scaled by that bias: the
+    checks showed the model optimistic on this device, and a plan they did not time is no better known."""
 
     def __init__(self, study: optuna.Study, flops: float | None) -> None:
         record = StudyRecord.from_study(study)
         self.flops = flops
         self.latency = record.latency_target
         self.measured = record.measured_latency() if self.latency is not None else {}
+        timed = [c["measured"] / c["predicted"] for c in record.latency_checks or []
+                 if c.get("predicted") and c.get("measured")]
+        self.bias = max(1.0, statistics.median(timed)) if self.latency is not None and len(timed) >= BIAS_CHECKS \
+            else 1.0
 
     def __call__(self, trial: FrozenTrial) -> bool:
         r = TrialRecord.from_trial(trial)
@@ -70,6 +81,8 @@ class _Feasibility:
         if trial.number in self.measured:
             return (r.flops_ratio is not None and r.target is not None and r.flops_ratio <= r.target
                     and self.measured[trial.number] <= self.latency)
+        if self.bias > 1.0 and r.predicted_latency_ratio is not None:
+            return bool(r.feasible) and r.predicted_latency_ratio * self.bias <= self.latency
         return bool(r.feasible)
 
 

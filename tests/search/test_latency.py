@@ -211,6 +211,33 @@ def test_a_stored_model_of_fewer_kinds_of_block_is_measured_again(measured, vit,
     assert LatencyModel.from_dict(StudyRecord.from_study(study).latency_models[measured.key]) == model
 
 
+def test_untimed_trials_count_by_the_bias_the_checks_measured():
+    """Target 0.9. Trials predicted at 0.88, 0.87, 0.86 (most accurate first) were timed and ran 20% slower
+    than predicted, over the target. Trial 3, untimed, predicted at 0.85, would run at about 1.02: once three
+    checks show the model optimistic it is no longer named best, and trial 4 (predicted 0.70, about 0.84) is.
+    Two checks are too few to judge the model by: then trial 2, untimed, counts by its prediction. A model 5%
+    optimistic leaves trial 3 under the target (0.85 * 1.05 = 0.8925)."""
+    from optuna.trial import create_trial
+
+    from search.study.results import best_trial
+
+    study = optuna.create_study(direction="maximize")
+    StudyRecord.write(study, config={"latency": 0.9})
+    for accuracy, predicted in [(0.95, 0.88), (0.94, 0.87), (0.93, 0.86), (0.92, 0.85), (0.80, 0.70)]:
+        study.add_trial(create_trial(value=accuracy, user_attrs={
+            "accuracy": accuracy, "flops_ratio": 0.5, "target": 1.0, "feasible": True,
+            "predicted_latency_ratio": predicted}))
+    assert best_trial(study).number == 0  # nothing timed: by the predictions
+    checks = [{"trial": i, "predicted": p, "measured": 1.2 * p} for i, p in [(0, 0.88), (1, 0.87), (2, 0.86)]]
+    StudyRecord.write(study, latency_checks=checks[:2])
+    assert best_trial(study).number == 2
+    StudyRecord.write(study, latency_checks=checks)
+    assert best_trial(study).number == 4
+    # 5% slower than predicted: the three timed trials miss 0.9 (0.924, 0.914, 0.903), trial 3 would run at 0.8925.
+    StudyRecord.write(study, latency_checks=[{**c, "measured": 1.05 * c["predicted"]} for c in checks])
+    assert best_trial(study).number == 3
+
+
 MNIST_SMALL = preset(model="ltmp_vit_mnist", data="mnist", holdout=100, test_images=100, calib_images=64,
                      batch_size=100, trial_steps=0, space="structured", ops=["merge"], importance=["cls"], n_trials=2)
 
