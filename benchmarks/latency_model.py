@@ -35,7 +35,7 @@ import torch
 
 import ltmp_core
 from search.setup.config import resolve
-from search.setup.latency import dynamic_kinds, kinds_for, measure_latency_model
+from search.setup.latency import counts_on, dynamic_kinds, kinds_for, measure_latency_model
 from search.setup.timing import device_fingerprint, latency_ratio
 from search.setup.workbench import Workbench
 from search.study.latency_study import timing_images
@@ -81,15 +81,8 @@ def main() -> None:
     errors: dict[int, list[float]] = {}
     for batch in args.batch:
         x = timing_images(bench, batch, args.mode)
-        counts = {}  # dynamic mode: the counts every plan's thresholds leave on the images it is timed on
-        for name, (plan, module) in reduced.items():
-            per_batch = []
-            with torch.inference_mode():
-                for images in x if args.mode == "dynamic" else []:
-                    module(images)
-                    per_batch.append(ltmp_core.token_counts(module).float())
-            if per_batch:
-                counts[name] = torch.cat(per_batch, dim=1).cpu().numpy()
+        # Dynamic mode: the counts every plan's thresholds leave on the images it is timed on.
+        counts = {name: counts_on(module, x) for name, (_, module) in reduced.items()} if args.mode == "dynamic" else {}
         for run in range(args.models):
             start = time.perf_counter()
             model = measure_latency_model(bench.base, kinds, batch=batch, mode=args.mode, device=bench.device)

@@ -43,10 +43,9 @@ import torch
 import ltmp_core
 from search.deploy.validate import validate_plan
 from search.setup.config import resolve
-from search.setup.latency import LatencyModel
+from search.setup.latency import LatencyModel, counts_on, dynamic_kinds
 from search.setup.timing import device_fingerprint, latency_ratio
 from search.setup.workbench import Workbench
-from search.setup.latency import dynamic_kinds
 from search.study.latency_study import timing_images
 from search.study.plans import trial_plan
 from search.study.record import StudyRecord
@@ -69,12 +68,7 @@ def predicted(config, plan: ltmp_core.ReductionPlan, batch: int, mode: str, mode
         return model.ratio(plan, plan.geometry)
     bench = Workbench.open(config)
     reduced, _ = bench.reduced(plan, mode)
-    counts = []
-    with torch.inference_mode():
-        for x in timing_images(bench, batch, mode):
-            reduced(x)
-            counts.append(ltmp_core.token_counts(reduced).float())
-    return model.ratio_of_counts(torch.cat(counts, dim=1).cpu().numpy(), dynamic_kinds(plan))
+    return model.ratio_of_counts(counts_on(reduced, timing_images(bench, batch, mode)), dynamic_kinds(plan))
 
 
 def retime_fresh(plan_path: Path, proxy: str, batch: int, threads: int, mode: str) -> dict:

@@ -55,7 +55,7 @@ from ltmp_core.plan import MERGE_ORDERS
 from .timing import device_fingerprint, time_interleaved
 
 __all__ = ["LATENCY_MODES", "Curve", "LatencyModel", "kind_of", "kinds_for", "model_key", "measure_latency_model",
-           "plan_counts", "plan_kinds", "dynamic_kinds", "expected_max", "attends_padded"]
+           "plan_counts", "plan_kinds", "dynamic_kinds", "expected_max", "attends_padded", "counts_on"]
 
 #: Modes a latency model is built for: ``static`` (fixed counts) and ``dynamic`` (thresholds decide every
 #: image's counts; predicted from the counts of a batch of images).
@@ -115,6 +115,18 @@ def dynamic_kinds(plan: ReductionPlan) -> list[str]:
     """The kind of every block of ``plan`` in dynamic mode: every stage of its op runs (its threshold decides
     what it removes, which may be nothing)."""
     return [kind_of(layer) for layer in plan.layers]
+
+
+def counts_on(model: nn.Module, batches: Iterable[torch.Tensor]) -> np.ndarray:
+    """Tokens per image, prefix included, entering block 0 and leaving every block (``[depth + 1, images]``)
+    when ``model`` runs ``batches``: what :meth:`LatencyModel.ratio_of_counts` predicts a dynamic plan from.
+    Without gradients but not in inference mode: a study tunes the same model afterwards."""
+    per_batch = []
+    with torch.no_grad():
+        for images in batches:
+            model(images)
+            per_batch.append(ltmp_core.token_counts(model).float())
+    return torch.cat(per_batch, dim=1).cpu().numpy()
 
 
 def expected_max(values: Sequence[float] | np.ndarray, batch: int) -> float:

@@ -44,7 +44,7 @@ from ..setup.budget import Budget
 from ..setup.config import StudyConfig
 from ..setup.data import StudyData
 from ..setup.evaluation import evaluate, unreduced_accuracy
-from ..setup.latency import LatencyModel, dynamic_kinds
+from ..setup.latency import LatencyModel, counts_on, dynamic_kinds
 from .compute import ComputeMeter, count_forwards
 from .record import TrialRecord
 from .tuning import NonFiniteLoss, Recipe, tune_thresholds
@@ -136,12 +136,10 @@ class Objective:
     def _calibrated_latency(self, model: nn.Module, images: torch.Tensor) -> float:
         """Predicted latency ratio of the model's thresholds on ``images``: for static mode, of the fixed
         counts they keep on average; for dynamic mode, of every image's counts."""
-        with torch.no_grad():
-            ltmp_core.set_mode(model, "dynamic")
-            model(images.to(self.device))
-        counts = ltmp_core.token_counts(model).float()
+        ltmp_core.set_mode(model, "dynamic")
+        counts = counts_on(model, [images.to(self.device)])
         if self.latency.mode == "dynamic":
-            return self.latency.ratio_of_counts(counts.cpu().numpy(), dynamic_kinds(ltmp_core.get_plan(model)))
+            return self.latency.ratio_of_counts(counts, dynamic_kinds(ltmp_core.get_plan(model)))
         kept = counts[1:].mean(1).tolist()
         return self._predicted_latency(ltmp_core.measured_plan(ltmp_core.get_plan(model), kept, self.geometry))
 
