@@ -6,8 +6,8 @@ same measured latency, on a proxy.
 
 Per seed, the proxy's default search at ``--flops 0.35`` (one study; its plan does not depend on the
 batch). Per seed and batch size: that plan's latency ratio is measured (in ``--mode``, plan and
-unreduced model interleaved in this process, median of 3 repeats; dynamic mode on the first select
-images, as a study's checks time it); a study with ``--latency`` at
+unreduced model interleaved in this process, median of ``--target-repeats`` repeats, 3 by default;
+dynamic mode on the first select images, as a study's checks time it); a study with ``--latency`` at
 that ratio (and no FLOPs target; at most 1, the largest ``--latency``) searches a plan as fast. Rows
 (one per study and batch):
 
@@ -53,12 +53,12 @@ from search.study.results import best_trial
 from search.study.run import run
 
 
-def measure(config, plan: ltmp_core.ReductionPlan, batch: int, mode: str) -> dict:
+def measure(config, plan: ltmp_core.ReductionPlan, batch: int, mode: str, repeats: int = 3) -> dict:
     """The plan's latency ratio at ``batch`` in ``mode``, interleaved with the unreduced model, on the images
     a study's checks time it on (:func:`search.study.latency_study.timing_images`)."""
     bench = Workbench.open(config)
     reduced, _ = bench.reduced(plan, mode)
-    return latency_ratio(bench.base, reduced, timing_images(bench, batch, mode), repeats=3).to_dict()
+    return latency_ratio(bench.base, reduced, timing_images(bench, batch, mode), repeats=repeats).to_dict()
 
 
 def predicted(config, plan: ltmp_core.ReductionPlan, batch: int, mode: str, model: LatencyModel) -> float:
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mode", choices=("static", "dynamic"), default="static",
                         help="the mode plans are timed and scored in (the latency studies' --latency-mode)")
+    parser.add_argument("--target-repeats", type=int, default=3,
+                        help="interleaved repeats of the timing of the FLOPs plan that sets the latency target")
     parser.add_argument("--storage", help="database URL (default: a temporary SQLite file)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     parser.add_argument("--retime", metavar="PLAN.json", help=argparse.SUPPRESS)
@@ -138,7 +140,7 @@ def main() -> None:
             continue
         flops_plan, _ = trial_plan(flops_study, best.number)
         for batch in args.batch:
-            target = measure(flops_config, flops_plan, batch, args.mode)["ratio"]
+            target = measure(flops_config, flops_plan, batch, args.mode, args.target_repeats)["ratio"]
             lat_config = resolve(args.proxy, {"latency": min(1.0, target), "latency_batch": batch, "seed": seed,
                                               "latency_mode": args.mode, "n_trials": args.n_trials})
             start = time.perf_counter()
@@ -155,7 +157,7 @@ def main() -> None:
                         None if lat_best is None else record.measured_latency().get(lat_best.number), folder,
                         args.proxy, args.threads, args.mode),
             ]
-            rows[0]["latency_target_of"] = "its own measured latency"
+            rows[0].update(latency_target_of="its own measured latency", target_repeats=args.target_repeats)
             # A FLOPs plan slower than the unreduced model (batch 1) asks for a ratio above 1: the latency
             # study then searches at 1 (no slower than unreduced), the most --latency accepts.
             rows[1].update(target=lat_config.latency, requested_target=target)

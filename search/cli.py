@@ -399,8 +399,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for check in result.latency_checks:
         if check["error"] is not None and abs(check["error"]) > ERROR_BOUND:
             err.print(f"warning: trial {check['trial']}: predicted latency ratio {check['predicted']:.3f}, measured "
-                      f"{check['measured']:.3f} ({100 * check['error']:+.0f}%, beyond {100 * ERROR_BOUND:.0f}%); the "
-                      "measured value decides")
+                      f"{check['measured']:.3f} ({100 * check['error']:+.0f}%, beyond {100 * ERROR_BOUND:.0f}%"
+                      f"{' after timing it again' if check.get('remeasured') else ''}); the measured value decides")
     measured = StudyRecord.from_study(study).measured_latency()
     if args.json:
         _print_json({

@@ -89,6 +89,25 @@ class Ratio:
     spread: float
     base_s: float
     plan_s: float
+    #: The repeats' own ratios and times, so that measurements of one plan can be pooled (:meth:`pooled`).
+    ratios: tuple[float, ...] = ()
+    base_times: tuple[float, ...] = ()
+    plan_times: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, base_t: Sequence[float], plan_t: Sequence[float]) -> Ratio:
+        """The ratio of paired repeats (``plan_t[i]`` timed beside ``base_t[i]``)."""
+        ratios = [p / b for p, b in zip(plan_t, base_t)]
+        return cls(statistics.median(ratios), (max(ratios) - min(ratios)) / 2, statistics.median(base_t),
+                   statistics.median(plan_t), tuple(ratios), tuple(base_t), tuple(plan_t))
+
+    def pooled(self, other: Ratio) -> Ratio:
+        """One measurement from the repeats of both (the median over all of them)."""
+        return Ratio.of(self.base_times + other.base_times, self.plan_times + other.plan_times)
+
+    @property
+    def repeats(self) -> int:
+        return len(self.ratios)
 
     def to_dict(self) -> dict[str, float]:
         return {"ratio": self.ratio, "spread": self.spread, "base_s": self.base_s, "plan_s": self.plan_s}
@@ -110,6 +129,4 @@ def latency_ratio(base: nn.Module, reduced: nn.Module, images: torch.Tensor | Se
 
     base_t, plan_t = time_interleaved([call(base.eval()), call(reduced.eval())], repeats=repeats,
                                       min_run_time=min_run_time)
-    ratios = [p / b for p, b in zip(plan_t, base_t)]
-    return Ratio(statistics.median(ratios), (max(ratios) - min(ratios)) / 2, statistics.median(base_t),
-                 statistics.median(plan_t))
+    return Ratio.of(base_t, plan_t)

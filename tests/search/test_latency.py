@@ -238,6 +238,45 @@ def test_untimed_trials_count_by_the_bias_the_checks_measured():
     assert best_trial(study).number == 3
 
 
+def test_a_check_that_misses_its_prediction_is_timed_again_and_pooled(vit, monkeypatch):
+    """Target 0.9; trial 0 predicted at 0.50, trial 1 at 0.80. The first timing of trial 0 (3 repeats, hand-set:
+    the plan 6 ms beside the stock model's 10 ms, ratio 0.60) misses its prediction by 17%, beyond the 10%
+    bound: it is timed again (5 repeats at 5 ms: 0.50), and the check holds the median of all 8 repeats (0.50),
+    the first timing beside it. Trial 1's first timing (0.84, 5% off) stands as it is."""
+    from optuna.trial import create_trial
+
+    import search.study.latency_study as latency_study
+    from search.setup.timing import Ratio
+
+    plan = ltmp_core.make_plan(vit, op="merge", keep=0.85).to_dict()
+    study = optuna.create_study(direction="maximize")
+    StudyRecord.write(study, config={"latency": 0.9})
+    for accuracy, predicted in [(0.95, 0.50), (0.94, 0.80)]:
+        study.add_trial(create_trial(value=accuracy, user_attrs={
+            "accuracy": accuracy, "flops_ratio": 0.5, "target": 1.0, "feasible": True,
+            "predicted_latency_ratio": predicted, "plan": plan}))
+    plan_ms = {0: [6.0, 5.0], 1: [8.4]}  # per trial: the plan's time in its first timing, then in the second
+    timed: list[tuple[int, int]] = []
+
+    def hand_set(base, reduced, images, *, repeats):
+        trial = reduced
+        ms = plan_ms[trial][sum(t == trial for t, _ in timed)]
+        timed.append((trial, repeats))
+        return Ratio.of([10e-3] * repeats, [ms / 1000] * repeats)
+
+    monkeypatch.setattr(latency_study, "latency_ratio", hand_set)
+    order = iter([0, 1])
+    bench = SimpleNamespace(device=torch.device("cpu"), base=vit, geometry=ltmp_core.ViTGeometry.from_model(vit),
+                            reduced=lambda plan, mode: (next(order), None))
+    config = StudyConfig(latency=0.9, latency_batch=2)
+    checks = {c["trial"]: c for c in latency_study.check_latency(study, bench, config)}
+    assert timed == [(0, 3), (0, latency_study.REMEASURE_REPEATS), (1, 3)]
+    assert checks[0]["first_measured"] == pytest.approx(0.6) and checks[0]["remeasured"]
+    assert checks[0]["measured"] == pytest.approx(0.5) and checks[0]["repeats"] == 8
+    assert checks[0]["error"] == pytest.approx(0.0)
+    assert checks[1]["measured"] == pytest.approx(0.84) and not checks[1]["remeasured"] and checks[1]["repeats"] == 3
+
+
 MNIST_SMALL = preset(model="ltmp_vit_mnist", data="mnist", holdout=100, test_images=100, calib_images=64,
                      batch_size=100, trial_steps=0, space="structured", ops=["merge"], importance=["cls"], n_trials=2)
 
