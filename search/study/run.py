@@ -170,7 +170,8 @@ def run(
             store.sync(study)
         if config.latency is not None:
             if on_note is not None:
-                on_note("timing the best trials for real (plan and unreduced model interleaved, median of 3)")
+                on_note("timing the best trials for real (plan and unreduced model interleaved, median of 3 "
+                        "repeats; a plan more than 10% off its prediction is timed again)")
             result.latency_checks = check_latency(study, bench, config)
         save_study_note(study, best_trial(study))
     finally:
