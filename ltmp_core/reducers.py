@@ -201,6 +201,43 @@ def _fold_into(host: Tensor, host_w: Tensor, moved: Tensor, moved_w: Tensor, des
     return num / hw.scatter_add(1, dest, w).unsqueeze(-1)
 
 
+def _by_rows(wr: Tensor, *values: Tensor) -> bool:
+    """Whether :func:`_fuse` may fold only the rows that move and receive (:func:`_fold_rows`): nothing
+    needs gradients (hard dynamic mode, evaluation), no graph is being compiled and the tensors hold
+    values (the rows are counted on the host; meta tensors, as FLOP counters run, have none)."""
+    if torch.compiler.is_compiling() or wr.is_meta:
+        return False
+    return not (torch.is_grad_enabled() and any(v.requires_grad for v in (wr, *values)))
+
+
+def _moved_rows(wr: Tensor, dest: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The tokens with a positive removal weight, flat over the batch: ``(rows, their weights, their hosts as
+    indices into the hosts, the hosts' flat rows)``."""
+    b, n = wr.shape
+    flat = wr.reshape(-1)
+    rows = flat.nonzero().squeeze(1)
+    into = torch.div(rows, n, rounding_mode="floor") * n + dest.reshape(-1)[rows]
+    hosts, which = torch.unique(into, return_inverse=True)
+    return rows, flat[rows], which, hosts
+
+
+def _fold_rows(v: Tensor, host_w: Tensor, moved: tuple[Tensor, Tensor, Tensor, Tensor],
+               normalise: bool = False) -> Tensor:
+    """What ``torch.where(got, _fold_into(v, host_w, v, wr, dest), v)`` gives (then made unit-norm on the
+    hosts with ``normalise``), computed on the rows that move and the rows that receive only: a padded
+    dynamic batch removes a few tokens per image, and the dense form reads and writes every row."""
+    rows, w, which, hosts = moved
+    b, n, c = v.shape
+    flat = v.reshape(b * n, c)
+    hw = host_w.to(v.dtype).reshape(-1)[hosts] if isinstance(host_w, Tensor) else \
+        torch.full((len(hosts),), float(host_w), dtype=v.dtype, device=v.device)
+    num = (flat[hosts] * hw.unsqueeze(-1)).index_add_(0, which, flat[rows] * w.to(v.dtype).unsqueeze(-1))
+    folded = num / hw.index_add(0, which, w.to(v.dtype)).unsqueeze(-1)
+    out = flat.clone()
+    out[hosts] = unit_norm(folded) if normalise else folded
+    return out.view(b, n, c)
+
+
 def unit_norm(v: Tensor) -> Tensor:
     """``v`` scaled to unit length along its last dimension (a zero vector stays near zero)."""
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
@@ -221,16 +258,21 @@ def _fuse(t: Tokens, remove: Tensor, dest: Tensor, weight: Tensor, host_weight: 
     that receive nothing are left bit-for-bit unchanged.
     """
     wr = remove * weight
-    got = (torch.zeros_like(wr).scatter_add_(1, dest, wr) > 0).unsqueeze(-1)
+    if _by_rows(wr, t.x, t.metric):
+        moved = _moved_rows(wr, dest)
+        x = _fold_rows(t.x, host_weight, moved)
+        metric = _fold_rows(t.metric, host_weight, moved, normalise=True) if t.needs_metric else t.metric
+    else:
+        got = (torch.zeros_like(wr).scatter_add_(1, dest, wr) > 0).unsqueeze(-1)
 
-    def fold(v: Tensor) -> Tensor:
-        return torch.where(got, _fold_into(v, host_weight, v, wr, dest), v)
+        def fold(v: Tensor) -> Tensor:
+            return torch.where(got, _fold_into(v, host_weight, v, wr, dest), v)
 
-    x = fold(t.x)
-    metric = t.metric
-    if t.needs_metric:
-        metric = fold(metric)
-        metric = torch.where(got, unit_norm(metric), metric)
+        x = fold(t.x)
+        metric = t.metric
+        if t.needs_metric:
+            metric = fold(metric)
+            metric = torch.where(got, unit_norm(metric), metric)
     size = t.size
     if grow:
         moved = remove * t.size * (weight > 0)

@@ -163,6 +163,29 @@ def test_contract_soft_weights_carry_gradients(reducer):
     assert theta.grad is not None and theta.grad.abs() > 0
 
 
+def test_fusing_only_the_moved_rows_equals_the_dense_fold(reducer):
+    """Without gradients a fusing stage folds only the rows that move and the rows that receive (a padded
+    dynamic batch removes a few tokens per image); with gradients it folds every row. Both give the same
+    tokens, in float64, with images removing different numbers of tokens and several into one host."""
+    reducer, _ = reducer
+    t = random_tokens(seed=7, b=4, n=13)
+    t = Tokens(x=t.x.double(), size=t.size.double(), alive=t.alive.double(), metric=t.metric.double(),
+               importance=t.importance.double(), num_prefix=t.num_prefix)
+    g = torch.Generator().manual_seed(1)
+    chosen = torch.rand(t.alive.shape, generator=g, dtype=torch.float64) < torch.tensor([[0.2], [0.5], [0.7], [0.0]])
+
+    def decide(score, eligible):
+        return (chosen & eligible).to(score.dtype)
+
+    sparse = reducer.fn(t, decide)
+    dense_in = Tokens(x=t.x.clone().requires_grad_(), size=t.size, alive=t.alive, metric=t.metric,
+                      importance=t.importance, num_prefix=t.num_prefix)
+    dense = reducer.fn(dense_in, decide)
+    assert sparse.alive.sum() < t.alive.sum() - 3  # something moved
+    for name in ("x", "size", "alive", "metric"):
+        torch.testing.assert_close(getattr(sparse, name), getattr(dense, name).detach(), rtol=0, atol=1e-12, msg=name)
+
+
 def test_threshold_mask_is_hard_forward_sigmoid_backward():
     score = torch.tensor([0.1, 0.5, 0.9])
     theta = torch.tensor(0.5, requires_grad=True)
