@@ -10,7 +10,8 @@ test split), 'smooth' (low-frequency noise, more like photos: counts vary less b
 'random' (white noise). The dynamic model is also timed with its attention over the whole padded batch
 (``padded``: one call, padding masked), as dynamic mode ran it before its attention went per image (the
 same tokens and outputs in float64, tests/ltmp_core/test_patch.py; in float32 a score on a threshold may
-round the other way).
+round the other way), and with its merges and squeezes folding every row of the padded batch (``dense_fold``,
+as before they folded only the rows that move and receive).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import ltmp_core
-from ltmp_core import attention
+from ltmp_core import attention, reducers
 from search.deploy.bench import describe_device, time_batches
 
 
@@ -74,9 +75,19 @@ def main() -> None:
         finally:
             attention.length_groups = rule
 
+    def dense_fold() -> torch.Tensor:
+        """The dynamic model with its merges and squeezes folding every row of the padded batch (as before
+        they folded only the rows that move and receive; the same tokens, tests/ltmp_core/test_reducers.py)."""
+        rule = reducers._by_rows
+        reducers._by_rows = lambda *a: False
+        try:
+            return dynamic(x)
+        finally:
+            reducers._by_rows = rule
+
     with torch.inference_mode():
-        t_dyn, t_padded, t_static = time_batches([lambda: dynamic(x), padded, lambda: static(x)],
-                                                 torch.device("cpu"), 1, args.runs)
+        t_dyn, t_padded, t_static, t_dense = time_batches([lambda: dynamic(x), padded, lambda: static(x), dense_fold],
+                                                          torch.device("cpu"), 1, args.runs)
         dyn_ratio = float(ltmp_core.image_macs(dynamic).mean()) / ltmp_core.unreduced_macs(g)
     static_ratio = ltmp_core.count_flops(static) / ltmp_core.unreduced_macs(g)
     padding = (counts.max(dim=1).values - counts.mean(dim=1)).mean().item()
@@ -91,6 +102,8 @@ def main() -> None:
         # per round, so load that hits one round hits all three alike
         "dynamic_over_static_rounds": sorted(d / s for d, s in zip(t_dyn, t_static)),
         "padded_over_static_rounds": sorted(d / s for d, s in zip(t_padded, t_static)),
+        "ms_dynamic_dense_fold": 1000 * statistics.median(t_dense),
+        "dynamic_over_dense_fold_rounds": sorted(d / s for d, s in zip(t_dyn, t_dense)),
     }
     print(json.dumps(result))
 
