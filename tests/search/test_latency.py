@@ -369,7 +369,10 @@ def test_search_run_with_a_dynamic_latency_budget_end_to_end(workdir, monkeypatc
     best trial's value on the select split."""
     isolate(monkeypatch, workdir)
     url = f"sqlite:///{workdir / 'dynamic.db'}"
-    code, out, err = cli("run", "--preset", "small.toml", "--flops", "0.5", "--latency", "0.95", "--latency-batch", "16",
+    # The loosest target at the batch where dynamic mode pays most: on this 64-wide proxy dynamic mode is bound by
+    # per-block overhead (docs/benchmarks.md), and a loaded machine's latency model can put a tighter target out
+    # of the shape's reach, pruning the one trial.
+    code, out, err = cli("run", "--preset", "small.toml", "--flops", "0.5", "--latency", "1.0", "--latency-batch", "32",
                          "--latency-mode", "dynamic", "--n-trials", "1", "--storage", url, "--study-name", "dyn",
                          "--quiet", "--json")
     assert code == 0, err
@@ -377,15 +380,15 @@ def test_search_run_with_a_dynamic_latency_budget_end_to_end(workdir, monkeypatc
     assert result["latency_mode"] == "dynamic"
     study = optuna.load_study(study_name="dyn", storage=url)
     record = StudyRecord.from_study(study)
-    assert [(m["batch"], m["mode"]) for m in record.latency_models.values()] == [(16, "dynamic")]
+    assert [(m["batch"], m["mode"]) for m in record.latency_models.values()] == [(32, "dynamic")]
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert complete
+    assert complete, [t.user_attrs.get("pruned_reason") for t in study.get_trials()]
     for t in complete:
         a = t.user_attrs
         assert a["eval_mode"] == "dynamic" and 0 < a["predicted_latency_ratio"]
-        assert t.constraints["latency"] == pytest.approx(a["predicted_latency_ratio"] - 0.95)
+        assert t.constraints["latency"] == pytest.approx(a["predicted_latency_ratio"] - 1.0)
     for c in record.latency_checks or []:
-        assert c["mode"] == "dynamic" and c["feasible"] == (c["measured"] <= 0.95)
+        assert c["mode"] == "dynamic" and c["feasible"] == (c["measured"] <= 1.0)
     assert [c["trial"] for c in record.latency_checks or []] == [c["trial"] for c in result["latency_checks"]]
     scored = complete[0]  # exported by number: the real check may have found it over the target
     code, out, err = cli("export", "dyn", "--trial", str(scored.number), "--storage", url,
