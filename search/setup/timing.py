@@ -89,8 +89,7 @@ class Ratio:
     spread: float
     base_s: float
     plan_s: float
-    #: The repeats' own ratios and times, so that measurements of one plan can be pooled (:meth:`pooled`).
-    ratios: tuple[float, ...] = ()
+    #: The repeats' own times, so that measurements of one plan can be pooled (:meth:`pooled`).
     base_times: tuple[float, ...] = ()
     plan_times: tuple[float, ...] = ()
 
@@ -99,7 +98,7 @@ class Ratio:
         """The ratio of paired repeats (``plan_t[i]`` timed beside ``base_t[i]``)."""
         ratios = [p / b for p, b in zip(plan_t, base_t)]
         return cls(statistics.median(ratios), (max(ratios) - min(ratios)) / 2, statistics.median(base_t),
-                   statistics.median(plan_t), tuple(ratios), tuple(base_t), tuple(plan_t))
+                   statistics.median(plan_t), tuple(base_t), tuple(plan_t))
 
     def pooled(self, other: Ratio) -> Ratio:
         """One measurement from the repeats of both (the median over all of them)."""
@@ -107,7 +106,7 @@ class Ratio:
 
     @property
     def repeats(self) -> int:
-        return len(self.ratios)
+        return len(self.plan_times)
 
     def to_dict(self) -> dict[str, float]:
         return {"ratio": self.ratio, "spread": self.spread, "base_s": self.base_s, "plan_s": self.plan_s}

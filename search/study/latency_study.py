@@ -130,8 +130,8 @@ def check_latency(study: optuna.Study, bench: Workbench, config: StudyConfig, *,
         reduced, _ = bench.reduced(plan, config.latency_mode)
         measured = latency_ratio(bench.base, reduced, x, repeats=repeats)
         first = measured
-        if _error(r.predicted_latency_ratio, measured.ratio) is not None \
-                and abs(_error(r.predicted_latency_ratio, measured.ratio)) > ERROR_BOUND:
+        error = _error(r.predicted_latency_ratio, measured.ratio)
+        if error is not None and abs(error) > ERROR_BOUND:
             # One timing on a shared machine can be off by more than the bound: time it again and pool.
             measured = measured.pooled(latency_ratio(bench.base, reduced, x, repeats=REMEASURE_REPEATS))
         check = {
