@@ -20,7 +20,9 @@ that ratio (and no FLOPs target; at most 1, the largest ``--latency``) searches 
   process (``--retime``), feasible when at or under the target plus that measurement's spread;
 - ``flops_ratio`` and ``test_top1``: the plan scored on the test split in ``--mode`` (the mode its
   latency is for); ``batch``; ``mode``; ``seconds``: the study's wall time (the latency study's includes
-  measuring its latency model and the real checks).
+  measuring its latency model and the real checks);
+- latency rows: ``max_stride`` (the study's ``--stage-stride``; ``--stage-strides 1 3`` runs one study of
+  each at the same target) and ``stage_stride`` (what its best plan runs: every k-th reducing block).
 
 Timing runs with ``--threads`` threads (1 by default: on a shared 2-core machine two threads wait for
 each other under load and a ratio moves by tens of percent).
@@ -117,6 +119,9 @@ def main() -> None:
                         help="the mode plans are timed and scored in (the latency studies' --latency-mode)")
     parser.add_argument("--target-repeats", type=int, default=3,
                         help="interleaved repeats of the timing of the FLOPs plan that sets the latency target")
+    parser.add_argument("--stage-strides", type=int, nargs="+", metavar="K",
+                        help="one latency study per value, each with that --stage-stride (default: one study with "
+                             "the default, 3 for a latency study); their rows carry max_stride")
     parser.add_argument("--storage", help="database URL (default: a temporary SQLite file)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     parser.add_argument("--retime", metavar="PLAN.json", help=argparse.SUPPRESS)
@@ -141,35 +146,44 @@ def main() -> None:
         flops_plan, _ = trial_plan(flops_study, best.number)
         for batch in args.batch:
             target = measure(flops_config, flops_plan, batch, args.mode, args.target_repeats)["ratio"]
-            lat_config = resolve(args.proxy, {"latency": min(1.0, target), "latency_batch": batch, "seed": seed,
-                                              "latency_mode": args.mode, "n_trials": args.n_trials})
-            start = time.perf_counter()
-            result = run(lat_config, storage=url, study_name=f"latency-s{seed}-b{batch}")
-            lat_seconds = time.perf_counter() - start
-            record = StudyRecord.from_study(result.study)
-            model = LatencyModel.from_dict(next(m for m in record.latency_models.values()
-                                                if m["batch"] == batch and m["mode"] == args.mode))
-            lat_best = best_trial(result.study)
-            rows = [
-                row_for("flops", args.flops, flops_study, flops_config, batch, flops_seconds, model, target, folder,
-                        args.proxy, args.threads, args.mode),
-                row_for("latency", target, result.study, lat_config, batch, lat_seconds, model,
-                        None if lat_best is None else record.measured_latency().get(lat_best.number), folder,
-                        args.proxy, args.threads, args.mode),
-            ]
-            rows[0].update(latency_target_of="its own measured latency", target_repeats=args.target_repeats)
-            # A FLOPs plan slower than the unreduced model (batch 1) asks for a ratio above 1: the latency
-            # study then searches at 1 (no slower than unreduced), the most --latency accepts.
-            rows[1].update(target=lat_config.latency, requested_target=target)
-            rows[1]["latency_checks"] = record.latency_checks
-            for row in rows:
-                print(json.dumps(row) if args.json else
-                      f"seed {seed} b{batch} {row['budget']:7s} target {row['target']:.3f}: "
-                      f"pred {row.get('predicted_latency_ratio', float('nan')):.3f} "
-                      f"meas {row.get('measured_latency_ratio') or float('nan'):.3f} "
-                      f"fresh {row.get('fresh_latency_ratio', float('nan')):.3f} "
-                      f"FLOPs {row.get('flops_ratio', float('nan')):.3f} test {row.get('test_top1', float('nan')):.4f} "
-                      f"{row['seconds']:.0f}s", flush=True)
+            flops_row = None
+            for stride in args.stage_strides or [None]:
+                overrides = {} if stride is None else {"stage_stride": stride}
+                lat_config = resolve(args.proxy, {"latency": min(1.0, target), "latency_batch": batch, "seed": seed,
+                                                  "latency_mode": args.mode, "n_trials": args.n_trials, **overrides})
+                name = f"latency-s{seed}-b{batch}" + ("" if stride is None else f"-k{stride}")
+                start = time.perf_counter()
+                result = run(lat_config, storage=url, study_name=name)
+                lat_seconds = time.perf_counter() - start
+                record = StudyRecord.from_study(result.study)
+                model = LatencyModel.from_dict(next(m for m in record.latency_models.values()
+                                                    if m["batch"] == batch and m["mode"] == args.mode))
+                lat_best = best_trial(result.study)
+                rows = []
+                if flops_row is None:  # predicted by the first latency study's model
+                    flops_row = row_for("flops", args.flops, flops_study, flops_config, batch, flops_seconds, model,
+                                        target, folder, args.proxy, args.threads, args.mode)
+                    flops_row.update(latency_target_of="its own measured latency", target_repeats=args.target_repeats)
+                    rows.append(flops_row)
+                lat_row = row_for("latency", target, result.study, lat_config, batch, lat_seconds, model,
+                                  None if lat_best is None else record.measured_latency().get(lat_best.number), folder,
+                                  args.proxy, args.threads, args.mode)
+                # A FLOPs plan slower than the unreduced model (batch 1) asks for a ratio above 1: the latency
+                # study then searches at 1 (no slower than unreduced), the most --latency accepts.
+                lat_row.update(target=lat_config.latency, requested_target=target, max_stride=lat_config.max_stride,
+                               latency_checks=record.latency_checks)
+                if lat_best is not None:
+                    lat_row["stage_stride"] = lat_best.params.get("stage_stride", 1)
+                rows.append(lat_row)
+                for row in rows:
+                    print(json.dumps(row) if args.json else
+                          f"seed {seed} b{batch} {row['budget']:7s} target {row['target']:.3f}"
+                          f"{' k<=' + str(row['max_stride']) if 'max_stride' in row else ''}: "
+                          f"pred {row.get('predicted_latency_ratio', float('nan')):.3f} "
+                          f"meas {row.get('measured_latency_ratio') or float('nan'):.3f} "
+                          f"fresh {row.get('fresh_latency_ratio', float('nan')):.3f} "
+                          f"FLOPs {row.get('flops_ratio', float('nan')):.3f} test {row.get('test_top1', float('nan')):.4f} "
+                          f"{row['seconds']:.0f}s", flush=True)
     print(json.dumps({"device": device_fingerprint(torch.device("cpu")), "storage": url}) if args.json
           else f"studies in {url}", file=sys.stderr)
 

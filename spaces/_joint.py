@@ -56,11 +56,12 @@ def _seeds(geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str])
                 "(torch-pruning); one FLOPs target for both",
     seeds=_seeds,
     cuts_width=True,
+    stages=True,
 )
 def joint(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str],
-          importance: Sequence[str] = ("mean",)) -> ReductionPlan:
-    """The nine shape parameters of ``structured`` and four of the width profile."""
-    shape = shape_params(trial, geometry.depth, ops, importance)
+          importance: Sequence[str] = ("mean",), max_stride: int = 1) -> ReductionPlan:
+    """The nine shape parameters of ``structured`` (ten with ``max_stride``) and four of the width profile."""
+    shape = shape_params(trial, geometry.depth, ops, importance, max_stride)
     profile = {
         "mlp_keep": trial.suggest_float("mlp_keep", 0.25, 1.0),
         "mlp_tilt": trial.suggest_float("mlp_tilt", -1.0, 1.0),

@@ -52,6 +52,9 @@ class Space:
             label names the method on the trial (its record's ``seed_of``), in tables and the dashboard.
         cuts_width: Whether its plans may cut heads and MLP units as well as tokens (a latency model
             measured on full-width blocks cannot predict those, so ``--latency`` refuses such a space).
+        stages: Whether it can sample how many of a shape's reducing blocks run (``max_stride``: every
+            block, or only every k-th, k up to ``max_stride``; fewer stages, each cutting harder, where a
+            stage's own work outweighs what it saves). Its ``fn`` then takes ``max_stride``.
     """
 
     name: str
@@ -61,6 +64,7 @@ class Space:
     description: str = ""
     seeds: SeedFn | None = None
     cuts_width: bool = False
+    stages: bool = False
 
     def seeded(self, geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         """``(label, parameters)`` of a new study's first trials (none for a space without seeds)."""
@@ -75,7 +79,7 @@ SPACES: dict[str, Space] = {}
 
 
 def register_space(name: str, *, budget: str = "layer", tune: bool = True, description: str = "",
-                   seeds: SeedFn | None = None, cuts_width: bool = False):
+                   seeds: SeedFn | None = None, cuts_width: bool = False, stages: bool = False):
     """Register ``fn(trial, geometry, target, *, ops, importance) -> ReductionPlan`` as space ``name``.
 
     Registering a name again replaces the space, with a warning (as timm's model registry does).
@@ -87,7 +91,7 @@ def register_space(name: str, *, budget: str = "layer", tune: bool = True, descr
         if name in SPACES:
             warnings.warn(f"Overwriting search space {name!r} ({SPACES[name].fn.__qualname__}) with "
                           f"{fn.__qualname__}", stacklevel=2)
-        SPACES[name] = Space(name, fn, budget, tune, description, seeds, cuts_width)
+        SPACES[name] = Space(name, fn, budget, tune, description, seeds, cuts_width, stages)
         return fn
 
     return wrap
@@ -125,10 +129,20 @@ def suggest(
     *,
     ops: Sequence[str] | None = None,
     importance: Sequence[str] | None = None,
+    max_stride: int = 1,
 ) -> ReductionPlan:
     """Sample a plan from space ``name``; raises :class:`Infeasible` when it cannot reach ``target``.
 
     ``importance``: the scores prune and squeeze may use (``mean``, ``cls``); with both, the
-    ``layerwise`` space samples one per layer.
+    ``layerwise`` space samples one per layer. ``max_stride`` above 1: the space also samples whether
+    every reducing block of the shape runs or only every k-th (k up to ``max_stride``; a space that
+    cannot, ``Space.stages`` false, is an error).
     """
-    return get_space(name).fn(trial, geometry, target, ops=check_ops(ops), importance=check_importance(importance))
+    space = get_space(name)
+    options: dict[str, Any] = {}
+    if max_stride > 1:
+        if not space.stages:
+            raise LTMPError(f"stage_stride: the {name!r} space cannot sample fewer reduction stages "
+                            f"(spaces that can: {', '.join(s.name for s in SPACES.values() if s.stages)})")
+        options["max_stride"] = max_stride
+    return space.fn(trial, geometry, target, ops=check_ops(ops), importance=check_importance(importance), **options)

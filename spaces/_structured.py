@@ -49,6 +49,8 @@ def _seeds(geometry: ViTGeometry, ops: Sequence[str], importance: Sequence[str])
 
 
 def _ops(p: dict[str, Any], depth: int) -> list[str]:
+    """The op of every block of a shape. With ``stage_stride`` k, only the first of every k reducing blocks
+    runs its op (counted over the blocks that would reduce, from the first); the others run unreduced."""
     out = []
     for layer in range(depth):
         merges = p["merge"] and p["merge_from"] <= layer < p["merge_to"]
@@ -57,16 +59,24 @@ def _ops(p: dict[str, Any], depth: int) -> list[str]:
             out.append(f"merge+{p['prune']}")
         else:
             out.append("merge" if merges else p["prune"] if prunes else "none")
+    stride = p.get("stage_stride", 1)
+    reducing = [layer for layer, op in enumerate(out) if op != "none"]
+    for rank, layer in enumerate(reducing):
+        if rank % stride:
+            out[layer] = "none"
     return out
 
 
 def shape_params(trial: optuna.trial.BaseTrial, depth: int, ops: Sequence[str],
-                 importance: Sequence[str]) -> dict[str, Any]:
+                 importance: Sequence[str], max_stride: int = 1) -> dict[str, Any]:
     """The nine shape parameters (every one sampled in every trial: a fixed space, as multivariate TPE
-    wants)."""
+    wants); with ``max_stride`` above 1 a tenth, ``stage_stride``: every reducing block runs (1), or only
+    every k-th (fewer stages, each cutting harder: the thresholds are solved for the target either way)."""
     can_merge = any("merge" in op for op in ops)
     prunes = [p for p in PRUNES if p == "none" or any(op.endswith(p) for op in ops)]
+    stride = {"stage_stride": trial.suggest_int("stage_stride", 1, max_stride)} if max_stride > 1 else {}
     return {
+        **stride,
         "merge": trial.suggest_categorical("merge", [True, False] if can_merge else [False]),
         "merge_from": trial.suggest_int("merge_from", 0, depth // 2),
         "merge_to": trial.suggest_int("merge_to", depth // 2 + 1, depth),
@@ -114,8 +124,10 @@ def shape_plan(p: dict[str, Any], geometry: ViTGeometry, target: float, ops: Seq
     budget="global",
     description="nine parameters of a plan's shape; the thresholds solved for the target (default)",
     seeds=_seeds,
+    stages=True,
 )
 def structured(trial: optuna.trial.BaseTrial, geometry: ViTGeometry, target: float, *, ops: Sequence[str],
-               importance: Sequence[str] = ("mean",)) -> ReductionPlan:
-    """A plan shape from nine parameters; thresholds are offsets, solved by the trial."""
-    return shape_plan(shape_params(trial, geometry.depth, ops, importance), geometry, target, ops, "structured")
+               importance: Sequence[str] = ("mean",), max_stride: int = 1) -> ReductionPlan:
+    """A plan shape from nine parameters (ten with ``max_stride``); thresholds are offsets, solved by the trial."""
+    return shape_plan(shape_params(trial, geometry.depth, ops, importance, max_stride), geometry, target, ops,
+                      "structured")

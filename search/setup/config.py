@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 DEFAULT_PRESET = "mnist"
+#: ``--stage-stride`` of a latency study that does not set it: up to every 3rd reducing block.
+LATENCY_STRIDE = 3
 
 
 def _spaces() -> Iterable[str]:
@@ -115,6 +117,11 @@ class StudyConfig:
                                 flag="--latency-mode", choices=lambda: ("static", "dynamic"), noun="latency mode")
     latency_margin: float = setting(0.03, "plans aim this fraction under the latency target (the prediction's error)",
                                     flag="--latency-margin", minimum=0)
+    stage_stride: int | None = setting(None, "the search may run a shape's reduction in only every k-th of its "
+                                       "reducing blocks, k up to this (fewer stages, each cutting harder: on the "
+                                       "device, a stage's own work may outweigh what it saves); default: 3 with "
+                                       "--latency (the latency model says what pays), else 1",
+                                       flag="--stage-stride", minimum=1)
     latency_remeasure: bool = setting(False, "measure a latency model on this device although the study holds one "
                                       "of another device (its trials then mix devices)", flag="--latency-remeasure",
                                       result=False)
@@ -192,6 +199,16 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         _check(self)
+
+    @property
+    def max_stride(self) -> int:
+        """The largest ``stage_stride`` trials sample (``--stage-stride``, or its default: :data:`LATENCY_STRIDE`
+        in a latency study whose space can sample it, else 1)."""
+        if self.stage_stride is not None:
+            return self.stage_stride
+        from spaces import SPACES
+
+        return LATENCY_STRIDE if self.latency is not None and SPACES[self.space].stages else 1
 
     def flops_budget(self, target: float | None = None) -> Budget:
         """The study's budget (a trial of a study over a range of targets gives its own ``target``)."""
@@ -304,6 +321,13 @@ def _check(c: StudyConfig) -> None:
             raise LTMPError(f"{label('latency')}: not with --space {c.space}: the latency model is measured on "
                             "full-width blocks and cannot predict plans that cut heads and MLP units")
     check_margin(c.latency_margin, label("latency_margin"))
+    if c.stage_stride is not None and c.stage_stride > 1:
+        from spaces import SPACES
+
+        if not SPACES[c.space].stages:
+            able = ", ".join(s.name for s in SPACES.values() if s.stages)
+            raise LTMPError(f"{label('stage_stride')}: --space {c.space} cannot run fewer reduction stages; "
+                            f"use 1, or a space that can ({able})")
     if c.flops_min is not None and not 0.0 < c.flops_min < c.flops:
         raise LTMPError(f"{label('flops')}: a range LO:HI needs 0 < LO < HI, got {c.flops_min}:{c.flops}")
     if c.refine_top and c.flops_min is not None:

@@ -190,7 +190,8 @@ class Objective:
         c = self.config
         try:
             # Asked again in one trial, the sampler's parameters keep their values: the same shape.
-            return suggest(c.space, trial, self.geometry, aim, ops=c.ops, importance=c.importance)
+            return suggest(c.space, trial, self.geometry, aim, ops=c.ops, importance=c.importance,
+                           max_stride=c.max_stride)
         except Infeasible as e:
             self._infeasible(trial, e.ops, str(e))
 

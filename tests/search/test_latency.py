@@ -292,6 +292,8 @@ def workdir(tmp_path_factory):
     (["--latency", "1.5"], "--latency"),
     (["--latency", "0.5", "--latency-mode", "sparse"], "--latency-mode"),
     (["--latency", "0.5", "--latency-margin", "0.7"], "--latency-margin"),
+    (["--latency", "0.5", "--stage-stride", "0"], "--stage-stride"),
+    (["--space", "layerwise", "--stage-stride", "2"], "--stage-stride"),
 ])
 def test_bad_latency_input_is_one_line_and_exit_2(workdir, monkeypatch, args, flag):
     isolate(monkeypatch, workdir)
@@ -361,6 +363,14 @@ def test_search_run_with_a_latency_budget_end_to_end(workdir, monkeypatch):
         assert code == 0, err
         assert json.loads(out)["top1"] == pytest.approx(result["best"]["top1"], abs=1e-9)
     assert complete and all(t.user_attrs["eval_mode"] == "static" for t in complete)
+    # A latency study samples how many of a shape's reducing blocks run (up to every 3rd); the published shape
+    # it starts from reduces in every block of its own.
+    trials = [t for t in study.get_trials() if t.user_attrs.get("ops")]
+    assert trials[0].params["stage_stride"] == 1 and trials[0].user_attrs["seed_of"] == "ToMe shape"
+    for t in trials:
+        stride = t.params["stage_stride"]
+        running = [i for i, op in enumerate(t.user_attrs["ops"]) if op != "none"]
+        assert 1 <= stride <= 3 and all(b - a == stride for a, b in zip(running, running[1:])), (stride, running)
 
 
 def test_search_run_with_a_dynamic_latency_budget_end_to_end(workdir, monkeypatch):

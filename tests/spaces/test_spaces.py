@@ -218,6 +218,29 @@ def test_structured_space_refuses_shapes_that_cannot_reach_the_target_before_any
                        importance=["mean", "cls"])
 
 
+def test_a_stage_stride_runs_only_every_kth_reducing_block():
+    # STRUCTURED reduces in blocks 1-11 (block 0 none). Stride 2: blocks 1, 3, 5, 7, 9, 11 keep their ops;
+    # stride 3: blocks 1, 4, 7, 10. The thresholds of the running blocks are those of stride 1.
+    every = spaces.suggest("structured", optuna.trial.FixedTrial({**STRUCTURED, "stage_stride": 1}), DEIT_S, 0.5,
+                           importance=["mean", "cls"], max_stride=3)
+    for stride, running in ((2, [1, 3, 5, 7, 9, 11]), (3, [1, 4, 7, 10])):
+        plan = spaces.suggest("structured", optuna.trial.FixedTrial({**STRUCTURED, "stage_stride": stride}), DEIT_S,
+                              0.5, importance=["mean", "cls"], max_stride=3)
+        assert [i for i, op in enumerate(plan.ops) if op != "none"] == running
+        assert [plan.ops[i] for i in running] == [every.ops[i] for i in running]
+        assert [plan.layers[i].merge_threshold for i in running] == [every.layers[i].merge_threshold for i in running]
+        # Fewer stages reach the same target by cutting harder where they run.
+        assert min(plan.layers[i].keep for i in running) < min(every.layers[i].keep for i in running)
+    # The stride is sampled only when asked for: a study without it keeps its nine parameters.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    spaces.suggest("structured", study.ask(), DEIT_S, 0.9)
+    trial = study.ask()
+    spaces.suggest("structured", trial, DEIT_S, 0.9, max_stride=3)
+    assert "stage_stride" not in study.trials[0].params and 1 <= trial.params["stage_stride"] <= 3
+    with pytest.raises(LTMPError, match="cannot sample fewer reduction stages"):
+        spaces.suggest("layerwise", study.ask(), DEIT_S, 0.5, max_stride=2)
+
+
 def test_structured_seeds_are_ltmp_tome_and_tps_shapes():
     seeds = spaces.get_space("structured").seed_params(DEIT_S, OPS, ["mean", "cls"])
     plans = [spaces.suggest("structured", optuna.trial.FixedTrial(p), DEIT_S, 0.5, importance=["mean", "cls"])
