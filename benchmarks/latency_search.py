@@ -121,7 +121,7 @@ def main() -> None:
                         help="interleaved repeats of the timing of the FLOPs plan that sets the latency target")
     parser.add_argument("--stage-strides", type=int, nargs="+", metavar="K",
                         help="one latency study per value, each with that --stage-stride (default: one study with "
-                             "the default, 3 for a latency study); their rows carry max_stride")
+                             "the default, 1); their rows carry max_stride")
     parser.add_argument("--storage", help="database URL (default: a temporary SQLite file)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     parser.add_argument("--retime", metavar="PLAN.json", help=argparse.SUPPRESS)
@@ -170,7 +170,7 @@ def main() -> None:
                                   args.proxy, args.threads, args.mode)
                 # A FLOPs plan slower than the unreduced model (batch 1) asks for a ratio above 1: the latency
                 # study then searches at 1 (no slower than unreduced), the most --latency accepts.
-                lat_row.update(target=lat_config.latency, requested_target=target, max_stride=lat_config.max_stride,
+                lat_row.update(target=lat_config.latency, requested_target=target, max_stride=lat_config.stage_stride,
                                latency_checks=record.latency_checks)
                 if lat_best is not None:
                     lat_row["stage_stride"] = lat_best.params.get("stage_stride", 1)

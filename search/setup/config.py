@@ -38,8 +38,6 @@ __all__ = [
 ]
 
 DEFAULT_PRESET = "mnist"
-#: ``--stage-stride`` of a latency study that does not set it: up to every 3rd reducing block.
-LATENCY_STRIDE = 3
 
 
 def _spaces() -> Iterable[str]:
@@ -117,11 +115,10 @@ class StudyConfig:
                                 flag="--latency-mode", choices=lambda: ("static", "dynamic"), noun="latency mode")
     latency_margin: float = setting(0.03, "plans aim this fraction under the latency target (the prediction's error)",
                                     flag="--latency-margin", minimum=0)
-    stage_stride: int | None = setting(None, "the search may run a shape's reduction in only every k-th of its "
-                                       "reducing blocks, k up to this (fewer stages, each cutting harder: on the "
-                                       "device, a stage's own work may outweigh what it saves); default: 3 with "
-                                       "--latency (the latency model says what pays), else 1",
-                                       flag="--stage-stride", minimum=1)
+    stage_stride: int = setting(1, "the search may run a shape's reduction in only every k-th of its reducing "
+                                "blocks, k up to this (fewer stages, each cutting harder: on a device where a "
+                                "stage's own work outweighs what it saves; with --latency the latency model says "
+                                "which pays); 1: every block", flag="--stage-stride", minimum=1)
     latency_remeasure: bool = setting(False, "measure a latency model on this device although the study holds one "
                                       "of another device (its trials then mix devices)", flag="--latency-remeasure",
                                       result=False)
@@ -199,16 +196,6 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         _check(self)
-
-    @property
-    def max_stride(self) -> int:
-        """The largest ``stage_stride`` trials sample (``--stage-stride``, or its default: :data:`LATENCY_STRIDE`
-        in a latency study whose space can sample it, else 1)."""
-        if self.stage_stride is not None:
-            return self.stage_stride
-        from spaces import SPACES
-
-        return LATENCY_STRIDE if self.latency is not None and SPACES[self.space].stages else 1
 
     def flops_budget(self, target: float | None = None) -> Budget:
         """The study's budget (a trial of a study over a range of targets gives its own ``target``)."""
@@ -321,7 +308,7 @@ def _check(c: StudyConfig) -> None:
             raise LTMPError(f"{label('latency')}: not with --space {c.space}: the latency model is measured on "
                             "full-width blocks and cannot predict plans that cut heads and MLP units")
     check_margin(c.latency_margin, label("latency_margin"))
-    if c.stage_stride is not None and c.stage_stride > 1:
+    if c.stage_stride > 1:
         from spaces import SPACES
 
         if not SPACES[c.space].stages:

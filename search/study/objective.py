@@ -191,7 +191,7 @@ class Objective:
         try:
             # Asked again in one trial, the sampler's parameters keep their values: the same shape.
             return suggest(c.space, trial, self.geometry, aim, ops=c.ops, importance=c.importance,
-                           max_stride=c.max_stride)
+                           max_stride=c.stage_stride)
         except Infeasible as e:
             self._infeasible(trial, e.ops, str(e))
 

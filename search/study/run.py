@@ -137,7 +137,7 @@ def run(
         # The plans the published methods use start the study (as far as the space has such seeds).
         first = get_space(config.space).seeded(geometry, config.ops, config.importance)
         first = first[: max(1, config.n_trials // 3)]
-        if config.max_stride > 1:  # the published shapes reduce in every block of theirs
+        if config.stage_stride > 1:  # the published shapes reduce in every block of theirs
             first = [(name, {**params, "stage_stride": 1}) for name, params in first]
         StudyRecord.write(
             study, uid=uuid.uuid4().hex, config=config.to_dict(), unreduced_gmacs=ltmp_core.unreduced_macs(geometry) / 1e9,
