@@ -18,6 +18,9 @@ ToMe's own package cannot be installed on a machine that reaches only the packag
 not on PyPI); if ``import tome`` works (``pip install git+https://github.com/facebookresearch/ToMe``),
 its ``tome.patch.timm`` model at the same ``r`` is timed beside the others.
 
+``--strides 2 3`` adds ``merge+prune 0.35`` run in only every 2nd (3rd) block, budgets for the same FLOPs
+(``--stage-stride``'s shapes: fewer stages, each cutting harder).
+
 ``--masked`` adds the first plan run through the masked reducers and compaction (the path of a
 stage registered without a fast form, and of static mode before the fast forms), for a before and
 after in one run.
@@ -53,11 +56,21 @@ def tome_counts(patches: int, depth: int, r: int) -> list[float]:
     return keeps
 
 
-def plans(base: torch.nn.Module, r: int) -> dict[str, ltmp_core.ReductionPlan]:
+def strided(base: torch.nn.Module, k: int, target: float = 0.35) -> ltmp_core.ReductionPlan:
+    """merge+prune in every ``k``-th block from the first (``--stage-stride``'s shapes), the others unreduced,
+    equal budgets for ``target`` of the FLOPs: fewer stages, each cutting harder."""
+    g = ltmp_core.ViTGeometry.from_model(base)
+    ops = ["merge+prune" if i % k == 0 else "none" for i in range(g.depth)]
+    keeps = ltmp_core.budgets_for_ratio(ops, [1.0] * g.depth, g, target)
+    return ltmp_core.make_plan(base, op=ops, keep=keeps, importance="cls")
+
+
+def plans(base: torch.nn.Module, r: int, strides: list[int] = ()) -> dict[str, ltmp_core.ReductionPlan]:
     g = ltmp_core.ViTGeometry.from_model(base)
     keeps = ltmp_core.budgets_for_ratio(["merge+prune"] * g.depth, [1.0] * g.depth, g, 0.35)
     tome_keep = tome_counts(g.num_patches, g.depth, r)
     return {
+        **{f"merge+prune 0.35, every {k} blocks": strided(base, k) for k in strides},
         "merge+prune 0.35": ltmp_core.make_plan(base, op="merge+prune", keep=keeps, importance="cls"),
         f"tome r={r}": ltmp_core.make_plan(base, op="merge", keep=tome_keep, merge_order="tome"),
         f"merge+prune at ToMe r={r} counts": ltmp_core.make_plan(base, op="merge+prune", keep=tome_keep,
@@ -74,6 +87,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--strides", type=int, nargs="*", default=[], metavar="K",
+                        help="also time merge+prune at 0.35 in only every K-th block (fewer, harder stages)")
     parser.add_argument("--masked", action="store_true", help="also time the first plan through the masked reducers")
     parser.add_argument("--json", action="store_true", help="one JSON object per model and repeat")
     args = parser.parse_args()
@@ -85,7 +100,7 @@ def main() -> None:
     unreduced = ltmp_core.unreduced_macs(g)
     models: dict[str, torch.nn.Module] = {"unreduced": base}
     ratios = {"unreduced": 1.0}
-    for label, plan in plans(base, args.r).items():
+    for label, plan in plans(base, args.r, args.strides).items():
         models[label] = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode="static")
         ratios[label] = ltmp_core.count_flops(models[label]) / unreduced
     x = torch.randn(args.batch_size, 3, *g.img_size)
