@@ -28,7 +28,9 @@ after in one run.
 ``--compile`` compiles every model (``torch.compile``, fixed shapes; ``freeze`` also sets Inductor's
 ``freezing``, which folds the weights into the program, inference only). Prints one line per model
 and repeat (median ms, speedup over the unreduced model of the same repeat, fraction of the
-FLOP-ideal speedup), then each model's median and range over the repeats.
+FLOP-ideal speedup), then each model's median and range over the repeats. ``--predict`` first measures the
+latency model of this device as a ``--latency`` study does (eager) and prints each plan's predicted ratio of
+times beside the measured one (the JSON rows carry it as ``predicted_ratio``).
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--strides", type=int, nargs="*", default=[], metavar="K",
                         help="also time merge+prune at 0.35 in only every K-th block (fewer, harder stages)")
+    parser.add_argument("--predict", action="store_true",
+                        help="also measure this device's latency model (as a study does, eager only) and print each "
+                             "plan's predicted ratio of times beside the measured one")
     parser.add_argument("--masked", action="store_true", help="also time the first plan through the masked reducers")
     parser.add_argument("--json", action="store_true", help="one JSON object per model and repeat")
     args = parser.parse_args()
@@ -126,6 +131,14 @@ def main() -> None:
         ratios[f"ToMe's code r={args.r}"] = ratios[f"tome r={args.r}"]
     except ImportError:
         pass
+    predicted: dict[str, float] = {}
+    if args.predict:
+        from search.setup.latency import kinds_for, measure_latency_model
+
+        kinds = kinds_for(["merge", "merge+prune"], ["cls"])
+        latency_model = measure_latency_model(base, kinds, batch=args.batch_size, device=torch.device("cpu"))
+        predicted = {label: latency_model.ratio(plan, g) for label, plan in plans(base, args.r, args.strides).items()}
+        predicted["unreduced"] = 1.0
     if args.compile == "freeze":
         torch._inductor.config.freezing = True
     runners = {k: (m if args.compile == "none" else torch.compile(m, dynamic=False)) for k, m in models.items()}
@@ -141,7 +154,8 @@ def main() -> None:
                 summary[k].append((speedup, speedup * ratios[k]))
                 row = {"model": k, "repeat": repeat, "batch": args.batch_size, "compiled": args.compile,
                        "flops_ratio": ratios[k], "ms": 1000 * ms, "speedup": speedup,
-                       "ideal_fraction": speedup * ratios[k], "device": describe_device(device),
+                       "ideal_fraction": speedup * ratios[k], "predicted_ratio": predicted.get(k),
+                       "device": describe_device(device),
                        "torch": torch.__version__, "timm": timm.__version__}
                 print(json.dumps(row) if args.json else
                       f"{repeat}  {k:36s} {ratios[k]:.3f}  {1000 * ms:7.1f} ms  {speedup:5.2f}x  {speedup * ratios[k]:.2f} of ideal")
@@ -151,7 +165,8 @@ def main() -> None:
         for k, rows in summary.items():
             sp, fr = [s for s, _ in rows], [f for _, f in rows]
             print(f"{k:36s} {statistics.median(sp):5.2f}x ({min(sp):.2f}-{max(sp):.2f})  "
-                  f"{statistics.median(fr):.2f} of ideal ({min(fr):.2f}-{max(fr):.2f})")
+                  f"{statistics.median(fr):.2f} of ideal ({min(fr):.2f}-{max(fr):.2f})"
+                  + (f"  time ratio {1 / statistics.median(sp):.3f}, predicted {predicted[k]:.3f}" if k in predicted else ""))
 
 
 if __name__ == "__main__":
