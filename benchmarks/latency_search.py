@@ -21,8 +21,9 @@ that ratio (and no FLOPs target; at most 1, the largest ``--latency``) searches 
 - ``flops_ratio`` and ``test_top1``: the plan scored on the test split in ``--mode`` (the mode its
   latency is for); ``batch``; ``mode``; ``seconds``: the study's wall time (the latency study's includes
   measuring its latency model and the real checks);
-- latency rows: ``max_stride`` (the study's ``--stage-stride``; ``--stage-strides 1 3`` runs one study of
-  each at the same target) and ``stage_stride`` (what its best plan runs: every k-th reducing block).
+- latency rows: ``max_stride`` (the study's ``--stage-stride``, or what the study decided from its latency
+  model, with ``stride_predictions``; ``--stage-strides 1 3`` runs one study of each at the same target) and
+  ``stage_stride`` (what its best plan runs: every k-th reducing block).
 
 Timing runs with ``--threads`` threads (1 by default: on a shared 2-core machine two threads wait for
 each other under load and a ratio moves by tens of percent).
@@ -121,7 +122,7 @@ def main() -> None:
                         help="interleaved repeats of the timing of the FLOPs plan that sets the latency target")
     parser.add_argument("--stage-strides", type=int, nargs="+", metavar="K",
                         help="one latency study per value, each with that --stage-stride (default: one study with "
-                             "the default, 1); their rows carry max_stride")
+                             "the default: decided by the latency model); their rows carry max_stride")
     parser.add_argument("--storage", help="database URL (default: a temporary SQLite file)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     parser.add_argument("--retime", metavar="PLAN.json", help=argparse.SUPPRESS)
@@ -170,7 +171,8 @@ def main() -> None:
                                   args.proxy, args.threads, args.mode)
                 # A FLOPs plan slower than the unreduced model (batch 1) asks for a ratio above 1: the latency
                 # study then searches at 1 (no slower than unreduced), the most --latency accepts.
-                lat_row.update(target=lat_config.latency, requested_target=target, max_stride=lat_config.stage_stride,
+                lat_row.update(target=lat_config.latency, requested_target=target, max_stride=record.stage_stride or lat_config.stage_stride or 1,
+                               stride_predictions=record.stride_predictions,
                                latency_checks=record.latency_checks)
                 if lat_best is not None:
                     lat_row["stage_stride"] = lat_best.params.get("stage_stride", 1)

@@ -115,10 +115,11 @@ class StudyConfig:
                                 flag="--latency-mode", choices=lambda: ("static", "dynamic"), noun="latency mode")
     latency_margin: float = setting(0.03, "plans aim this fraction under the latency target (the prediction's error)",
                                     flag="--latency-margin", minimum=0)
-    stage_stride: int = setting(1, "the search may run a shape's reduction in only every k-th of its reducing "
-                                "blocks, k up to this (fewer stages, each cutting harder: on a device where a "
-                                "stage's own work outweighs what it saves; with --latency the latency model says "
-                                "which pays); 1: every block", flag="--stage-stride", minimum=1)
+    stage_stride: int | None = setting(None, "the search may run a shape's reduction in only every k-th of its "
+                                       "reducing blocks, k up to this (fewer stages, each cutting harder); 1: every "
+                                       "block; default: with --latency (static), 3 where the device's latency model "
+                                       "predicts fewer stages faster, else 1; without, 1", flag="--stage-stride",
+                                       minimum=1)
     latency_remeasure: bool = setting(False, "measure a latency model on this device although the study holds one "
                                       "of another device (its trials then mix devices)", flag="--latency-remeasure",
                                       result=False)
@@ -308,7 +309,7 @@ def _check(c: StudyConfig) -> None:
             raise LTMPError(f"{label('latency')}: not with --space {c.space}: the latency model is measured on "
                             "full-width blocks and cannot predict plans that cut heads and MLP units")
     check_margin(c.latency_margin, label("latency_margin"))
-    if c.stage_stride > 1:
+    if c.stage_stride is not None and c.stage_stride > 1:
         from spaces import SPACES
 
         if not SPACES[c.space].stages:

@@ -20,7 +20,9 @@ from typing import Any, Callable
 import optuna
 import torch
 
-from ltmp_core import LTMPError, ReductionPlan
+import ltmp_core
+from ltmp_core import LTMPError, ReductionPlan, ViTGeometry
+from spaces import get_space
 
 from ..setup.config import StudyConfig, label
 from ..setup.latency import LatencyModel, kinds_for, measure_latency_model, model_key
@@ -29,8 +31,8 @@ from ..setup.workbench import Workbench
 from .record import StudyRecord, TrialRecord
 from .results import feasible_check, ranked_trials
 
-__all__ = ["study_latency_model", "check_latency", "timing_images", "MIN_CHECKS", "MAX_CHECKS", "ERROR_BOUND",
-           "REMEASURE_REPEATS"]
+__all__ = ["study_latency_model", "check_latency", "timing_images", "study_stride", "stride_for", "MIN_CHECKS",
+           "MAX_CHECKS", "ERROR_BOUND", "REMEASURE_REPEATS", "LATENCY_STRIDE", "STRIDE_GAIN"]
 
 #: Trials timed after a run at least (while there are feasible ones), and at most.
 MIN_CHECKS, MAX_CHECKS = 3, 8
@@ -38,6 +40,9 @@ MIN_CHECKS, MAX_CHECKS = 3, 8
 #: repeats, pooled with the first ones) and, if still beyond it, reported.
 ERROR_BOUND = 0.10
 REMEASURE_REPEATS = 5
+#: The largest ``stage_stride`` a latency study opens by itself, when its latency model predicts that fewer stages
+#: run at least :data:`STRIDE_GAIN` faster than a stage in every block (:func:`stride_for`).
+LATENCY_STRIDE, STRIDE_GAIN = 3, 0.02
 #: Select images a dynamic plan is timed on, at the least (in batches of the latency batch size).
 DYNAMIC_IMAGES = 64
 
@@ -77,6 +82,56 @@ def study_latency_model(study: optuna.Study, bench: Workbench, config: StudyConf
     models[model.key] = model.to_dict()
     StudyRecord.write(study, latency_models=models)
     return model
+
+
+def stride_for(model: LatencyModel, geometry: ViTGeometry, config: StudyConfig) -> tuple[int, dict[int, float]]:
+    """Whether fewer reduction stages pay on this device, by its latency model: the study's first reducing op
+    (ToMe's order where it merges) in every block, in every 2nd, ..., every :data:`LATENCY_STRIDE`-th block,
+    with equal budgets for one FLOPs ratio (the study's aim, or with a latency target alone that target
+    read as a FLOPs ratio), each predicted. Returns :data:`LATENCY_STRIDE` where the fastest stride is
+    predicted at least :data:`STRIDE_GAIN` faster than stride 1, else 1; and the predictions by stride
+    (strides whose stages cannot reach the ratio are left out)."""
+    op = next((o for o in config.ops if o != "none"), None)
+    if op is None:
+        return 1, {}
+    aim = config.flops_budget().aim if config.flops < 1.0 else config.latency * (1.0 - config.latency_margin)
+    predicted: dict[int, float] = {}
+    for k in range(1, LATENCY_STRIDE + 1):
+        ops = [op if i % k == 0 else "none" for i in range(geometry.depth)]
+        try:
+            keeps = ltmp_core.budgets_for_ratio(ops, [1.0] * geometry.depth, geometry, aim)
+        except LTMPError:
+            continue  # this few stages cannot reach the ratio
+        plan = ltmp_core.make_plan(geometry, op=ops, keep=keeps, importance=config.importance[0],
+                                   merge_order="tome")
+        predicted[k] = model.ratio(plan, geometry)
+    if 1 not in predicted:
+        return 1, predicted
+    fastest = min(predicted.values())
+    return (LATENCY_STRIDE if fastest <= predicted[1] * (1.0 - STRIDE_GAIN) else 1), predicted
+
+
+def study_stride(study: optuna.Study, geometry: ViTGeometry, config: StudyConfig, model: LatencyModel,
+                 on_note: Callable[[str], None] | None = None) -> int:
+    """The largest ``stage_stride`` the study's trials sample: ``--stage-stride`` where given; else in a static
+    latency study whose space can sample it, what the study decided when it started (:func:`stride_for` on
+    the latency model of the device it started on, stored as ``stage_stride``, so workers and resumed runs
+    sample the same space); else 1."""
+    if config.stage_stride is not None:
+        return config.stage_stride
+    if config.latency_mode != "static" or not get_space(config.space).stages:
+        return 1
+    record = StudyRecord.from_study(study)
+    if record.stage_stride is not None:
+        return record.stage_stride
+    stride, predicted = stride_for(model, geometry, config)
+    StudyRecord.write(study, stage_stride=stride, stride_predictions={str(k): v for k, v in predicted.items()})
+    if on_note is not None and len(predicted) > 1:
+        shown = ", ".join(f"every {k}: {v:.3f}" for k, v in predicted.items())
+        on_note(f"fewer reduction stages are predicted {'faster' if stride > 1 else 'no faster'} on this device "
+                f"({shown}); trials sample a stage stride up to {stride}" + ("" if stride > 1 else
+                " (--stage-stride K asks for more)"))
+    return stride
 
 
 def timing_images(bench: Workbench, batch: int, mode: str) -> list[torch.Tensor]:

@@ -125,6 +125,12 @@ class Objective:
         self._reported: set[tuple[int, int]] = set()
         #: The study's latency model of this device (:meth:`use_latency`); ``None`` without ``--latency``.
         self.latency: LatencyModel | None = None
+        #: The largest ``stage_stride`` trials sample (``--stage-stride``, or what the study decided: :meth:`use_stride`).
+        self.max_stride = self.config.stage_stride or 1
+
+    def use_stride(self, stride: int) -> None:
+        """Let trials sample ``stage_stride`` up to ``stride`` (1: every reducing block runs)."""
+        self.max_stride = stride
 
     def use_latency(self, model: LatencyModel) -> None:
         """Predict every plan's latency with ``model`` (a study with ``--latency``)."""
@@ -191,7 +197,7 @@ class Objective:
         try:
             # Asked again in one trial, the sampler's parameters keep their values: the same shape.
             return suggest(c.space, trial, self.geometry, aim, ops=c.ops, importance=c.importance,
-                           max_stride=c.stage_stride)
+                           max_stride=self.max_stride)
         except Infeasible as e:
             self._infeasible(trial, e.ops, str(e))
 

@@ -142,6 +142,9 @@ class StudyRecord:
         latency_checks: The best trials timed for real after a run (plan and unreduced model interleaved):
             one dict each with ``trial``, ``predicted``, ``measured``, ``spread``, ``error`` (predicted over
             measured, minus 1), ``feasible`` (measured at or under the target), ``device``, ``batch``.
+        stage_stride: The largest ``stage_stride`` the trials sample, where the study decided it
+            (:func:`search.study.latency_study.study_stride`), with the latency model's predictions that
+            decided it (``stride_predictions``: stride -> predicted latency ratio).
     """
 
     uid: str | None = None
@@ -152,6 +155,8 @@ class StudyRecord:
     skipped_images: list[str] | None = None
     latency_models: dict[str, Any] | None = None
     latency_checks: list[dict[str, Any]] | None = None
+    stage_stride: int | None = None
+    stride_predictions: dict[str, float] | None = None
 
     @classmethod
     def from_study(cls, study: Any) -> "StudyRecord":

@@ -23,7 +23,7 @@ from spaces import get_space
 
 from ..setup.config import StudyConfig, differences
 from ..setup.timing import check_timeable
-from .latency_study import check_latency, study_latency_model
+from .latency_study import check_latency, study_latency_model, study_stride
 from .objective import METRIC_NAME, METRIC_NAMES, Objective, TrialHooks
 from .record import StudyRecord
 from .refine import refine_study
@@ -137,8 +137,6 @@ def run(
         # The plans the published methods use start the study (as far as the space has such seeds).
         first = get_space(config.space).seeded(geometry, config.ops, config.importance)
         first = first[: max(1, config.n_trials // 3)]
-        if config.stage_stride > 1:  # the published shapes reduce in every block of theirs
-            first = [(name, {**params, "stage_stride": 1}) for name, params in first]
         StudyRecord.write(
             study, uid=uuid.uuid4().hex, config=config.to_dict(), unreduced_gmacs=ltmp_core.unreduced_macs(geometry) / 1e9,
             base={**base_info, "evaluated_accuracy": objective.base_accuracy()}, seed_trials=len(first))
@@ -148,6 +146,9 @@ def run(
         latency_model = study_latency_model(study, objective.bench, config, on_measure=on_note)
         objective.use_latency(latency_model)
         result_device = latency_model.fingerprint
+        objective.use_stride(study_stride(study, objective.geometry, config, latency_model, on_note))
+    if first and objective.max_stride > 1:  # the published shapes reduce in every block of theirs
+        first = [(name, {**params, "stage_stride": 1}) for name, params in first]
     finished = sampled_finished(study)
     if hooks is not None:
         hooks.on_study(finished)
@@ -167,6 +168,7 @@ def run(
                 objective = Objective.open(config, hooks, data=data)
                 if config.latency is not None:
                     objective.use_latency(latency_model)
+                    objective.use_stride(study_stride(study, objective.geometry, config, latency_model))
             with store.lock(name):
                 result.refined = refine_study(study, objective, config.refine_top, config.refine_steps, on_refined)
             store.sync(study)

@@ -273,9 +273,11 @@ def _worker_main(job: _Job) -> None:
         device = worker_device(job.config.device, job.index, torch.cuda.device_count())
         objective = Objective.open(replace(job.config, device=device), recorder=recorder_for(job.artifacts))
         if job.config.latency is not None:  # the parent checked the study's device; a worker's threads differ
-            from .latency_study import study_latency_model
+            from .latency_study import study_latency_model, study_stride
 
-            objective.use_latency(study_latency_model(study, objective.bench, job.config, remeasure=True))
+            model = study_latency_model(study, objective.bench, job.config, remeasure=True)
+            objective.use_latency(model)
+            objective.use_stride(study_stride(study, objective.geometry, job.config, model))
         work(study, objective, store, job.config.n_trials)
         store.dispose()
     except KeyboardInterrupt:

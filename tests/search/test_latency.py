@@ -19,7 +19,7 @@ from search.setup.config import StudyConfig
 from search.setup.latency import (Curve, LatencyModel, dynamic_kinds, expected_max, kinds_for, measure_latency_model,
                                   plan_kinds)
 from search.setup.timing import device_fingerprint, latency_ratio
-from search.study.latency_study import study_latency_model
+from search.study.latency_study import LATENCY_STRIDE, stride_for, study_latency_model, study_stride
 from search.study.record import StudyRecord
 from tests.search.helpers import cli, folder_with, isolate, preset
 
@@ -279,6 +279,42 @@ def test_a_check_that_misses_its_prediction_is_timed_again_and_pooled(vit, monke
 
 MNIST_SMALL = preset(model="ltmp_vit_mnist", data="mnist", holdout=100, test_images=100, calib_images=64,
                      batch_size=100, trial_steps=0, space="structured", ops=["merge"], importance=["cls"], n_trials=2)
+
+
+class StageCost:
+    """A latency model by hand: time is the plan's FLOPs ratio plus ``overhead`` for every block that reduces."""
+
+    def __init__(self, overhead: float) -> None:
+        self.overhead = overhead
+
+    def ratio(self, plan, geometry) -> float:
+        stages = sum(op != "none" for op in plan.ops)
+        return ltmp_core.plan_flops_ratio(plan, static=True) + self.overhead * stages
+
+
+def test_fewer_stages_are_opened_where_the_model_predicts_them_faster(vit):
+    g = ltmp_core.ViTGeometry.from_model(vit)
+    config = StudyConfig(flops=0.5, latency=0.8, space="structured", ops=("merge",), importance=("cls",))
+    # Equal FLOPs, so a stage's own cost decides: 0.01 per stage makes 4 stages (every 3rd of 12) 0.08 cheaper
+    # than 12; no cost per stage, or a saving per stage, leaves every block reducing.
+    stride, predicted = stride_for(StageCost(0.01), g, config)
+    assert stride == LATENCY_STRIDE and set(predicted) == {1, 2, 3}
+    # (whole token counts of a 64-patch model leave the two FLOPs ratios up to about 0.01 apart each)
+    assert predicted[1] - predicted[3] == pytest.approx(0.08, abs=0.02)
+    assert stride_for(StageCost(0.0), g, config)[0] == 1
+    assert stride_for(StageCost(-0.01), g, config)[0] == 1
+    # Decided once, when the study starts: workers and resumed runs read it, whatever their model says.
+    study = optuna.create_study(storage="sqlite:///:memory:")
+    assert study_stride(study, g, config, StageCost(0.01)) == LATENCY_STRIDE
+    assert study_stride(study, g, config, StageCost(-0.01)) == LATENCY_STRIDE
+    assert StudyRecord.from_study(study).stride_predictions["1"] == pytest.approx(predicted[1])
+    # The flag wins; dynamic mode (a model of counts per image) and spaces that cannot sample it keep 1.
+    fresh = optuna.create_study()
+    assert study_stride(fresh, g, StudyConfig(latency=0.8, space="structured", stage_stride=2), StageCost(0.01)) == 2
+    assert study_stride(fresh, g, StudyConfig(latency=0.8, space="structured", latency_mode="dynamic"),
+                        StageCost(0.01)) == 1
+    assert study_stride(fresh, g, StudyConfig(latency=0.8, space="layerwise"), StageCost(0.01)) == 1
+    assert StudyRecord.from_study(fresh).stage_stride is None
 
 
 @pytest.fixture(scope="module")
