@@ -2,7 +2,7 @@
 
     python benchmarks/latency.py [-b 1] [--compile none|default|freeze] [--runs 30] [--repeats 3] [--json]
 
-DeiT-S with random weights (speed does not depend on them), 224 px, CPU (2 threads unless
+DeiT-S (or ``--model``) with random weights (speed does not depend on them), 224 px, CPU (2 threads unless
 ``--threads``). In one process, the unreduced model and three static plans alternate, one timed
 forward each per round after the warm-up (``search.deploy.bench.time_batches``), so load on a shared machine
 hits all of them alike:
@@ -83,6 +83,9 @@ def plans(base: torch.nn.Module, r: int, strides: list[int] = ()) -> dict[str, l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-b", "--batch-size", type=int, default=1)
+    parser.add_argument("--model", default="deit_small_patch16_224",
+                        help="timm model (ltmp_vit_mnist: the proxy's; its --img-size is 32)")
+    parser.add_argument("--img-size", type=int, help="input size (default: the model's own)")
     parser.add_argument("--compile", default="none", choices=("none", "default", "freeze"))
     parser.add_argument("--r", type=int, default=22, help="ToMe's tokens merged per block (default 22)")
     parser.add_argument("--runs", type=int, default=30)
@@ -100,7 +103,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    import search.setup.models  # noqa: F401  (registers the proxies' models)
+
+    kwargs = {} if args.img_size is None else {"img_size": args.img_size}
+    base = timm.create_model(args.model, pretrained=False, **kwargs).eval()
     g = ltmp_core.ViTGeometry.from_model(base)
     unreduced = ltmp_core.unreduced_macs(g)
     models: dict[str, torch.nn.Module] = {"unreduced": base}
