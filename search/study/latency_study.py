@@ -43,6 +43,9 @@ REMEASURE_REPEATS = 5
 #: The largest ``stage_stride`` a latency study opens by itself, when its latency model predicts that fewer stages
 #: run at least :data:`STRIDE_GAIN` faster than a stage in every block (:func:`stride_for`).
 LATENCY_STRIDE, STRIDE_GAIN = 3, 0.02
+#: FLOPs ratios :func:`stride_for` compares strides at (those under the study's aim, and the aim itself): with a
+#: latency target the trials' FLOPs are wherever their latency meets it.
+STRIDE_AIMS = (0.35, 0.5, 0.7)
 #: Select images a dynamic plan is timed on, at the least (in batches of the latency batch size).
 DYNAMIC_IMAGES = 64
 
@@ -84,31 +87,36 @@ def study_latency_model(study: optuna.Study, bench: Workbench, config: StudyConf
     return model
 
 
-def stride_for(model: LatencyModel, geometry: ViTGeometry, config: StudyConfig) -> tuple[int, dict[int, float]]:
+def stride_for(model: LatencyModel, geometry: ViTGeometry,
+               config: StudyConfig) -> tuple[int, dict[str, dict[int, float]]]:
     """Whether fewer reduction stages pay on this device, by its latency model: the study's first reducing op
     (ToMe's order where it merges) in every block, in every 2nd, ..., every :data:`LATENCY_STRIDE`-th block,
-    with equal budgets for one FLOPs ratio (the study's aim, or with a latency target alone that target
-    read as a FLOPs ratio), each predicted. Returns :data:`LATENCY_STRIDE` where the fastest stride is
-    predicted at least :data:`STRIDE_GAIN` faster than stride 1, else 1; and the predictions by stride
-    (strides whose stages cannot reach the ratio are left out)."""
+    with equal budgets for one FLOPs ratio, each predicted; at each ratio a trial of the study may sit at
+    (:data:`STRIDE_AIMS` at or under the study's aim, and that aim: its FLOPs aim, or with a latency target
+    alone the latency aim read as a FLOPs ratio). Returns :data:`LATENCY_STRIDE` where at any of them a stride
+    is predicted at least :data:`STRIDE_GAIN` faster than stride 1, else 1; and the predictions, by ratio
+    (``"0.350"``) and stride (strides whose stages cannot reach the ratio are left out)."""
     op = next((o for o in config.ops if o != "none"), None)
     if op is None:
         return 1, {}
-    aim = config.flops_budget().aim if config.flops < 1.0 else config.latency * (1.0 - config.latency_margin)
-    predicted: dict[int, float] = {}
-    for k in range(1, LATENCY_STRIDE + 1):
-        ops = [op if i % k == 0 else "none" for i in range(geometry.depth)]
-        try:
-            keeps = ltmp_core.budgets_for_ratio(ops, [1.0] * geometry.depth, geometry, aim)
-        except LTMPError:
-            continue  # this few stages cannot reach the ratio
-        plan = ltmp_core.make_plan(geometry, op=ops, keep=keeps, importance=config.importance[0],
-                                   merge_order="tome")
-        predicted[k] = model.ratio(plan, geometry)
-    if 1 not in predicted:
-        return 1, predicted
-    fastest = min(predicted.values())
-    return (LATENCY_STRIDE if fastest <= predicted[1] * (1.0 - STRIDE_GAIN) else 1), predicted
+    top = config.flops_budget().aim if config.flops < 1.0 else config.latency * (1.0 - config.latency_margin)
+    predictions: dict[str, dict[int, float]] = {}
+    opens = False
+    for aim in sorted({top, *(a for a in STRIDE_AIMS if a < top)}):
+        predicted: dict[int, float] = {}
+        for k in range(1, LATENCY_STRIDE + 1):
+            ops = [op if i % k == 0 else "none" for i in range(geometry.depth)]
+            try:
+                keeps = ltmp_core.budgets_for_ratio(ops, [1.0] * geometry.depth, geometry, aim)
+            except LTMPError:
+                continue  # this few stages cannot reach the ratio
+            plan = ltmp_core.make_plan(geometry, op=ops, keep=keeps, importance=config.importance[0],
+                                       merge_order="tome")
+            predicted[k] = model.ratio(plan, geometry)
+        predictions[f"{aim:.3f}"] = predicted
+        if 1 in predicted and min(predicted.values()) <= predicted[1] * (1.0 - STRIDE_GAIN):
+            opens = True
+    return (LATENCY_STRIDE if opens else 1), predictions
 
 
 def study_stride(study: optuna.Study, geometry: ViTGeometry, config: StudyConfig, model: LatencyModel,
@@ -125,9 +133,11 @@ def study_stride(study: optuna.Study, geometry: ViTGeometry, config: StudyConfig
     if record.stage_stride is not None:
         return record.stage_stride
     stride, predicted = stride_for(model, geometry, config)
-    StudyRecord.write(study, stage_stride=stride, stride_predictions={str(k): v for k, v in predicted.items()})
-    if on_note is not None and len(predicted) > 1:
-        shown = ", ".join(f"every {k}: {v:.3f}" for k, v in predicted.items())
+    StudyRecord.write(study, stage_stride=stride,
+                      stride_predictions={aim: {str(k): v for k, v in p.items()} for aim, p in predicted.items()})
+    if on_note is not None and predicted:
+        shown = "; ".join(f"FLOPs {aim}: " + ", ".join(f"every {k}: {v:.3f}" for k, v in p.items())
+                          for aim, p in predicted.items())
         on_note(f"fewer reduction stages are predicted {'faster' if stride > 1 else 'no faster'} on this device "
                 f"({shown}); trials sample a stage stride up to {stride}" + ("" if stride > 1 else
                 " (--stage-stride K asks for more)"))

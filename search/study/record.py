@@ -144,7 +144,7 @@ class StudyRecord:
             measured, minus 1), ``feasible`` (measured at or under the target), ``device``, ``batch``.
         stage_stride: The largest ``stage_stride`` the trials sample, where the study decided it
             (:func:`search.study.latency_study.study_stride`), with the latency model's predictions that
-            decided it (``stride_predictions``: stride -> predicted latency ratio).
+            decided it (``stride_predictions``: FLOPs ratio -> stride -> predicted latency ratio).
     """
 
     uid: str | None = None
@@ -156,7 +156,7 @@ class StudyRecord:
     latency_models: dict[str, Any] | None = None
     latency_checks: list[dict[str, Any]] | None = None
     stage_stride: int | None = None
-    stride_predictions: dict[str, float] | None = None
+    stride_predictions: dict[str, dict[str, float]] | None = None
 
     @classmethod
     def from_study(cls, study: Any) -> "StudyRecord":

@@ -297,8 +297,10 @@ def test_fewer_stages_are_opened_where_the_model_predicts_them_faster(vit):
     config = StudyConfig(flops=0.5, latency=0.8, space="structured", ops=("merge",), importance=("cls",))
     # Equal FLOPs, so a stage's own cost decides: 0.01 per stage makes 4 stages (every 3rd of 12) 0.08 cheaper
     # than 12; no cost per stage, or a saving per stage, leaves every block reducing.
-    stride, predicted = stride_for(StageCost(0.01), g, config)
-    assert stride == LATENCY_STRIDE and set(predicted) == {1, 2, 3}
+    stride, by_aim = stride_for(StageCost(0.01), g, config)
+    assert stride == LATENCY_STRIDE and set(by_aim) == {"0.350", "0.490"}  # 0.5 less the 2% FLOPs margin, and under
+    predicted = by_aim["0.490"]
+    assert set(predicted) == {1, 2, 3}
     # (whole token counts of a 64-patch model leave the two FLOPs ratios up to about 0.01 apart each)
     assert predicted[1] - predicted[3] == pytest.approx(0.08, abs=0.02)
     assert stride_for(StageCost(0.0), g, config)[0] == 1
@@ -307,7 +309,7 @@ def test_fewer_stages_are_opened_where_the_model_predicts_them_faster(vit):
     study = optuna.create_study(storage="sqlite:///:memory:")
     assert study_stride(study, g, config, StageCost(0.01)) == LATENCY_STRIDE
     assert study_stride(study, g, config, StageCost(-0.01)) == LATENCY_STRIDE
-    assert StudyRecord.from_study(study).stride_predictions["1"] == pytest.approx(predicted[1])
+    assert StudyRecord.from_study(study).stride_predictions["0.490"]["1"] == pytest.approx(predicted[1])
     # The flag wins; dynamic mode (a model of counts per image) and spaces that cannot sample it keep 1.
     fresh = optuna.create_study()
     assert study_stride(fresh, g, StudyConfig(latency=0.8, space="structured", stage_stride=2), StageCost(0.01)) == 2
@@ -402,9 +404,8 @@ def test_search_run_with_a_latency_budget_end_to_end(workdir, monkeypatch):
     # The study decided when it started whether its trials sample fewer stages: strides up to 3 where its latency
     # model predicted one of them at least 2% faster than every block, and it kept the predictions; the published
     # shape it starts from reduces in every block of its own.
-    predicted = record.stride_predictions
-    assert set(predicted) == {"1", "2", "3"}
-    assert record.stage_stride == (3 if min(predicted.values()) <= 0.98 * predicted["1"] else 1)
+    faster = [min(p.values()) <= 0.98 * p["1"] for p in record.stride_predictions.values() if "1" in p]
+    assert faster and record.stage_stride == (3 if any(faster) else 1)
     trials = [t for t in study.get_trials() if t.user_attrs.get("ops")]
     if record.stage_stride == 1:
         assert all("stage_stride" not in t.params for t in trials)
