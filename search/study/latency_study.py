@@ -124,7 +124,8 @@ def study_stride(study: optuna.Study, geometry: ViTGeometry, config: StudyConfig
     """The largest ``stage_stride`` the study's trials sample: ``--stage-stride`` where given; else in a static
     latency study whose space can sample it, what the study decided when it started (:func:`stride_for` on
     the latency model of the device it started on, stored as ``stage_stride``, so workers and resumed runs
-    sample the same space); else 1."""
+    sample the same space; a study with finished trials and no decision began before there was one: 1);
+    else 1."""
     if config.stage_stride is not None:
         return config.stage_stride
     if config.latency_mode != "static" or not get_space(config.space).stages:
@@ -132,6 +133,10 @@ def study_stride(study: optuna.Study, geometry: ViTGeometry, config: StudyConfig
     record = StudyRecord.from_study(study)
     if record.stage_stride is not None:
         return record.stage_stride
+    if any(t.state.is_finished() for t in study.get_trials(deepcopy=False)):
+        # Begun before studies decided this: its trials sampled nine parameters, and its later ones do too.
+        StudyRecord.write(study, stage_stride=1)
+        return 1
     stride, predicted = stride_for(model, geometry, config)
     StudyRecord.write(study, stage_stride=stride,
                       stride_predictions={aim: {str(k): v for k, v in p.items()} for aim, p in predicted.items()})

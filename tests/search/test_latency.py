@@ -317,6 +317,10 @@ def test_fewer_stages_are_opened_where_the_model_predicts_them_faster(vit):
                         StageCost(0.01)) == 1
     assert study_stride(fresh, g, StudyConfig(latency=0.8, space="layerwise"), StageCost(0.01)) == 1
     assert StudyRecord.from_study(fresh).stage_stride is None
+    # A study begun before studies decided this keeps the space its trials sampled.
+    old = optuna.create_study()
+    old.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert study_stride(old, g, config, StageCost(0.01)) == 1 and StudyRecord.from_study(old).stage_stride == 1
 
 
 @pytest.fixture(scope="module")
