@@ -46,6 +46,7 @@ import torch
 
 import ltmp_core
 from search.deploy.bench import describe_device, time_batches
+from search.study.latency_study import strided_plan
 
 
 def tome_counts(patches: int, depth: int, r: int) -> list[float]:
@@ -58,22 +59,13 @@ def tome_counts(patches: int, depth: int, r: int) -> list[float]:
     return keeps
 
 
-def strided(base: torch.nn.Module, k: int, target: float = 0.35) -> ltmp_core.ReductionPlan:
-    """merge+prune in every ``k``-th block from the first (``--stage-stride``'s shapes), the others unreduced,
-    equal budgets for ``target`` of the FLOPs: fewer stages, each cutting harder."""
-    g = ltmp_core.ViTGeometry.from_model(base)
-    ops = ["merge+prune" if i % k == 0 else "none" for i in range(g.depth)]
-    keeps = ltmp_core.budgets_for_ratio(ops, [1.0] * g.depth, g, target)
-    return ltmp_core.make_plan(base, op=ops, keep=keeps, importance="cls")
-
-
 def plans(base: torch.nn.Module, r: int, strides: list[int] = ()) -> dict[str, ltmp_core.ReductionPlan]:
     g = ltmp_core.ViTGeometry.from_model(base)
-    keeps = ltmp_core.budgets_for_ratio(["merge+prune"] * g.depth, [1.0] * g.depth, g, 0.35)
     tome_keep = tome_counts(g.num_patches, g.depth, r)
     return {
-        **{f"merge+prune 0.35, every {k} blocks": strided(base, k) for k in strides},
-        "merge+prune 0.35": ltmp_core.make_plan(base, op="merge+prune", keep=keeps, importance="cls"),
+        **{f"merge+prune 0.35, every {k} blocks": strided_plan(g, "merge+prune", k, 0.35, importance="cls")
+           for k in strides},
+        "merge+prune 0.35": strided_plan(g, "merge+prune", 1, 0.35, importance="cls"),
         f"tome r={r}": ltmp_core.make_plan(base, op="merge", keep=tome_keep, merge_order="tome"),
         f"merge+prune at ToMe r={r} counts": ltmp_core.make_plan(base, op="merge+prune", keep=tome_keep,
                                                                  importance="cls"),
@@ -111,7 +103,8 @@ def main() -> None:
     unreduced = ltmp_core.unreduced_macs(g)
     models: dict[str, torch.nn.Module] = {"unreduced": base}
     ratios = {"unreduced": 1.0}
-    for label, plan in plans(base, args.r, args.strides).items():
+    built = plans(base, args.r, args.strides)
+    for label, plan in built.items():
         models[label] = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode="static")
         ratios[label] = ltmp_core.count_flops(models[label]) / unreduced
     x = torch.randn(args.batch_size, 3, *g.img_size)
@@ -143,7 +136,7 @@ def main() -> None:
 
         kinds = kinds_for(["merge", "merge+prune"], ["cls"])
         latency_model = measure_latency_model(base, kinds, batch=args.batch_size, device=torch.device("cpu"))
-        predicted = {label: latency_model.ratio(plan, g) for label, plan in plans(base, args.r, args.strides).items()}
+        predicted = {label: latency_model.ratio(plan, g) for label, plan in built.items()}
         predicted["unreduced"] = 1.0
     if args.compile == "freeze":
         torch._inductor.config.freezing = True

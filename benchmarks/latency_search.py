@@ -171,9 +171,9 @@ def main() -> None:
                                   args.proxy, args.threads, args.mode)
                 # A FLOPs plan slower than the unreduced model (batch 1) asks for a ratio above 1: the latency
                 # study then searches at 1 (no slower than unreduced), the most --latency accepts.
-                lat_row.update(target=lat_config.latency, requested_target=target, max_stride=record.stage_stride or lat_config.stage_stride or 1,
-                               stride_predictions=record.stride_predictions,
-                               latency_checks=record.latency_checks)
+                lat_row.update(target=lat_config.latency, requested_target=target,
+                               max_stride=record.stage_stride or lat_config.stage_stride or 1,
+                               stride_predictions=record.stride_predictions, latency_checks=record.latency_checks)
                 if lat_best is not None:
                     lat_row["stage_stride"] = lat_best.params.get("stage_stride", 1)
                 rows.append(lat_row)

@@ -31,7 +31,7 @@ from ..setup.workbench import Workbench
 from .record import StudyRecord, TrialRecord
 from .results import feasible_check, ranked_trials
 
-__all__ = ["study_latency_model", "check_latency", "timing_images", "study_stride", "stride_for", "MIN_CHECKS",
+__all__ = ["study_latency_model", "check_latency", "timing_images", "study_stride", "stride_for", "strided_plan", "MIN_CHECKS",
            "MAX_CHECKS", "ERROR_BOUND", "REMEASURE_REPEATS", "LATENCY_STRIDE", "STRIDE_GAIN"]
 
 #: Trials timed after a run at least (while there are feasible ones), and at most.
@@ -87,6 +87,15 @@ def study_latency_model(study: optuna.Study, bench: Workbench, config: StudyConf
     return model
 
 
+def strided_plan(geometry: ViTGeometry, op: str, stride: int, flops: float, **layer: Any) -> ReductionPlan:
+    """``op`` in every ``stride``-th block from the first, the others unreduced, equal budgets for ``flops``
+    of the unreduced FLOPs (``layer``: the other :func:`ltmp_core.make_plan` fields). Raises ``LTMPError``
+    where that few stages cannot reach ``flops``."""
+    ops = [op if i % stride == 0 else "none" for i in range(geometry.depth)]
+    keeps = ltmp_core.budgets_for_ratio(ops, [1.0] * geometry.depth, geometry, flops)
+    return ltmp_core.make_plan(geometry, op=ops, keep=keeps, **layer)
+
+
 def stride_for(model: LatencyModel, geometry: ViTGeometry,
                config: StudyConfig) -> tuple[int, dict[str, dict[int, float]]]:
     """Whether fewer reduction stages pay on this device, by its latency model: the study's first reducing op
@@ -105,13 +114,10 @@ def stride_for(model: LatencyModel, geometry: ViTGeometry,
     for aim in sorted({top, *(a for a in STRIDE_AIMS if a < top)}):
         predicted: dict[int, float] = {}
         for k in range(1, LATENCY_STRIDE + 1):
-            ops = [op if i % k == 0 else "none" for i in range(geometry.depth)]
             try:
-                keeps = ltmp_core.budgets_for_ratio(ops, [1.0] * geometry.depth, geometry, aim)
+                plan = strided_plan(geometry, op, k, aim, importance=config.importance[0], merge_order="tome")
             except LTMPError:
                 continue  # this few stages cannot reach the ratio
-            plan = ltmp_core.make_plan(geometry, op=ops, keep=keeps, importance=config.importance[0],
-                                       merge_order="tome")
             predicted[k] = model.ratio(plan, geometry)
         predictions[f"{aim:.3f}"] = predicted
         if 1 in predicted and min(predicted.values()) <= predicted[1] * (1.0 - STRIDE_GAIN):
