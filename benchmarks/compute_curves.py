@@ -1,7 +1,7 @@
 """Accuracy against compute: the search's best-so-far against LTMP trained for longer, on a proxy.
 
     python benchmarks/compute_curves.py --proxy mnist --flops 0.35 --seed 0 [--epochs 1,2,4,8,16]
-        [--n-trials 24] [--json]
+        [--n-trials 24] [--sampler tpe|gp|random|nsga2] [--json]
 
 Issue 14 compared the search (24 trials) with LTMP's recipe run for one epoch of the proxy's tune
 split: 24 steps of 128 images, where LTMP's ImageNet epoch is about 10,000 steps. That margin is an
@@ -199,17 +199,23 @@ def main() -> None:
     parser.add_argument("--trial-steps", type=int, default=None,
                         help="tuning steps per search trial (default: the preset's); rows then name the method "
                              "'search+tune'")
+    parser.add_argument("--sampler", default=None,
+                        help="the search's sampler (default: the preset's, TPE); another one names the rows "
+                             "'search+SAMPLER'")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = resolve(args.proxy, {"flops": args.flops, "seed": args.seed, "n_trials": args.n_trials,
-                                  "trial_steps": args.trial_steps})
+                                  "trial_steps": args.trial_steps, "sampler": args.sampler})
     tuned = args.trial_steps is not None and args.trial_steps > 0
+    name = "search+tune" if tuned else "search"
+    if args.sampler is not None and args.sampler != "tpe":
+        name += f"+{args.sampler}"
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'curves.db'}"
         methods = args.methods.split(",")
         if "search" in methods:
-            _emit(search_curve(config, url, args.seed, args.flops, "search+tune" if tuned else "search"), args)
+            _emit(search_curve(config, url, args.seed, args.flops, name), args)
         if "search+refine" in methods:
             refining = replace(config, refine_top=args.refine_top, refine_steps=args.refine_steps)
             _emit(search_curve(refining, f"sqlite:///{Path(tmp) / 'refine.db'}", args.seed, args.flops,
