@@ -1,6 +1,7 @@
 """Which score of a trial on the select split picks the plan that does best on unseen images?
 
     python benchmarks/selection_criteria.py --proxy mnistm --flops 0.35 --seed 0 [--n-trials 24] [--json]
+    python benchmarks/selection_criteria.py --report ROWS.jsonl [ROWS.jsonl ...]
 
 A study scores each trial by its top-1 on the select split (1,000 images on the proxies) and names the
 best one. Among 24 trials whose top-1 differ by about a point, the best-on-select is biased upwards by
@@ -87,6 +88,40 @@ def pick(scores: list[dict[str, np.ndarray]], criterion: str, index: np.ndarray 
     return int(order[0])
 
 
+def ceiling(rows: list[dict]) -> list[dict]:
+    """Per (proxy, target, seed) of the ``kind: "trial"`` rows: the feasible trials' count, the test top-1
+    of the trial the study picks (highest select top-1, ties to the earlier trial) and the highest test
+    top-1 among them (ties to the earlier trial), with their trial numbers."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get("kind") == "trial" and row["feasible"]:
+            groups.setdefault((row["proxy"], row["flops_target"], row["seed"]), []).append(row)
+    out = []
+    for (proxy, target, seed), trials in sorted(groups.items()):
+        trials = sorted(trials, key=lambda r: r["trial"])
+        picked = max(trials, key=lambda r: r["top1"])  # max keeps the first of equals
+        best = max(trials, key=lambda r: r["test_top1"])
+        out.append({"proxy": proxy, "flops_target": target, "seed": seed, "candidates": len(trials),
+                    "picked_trial": picked["trial"], "picked_test_top1": picked["test_top1"],
+                    "ceiling_trial": best["trial"], "ceiling_test_top1": best["test_top1"]})
+    return out
+
+
+def report(paths: list[str]) -> None:
+    rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
+    found = ceiling(rows)
+    print("| proxy | target | seed | candidates | picked (select top-1): test | ceiling: test |")
+    print("|---|---|---|---|---|---|")
+    for r in found:
+        print(f"| {r['proxy']} | {r['flops_target']} | {r['seed']} | {r['candidates']} "
+              f"| trial {r['picked_trial']}: {100 * r['picked_test_top1']:.1f}% "
+              f"| trial {r['ceiling_trial']}: {100 * r['ceiling_test_top1']:.1f}% |")
+    for key in sorted({(r["proxy"], r["flops_target"]) for r in found}):
+        mine = [r for r in found if (r["proxy"], r["flops_target"]) == key]
+        print(f"{key[0]} {key[1]}: {len(mine)} seeds, picked {100 * np.mean([r['picked_test_top1'] for r in mine]):.2f}%, "
+              f"ceiling {100 * np.mean([r['ceiling_test_top1'] for r in mine]):.2f}%")
+
+
 def crossfit(scores: list[dict[str, np.ndarray]], criterion: str, splits: int, seed: int) -> float:
     """Mean top-1, on the other half, of the trial the criterion picks on one half of the select images."""
     n = len(scores[0]["top1"])
@@ -108,7 +143,11 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=24)
     parser.add_argument("--splits", type=int, default=200, help="random halvings of select for cross-fitting")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--report", nargs="+", metavar="ROWS", help="print the picks and ceilings of these rows")
     args = parser.parse_args()
+    if args.report:
+        report(args.report)
+        return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = resolve(args.proxy, {"flops": args.flops, "seed": args.seed, "n_trials": args.n_trials})
     start = time.perf_counter()
@@ -150,6 +189,12 @@ def main() -> None:
         else:
             print(f"| {criterion} | trial {row['trial']} | select {100 * row['select_top1']:.1f}% "
                   f"| cross-fit {100 * row['crossfit_top1']:.2f}% | test {100 * row['test_top1']:.1f}% |")
+    best = int(np.argmax(tests))
+    row = {"kind": "ceiling", **common, "candidates": len(scores), "trial": trials[best], "test_top1": tests[best]}
+    if args.json:
+        print(json.dumps(row), flush=True)
+    else:
+        print(f"| ceiling (read on test, no method) | trial {row['trial']} | - | - | test {100 * row['test_top1']:.1f}% |")
 
 
 if __name__ == "__main__":

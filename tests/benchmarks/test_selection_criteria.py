@@ -74,3 +74,26 @@ def test_cross_fitting_has_no_winners_curse_among_equal_trials():
         held.append(sc.crossfit(trials, "top1", splits=10, seed=d))
     assert np.mean(best) > 0.725
     assert abs(np.mean(held) - 0.7) < 0.012
+
+
+def test_the_ceiling_is_the_best_test_top1_among_feasible_trials_and_the_pick_the_best_on_select():
+    def trial(seed, number, feasible, top1, test):
+        return {"kind": "trial", "proxy": "p", "flops_target": 0.35, "seed": seed, "trial": number,
+                "feasible": feasible, "top1": top1, "test_top1": test}
+
+    rows = [
+        trial(0, 0, True, 0.80, 0.79),
+        trial(0, 1, True, 0.82, 0.78),   # best on select: the study's pick
+        trial(0, 2, False, 0.90, 0.95),  # over the FLOPs target: never a candidate, not even for the ceiling
+        trial(0, 3, True, 0.82, 0.81),   # ties trial 1 on select (the earlier is picked); best on test
+        trial(0, 4, True, 0.70, 0.81),   # ties trial 3 on test: the earlier stays the ceiling
+        trial(1, 0, True, 0.60, 0.61),
+        {"kind": "criterion", "proxy": "p", "flops_target": 0.35, "seed": 0, "criterion": "top1"},
+    ]
+    got = sc.ceiling(rows)
+    assert got == [
+        {"proxy": "p", "flops_target": 0.35, "seed": 0, "candidates": 4, "picked_trial": 1, "picked_test_top1": 0.78,
+         "ceiling_trial": 3, "ceiling_test_top1": 0.81},
+        {"proxy": "p", "flops_target": 0.35, "seed": 1, "candidates": 1, "picked_trial": 0, "picked_test_top1": 0.61,
+         "ceiling_trial": 0, "ceiling_test_top1": 0.61},
+    ]
