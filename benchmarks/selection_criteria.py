@@ -120,6 +120,18 @@ def report(paths: list[str]) -> None:
         mine = [r for r in found if (r["proxy"], r["flops_target"]) == key]
         print(f"{key[0]} {key[1]}: {len(mine)} seeds, picked {100 * np.mean([r['picked_test_top1'] for r in mine]):.2f}%, "
               f"ceiling {100 * np.mean([r['ceiling_test_top1'] for r in mine]):.2f}%")
+    counts: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get("kind") == "trials":
+            counts.setdefault((row["proxy"], row["flops_target"], row["trials"]), []).append(row)
+    if counts:
+        print("\n| proxy | target | first k trials | seeds | forward equivalents (mean) | cross-fit top-1 (mean) "
+              "| test top-1 of the pick (mean) |")
+        print("|---|---|---|---|---|---|---|")
+    for (proxy, target, k), mine in sorted(counts.items()):
+        print(f"| {proxy} | {target} | {k} | {len(mine)} | {np.mean([r['forward_equivalents'] for r in mine]):,.0f} "
+              f"| {100 * np.mean([r['crossfit_top1'] for r in mine]):.2f}% "
+              f"| {100 * np.mean([r['test_top1'] for r in mine]):.2f}% |")
 
 
 def crossfit(scores: list[dict[str, np.ndarray]], criterion: str, splits: int, seed: int) -> float:
@@ -142,6 +154,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-trials", type=int, default=24)
     parser.add_argument("--splits", type=int, default=200, help="random halvings of select for cross-fitting")
+    parser.add_argument("--trial-counts", default="6,12,18,24",
+                        help="the study's pick among its first k trials, cross-fitted, for each k")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--report", nargs="+", metavar="ROWS", help="print the picks and ceilings of these rows")
     args = parser.parse_args()
@@ -158,9 +172,10 @@ def main() -> None:
     base_select, y_select = outputs(bench.base, bench.data.holdout_batches(config.batch_size), bench, None)
     base_test, y_test = outputs(bench.base, bench.data.test_batches(config.batch_size), bench, None)
     common = {"proxy": args.proxy, "seed": args.seed, "flops_target": args.flops}
-    trials, scores, tests = [], [], []
+    trials, scores, tests, spent = [], [], [], {}
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         record = TrialRecord.from_trial(trial)
+        spent[trial.number] = record.forward_equivalents or 0
         if trial.state != optuna.trial.TrialState.COMPLETE or record.plan is None:
             continue
         plan = ltmp_core.ReductionPlan.from_dict(record.plan)
@@ -188,6 +203,21 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         else:
             print(f"| {criterion} | trial {row['trial']} | select {100 * row['select_top1']:.1f}% "
+                  f"| cross-fit {100 * row['crossfit_top1']:.2f}% | test {100 * row['test_top1']:.1f}% |")
+    for k in (int(v) for v in args.trial_counts.split(",")):
+        first = [i for i, number in enumerate(trials) if number < k]
+        if not first:
+            continue
+        chosen = first[pick([scores[i] for i in first], "top1")]
+        row = {"kind": "trials", **common, "trials": k, "candidates": len(first),
+               "forward_equivalents": sum(v for number, v in spent.items() if number < k),
+               "trial": trials[chosen], "select_top1": float(scores[chosen]["top1"].mean()),
+               "crossfit_top1": crossfit([scores[i] for i in first], "top1", args.splits, args.seed),
+               "test_top1": tests[chosen]}
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"| first {k} trials | trial {row['trial']} | select {100 * row['select_top1']:.1f}% "
                   f"| cross-fit {100 * row['crossfit_top1']:.2f}% | test {100 * row['test_top1']:.1f}% |")
     best = int(np.argmax(tests))
     row = {"kind": "ceiling", **common, "candidates": len(scores), "trial": trials[best], "test_top1": tests[best]}
