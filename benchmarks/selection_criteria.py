@@ -89,47 +89,52 @@ def pick(scores: list[dict[str, np.ndarray]], criterion: str, index: np.ndarray 
 
 
 def ceiling(rows: list[dict]) -> list[dict]:
-    """Per (proxy, target, seed) of the ``kind: "trial"`` rows: the feasible trials' count, the test top-1
-    of the trial the study picks (highest select top-1, ties to the earlier trial) and the highest test
-    top-1 among them (ties to the earlier trial), with their trial numbers."""
+    """Per (proxy, target, sampler, seed) of the ``kind: "trial"`` rows (rows without a sampler: TPE's): the
+    feasible trials' count, the test top-1 of the trial the study picks (highest select top-1, ties to the
+    earlier trial) and the highest test top-1 among them (ties to the earlier trial), with their numbers."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row.get("kind") == "trial" and row["feasible"]:
-            groups.setdefault((row["proxy"], row["flops_target"], row["seed"]), []).append(row)
+            key = (row["proxy"], row["flops_target"], row.get("sampler", "tpe"), row["seed"])
+            groups.setdefault(key, []).append(row)
     out = []
-    for (proxy, target, seed), trials in sorted(groups.items()):
+    for (proxy, target, sampler, seed), trials in sorted(groups.items()):
         trials = sorted(trials, key=lambda r: r["trial"])
         picked = max(trials, key=lambda r: r["top1"])  # max keeps the first of equals
         best = max(trials, key=lambda r: r["test_top1"])
-        out.append({"proxy": proxy, "flops_target": target, "seed": seed, "candidates": len(trials),
-                    "picked_trial": picked["trial"], "picked_test_top1": picked["test_top1"],
-                    "ceiling_trial": best["trial"], "ceiling_test_top1": best["test_top1"]})
+        out.append({"proxy": proxy, "flops_target": target, "sampler": sampler, "seed": seed,
+                    "candidates": len(trials), "picked_trial": picked["trial"],
+                    "picked_test_top1": picked["test_top1"], "ceiling_trial": best["trial"],
+                    "ceiling_test_top1": best["test_top1"]})
     return out
 
 
 def report(paths: list[str]) -> None:
     rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
     found = ceiling(rows)
-    print("| proxy | target | seed | candidates | picked (select top-1): test | ceiling: test |")
-    print("|---|---|---|---|---|---|")
+    print("| proxy | target | sampler | seed | candidates | picked (select top-1): test | ceiling: test |")
+    print("|---|---|---|---|---|---|---|")
     for r in found:
-        print(f"| {r['proxy']} | {r['flops_target']} | {r['seed']} | {r['candidates']} "
+        print(f"| {r['proxy']} | {r['flops_target']} | {r['sampler']} | {r['seed']} | {r['candidates']} "
               f"| trial {r['picked_trial']}: {100 * r['picked_test_top1']:.1f}% "
               f"| trial {r['ceiling_trial']}: {100 * r['ceiling_test_top1']:.1f}% |")
-    for key in sorted({(r["proxy"], r["flops_target"]) for r in found}):
-        mine = [r for r in found if (r["proxy"], r["flops_target"]) == key]
-        print(f"{key[0]} {key[1]}: {len(mine)} seeds, picked {100 * np.mean([r['picked_test_top1'] for r in mine]):.2f}%, "
+    for key in sorted({(r["proxy"], r["flops_target"], r["sampler"]) for r in found}):
+        mine = [r for r in found if (r["proxy"], r["flops_target"], r["sampler"]) == key]
+        print(f"{' '.join(map(str, key))}: {len(mine)} seeds, picked "
+              f"{100 * np.mean([r['picked_test_top1'] for r in mine]):.2f}%, "
               f"ceiling {100 * np.mean([r['ceiling_test_top1'] for r in mine]):.2f}%")
     counts: dict[tuple, list[dict]] = {}
     for row in rows:
         if row.get("kind") == "trials":
-            counts.setdefault((row["proxy"], row["flops_target"], row["trials"]), []).append(row)
+            key = (row["proxy"], row["flops_target"], row.get("sampler", "tpe"), row["trials"])
+            counts.setdefault(key, []).append(row)
     if counts:
-        print("\n| proxy | target | first k trials | seeds | forward equivalents (mean) | cross-fit top-1 (mean) "
-              "| test top-1 of the pick (mean) |")
-        print("|---|---|---|---|---|---|---|")
-    for (proxy, target, k), mine in sorted(counts.items()):
-        print(f"| {proxy} | {target} | {k} | {len(mine)} | {np.mean([r['forward_equivalents'] for r in mine]):,.0f} "
+        print("\n| proxy | target | sampler | first k trials | seeds | forward equivalents (mean) "
+              "| cross-fit top-1 (mean) | test top-1 of the pick (mean) |")
+        print("|---|---|---|---|---|---|---|---|")
+    for (proxy, target, sampler, k), mine in sorted(counts.items()):
+        print(f"| {proxy} | {target} | {sampler} | {k} | {len(mine)} "
+              f"| {np.mean([r['forward_equivalents'] for r in mine]):,.0f} "
               f"| {100 * np.mean([r['crossfit_top1'] for r in mine]):.2f}% "
               f"| {100 * np.mean([r['test_top1'] for r in mine]):.2f}% |")
 
@@ -154,6 +159,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-trials", type=int, default=24)
     parser.add_argument("--splits", type=int, default=200, help="random halvings of select for cross-fitting")
+    parser.add_argument("--sampler", default=None, help="the study's sampler (default: the preset's, TPE)")
     parser.add_argument("--trial-counts", default="6,12,18,24",
                         help="the study's pick among its first k trials, cross-fitted, for each k")
     parser.add_argument("--json", action="store_true")
@@ -163,7 +169,8 @@ def main() -> None:
         report(args.report)
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    config = resolve(args.proxy, {"flops": args.flops, "seed": args.seed, "n_trials": args.n_trials})
+    config = resolve(args.proxy, {"flops": args.flops, "seed": args.seed, "n_trials": args.n_trials,
+                                  "sampler": args.sampler})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         study = run(config, storage=f"sqlite:///{Path(tmp) / 'criteria.db'}", study_name="criteria").study
@@ -171,7 +178,7 @@ def main() -> None:
     bench = Workbench.open(config)
     base_select, y_select = outputs(bench.base, bench.data.holdout_batches(config.batch_size), bench, None)
     base_test, y_test = outputs(bench.base, bench.data.test_batches(config.batch_size), bench, None)
-    common = {"proxy": args.proxy, "seed": args.seed, "flops_target": args.flops}
+    common = {"proxy": args.proxy, "seed": args.seed, "flops_target": args.flops, "sampler": config.sampler}
     trials, scores, tests, spent = [], [], [], {}
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         record = TrialRecord.from_trial(trial)

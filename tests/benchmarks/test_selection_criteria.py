@@ -92,8 +92,8 @@ def test_the_ceiling_is_the_best_test_top1_among_feasible_trials_and_the_pick_th
     ]
     got = sc.ceiling(rows)
     assert got == [
-        {"proxy": "p", "flops_target": 0.35, "seed": 0, "candidates": 4, "picked_trial": 1, "picked_test_top1": 0.78,
+        {"proxy": "p", "flops_target": 0.35, "sampler": "tpe", "seed": 0, "candidates": 4, "picked_trial": 1, "picked_test_top1": 0.78,
          "ceiling_trial": 3, "ceiling_test_top1": 0.81},
-        {"proxy": "p", "flops_target": 0.35, "seed": 1, "candidates": 1, "picked_trial": 0, "picked_test_top1": 0.61,
+        {"proxy": "p", "flops_target": 0.35, "sampler": "tpe", "seed": 1, "candidates": 1, "picked_trial": 0, "picked_test_top1": 0.61,
          "ceiling_trial": 0, "ceiling_test_top1": 0.61},
     ]
