@@ -20,13 +20,23 @@ from ltmp_core import LTMPError
 __all__ = ["compile_static", "load_trained_model", "export_static"]
 
 
+#: Graphs of one ``forward`` that a process may compile. Every plan, and every batch size, is a graph of
+#: timm's same ``forward`` (the plan's token counts are constants in it); past Dynamo's default limit (8)
+#: the models compiled after it would run eager, with one warning in the log and slower figures.
+RECOMPILE_LIMIT = 64
+
+
 def compile_static(model: nn.Module, device: torch.device) -> Any:
     """``torch.compile`` of a model with fixed shapes (a static plan, or a stock model beside one).
 
     The static path is one graph (no graph breaks, no host syncs), so Inductor fuses the reducers'
     small operations around the GEMMs; on CUDA it also captures CUDA graphs ("reduce-overhead"), which
-    removes the launch cost that dominates at batch 1. A new batch size compiles once more.
+    removes the launch cost that dominates at batch 1. A new batch size compiles once more. Dynamo's
+    recompile limit is raised to :data:`RECOMPILE_LIMIT` (never lowered), so a process that compiles
+    several plans or batch sizes compiles each of them.
     """
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(model, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 

@@ -72,3 +72,35 @@ def test_bench_of_an_exported_plan_uses_its_thresholds(tmp_path):
 def test_bench_needs_a_plan_or_a_model_and_target(tmp_path):
     code, _, err = cli("bench", "--storage", f"sqlite:///{tmp_path / 'b.db'}")
     assert code == 2 and "give PLAN.json, or --model and --flops" in err
+
+
+def test_every_static_plan_compiled_in_one_process_gets_its_own_graph(monkeypatch):
+    """Each plan is a graph of timm's same ``forward``; past Dynamo's recompile limit the rest of a process's
+    models would run eager with no more than a log line (benchmarks/latency.py compiled six models and its
+    last three ran at 0.48-0.55 of the FLOP-ideal). Here the limit starts at 2 and four plans are compiled
+    through ``compile_static``, with a backend that records each graph instead of running Inductor."""
+    from search.deploy.program import compile_static
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=record, dynamic=kw.get("dynamic")))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 32, 32)
+    try:
+        for keep in (0.5, 0.6, 0.7, 0.8):
+            model = tiny_model("deit_small")
+            plan = ltmp_core.make_plan(model, op="merge", keep=keep)
+            ltmp_core.apply_plan(model, plan, mode="static")
+            with torch.no_grad():
+                expected = model(x)
+                got = compile_static(model, torch.device("cpu"))(x)
+            torch.testing.assert_close(got, expected)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) >= 4, f"{len(graphs)} graphs for 4 plans: the later plans ran eager"
