@@ -179,7 +179,7 @@ def main() -> None:
     base_select, y_select = outputs(bench.base, bench.data.holdout_batches(config.batch_size), bench, None)
     base_test, y_test = outputs(bench.base, bench.data.test_batches(config.batch_size), bench, None)
     common = {"proxy": args.proxy, "seed": args.seed, "flops_target": args.flops, "sampler": config.sampler}
-    trials, scores, tests, spent = [], [], [], {}
+    trials, scores, tests, spent, rows = [], [], [], {}, []
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         record = TrialRecord.from_trial(trial)
         spent[trial.number] = record.forward_equivalents or 0
@@ -194,6 +194,7 @@ def main() -> None:
         row = {"kind": "trial", **common, "trial": trial.number, "feasible": bool(record.feasible),
                "select_flops_ratio": record.flops_ratio, "study_select_top1": record.accuracy,
                **{c: round(float(v.mean()), 6) for c, v in s.items()}, "test_top1": test_top1}
+        rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
         if record.feasible:
@@ -226,8 +227,9 @@ def main() -> None:
         else:
             print(f"| first {k} trials | trial {row['trial']} | select {100 * row['select_top1']:.1f}% "
                   f"| cross-fit {100 * row['crossfit_top1']:.2f}% | test {100 * row['test_top1']:.1f}% |")
-    best = int(np.argmax(tests))
-    row = {"kind": "ceiling", **common, "candidates": len(scores), "trial": trials[best], "test_top1": tests[best]}
+    top = ceiling(rows)[0]
+    row = {"kind": "ceiling", **common, "candidates": top["candidates"], "trial": top["ceiling_trial"],
+           "test_top1": top["ceiling_test_top1"]}
     if args.json:
         print(json.dumps(row), flush=True)
     else:
