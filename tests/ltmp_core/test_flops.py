@@ -378,6 +378,43 @@ def test_calibrate_to_flops_puts_the_batch_on_the_target_with_one_shift(target):
     assert all(s != 1.0 for s in ltmp_core.threshold_scales(model)), "the score spreads were measured"
 
 
+def _steps(n: int):
+    """A ratio that is a staircase of ``n`` equal steps over shifts [-1, 1] (a batch's whole tokens)."""
+    return lambda shift: math.floor((shift + 1) / 2 * n + 1e-12) / n if shift < 1 else 1.0
+
+
+@pytest.mark.parametrize("name, ratio", [
+    ("line", lambda s: 0.5 + 0.5 * s),
+    ("convex", lambda s: math.exp(3 * (s - 1))),
+    ("flat then steep", lambda s: 1 / (1 + math.exp(-40 * (s - 0.6)))),
+    ("fine staircase", _steps(12 * 256)),
+    ("coarse staircase", _steps(7)),
+    ("falling", lambda s: 0.5 - 0.5 * s),
+])
+@pytest.mark.parametrize("flops", [0.05, 0.35, 0.5, 0.9])
+def test_the_shift_solver_lands_in_the_window_or_on_a_step(name, ratio, flops):
+    """The solver's contract on ratios of known form: at most the target, within 0.2% of it where a shift
+    gives such a ratio; where the ratio jumps over the window (a coarse staircase), the highest step at most
+    the target. Never more than its 24 evaluations."""
+    from ltmp_core.flops import _root
+
+    feasible, other = (-1.0, 1.0) if ratio(-1.0) < ratio(1.0) else (1.0, -1.0)
+    if not ratio(feasible) <= flops < ratio(other):
+        pytest.skip("no bracket for this target")
+    calls = []
+
+    def counted(shift: float) -> float:
+        calls.append(shift)
+        return ratio(shift)
+
+    found = _root(counted, feasible, ratio(feasible), other, ratio(other), flops)
+    got = ratio(found)
+    assert got <= flops and len(calls) <= 24
+    # The best a shift can give, read off a grid 1e-5 apart (finer than any step here).
+    best = max(r for r in map(ratio, (i / 100_000 - 1 for i in range(200_001))) if r <= flops)
+    assert got >= min(best, flops * (1 - 2e-3)), (name, got, best, len(calls))
+
+
 def test_calibrate_to_flops_solves_prune_thresholds_without_merges_and_says_what_is_out_of_reach():
     model = tiny_model("deit_small")
     ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op=["none", "prune", "none", "squeeze"], keep=0.9),
