@@ -204,6 +204,9 @@ class _Run:
     sums: dict[str, float] = field(default_factory=_zero_sums)
     elapsed_before: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    #: The select split's evaluation at the end of the last epoch, and the step it was taken at: the final
+    #: figures reuse it when no step ran since (the model has not changed).
+    last_select: tuple[int, Any] | None = None
 
     @property
     def total_steps(self) -> int:
@@ -426,6 +429,7 @@ def _end_epoch(run: _Run, epoch: int, on_epoch: Callable[[dict[str, Any]], None]
     """Score the select split, write the summary and the checkpoint."""
     if run.rank == 0:
         ev = run.evaluated("select")
+        run.last_select = (run.step, ev)
         k = max(1, run.sums["n"])
         row = {"epoch": epoch + 1, "train_loss": run.sums["loss"] / k, "budget_term": run.sums["budget"] / k,
                "train_flops_ratio": run.sums["ratio"] / k, "eval_top1": ev.accuracy, "eval_top5": ev.top5,
@@ -508,7 +512,7 @@ def _finish(run: _Run) -> dict[str, Any]:
     model = run.model if run.ema is None else run.ema.module
     aim, geometry = run.budget.aim, run.bench.geometry
     unreduced = ltmp_core.unreduced_macs(geometry)
-    select = run.evaluated("select")
+    select = run.last_select[1] if run.last_select and run.last_select[0] == run.step else run.evaluated("select")
     shifted = select.macs / unreduced > aim
     if shifted:
         try:
