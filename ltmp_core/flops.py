@@ -534,8 +534,8 @@ def _root(ratio: Callable[[float], float], feasible: float, r_feasible: float, o
     its residual halved, so the other side moves too) and a bisection whenever two steps have not halved
     the bracket: on the measured ratio, a step function of the shift that is smooth at the scale of a
     batch's tokens, this lands in the window in fewer evaluations than bisection (about 10 against 13 on the
-    proxies' shapes, docs/benchmarks.md), and needs at most three evaluations per halving. Stops after ``steps`` evaluations, or when the bracket is
-    narrower than 1e-6, at the best feasible shift found."""
+    proxies' shapes, docs/benchmarks.md), and needs at most three evaluations per halving. Stops after
+    ``steps`` evaluations, or when the bracket is narrower than 1e-6, at the best feasible shift found."""
     goal = flops * (1.0 - 0.5 * tolerance)
     f_feasible, f_other = r_feasible - goal, r_other - goal
     kept = None  # the side kept by the last step
@@ -571,10 +571,10 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
 
     One shift ``s``, common to every threshold of one kind (``solve``: ``merge_threshold``, or
     ``prune_threshold``; by default merge when the plan merges), is found by a bracketing root finder
-    (regula falsi with bisection as its safeguard, :func:`_root`) so that the batch's measured FLOPs ratio (dynamic mode) is at or just under ``flops``; each such threshold
-    becomes its current value (its offset; 0 where it has none) plus ``s``. So a plan without merge
-    thresholds merges, in every merging layer, the tokens more similar than one value ``s``: every
-    layer and every image merges as much as it is redundant, where :func:`ltmp_core.calibrate` would
+    (regula falsi with bisection as its safeguard, :func:`_root`) so that the batch's measured FLOPs ratio
+    (dynamic mode) is at or just under ``flops``; each such threshold becomes its current value (its
+    offset; 0 where it has none) plus ``s``. So a plan without merge thresholds merges, in every merging
+    layer, the tokens more similar than one value ``s``: every layer and every image merges as much as it is redundant, where :func:`ltmp_core.calibrate` would
     hold each layer to a budget. Thresholds of the other kind must be in the plan and stay as they
     are. Afterwards every threshold knows its score spread (:func:`ltmp_core.measure_scales`).
     Leaves the model in dynamic mode. Returns :func:`ltmp_core.get_plan`.
