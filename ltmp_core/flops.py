@@ -575,9 +575,9 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
     (dynamic mode) is at or just under ``flops``; each such threshold becomes its current value (its
     offset; 0 where it has none) plus ``s``. So a plan without merge thresholds merges, in every merging
     layer, the tokens more similar than one value ``s``: every layer and every image merges as much as it
-    is redundant, where :func:`ltmp_core.calibrate` would hold each layer to a budget. Thresholds of the other kind must be in the plan and stay as they
-    are. Afterwards every threshold knows its score spread (:func:`ltmp_core.measure_scales`).
-    Leaves the model in dynamic mode. Returns :func:`ltmp_core.get_plan`.
+    is redundant, where :func:`ltmp_core.calibrate` would hold each layer to a budget. Thresholds of the
+    other kind must be in the plan and stay as they are. Afterwards every threshold knows its score spread
+    (:func:`ltmp_core.measure_scales`). Leaves the model in dynamic mode. Returns :func:`ltmp_core.get_plan`.
 
     Raises:
         Unreachable: ``flops`` cannot be reached by shifting these thresholds (the message says the
