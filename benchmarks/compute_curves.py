@@ -51,6 +51,7 @@ import optuna
 
 import ltmp_core
 from search.deploy.validate import validate_plan
+from search.setup.budget import RESOLVE_STEP
 from search.setup.config import StudyConfig, resolve
 from search.study.record import TrialRecord
 from search.study.run import run
@@ -110,7 +111,8 @@ def search_curve(config: StudyConfig, url: str, seed: int, flops: float, method:
 def _resolved_row(bench, model, budget, seed: int, flops: float, epoch: int, per_epoch: int, unreduced: float,
                   spent: int, start: float) -> dict:
     """LTMP's thresholds after ``epoch`` epochs, then one shared shift of its merge thresholds solved so the
-    calibration batch costs the aim (as every search trial starts): LTMP's learned shape, on the budget."""
+    calibration batch costs the aim (as every search trial starts; searched from LTMP's thresholds outwards,
+    as `search train` puts a trained model back on its aim): LTMP's learned shape, on the budget."""
     import copy
 
     from search.setup.evaluation import evaluate, pack_correct
@@ -119,7 +121,7 @@ def _resolved_row(bench, model, budget, seed: int, flops: float, epoch: int, per
     resolved = copy.deepcopy(model)
     calibration = bench.data.calibration_batch(bench.config.calib_images, bench.config.seed).to(bench.device)
     passes = count_forwards(resolved)
-    ltmp_core.calibrate_to_flops(resolved, calibration, budget.aim)
+    ltmp_core.calibrate_to_flops(resolved, calibration, budget.aim, near=RESOLVE_STEP)
     spent += passes() * len(calibration)
     select = evaluate(resolved, bench.data.holdout_batches(250), device=bench.device, amp=bench.amp, mode="dynamic")
     test = evaluate(resolved, bench.data.test_batches(250), device=bench.device, amp=bench.amp, mode="dynamic",

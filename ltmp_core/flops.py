@@ -525,8 +525,12 @@ def layer_budget_loss(model: nn.Module) -> Tensor:
     return ((kept - budget) ** 2).sum()
 
 
+#: The accepted window of a solved shift: its ratio at most the target and within this share (relative) of it.
+WINDOW = 2e-3
+
+
 def _root(ratio: Callable[[float], float], feasible: float, r_feasible: float, other: float, r_other: float,
-          flops: float, *, tolerance: float = 2e-3, steps: int = 24) -> float:
+          flops: float, *, tolerance: float = WINDOW, steps: int = 24) -> float:
     """A shift whose ratio is at most ``flops`` and within ``tolerance`` (relative) of it, from a bracket
     (``ratio(feasible) <= flops < ratio(other)``; the ratio falls as the shift moves from ``other`` to ``feasible``).
 
@@ -564,9 +568,44 @@ def _root(ratio: Callable[[float], float], feasible: float, r_feasible: float, o
     return feasible
 
 
+def _bracket_near(ratio: Callable[[float], float], flops: float, step: float, most: float, least: float,
+                  bounded: bool) -> tuple[float, float, float | None, float | None]:
+    """A bracket around the shift that puts the ratio on ``flops``, found from shift 0 outwards: steps of
+    ``step``, doubled each time, towards ``most`` (the shift of the lowest ratio) while the ratio is over the
+    target, else towards ``least``. Returns ``(feasible, its ratio, other, its ratio)``, ``other`` None when
+    no shift needs to be searched (0 in the window, or ``least`` itself under the target).
+
+    Raises:
+        Unreachable: even ``most`` (or, unbounded, a shift 2**30 steps out) is over the target.
+    """
+    toward_most = 1.0 if most > least else -1.0
+    r0 = ratio(0.0)
+    if r0 <= flops and flops - r0 <= WINDOW * flops:
+        return 0.0, r0, None, None
+    going = toward_most if r0 > flops else -toward_most
+    end = most if r0 > flops else least
+    last, r_last, size = 0.0, r0, step
+    while True:
+        shift = going * size
+        clamped = (bounded or end == least) and going * shift >= going * end
+        if clamped:
+            shift = end
+        r = ratio(shift)
+        if r0 > flops and r <= flops:
+            return shift, r, last, r_last
+        if r0 <= flops and r > flops:
+            return last, r_last, shift, r
+        if clamped or size > 2.0 ** 30:
+            if r0 > flops:
+                raise Unreachable(f"flops: a FLOPs ratio of {flops:.3f} cannot be reached by shifting the "
+                                  f"thresholds (the lowest reachable on these images is {r:.3f})", r)
+            return shift, r, None, None  # the least reducing shift is under the target
+        last, r_last, size = shift, r, 2.0 * size
+
+
 @torch.no_grad()
 def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: float, *,
-                       solve: str | None = None) -> ReductionPlan:
+                       solve: str | None = None, near: float | None = None) -> ReductionPlan:
     """Set the thresholds so that ``images`` cost ``flops`` of the unreduced model, with one shared shift.
 
     One shift ``s``, common to every threshold of one kind (``solve``: ``merge_threshold``, or
@@ -578,6 +617,10 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
     is redundant, where :func:`ltmp_core.calibrate` would hold each layer to a budget. Thresholds of the
     other kind must be in the plan and stay as they are. Afterwards every threshold knows its score spread
     (:func:`ltmp_core.measure_scales`). Leaves the model in dynamic mode. Returns :func:`ltmp_core.get_plan`.
+
+    ``near``: the thresholds are near a solution already (tuned with a budget term, or solved for a nearby
+    target), so the bracket is searched from shift 0 outwards in doubling steps of ``near`` instead of over
+    the whole range of the scores: a model a little over the target is put back on it in a few passes.
 
     Raises:
         Unreachable: ``flops`` cannot be reached by shifting these thresholds (the message says the
@@ -606,33 +649,50 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
     model.eval()
 
     seen: dict[float, float] = {}
+    last: list[float | None] = [None]  # the shift the model ran last
 
     def ratio(shift: float) -> float:
         set_thresholds(model, name, [None if o is None else o + shift for o in offsets])
         set_mode(model, "dynamic")
         model(x)
-        seen[shift] = float(image_macs(model).mean()) / unreduced
+        seen[shift], last[0] = float(image_macs(model).mean()) / unreduced, shift
         return seen[shift]
 
     def known(shift: float) -> float:  # a shift's ratio, measured once
         return seen[shift] if shift in seen else ratio(shift)
 
+    def unreachable(lowest: float) -> Unreachable:
+        set_thresholds(model, name, offsets)  # as they were: a caller may retry from them
+        return Unreachable(f"flops: a FLOPs ratio of {flops:.3f} cannot be reached by shifting the {name}s "
+                           f"(the lowest reachable on these images is {lowest:.3f})", lowest)
+
     try:
-        if name == "merge_threshold":  # cosine similarities: below -1 everything merges, above 1 nothing does
+        merges = name == "merge_threshold"
+        if merges:  # cosine similarities: below -1 everything merges, above 1 nothing does
             most, least = -1.0 - max(used) - 1e-3, 1.0 - min(used) + 1e-3
         else:  # importance >= 0: at 0 nothing is pruned; raise the shift until the target is met
             least, most = -max(used), 1.0 - min(used)
-            step = 1.0  # the shift grows by doubling steps (whatever sign the offsets give ``most``)
-            while ratio(most) > flops and most - least < 2.0 ** 30:
-                least, most, step = most, most + step, 2.0 * step
-        lowest = known(most)
-        if lowest > flops:
-            set_thresholds(model, name, offsets)  # as they were: a caller may retry from them
-            raise Unreachable(f"flops: a FLOPs ratio of {flops:.3f} cannot be reached by shifting the {name}s "
-                              f"(the lowest reachable on these images is {lowest:.3f})", lowest)
-        r_least = known(least)
-        feasible = least if r_least <= flops else _root(ratio, most, lowest, least, r_least, flops)
-        ratio(feasible)  # leaves the model at the solved shift, as it ran
+        if near is not None:
+            if not near > 0:
+                raise LTMPError(f"near: must be a positive step, got {near!r}")
+            try:
+                feasible, r_feasible, other, r_other = _bracket_near(ratio, flops, near, most, least, merges)
+            except Unreachable as e:
+                raise unreachable(e.lowest) from None
+            if other is not None:
+                feasible = _root(ratio, feasible, r_feasible, other, r_other, flops)
+        else:
+            if not merges:
+                step = 1.0  # the shift grows by doubling steps (whatever sign the offsets give ``most``)
+                while ratio(most) > flops and most - least < 2.0 ** 30:
+                    least, most, step = most, most + step, 2.0 * step
+            lowest = known(most)
+            if lowest > flops:
+                raise unreachable(lowest)
+            r_least = known(least)
+            feasible = least if r_least <= flops else _root(ratio, most, lowest, least, r_least, flops)
+        if last[0] != feasible:
+            ratio(feasible)  # leaves the model at the solved shift, as it ran
         measure_scales(model, x)
     finally:
         model.train(was_training)

@@ -14,11 +14,16 @@ from typing import Any, Mapping
 
 from ltmp_core import LTMPError
 
-__all__ = ["Budget", "DEFAULT_MARGIN", "check_ratio"]
+__all__ = ["Budget", "DEFAULT_MARGIN", "RESOLVE_STEP", "check_ratio"]
 
 #: Plans aim this fraction under the target: the images a plan runs on cost more or less than the
 #: batch its thresholds were set on.
 DEFAULT_MARGIN = 0.02
+
+#: First step of the shared shift when thresholds that are near a solution already (tuned, trained, or
+#: solved for a nearby target) are put back on the aim (``ltmp_core.calibrate_to_flops(near=...)``): on the
+#: MNIST proxy's trained thresholds it takes 2-13 passes where a solve over the whole range takes 17-25.
+RESOLVE_STEP = 1e-2
 
 #: Keys of the budget in ``plan.meta`` (and in the JSON outputs of the commands).
 TARGET_KEY, MARGIN_KEY, AIM_KEY = "target_flops_ratio", "flops_margin", "aim"

@@ -40,7 +40,7 @@ import ltmp_core
 from ltmp_core import LTMPError
 from spaces import Infeasible, get_space, suggest
 
-from ..setup.budget import Budget
+from ..setup.budget import RESOLVE_STEP, Budget
 from ..setup.config import StudyConfig
 from ..setup.data import StudyData
 from ..setup.evaluation import evaluate, unreduced_accuracy
@@ -350,15 +350,15 @@ class Objective:
                 f"latency: this shape is predicted at a latency ratio of {fastest:.3f} even at its lowest FLOPs "
                 f"({lowest:.3f}), above the target {c.latency:g} less its margin", lowest)
         good, bad = lowest, aim
-        for _ in range(LATENCY_STEPS):
+        for _ in range(LATENCY_STEPS):  # each solve starts from the last one's thresholds: near it
             mid = 0.5 * (good + bad)
-            ltmp_core.calibrate_to_flops(model, images, mid)
+            ltmp_core.calibrate_to_flops(model, images, mid, near=RESOLVE_STEP)
             if self._calibrated_latency(model, images) <= goal:
                 good = mid
             else:
                 bad = mid
         try:
-            ltmp_core.calibrate_to_flops(model, self.calibration, good)
+            ltmp_core.calibrate_to_flops(model, self.calibration, good, near=RESOLVE_STEP)
         except ltmp_core.Unreachable as e:
             good = e.lowest * (1.0 + 1e-3)
             ltmp_core.calibrate_to_flops(model, self.calibration, good)
@@ -379,11 +379,12 @@ class Objective:
 
     def _resolve(self, model: nn.Module, budget: Budget, meter: ComputeMeter) -> None:
         """After tuning: one shift of the tuned thresholds re-solved so the calibration batch costs the
-        aim (the tuned differences between layers stay); its passes are counted."""
+        aim (the tuned differences between layers stay; searched from the tuned thresholds outwards, which
+        the budget term kept near the aim); its passes are counted."""
         self.hooks.on_phase("re-solve")
         passes = count_forwards(model)
         try:
-            ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
+            ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim, near=RESOLVE_STEP)
             if self.latency is not None:  # and below the latency target again, as a trial's solve is
                 self._meet_latency(model, budget.aim)
         finally:

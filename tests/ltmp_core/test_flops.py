@@ -415,6 +415,68 @@ def test_the_shift_solver_lands_in_the_window_or_on_a_step(name, ratio, flops):
     assert got >= min(best, flops * (1 - 2e-3)), (name, got, best, len(calls))
 
 
+@pytest.mark.parametrize("name, ratio", [
+    ("line", lambda s: 0.5 + 0.5 * s),
+    ("flat then steep", lambda s: 1 / (1 + math.exp(-40 * (s - 0.6)))),
+    ("fine staircase", _steps(12 * 256)),
+    ("coarse staircase", _steps(7)),
+    ("falling", lambda s: 0.5 - 0.5 * s),
+])
+@pytest.mark.parametrize("flops", [0.05, 0.35, 0.9])
+@pytest.mark.parametrize("start", [-0.6, 0.0, 0.45])
+def test_a_solve_from_near_thresholds_lands_where_a_solve_over_the_whole_range_does(name, ratio, flops, start):
+    """Thresholds that sit at ``start`` of the scores' range [-1, 1] (shift 0 is ``start``), searched
+    outwards from there in doubling steps: the same contract as the whole-range solve (at most the target,
+    within 0.2% of it or on the highest step under it), also when the solution is far from ``start``."""
+    from ltmp_core.flops import _bracket_near, _root
+
+    rises = ratio(-1.0) < ratio(1.0)
+    most, least = (-1.0 - start, 1.0 - start) if rises else (1.0 - start, -1.0 - start)
+    if not ratio(start + most) <= flops < ratio(start + least):
+        pytest.skip("no bracket for this target")
+    calls = []
+
+    def counted(shift: float) -> float:
+        calls.append(shift)
+        return ratio(start + shift)
+
+    feasible, r_feasible, other, r_other = _bracket_near(counted, flops, 1e-2, most, least, True)
+    found = feasible if other is None else _root(counted, feasible, r_feasible, other, r_other, flops)
+    got = ratio(start + found)
+    best = max(r for r in map(ratio, (i / 100_000 - 1 for i in range(200_001))) if r <= flops)
+    assert got <= flops and got >= min(best, flops * (1 - 2e-3)), (name, got, best, len(calls))
+    assert len(calls) <= 8 + 24, "at most 8 doublings of 1e-2 span the range"
+
+
+def _forwards(model) -> list[int]:
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_a_model_a_little_over_its_target_is_put_back_in_fewer_passes_from_near():
+    """A plan solved for 0.6 of the FLOPs, then asked for 0.58 (as `search train` puts a trained model back
+    on its aim): searched from its thresholds outwards it lands in the same window as a solve over the
+    whole range, in fewer forward passes; shifts of the wrong kind are refused."""
+    x = images(16, seed=4)
+    solved = {}
+    for near in (None, 1e-2):
+        model = tiny_model("deit_small")
+        plan = ltmp_core.make_plan(model, op="merge", keep=0.9).with_layers(merge_threshold=[0.0, 0.01, 0.02, 0.03])
+        ltmp_core.apply_plan(model, plan, mode="static")
+        ltmp_core.calibrate_to_flops(model, x, 0.6)
+        calls = _forwards(model)
+        ltmp_core.calibrate_to_flops(model, x, 0.58, near=near)
+        solved[near] = len(calls), _measured(model, x)
+    (full, r_full), (near, r_near) = solved[None], solved[1e-2]
+    assert 0.58 - 0.01 <= r_full <= 0.58 and 0.58 - 0.01 <= r_near <= 0.58
+    assert near < full, solved
+    with pytest.raises(LTMPError, match="near: must be a positive step"):
+        ltmp_core.calibrate_to_flops(model, x, 0.5, near=0.0)
+    with pytest.raises(ltmp_core.Unreachable, match="lowest reachable"):
+        ltmp_core.calibrate_to_flops(model, x, 0.01, near=1e-2)
+
+
 def test_calibrate_to_flops_solves_prune_thresholds_without_merges_and_says_what_is_out_of_reach():
     model = tiny_model("deit_small")
     ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op=["none", "prune", "none", "squeeze"], keep=0.9),
