@@ -51,8 +51,9 @@ def plan_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(plan_file, tmp_path_factory) -> tuple[Path, dict]:
+    """LTMP's recipe on :func:`plan_file` for two epochs (its rate schedule shows from the second on)."""
     out = tmp_path_factory.mktemp("run") / "out"
-    code, text, err = cli("train", str(plan_file), "-o", str(out), *QUICK, "--json")
+    code, text, err = cli("train", str(plan_file), "-o", str(out), *QUICK, "--epochs", "2", "--json")
     assert code == 0, err
     return out, json.loads(text)
 
@@ -68,16 +69,16 @@ def test_ltmp_recipe_trains_the_thresholds_alone_and_writes_whole_outputs(traine
     _, plan, facts = ltmp_core.read_trained(out / "model.safetensors")
     thresholds = [layer.merge_threshold for layer in plan.layers]
     assert all(t is not None and 0 <= t <= 1 for t in thresholds), "learned, clamped to [0, 1] as LTMP does"
-    assert facts["recipe"] == "ltmp" and facts["soft_form"] == "project" and facts["steps"] == 6 and facts["test_top1"] == result["test_top1"]
+    assert facts["recipe"] == "ltmp" and facts["soft_form"] == "project" and facts["steps"] == 12 and facts["test_top1"] == result["test_top1"]
     target = ltmp_core.plan_flops_ratio(ltmp_core.load_plan(plan_file))
     assert result["target_flops_ratio"] == pytest.approx(target)
     assert result["test_flops_ratio"] <= target and result["select_flops_ratio"] <= target
     assert result["test_top1"] > 0.9, "a trained MNIST model at half the FLOPs still reads digits"
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert len(rows) == 1 and {"epoch", "train_loss", "budget_term", "eval_top1", "eval_top5", "eval_flops_ratio",
+    assert len(rows) == 2 and {"epoch", "train_loss", "budget_term", "eval_top1", "eval_top5", "eval_flops_ratio",
                                 "lr"} <= set(rows[0])
     args = yaml.safe_load((out / "args.yaml").read_text())
-    assert args["recipe"] == "ltmp" and args["epochs"] == 1 and args["lr"] == 5e-3 and args["weight_decay"] == 0.0
+    assert args["recipe"] == "ltmp" and args["epochs"] == 2 and args["lr"] == 5e-3 and args["weight_decay"] == 0.0
     assert ltmp_core.load_plan(out / "plan.json").layers == plan.layers
 
 
@@ -316,12 +317,11 @@ def test_the_study_margin_is_the_aim_of_training_unless_overridden(tmp_path, mon
     assert json.loads(text)["aim"] == pytest.approx(0.45), "--flops-margin overrides the study's"
 
 
-def test_ltmp_recipe_runs_its_one_epoch_at_the_full_rate(plan_file, tmp_path):
+def test_ltmp_recipe_runs_its_one_epoch_at_the_full_rate(trained):
     """LTMP's scheduler steps per epoch: every update of an epoch runs at that epoch's cosine rate, the
     first at the full 5e-3 (a per-update decay would halve the mean rate of a one-epoch run)."""
-    code, text, err = cli("train", str(plan_file), "-o", str(tmp_path / "out"), *QUICK, "--epochs", "2", "--json")
-    assert code == 0, err
-    rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
+    out, _ = trained
+    rows = list(csv.DictReader((out / "summary.csv").open()))
     rates = [float(r["lr"]) for r in rows]
     # cosine over 2 epochs, no warm-up, min 0: 5e-3 in epoch 1, 5e-3 * (1 + cos(pi / 2)) / 2 in epoch 2
     assert rates == pytest.approx([5e-3, 2.5e-3])
