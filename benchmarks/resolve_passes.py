@@ -31,12 +31,8 @@ from search.setup.models import ltmp_vit_mnist  # noqa: E402
 from search.setup.workbench import Workbench  # noqa: E402
 
 
-def trained_model(work: Path) -> tuple[torch.nn.Module, float]:
-    base = ltmp_vit_mnist()
-    import search.setup.models as models
-
-    weights = next(models.weights_dir().glob("ltmp_vit_mnist-*.pt"))
-    base.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["state_dict"])
+def trained_model(base: torch.nn.Module, work: Path) -> tuple[torch.nn.Module, float]:
+    """The shipped model ``base`` with a merge+prune plan at 0.5 trained by `search train`, and its aim."""
     g = ltmp_core.ViTGeometry.from_model(base)
     keeps = ltmp_core.budgets_for_ratio(["merge+prune"] * g.depth, [1.0] * g.depth, g, 0.5)
     plan = ltmp_core.make_plan(base, op="merge+prune", keep=keeps, importance="cls", model_name="ltmp_vit_mnist")
@@ -57,7 +53,7 @@ def main() -> None:
     calibration = bench.data.calibration_batch(config.calib_images, config.seed)
     unreduced = ltmp_core.unreduced_macs(bench.geometry)
     with tempfile.TemporaryDirectory() as tmp:
-        model, aim = trained_model(Path(tmp))
+        model, aim = trained_model(bench.base, Path(tmp))
     for factor in map(float, args.aims.split(",")):
         for way, near in (("whole range", None), ("near", RESOLVE_STEP)):
             m = copy.deepcopy(model)

@@ -572,11 +572,9 @@ def _bracket_near(ratio: Callable[[float], float], flops: float, step: float, mo
                   bounded: bool) -> tuple[float, float, float | None, float | None]:
     """A bracket around the shift that puts the ratio on ``flops``, found from shift 0 outwards: steps of
     ``step``, doubled each time, towards ``most`` (the shift of the lowest ratio) while the ratio is over the
-    target, else towards ``least``. Returns ``(feasible, its ratio, other, its ratio)``, ``other`` None when
-    no shift needs to be searched (0 in the window, or ``least`` itself under the target).
-
-    Raises:
-        Unreachable: even ``most`` (or, unbounded, a shift 2**30 steps out) is over the target.
+    target, else towards ``least``. Returns ``(shift, its ratio, other, its ratio)``, ``other`` None when no
+    bracket is left to search: ``shift`` is then the answer (0 in the window, or ``least`` under the target),
+    or, its ratio over the target, the lowest the search reached (``most``, or unbounded, 2**30 steps out).
     """
     toward_most = 1.0 if most > least else -1.0
     r0 = ratio(0.0)
@@ -596,10 +594,7 @@ def _bracket_near(ratio: Callable[[float], float], flops: float, step: float, mo
         if r0 <= flops and r > flops:
             return last, r_last, shift, r
         if clamped or size > 2.0 ** 30:
-            if r0 > flops:
-                raise Unreachable(f"flops: a FLOPs ratio of {flops:.3f} cannot be reached by shifting the "
-                                  f"thresholds (the lowest reachable on these images is {r:.3f})", r)
-            return shift, r, None, None  # the least reducing shift is under the target
+            return shift, r, None, None
         last, r_last, size = shift, r, 2.0 * size
 
 
@@ -675,10 +670,9 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
         if near is not None:
             if not near > 0:
                 raise LTMPError(f"near: must be a positive step, got {near!r}")
-            try:
-                feasible, r_feasible, other, r_other = _bracket_near(ratio, flops, near, most, least, merges)
-            except Unreachable as e:
-                raise unreachable(e.lowest) from None
+            feasible, r_feasible, other, r_other = _bracket_near(ratio, flops, near, most, least, merges)
+            if r_feasible > flops:
+                raise unreachable(r_feasible)
             if other is not None:
                 feasible = _root(ratio, feasible, r_feasible, other, r_other, flops)
         else:
