@@ -5,8 +5,8 @@ the wheels that machine lacks (``bash benchmarks/device_wheels.sh`` fills ``.whl
 it puts on ``PYTHONPATH``, checks the installed versions against pyproject.toml, then runs, each step in
 its own process and time limit, a failed step recorded with its error without stopping the others:
 
-1. ``cuda_tests``: ``pytest -m cuda`` (every reducer and mode on CUDA against the CPU, FLOPs, dynamic
-   packing, soft-mode gradients, width cuts, CUDA graphs);
+1. ``cuda_tests``: ``pytest -m cuda`` over the modules that mark tests ``cuda`` (every reducer and mode on
+   CUDA against the CPU, FLOPs, dynamic packing, soft-mode gradients, width cuts, CUDA graphs);
 2. ``search_run``: ``search run --flops 0.35 --device cuda`` on the embedded default, bf16 (the default
    on CUDA), and in fp32 (``--no-amp``) when time is left: seconds per trial, best select top-1;
 3. ``same_plan``: the best plan validated on the CPU, on CUDA in fp32 and in bf16: FLOPs ratio,
@@ -164,10 +164,18 @@ def check_versions() -> dict[str, Any]:
 # --- steps ---------------------------------------------------------------------------------------------
 
 
+def cuda_test_files() -> list[str]:
+    """The test modules that mark any test ``cuda`` (collecting only them spares importing the whole suite;
+    the whole folder when none is found, so a renamed marker still shows up as no CUDA test run)."""
+    marked = sorted(str(p) for p in (ROOT / "tests").rglob("test_*.py")
+                    if "mark.cuda" in p.read_text(encoding="utf-8"))
+    return marked or [str(ROOT / "tests")]
+
+
 def cuda_tests(c: Check) -> dict[str, Any]:
     report = c.out / "cuda_tests.xml"
     try:
-        c.run("cuda_tests", [sys.executable, "-m", "pytest", str(ROOT / "tests"), "-m", "cuda", "-q", "-p",
+        c.run("cuda_tests", [sys.executable, "-m", "pytest", *cuda_test_files(), "-m", "cuda", "-q", "-p",
                              "no:cacheprovider", f"--junitxml={report}", "--rootdir", str(ROOT)],
               timeout=150, env={"LTMP_TEST_DEVICE": "cuda"})
         failed = None
