@@ -600,7 +600,8 @@ def _bracket_near(ratio: Callable[[float], float], flops: float, step: float, mo
 
 @torch.no_grad()
 def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: float, *,
-                       solve: str | None = None, near: float | None = None) -> ReductionPlan:
+                       solve: str | None = None, near: float | None = None,
+                       measure: Callable[[nn.Module], float] | None = None) -> ReductionPlan:
     """Set the thresholds so that ``images`` cost ``flops`` of the unreduced model, with one shared shift.
 
     One shift ``s``, common to every threshold of one kind (``solve``: ``merge_threshold``, or
@@ -616,6 +617,10 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
     ``near``: the thresholds are near a solution already (tuned with a budget term, or solved for a nearby
     target), so the bracket is searched from shift 0 outwards in doubling steps of ``near`` instead of over
     the whole range of the scores: a model a little over the target is put back on it in a few passes.
+
+    ``measure``: what is solved for instead of the FLOPs ratio, read from the model after each forward of
+    the batch (a latency predicted from the token counts the forward left, say); it must fall as the shift
+    cuts more, as the FLOPs do, and ``flops`` is then its target.
 
     Raises:
         Unreachable: ``flops`` cannot be reached by shifting these thresholds (the message says the
@@ -650,7 +655,8 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
         set_thresholds(model, name, [None if o is None else o + shift for o in offsets])
         set_mode(model, "dynamic")
         model(x)
-        seen[shift], last[0] = float(image_macs(model).mean()) / unreduced, shift
+        seen[shift] = float(image_macs(model).mean()) / unreduced if measure is None else float(measure(model))
+        last[0] = shift
         return seen[shift]
 
     def known(shift: float) -> float:  # a shift's ratio, measured once
@@ -658,7 +664,8 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
 
     def unreachable(lowest: float) -> Unreachable:
         set_thresholds(model, name, offsets)  # as they were: a caller may retry from them
-        return Unreachable(f"flops: a FLOPs ratio of {flops:.3f} cannot be reached by shifting the {name}s "
+        what = "a FLOPs ratio" if measure is None else "a measured value"
+        return Unreachable(f"flops: {what} of {flops:.3f} cannot be reached by shifting the {name}s "
                            f"(the lowest reachable on these images is {lowest:.3f})", lowest)
 
     try:

@@ -408,7 +408,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "target_latency_ratio": config.latency, "latency_batch": config.latency_batch if config.latency else None,
             "latency_mode": config.latency_mode if config.latency else None,
             "latency_device": result.latency_device, "latency_checks": result.latency_checks,
-            "new_trials": result.new_trials, "refined_trials": result.refined, "base": result.base,
+            "new_trials": result.new_trials, "refined_trials": result.refined, "reaimed_trials": result.reaimed,
+            "base": result.base,
             "best": None if best is None else {**trial_summary(best, measured), "plan": TrialRecord.from_trial(best).plan},
         })
         return 0

@@ -61,6 +61,8 @@ def trials_table(rows: Sequence[dict[str, Any]], title: str, target: float | Non
         label = f"{r['number']} ({r['seed_of']})" if r.get("seed_of") else str(r["number"])
         if r.get("refined_from") is not None:
             label = f"{r['number']} (refined {r['refined_from']})"
+        if r.get("reaimed_from") is not None:
+            label = f"{r['number']} (re-aimed {r['reaimed_from']})"
         cells = [label, r["state"], pct(r["top1"]) if done else "-"]
         if base_accuracy is not None:
             cells.append(f"{100 * (r['top1'] - base_accuracy):+.1f}" if done and r["top1"] is not None else "-")

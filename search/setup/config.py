@@ -120,6 +120,10 @@ class StudyConfig:
                                        "block; default: with --latency (static), 3 where the device's latency model "
                                        "predicts fewer stages faster, else 1; without, 1", flag="--stage-stride",
                                        minimum=1)
+    latency_reaim: int = setting(2, "after the best trials are timed, up to N of them whose measured latency lies more "
+                                 "than 5% from the aim run again, their FLOPs aim solved with the prediction scaled by "
+                                 "what was measured, and are timed too (0: off)", flag="--latency-reaim", result=False,
+                                 minimum=0)
     latency_remeasure: bool = setting(False, "measure a latency model on this device although the study holds one "
                                       "of another device (its trials then mix devices)", flag="--latency-remeasure",
                                       result=False)

@@ -11,6 +11,12 @@ unreduced model interleaved in this process, median of three repeats (a predicti
 than :data:`ERROR_BOUND` is timed again), until one meets the target and at least :data:`MIN_CHECKS` are
 timed. From then on the measured ratio decides a checked trial's
 feasibility (:func:`search.study.results.ranked_trials`).
+
+A trial's FLOPs aim was solved from the model's prediction, so where the model is pessimistic about a shape
+the plan cuts more than the target needs, and where it is optimistic the plan misses the target. Then the
+best timed shapes whose measured ratio lies more than :data:`REAIM_SLACK` from the aim run again, every
+prediction scaled by what was measured over what was predicted (:func:`reaim_checked`,
+``--latency-reaim N``), and are timed in turn.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Callable
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial
 
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan, ViTGeometry
@@ -29,10 +36,10 @@ from ..setup.latency import LatencyModel, kinds_for, measure_latency_model, mode
 from ..setup.timing import check_timeable, device_fingerprint, latency_ratio
 from ..setup.workbench import Workbench
 from .record import StudyRecord, TrialRecord
-from .results import feasible_check, ranked_trials
+from .results import accuracy_of, feasible_check, is_added, ranked_trials
 
 __all__ = ["study_latency_model", "check_latency", "timing_images", "study_stride", "stride_for", "strided_plan", "MIN_CHECKS",
-           "MAX_CHECKS", "ERROR_BOUND", "REMEASURE_REPEATS", "LATENCY_STRIDE", "STRIDE_GAIN"]
+           "MAX_CHECKS", "ERROR_BOUND", "REMEASURE_REPEATS", "LATENCY_STRIDE", "STRIDE_GAIN", "REAIM_SLACK", "reaim_checked"]
 
 #: Trials timed after a run at least (while there are feasible ones), and at most.
 MIN_CHECKS, MAX_CHECKS = 3, 8
@@ -40,6 +47,9 @@ MIN_CHECKS, MAX_CHECKS = 3, 8
 #: repeats, pooled with the first ones) and, if still beyond it, reported.
 ERROR_BOUND = 0.10
 REMEASURE_REPEATS = 5
+#: A timed trial whose measured latency ratio lies further than this (relative) from its aim, the target less
+#: its margin, is re-aimed (:func:`reaim_checked`): under it, it cut more than it needed to; over it, too little.
+REAIM_SLACK = 0.05
 #: The largest ``stage_stride`` a latency study opens by itself, when its latency model predicts that fewer stages
 #: run at least :data:`STRIDE_GAIN` faster than a stage in every block (:func:`stride_for`).
 LATENCY_STRIDE, STRIDE_GAIN = 3, 0.02
@@ -184,12 +194,14 @@ def _candidate(study: optuna.Study, checked: set[int]) -> optuna.trial.FrozenTri
 
 
 def check_latency(study: optuna.Study, bench: Workbench, config: StudyConfig, *, repeats: int = 3,
+                  trials: list[int] | None = None,
                   on_check: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Time the best feasible trials for real, until one meets the latency target and at least
-    :data:`MIN_CHECKS` are timed (at most :data:`MAX_CHECKS`); every check is stored in the study's
-    ``latency_checks`` at once. Returns this call's checks (``on_check`` sees each). A plan is timed on
-    :func:`timing_images`; one whose prediction misses the first timing by more than :data:`ERROR_BOUND` is
-    timed again, and the check holds the median over all its repeats (``first_measured`` keeps the first)."""
+    :data:`MIN_CHECKS` are timed (at most :data:`MAX_CHECKS`); with ``trials``, time those (the ones not
+    timed yet on this device) instead. Every check is stored in the study's ``latency_checks`` at once.
+    Returns this call's checks (``on_check`` sees each). A plan is timed on :func:`timing_images`; one whose
+    prediction misses the first timing by more than :data:`ERROR_BOUND` is timed again, and the check holds
+    the median over all its repeats (``first_measured`` keeps the first)."""
     record = StudyRecord.from_study(study)
     checks = list(record.latency_checks or [])
     fingerprint = device_fingerprint(bench.device)
@@ -197,27 +209,18 @@ def check_latency(study: optuna.Study, bench: Workbench, config: StudyConfig, *,
     x = timing_images(bench, config.latency_batch, config.latency_mode)
     new: list[dict[str, Any]] = []
     met = any(c["feasible"] for c in checks if c["trial"] in checked)
-    while len(new) < MAX_CHECKS and not (met and len(checked) >= MIN_CHECKS):
-        trial = _candidate(study, checked)
+    asked = None if trials is None else [n for n in trials if n not in checked]
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)} if asked else {}
+    while len(new) < MAX_CHECKS:
+        if asked is None:
+            if met and len(checked) >= MIN_CHECKS:
+                break
+            trial = _candidate(study, checked)
+        else:
+            trial = by_number.get(asked.pop(0)) if asked else None
         if trial is None:
             break
-        r = TrialRecord.from_trial(trial)
-        plan = ReductionPlan.from_dict(r.plan)
-        reduced, _ = bench.reduced(plan, config.latency_mode)
-        measured = latency_ratio(bench.base, reduced, x, repeats=repeats)
-        first = measured
-        error = _error(r.predicted_latency_ratio, measured.ratio)
-        if error is not None and abs(error) > ERROR_BOUND:
-            # One timing on a shared machine can be off by more than the bound: time it again and pool.
-            measured = measured.pooled(latency_ratio(bench.base, reduced, x, repeats=REMEASURE_REPEATS))
-        check = {
-            "trial": trial.number, "predicted": r.predicted_latency_ratio, "measured": measured.ratio,
-            "spread": measured.spread, "error": _error(r.predicted_latency_ratio, measured.ratio),
-            "first_measured": first.ratio, "remeasured": measured is not first,
-            "feasible": measured.ratio <= config.latency, "target": config.latency, "device": fingerprint,
-            "batch": config.latency_batch, "mode": config.latency_mode, "base_ms": 1000 * measured.base_s,
-            "plan_ms": 1000 * measured.plan_s, "repeats": measured.repeats,
-        }
+        check = _time_trial(trial, bench, config, x, repeats, fingerprint)
         checks = [c for c in checks if not (c["trial"] == trial.number and c.get("device") == fingerprint)] + [check]
         StudyRecord.write(study, latency_checks=checks)
         checked.add(trial.number)
@@ -226,3 +229,87 @@ def check_latency(study: optuna.Study, bench: Workbench, config: StudyConfig, *,
         if on_check is not None:
             on_check(check)
     return new
+
+
+def _time_trial(trial: optuna.trial.FrozenTrial, bench: Workbench, config: StudyConfig, x: list[torch.Tensor],
+                repeats: int, fingerprint: str) -> dict[str, Any]:
+    """One check: the trial's plan timed against the unreduced model (again, pooled, when it misses its
+    prediction by more than :data:`ERROR_BOUND`)."""
+    r = TrialRecord.from_trial(trial)
+    plan = ReductionPlan.from_dict(r.plan)
+    reduced, _ = bench.reduced(plan, config.latency_mode)
+    measured = latency_ratio(bench.base, reduced, x, repeats=repeats)
+    first = measured
+    error = _error(r.predicted_latency_ratio, measured.ratio)
+    if error is not None and abs(error) > ERROR_BOUND:
+        # One timing on a shared machine can be off by more than the bound: time it again and pool.
+        measured = measured.pooled(latency_ratio(bench.base, reduced, x, repeats=REMEASURE_REPEATS))
+    return {
+        "trial": trial.number, "predicted": r.predicted_latency_ratio, "measured": measured.ratio,
+        "spread": measured.spread, "error": _error(r.predicted_latency_ratio, measured.ratio),
+        "first_measured": first.ratio, "remeasured": measured is not first,
+        "feasible": measured.ratio <= config.latency, "target": config.latency, "device": fingerprint,
+        "batch": config.latency_batch, "mode": config.latency_mode, "base_ms": 1000 * measured.base_s,
+        "plan_ms": 1000 * measured.plan_s, "repeats": measured.repeats,
+    }
+
+
+def reaim_checked(study: optuna.Study, objective: Any, config: StudyConfig, top: int | None = None,
+                  on_reaimed: Callable[[FrozenTrial, FrozenTrial | None, str | None], None] | None = None) -> list[int]:
+    """Re-aim the best ``top`` (default ``config.latency_reaim``) timed shapes whose measured latency ratio lies
+    more than :data:`REAIM_SLACK` from the aim (the target less its margin): over it, or under it where the
+    latency bisection had lowered the trial's FLOPs aim (a trial held by the FLOPs target has nothing to give
+    back). Each runs again
+    (:meth:`search.study.objective.Objective.reaim`) with the model's predictions scaled by its measured over
+    predicted ratio, so its FLOPs aim is solved for where this device puts the target, and is added as a
+    trial of its own (``reaimed_from``; not a slot, never modelled by the sampler). Sampled trials only, best
+    on select first (under the target as timed or not), each once; returns the numbers of the trials added (time them with :func:`check_latency`).
+
+    ``on_reaimed(parent, added, reason)``: after each, with the added trial, or ``None`` and why not.
+    """
+    top = config.latency_reaim if top is None else top
+    if top <= 0:
+        return []
+    record = StudyRecord.from_study(study)
+    goal = config.latency * (1.0 - config.latency_margin)
+    fingerprint = device_fingerprint(objective.device)
+    checks = {c["trial"]: c for c in record.latency_checks or []
+              if c.get("device") == fingerprint and c.get("batch") == config.latency_batch
+              and c.get("mode", "static") == config.latency_mode and c.get("predicted") and c.get("measured")}
+    flops_aim = config.flops_budget().aim if config.flops_min is None else None
+    trials = study.get_trials(deepcopy=False)
+    done = {TrialRecord.from_trial(t).reaimed_from for t in trials}
+
+    def off_aim(t: FrozenTrial) -> bool:
+        measured = checks[t.number]["measured"]
+        if measured > goal * (1.0 + REAIM_SLACK):
+            return True  # the plan misses the target, or nearly: it must cut more
+        if measured >= goal * (1.0 - REAIM_SLACK):
+            return False
+        # It cut more than it needed to, but only the latency bisection can give back what the FLOPs aim allows.
+        lowered = TrialRecord.from_trial(t).latency_flops_aim
+        return lowered is not None and flops_aim is not None and lowered < flops_aim * (1.0 - 1e-6)
+
+    timed = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+             if t.number in checks and not is_added(t) and t.number not in done and off_aim(t)]
+    # Best on select first, whether or not the timing found them under the target: re-aimed, a shape over it
+    # may be the best one that is.
+    parents = sorted(timed, key=lambda t: (-(accuracy_of(t) or 0.0), t.number))[:top]
+    added: list[int] = []
+    for parent in parents:
+        check = checks[parent.number]
+        try:
+            got = objective.reaim(parent, check["measured"] / check["predicted"])
+        except (ltmp_core.Unreachable, optuna.TrialPruned) as e:
+            if on_reaimed is not None:
+                on_reaimed(parent, None, str(e) or type(e).__name__)
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, value=got.value, params=dict(parent.params),
+            distributions=dict(parent.distributions), user_attrs=got.user_attrs, constraints=got.constraints))
+        frozen = next(t for t in reversed(study.get_trials(deepcopy=False))
+                      if TrialRecord.from_trial(t).reaimed_from == parent.number)
+        added.append(frozen.number)
+        if on_reaimed is not None:
+            on_reaimed(parent, frozen, None)
+    return added

@@ -16,9 +16,9 @@ ratio (down), and every trial draws its own target from the part of the range it
 (:meth:`Objective._range_budget`).
 
 With a latency target (``--latency R``), the study's latency model of this device
-(:mod:`search.setup.latency`) predicts each plan's time over the unreduced model's: a solved trial
-lowers its FLOPs aim by bisection until the prediction meets ``R`` less ``--latency-margin``
-(:meth:`Objective._meet_latency`), and the scored plan's prediction is a second constraint. With
+(:mod:`search.setup.latency`) predicts each plan's time over the unreduced model's: where a trial solved
+for its FLOPs aim is predicted slower than ``R`` less ``--latency-margin``, its shared shift is solved again
+for that latency (:meth:`Objective._meet_latency`), and the scored plan's prediction is a second constraint. With
 ``--latency-mode static`` (the default) the latency is static mode's, so such a trial is scored in static
 mode: each layer keeps, as a fixed count, what its solved threshold kept of the calibration batch
 (:meth:`Objective._as_static`). With ``--latency-mode dynamic`` the trial is scored in dynamic mode and its
@@ -58,9 +58,7 @@ METRIC_NAMES = (METRIC_NAME, "FLOPs ratio")
 #: In a study over a range, aims stay this fraction above a shape's predicted floor: thresholds solved
 #: on real images rarely reach the floor that budgets at their limits predict.
 RANGE_HEADROOM = 0.05
-#: Bisection steps of a trial's FLOPs aim towards the latency target (:meth:`Objective._meet_latency`).
-LATENCY_STEPS = 5
-#: Calibration images the latency bisection solves on (the final solve takes them all).
+#: Calibration images the latency solve runs on first (:meth:`Objective._meet_latency`; then on them all).
 LATENCY_IMAGES = 64
 
 
@@ -125,6 +123,8 @@ class Objective:
         self._reported: set[tuple[int, int]] = set()
         #: The study's latency model of this device (:meth:`use_latency`); ``None`` without ``--latency``.
         self.latency: LatencyModel | None = None
+        #: What the latency model's predictions are multiplied by (a re-aimed trial's ``latency_correction``).
+        self._latency_scale = 1.0
         #: The largest ``stage_stride`` trials sample (``--stage-stride``, or what the study decided: :meth:`use_stride`).
         self.max_stride = self.config.stage_stride or 1
 
@@ -137,17 +137,24 @@ class Objective:
         self.latency = model
 
     def _predicted_latency(self, plan: ltmp_core.ReductionPlan) -> float:
-        return self.latency.ratio(plan, self.geometry)
+        return self.latency.ratio(plan, self.geometry) * self._latency_scale
 
     def _calibrated_latency(self, model: nn.Module, images: torch.Tensor) -> float:
         """Predicted latency ratio of the model's thresholds on ``images``: for static mode, of the fixed
         counts they keep on average; for dynamic mode, of every image's counts."""
         ltmp_core.set_mode(model, "dynamic")
-        counts = counts_on(model, [images.to(self.device)])
+        return self._latency_of_counts(model, counts_on(model, [images.to(self.device)]))
+
+    def _latency_of_counts(self, model: nn.Module, counts: Any) -> float:
+        """Predicted latency ratio of the token counts ``[depth + 1, images]`` the model's thresholds left."""
         if self.latency.mode == "dynamic":
-            return self.latency.ratio_of_counts(counts, dynamic_kinds(ltmp_core.get_plan(model)))
+            return self.latency.ratio_of_counts(counts, dynamic_kinds(ltmp_core.get_plan(model))) * self._latency_scale
         kept = counts[1:].mean(1).tolist()
         return self._predicted_latency(ltmp_core.measured_plan(ltmp_core.get_plan(model), kept, self.geometry))
+
+    def _latency_after_forward(self, model: nn.Module) -> float:
+        """:meth:`_calibrated_latency` of the images the model ran last (what the shift solver reads)."""
+        return self._latency_of_counts(model, ltmp_core.token_counts(model).float().cpu().numpy())
 
     @classmethod
     def open(cls, config: StudyConfig, hooks: TrialHooks | None = None,
@@ -181,13 +188,37 @@ class Objective:
         value = self._trial(trial, refine=steps)
         return Refined(float(value), dict(trial.user_attrs), dict(trial.constraints))
 
-    def _trial(self, trial: optuna.Trial | optuna.trial.FixedTrial, refine: int | None = None) -> float | tuple[float, float]:
+    def reaim(self, parent: FrozenTrial, correction: float) -> Refined:
+        """Run a timed trial's shape again with every latency prediction multiplied by ``correction`` (its
+        measured over its predicted latency ratio): the FLOPs aim its thresholds are solved for moves to where
+        the device, not the model, puts the latency target. Otherwise as the trial ran (same plan, start and
+        tuning), no pruner, no pictures; every pass counted.
+
+        Raises what a trial raises (``optuna.TrialPruned`` for a shape that cannot reach the target); the
+        caller decides.
+        """
+        if self.latency is None:
+            raise LTMPError("reaim: the study has no latency target")
+        if not correction > 0:
+            raise LTMPError(f"reaim: the correction must be positive, got {correction}")
+        self.hooks.on_trial_start(parent.number)
+        trial = optuna.trial.FixedTrial(dict(parent.params), number=parent.number)
+        TrialRecord.write(trial, reaimed_from=parent.number, latency_correction=correction)
+        self._latency_scale = correction
+        try:
+            value = self._trial(trial, added=True)
+        finally:
+            self._latency_scale = 1.0
+        return Refined(float(value), dict(trial.user_attrs), dict(trial.constraints))
+
+    def _trial(self, trial: optuna.Trial | optuna.trial.FixedTrial, refine: int | None = None,
+               added: bool = False) -> float | tuple[float, float]:
         c = self.config
         seed = c.seed + trial.number
         TrialRecord.write(trial, seed=seed, device=str(self.device))
         meter = ComputeMeter()
         try:
-            return self._plan_and_run(trial, seed, meter, refine)
+            return self._plan_and_run(trial, seed, meter, refine, added or refine is not None)
         finally:
             # Scored, pruned or failed: what the trial ran is part of the study's compute.
             TrialRecord.write(trial, images_processed=meter.images, forward_equivalents=meter.forward_equivalents)
@@ -224,7 +255,7 @@ class Objective:
         return budget, self._suggest(trial, budget.aim)
 
     def _plan_and_run(self, trial: optuna.Trial, seed: int, meter: ComputeMeter,
-                      refine: int | None = None) -> float | tuple[float, float]:
+                      refine: int | None = None, added: bool = False) -> float | tuple[float, float]:
         c = self.config
         if self.multi:
             budget, plan = self._range_budget(trial)
@@ -240,13 +271,13 @@ class Objective:
         TrialRecord.write(trial, ops=list(plan.ops),
                           predicted_flops_ratio=ltmp_core.plan_flops_ratio(plan, static=not self.space.tune))
         try:
-            return self._run(trial, plan, recipe, seed, c.batch_size, budget, meter, refine is not None)
+            return self._run(trial, plan, recipe, seed, c.batch_size, budget, meter, added, bool(refine))
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             half = max(1, c.batch_size // 2)
             TrialRecord.write(trial, oom_retry_batch_size=half)
             try:
-                return self._run(trial, plan, recipe, seed, half, budget, meter, refine is not None)
+                return self._run(trial, plan, recipe, seed, half, budget, meter, added, bool(refine))
             except torch.cuda.OutOfMemoryError:
                 TrialRecord.write(trial, fail_reason=f"CUDA out of memory at batch size {c.batch_size} and again at {half}")
                 raise
@@ -257,10 +288,11 @@ class Objective:
         raise optuna.TrialPruned(reason)
 
     def _run(self, trial: optuna.Trial, plan: ltmp_core.ReductionPlan, recipe: Recipe, seed: int, batch_size: int,
-             budget: Budget, meter: ComputeMeter, refine: bool = False) -> float | tuple[float, float]:
+             budget: Budget, meter: ComputeMeter, added: bool = False,
+             resolve: bool = False) -> float | tuple[float, float]:
         """One trial's work on its plan: cut and patch a copy of the base model, start its thresholds,
-        tune them, score it; ``meter`` counts what it runs. ``refine``: no pruner, the shared shift
-        re-solved after tuning, no dashboard pictures (:meth:`refine`)."""
+        tune them, score it; ``meter`` counts what it runs. ``added`` (a refined or re-aimed trial): no
+        pruner, no dashboard pictures; ``resolve``: the shared shift re-solved after tuning (:meth:`refine`)."""
         torch.manual_seed(seed)
         start = time.perf_counter()
         model, plan = self._reduced(plan, meter)
@@ -269,13 +301,13 @@ class Objective:
             mode = "dynamic"
             budget = self._start(trial, model, plan, recipe, budget, meter)
             plan = replace(plan, meta={**plan.meta, **budget.to_meta()})
-            self._tune(trial, model, recipe, seed, batch_size, budget, meter, report=not refine)
-            if refine:
+            self._tune(trial, model, recipe, seed, batch_size, budget, meter, report=not added)
+            if resolve:
                 self._resolve(model, budget, meter)
         TrialRecord.write(trial, recipe=asdict(recipe))
         tune_seconds = time.perf_counter() - start
         return self._score(trial, model, plan, recipe, mode, batch_size, budget, meter, tune_seconds,
-                           pictures=not refine)
+                           pictures=not added)
 
     def _reduced(self, plan: ltmp_core.ReductionPlan,
                  meter: ComputeMeter) -> tuple[nn.Module, ltmp_core.ReductionPlan]:
@@ -323,10 +355,12 @@ class Objective:
         return budget
 
     def _meet_latency(self, model: nn.Module, aim: float) -> float:
-        """Lower the FLOPs aim of the shared threshold shift until the predicted latency meets the latency
-        target less its margin (bisection, on the first :data:`LATENCY_IMAGES` calibration images, between
-        the lowest FLOPs the shape reaches and ``aim``); the thresholds are left solved for the aim found
-        on the whole calibration batch, and the aim is returned.
+        """Cut more than the FLOPs aim asks until the predicted latency meets the latency target less its
+        margin: the shared threshold shift is solved for the latency itself (from the FLOPs solution
+        outwards, :func:`ltmp_core.calibrate_to_flops` with ``measure``), on the first
+        :data:`LATENCY_IMAGES` calibration images and then, from there, on the whole calibration batch.
+        Returns the FLOPs ratio the calibration batch costs then (``aim`` when the FLOPs aim met the
+        latency target already).
 
         Raises:
             Unreachable: not even the lowest FLOPs the shape reaches are predicted fast enough.
@@ -336,33 +370,14 @@ class Objective:
         images = self.calibration[:LATENCY_IMAGES]
         if self._calibrated_latency(model, images) <= goal:
             return aim
-        plan = ltmp_core.get_plan(model)
-        floors = [1.0 if op == "none" else ltmp_core.lowest_keep(op, self.geometry.num_patches) for op in plan.ops]
-        lowest = min(aim, ltmp_core.plan_flops_ratio(plan.with_keeps(floors)) * (1.0 + RANGE_HEADROOM))
         try:
-            ltmp_core.calibrate_to_flops(model, images, lowest)
-        except ltmp_core.Unreachable as e:  # what the images reach lies above the budgets' floor
-            lowest = min(aim, e.lowest * (1.0 + 1e-3))
-            ltmp_core.calibrate_to_flops(model, images, lowest)
-        fastest = self._calibrated_latency(model, images)
-        if fastest > goal:
-            raise ltmp_core.Unreachable(
-                f"latency: this shape is predicted at a latency ratio of {fastest:.3f} even at its lowest FLOPs "
-                f"({lowest:.3f}), above the target {c.latency:g} less its margin", lowest)
-        good, bad = lowest, aim
-        for _ in range(LATENCY_STEPS):  # each solve starts from the last one's thresholds: near it
-            mid = 0.5 * (good + bad)
-            ltmp_core.calibrate_to_flops(model, images, mid, near=RESOLVE_STEP)
-            if self._calibrated_latency(model, images) <= goal:
-                good = mid
-            else:
-                bad = mid
-        try:
-            ltmp_core.calibrate_to_flops(model, self.calibration, good, near=RESOLVE_STEP)
+            for batch in (images, self.calibration):  # coarse, then on every calibration image from near there
+                ltmp_core.calibrate_to_flops(model, batch, goal, near=RESOLVE_STEP, measure=self._latency_after_forward)
         except ltmp_core.Unreachable as e:
-            good = e.lowest * (1.0 + 1e-3)
-            ltmp_core.calibrate_to_flops(model, self.calibration, good)
-        return good
+            raise ltmp_core.Unreachable(
+                f"latency: this shape is predicted at a latency ratio of {e.lowest:.3f} even at its lowest FLOPs, "
+                f"above the target {c.latency:g} less its margin", e.lowest) from None
+        return min(aim, float(ltmp_core.image_macs(model).mean()) / self.unreduced_macs)
 
     def _solve_flops(self, model: nn.Module, budget: Budget) -> Budget:
         c = self.config

@@ -27,6 +27,11 @@ class TrialRecord:
         refined_from: For a trial of the refine stage (:mod:`search.study.refine`), the number of the
             sampled trial whose shape it refined; such a trial is not one of the study's slots and
             does not count towards ``--n-trials``.
+        reaimed_from: For a trial added after the latency checks (:func:`search.study.latency_study.reaim_checked`),
+            the number of the timed trial whose shape it runs again, aimed by what that trial measured; not a slot
+            either.
+        latency_correction: Measured over predicted latency ratio of the trial it was re-aimed from: its latency
+            predictions are the model's times this factor.
         worker: ``host:pid`` of the process that ran it.
         seed: Seed of the trial's data order and random draws (the study's seed plus its number).
         device: Where it ran.
@@ -69,6 +74,8 @@ class TrialRecord:
     slot: bool | None = None
     seed_of: str | None = None
     refined_from: int | None = None
+    reaimed_from: int | None = None
+    latency_correction: float | None = None
     worker: str | None = None
     seed: int | None = None
     device: str | None = None

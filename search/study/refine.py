@@ -32,7 +32,7 @@ from ltmp_core import Unreachable
 
 from .objective import Objective
 from .record import TrialRecord
-from .results import is_refined, ranked_trials
+from .results import is_added, ranked_trials
 from .tuning import NonFiniteLoss
 
 __all__ = ["shape_key", "refine_parents", "refine_study"]
@@ -55,7 +55,7 @@ def refine_parents(study: optuna.Study, top: int) -> list[FrozenTrial]:
     for t in ranked_trials(study):
         if len(seen) == top:
             break
-        if is_refined(t) or not TrialRecord.from_trial(t).feasible:
+        if is_added(t) or not TrialRecord.from_trial(t).feasible:
             continue
         key = shape_key(t)
         if key in seen:

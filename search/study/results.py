@@ -10,7 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .record import StudyRecord, TrialRecord
 
-__all__ = ["FINISHED", "state_counts", "is_refined", "sampled_finished", "refined_trials", "ranked_trials", "best_trial", "feasible_check", "trial_summary", "list_studies", "target_of", "accuracy_of"]
+__all__ = ["FINISHED", "state_counts", "is_refined", "is_added", "sampled_finished", "refined_trials", "ranked_trials", "best_trial", "feasible_check", "trial_summary", "list_studies", "target_of", "accuracy_of"]
 
 #: States of a trial that counts towards ``--n-trials``.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -29,19 +29,26 @@ def is_refined(trial: FrozenTrial) -> bool:
     return TrialRecord.from_trial(trial).refined_from is not None
 
 
+def is_added(trial: FrozenTrial) -> bool:
+    """A trial added after the sampled ones: refined (:func:`is_refined`) or re-aimed after the latency
+    checks (:func:`search.study.latency_study.reaim_checked`). Not a slot, never modelled by the sampler."""
+    r = TrialRecord.from_trial(trial)
+    return r.refined_from is not None or r.reaimed_from is not None
+
+
 def state_counts(study: optuna.Study) -> dict[TrialState, int]:
     """How many of the study's sampled trials are in each state (every state present, 0 when none).
-    Refined trials (:func:`is_refined`) are left out: they are not slots and do not count towards
-    ``--n-trials``."""
+    Added trials (refined or re-aimed, :func:`is_added`) are left out: they are not slots and do not count
+    towards ``--n-trials``."""
     out = {state: 0 for state in TrialState}
     for t in study.get_trials(deepcopy=False):
-        if not is_refined(t):
+        if not is_added(t):
             out[t.state] += 1
     return out
 
 
 def sampled_finished(study: optuna.Study) -> int:
-    """Finished (complete or pruned) trials that count towards ``--n-trials``: refined ones left out."""
+    """Finished (complete or pruned) trials that count towards ``--n-trials``: added ones left out."""
     c = state_counts(study)
     return sum(c[state] for state in FINISHED)
 
@@ -62,7 +69,8 @@ class _Feasibility:
     latency ratio, the others by their prediction (recorded in ``feasible``). Once at least
     :data:`BIAS_CHECKS` trials were timed and ran slower than predicted (the median of measured over
     predicted, :attr:`bias`, above 1), an untimed trial's prediction counts scaled by that bias: the
-    checks showed the model optimistic on this device, and a plan they did not time is no better known."""
+    checks showed the model optimistic on this device, and a plan they did not time is no better known (a
+    re-aimed trial's prediction is already scaled by what its shape measured, and is not scaled again)."""
 
     def __init__(self, study: optuna.Study, flops: float | None) -> None:
         record = StudyRecord.from_study(study)
@@ -81,7 +89,7 @@ class _Feasibility:
         if trial.number in self.measured:
             return (r.flops_ratio is not None and r.target is not None and r.flops_ratio <= r.target
                     and self.measured[trial.number] <= self.latency)
-        if self.bias > 1.0 and r.predicted_latency_ratio is not None:
+        if self.bias > 1.0 and r.predicted_latency_ratio is not None and r.latency_correction is None:
             return bool(r.feasible) and r.predicted_latency_ratio * self.bias <= self.latency
         return bool(r.feasible)
 
@@ -136,6 +144,7 @@ def trial_summary(trial: FrozenTrial, measured: dict[int, float] | None = None) 
         "reason": r.reason,
         "seed_of": r.seed_of,
         "refined_from": r.refined_from,
+        "reaimed_from": r.reaimed_from,
     }
 
 

@@ -23,9 +23,9 @@ from spaces import get_space
 
 from ..setup.config import StudyConfig, differences
 from ..setup.timing import check_timeable
-from .latency_study import check_latency, study_latency_model, study_stride
+from .latency_study import check_latency, reaim_checked, study_latency_model, study_stride
 from .objective import METRIC_NAME, METRIC_NAMES, Objective, TrialHooks
-from .record import StudyRecord
+from .record import StudyRecord, TrialRecord
 from .refine import refine_study
 from .results import best_trial, sampled_finished
 from .storage import open_storage, open_study, resolve_storage, sqlite_file
@@ -52,6 +52,8 @@ class RunResult:
     #: this run timed for real (:func:`search.study.latency_study.check_latency`).
     latency_device: str | None = None
     latency_checks: list[dict[str, Any]] = field(default_factory=list)
+    #: Trials this run added by re-aiming timed shapes (``--latency-reaim``).
+    reaimed: list[int] = field(default_factory=list)
 
 
 def _check_resume(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig) -> None:
@@ -96,7 +98,9 @@ def run(
     ``on_refined`` is told of each refined shape.
 
     With ``config.latency``, the study's latency model of this device is read (or measured) before the
-    trials, and the best trials are timed for real after them (``on_note`` hears of both).
+    trials, and the best trials are timed for real after them (``on_note`` hears of both); with
+    ``config.latency_reaim``, timed shapes far from the aim then run again, aimed by what they measured
+    (:func:`search.study.latency_study.reaim_checked`), and are timed too.
     """
     from ..present.dashboard import artifact_dir, recorder_for, save_study_note
 
@@ -163,12 +167,13 @@ def run(
             del objective
             result.new_trials = run_workers(config, url, name, jobs, study, on_trial_end, pictures)
             store.sync(study)
+        if jobs > 1 and (config.refine_top or (config.latency is not None and config.latency_reaim)):
+            # The workers had the objective; this process opens its own.
+            objective = Objective.open(config, hooks, data=data)
+            if config.latency is not None:
+                objective.use_latency(latency_model)
+                objective.use_stride(study_stride(study, objective.geometry, config, latency_model))
         if config.refine_top:
-            if jobs > 1:  # the workers had the objective; this process opens its own
-                objective = Objective.open(config, hooks, data=data)
-                if config.latency is not None:
-                    objective.use_latency(latency_model)
-                    objective.use_stride(study_stride(study, objective.geometry, config, latency_model))
             with store.lock(name):
                 result.refined = refine_study(study, objective, config.refine_top, config.refine_steps, on_refined)
             store.sync(study)
@@ -177,6 +182,12 @@ def run(
                 on_note("timing the best trials for real (plan and unreduced model interleaved, median of 3 "
                         "repeats; a plan more than 10% off its prediction is timed again)")
             result.latency_checks = check_latency(study, bench, config)
+            if config.latency_reaim:
+                with store.lock(name):
+                    result.reaimed = reaim_checked(study, objective, config, on_reaimed=_reaim_note(on_note))
+                store.sync(study)
+                if result.reaimed:
+                    result.latency_checks += check_latency(study, bench, config, trials=result.reaimed)
         save_study_note(study, best_trial(study))
     finally:
         store.dispose()
@@ -185,6 +196,20 @@ def run(
             known = set(StudyRecord.from_study(study).skipped_images or [])
             StudyRecord.write(study, skipped_images=sorted(known | set(result.skipped)))
     return result
+
+
+def _reaim_note(on_note: Callable[[str], None] | None) -> Callable[[FrozenTrial, FrozenTrial | None, str | None], None]:
+    """What ``search run`` says of each re-aimed shape."""
+    def said(parent: FrozenTrial, added: FrozenTrial | None, reason: str | None) -> None:
+        if on_note is None:
+            return
+        if added is None:
+            on_note(f"trial {parent.number} could not be re-aimed: {reason}")
+        else:
+            r = TrialRecord.from_trial(added)
+            on_note(f"trial {parent.number} re-aimed by what it measured (x{r.latency_correction:.3f}) as trial "
+                    f"{added.number}: FLOPs {r.flops_ratio:.3f}, top-1 {100 * (added.value or 0):.1f}%")
+    return said
 
 
 def delete_study(url: str, name: str, artifacts: str | None = None,

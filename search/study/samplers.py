@@ -8,7 +8,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from .results import is_refined
+from .results import is_added
 
 __all__ = ["SAMPLERS", "PRUNERS", "make_sampler", "make_pruner", "SampledTrialsOnly"]
 
@@ -20,8 +20,8 @@ def _startup(n_trials: int) -> int:
 
 #: ``--sampler`` name -> ``factory(seed, n_trials)``.
 #: The model-based ones read the study's trials through :class:`SampledTrialsOnly`, so refined trials
-#: (``--refine-top``) never enter their model; NSGA-II builds its populations only from trials it tagged
-#: with a generation when it proposed them, which a refined trial (added, never asked) is not.
+#: (``--refine-top``) and re-aimed ones (``--latency-reaim``) never enter their model; NSGA-II builds its
+#: populations only from trials it tagged with a generation when it proposed them, which an added trial is not.
 SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
     "tpe": lambda seed, n: SampledTrialsOnly(
         optuna.samplers.TPESampler(seed=seed, n_startup_trials=_startup(n), multivariate=True)),
@@ -40,7 +40,7 @@ PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
 
 
 class _SampledView:
-    """A study as its sampler should read it: the trials a sampler proposed, refined trials left out.
+    """A study as its sampler should read it: the trials a sampler proposed, added (refined, re-aimed) ones left out.
     Everything else (storage, directions, writes) is the study's own."""
 
     def __init__(self, study: optuna.Study) -> None:
@@ -49,10 +49,10 @@ class _SampledView:
     def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
                     use_cache: bool = False) -> list[FrozenTrial]:
         trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return [t for t in trials if not is_refined(t)]
+        return [t for t in trials if not is_added(t)]
 
     def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if not is_refined(t)]
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if not is_added(t)]
 
     @property
     def trials(self) -> list[FrozenTrial]:

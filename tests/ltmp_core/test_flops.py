@@ -477,6 +477,34 @@ def test_a_model_a_little_over_its_target_is_put_back_in_fewer_passes_from_near(
         ltmp_core.calibrate_to_flops(model, x, 0.01, near=1e-2)
 
 
+def test_a_shift_is_solved_for_another_measure_than_the_flops():
+    """``measure``: the shift is solved for what the model's forward leaves, here the share of patch tokens that
+    leave the last block (a stand-in for a latency predicted from counts). Asked for 0.3 of them, from a plan
+    solved for 0.8 of the FLOPs and from near it, a fresh forward at the solved thresholds keeps at most 0.3 and
+    within a few tokens of it; a share under what merging can reach is out of reach."""
+    x = images(16, seed=4)
+    model = tiny_model("deit_small")
+    plan = ltmp_core.make_plan(model, op="merge", keep=0.9).with_layers(merge_threshold=[0.0, 0.01, 0.02, 0.03])
+    ltmp_core.apply_plan(model, plan, mode="static")
+    g = ltmp_core.ViTGeometry.from_model(model)
+
+    def last_share(m):
+        counts = ltmp_core.token_counts(m).float()
+        return float((counts[-1] - g.num_prefix_tokens).mean()) / g.num_patches
+
+    ltmp_core.calibrate_to_flops(model, x, 0.8)
+    assert last_share(model) > 0.3
+    for near in (None, 1e-2):
+        ltmp_core.calibrate_to_flops(model, x, 0.3, near=near, measure=last_share)
+        with torch.no_grad():
+            model(x)
+        # The share moves in steps of 1/256 (16 images of 16 patches), several at one shift where scores tie.
+        assert 0.3 - 5 / 256 <= last_share(model) <= 0.3
+    # Merging removes at most half of what enters a block: 4 blocks leave at least 1/16 of the patches.
+    with pytest.raises(ltmp_core.Unreachable, match="a measured value of 0.010"):
+        ltmp_core.calibrate_to_flops(model, x, 0.01, measure=last_share)
+
+
 def test_calibrate_to_flops_solves_prune_thresholds_without_merges_and_says_what_is_out_of_reach():
     model = tiny_model("deit_small")
     ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op=["none", "prune", "none", "squeeze"], keep=0.9),
