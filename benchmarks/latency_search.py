@@ -23,7 +23,10 @@ that ratio (and no FLOPs target; at most 1, the largest ``--latency``) searches 
   measuring its latency model and the real checks);
 - latency rows: ``max_stride`` (the study's ``--stage-stride``, or what the study decided from its latency
   model, with ``stride_predictions``; ``--stage-strides 1 3`` runs one study of each at the same target) and
-  ``stage_stride`` (what its best plan runs: every k-th reducing block).
+  ``stage_stride`` (what its best plan runs: every k-th reducing block); ``reaimed_trials`` (what
+  ``--latency-reaim`` added), ``reaimed_from`` (where the best plan is one of them: the trial it re-aimed) and
+  ``sampled_best``: the best of the sampled trials alone (what the study names with ``--latency-reaim 0``:
+  trial, measured latency, FLOPs ratio and test top-1), from the same study.
 
 Timing runs with ``--threads`` threads (1 by default: on a shared 2-core machine two threads wait for
 each other under load and a ratio moves by tens of percent).
@@ -51,8 +54,8 @@ from search.setup.timing import device_fingerprint, latency_ratio
 from search.setup.workbench import Workbench
 from search.study.latency_study import timing_images
 from search.study.plans import trial_plan
-from search.study.record import StudyRecord
-from search.study.results import best_trial
+from search.study.record import StudyRecord, TrialRecord
+from search.study.results import best_trial, feasible_check, is_added, ranked_trials
 from search.study.run import run
 
 
@@ -89,14 +92,15 @@ def test_top1(config, plan: ltmp_core.ReductionPlan, mode: str) -> tuple[float, 
 
 
 def row_for(budget: str, target: float, study: optuna.Study, config, batch: int, seconds: float,
-            model: LatencyModel, measured: float | None, folder: Path, proxy: str, threads: int, mode: str) -> dict:
-    best = best_trial(study)
+            model: LatencyModel, measured: float | None, folder: Path, proxy: str, threads: int, mode: str,
+            best: optuna.trial.FrozenTrial | None = None) -> dict:
+    best = best or best_trial(study)
     row = {"proxy": proxy, "budget": budget, "target": target, "batch": batch, "mode": mode, "seed": config.seed,
            "study": study.study_name, "seconds": seconds, "device": model.fingerprint, "torch": torch.__version__}
     if best is None:
         return {**row, "feasible_trial": False}
     plan, _ = trial_plan(study, best.number)
-    path = ltmp_core.save_plan(plan, folder / f"{study.study_name}-b{batch}.json")
+    path = ltmp_core.save_plan(plan, folder / f"{study.study_name}-b{batch}-t{best.number}.json")
     top1, flops = test_top1(config, plan, mode)
     fresh = retime_fresh(path, proxy, batch, threads, mode)
     row.update(feasible_trial=True, trial=best.number, ops=" ".join(plan.ops),
@@ -176,6 +180,17 @@ def main() -> None:
                                stride_predictions=record.stride_predictions, latency_checks=record.latency_checks)
                 if lat_best is not None:
                     lat_row["stage_stride"] = lat_best.params.get("stage_stride", 1)
+                lat_row["reaimed_trials"] = result.reaimed
+                if lat_best is not None and TrialRecord.from_trial(lat_best).reaimed_from is not None:
+                    lat_row["reaimed_from"] = TrialRecord.from_trial(lat_best).reaimed_from
+                    feasible = feasible_check(result.study)
+                    sampled = next((t for t in ranked_trials(result.study) if not is_added(t) and feasible(t)), None)
+                    if sampled is not None:
+                        alone = row_for("latency", target, result.study, lat_config, batch, 0.0, model,
+                                        record.measured_latency().get(sampled.number), folder, args.proxy,
+                                        args.threads, args.mode, best=sampled)
+                        lat_row["sampled_best"] = {k: alone.get(k) for k in (
+                            "trial", "measured_latency_ratio", "fresh_latency_ratio", "flops_ratio", "test_top1")}
                 rows.append(lat_row)
                 for row in rows:
                     print(json.dumps(row) if args.json else
