@@ -21,6 +21,9 @@ its ``tome.patch.timm`` model at the same ``r`` is timed beside the others.
 ``--strides 2 3`` adds ``merge+prune 0.35`` run in only every 2nd (3rd) block, budgets for the same FLOPs
 (``--stage-stride``'s shapes: fewer stages, each cutting harder).
 
+``--round K`` adds ``merge+prune 0.35`` with every block's tokens (class token included) rounded up, and
+down, to a multiple of K: whether counts the matrix kernels like run faster than their FLOPs say.
+
 ``--masked`` adds the first plan run through the masked reducers and compaction (the path of a
 stage registered without a fast form, and of static mode before the fast forms), for a before and
 after in one run.
@@ -60,13 +63,36 @@ def tome_counts(patches: int, depth: int, r: int) -> list[float]:
     return keeps
 
 
-def plans(base: torch.nn.Module, r: int, strides: list[int] = ()) -> dict[str, ltmp_core.ReductionPlan]:
+def rounded(plan: ltmp_core.ReductionPlan, g: ltmp_core.ViTGeometry, multiple: int,
+            up: bool) -> ltmp_core.ReductionPlan:
+    """``plan`` with the tokens (prefix included) that leave every block rounded up (or down) to a multiple of
+    ``multiple``: the row counts of the block's matrix products at batch 1. Never more than enter the block."""
+    keeps, outs, n = [], [], g.num_patches
+    for left in plan.static_counts(g.num_patches):
+        total = left + g.num_prefix_tokens
+        total = -(-total // multiple) * multiple if up else max(multiple, total // multiple * multiple)
+        out = min(n, max(1, total - g.num_prefix_tokens))
+        keeps.append(out / n)
+        outs.append(out)
+        n = out
+    made = plan.with_layers(keep=keeps)
+    assert made.static_counts(g.num_patches) == outs, (made.static_counts(g.num_patches), outs)
+    return made
+
+
+def plans(base: torch.nn.Module, r: int, strides: list[int] = (),
+          multiple: int | None = None) -> dict[str, ltmp_core.ReductionPlan]:
     g = ltmp_core.ViTGeometry.from_model(base)
     tome_keep = tome_counts(g.num_patches, g.depth, r)
+    first = strided_plan(g, "merge+prune", 1, 0.35, importance="cls")
+    aligned = {} if multiple is None else {
+        f"merge+prune 0.35, counts up to x{multiple}": rounded(first, g, multiple, up=True),
+        f"merge+prune 0.35, counts down to x{multiple}": rounded(first, g, multiple, up=False)}
     return {
         **{f"merge+prune 0.35, every {k} blocks": strided_plan(g, "merge+prune", k, 0.35, importance="cls")
            for k in strides},
-        "merge+prune 0.35": strided_plan(g, "merge+prune", 1, 0.35, importance="cls"),
+        "merge+prune 0.35": first,
+        **aligned,
         f"tome r={r}": ltmp_core.make_plan(base, op="merge", keep=tome_keep, merge_order="tome"),
         f"merge+prune at ToMe r={r} counts": ltmp_core.make_plan(base, op="merge+prune", keep=tome_keep,
                                                                  importance="cls"),
@@ -87,6 +113,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--strides", type=int, nargs="*", default=[], metavar="K",
                         help="also time merge+prune at 0.35 in only every K-th block (fewer, harder stages)")
+    parser.add_argument("--round", type=int, metavar="K", dest="multiple",
+                        help="also time merge+prune at 0.35 with every block's tokens (class token included) rounded "
+                             "up, and down, to a multiple of K: do counts the kernels like pay on this device?")
     parser.add_argument("--predict", action="store_true",
                         help="also measure this device's latency model (as a study does, eager only) and print each "
                              "plan's predicted ratio of times beside the measured one")
@@ -104,7 +133,7 @@ def main() -> None:
     unreduced = ltmp_core.unreduced_macs(g)
     models: dict[str, torch.nn.Module] = {"unreduced": base}
     ratios = {"unreduced": 1.0}
-    built = plans(base, args.r, args.strides)
+    built = plans(base, args.r, args.strides, args.multiple)
     for label, plan in built.items():
         models[label] = ltmp_core.apply_plan(copy.deepcopy(base), plan, mode="static")
         ratios[label] = ltmp_core.count_flops(models[label]) / unreduced
