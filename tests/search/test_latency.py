@@ -336,6 +336,7 @@ def workdir(tmp_path_factory):
     (["--latency", "0.5", "--latency-mode", "sparse"], "--latency-mode"),
     (["--latency", "0.5", "--latency-margin", "0.7"], "--latency-margin"),
     (["--latency", "0.5", "--stage-stride", "0"], "--stage-stride"),
+    (["--latency", "0.5", "--latency-reaim", "-1"], "--latency-reaim"),
     (["--space", "layerwise", "--stage-stride", "2"], "--stage-stride"),
 ])
 def test_bad_latency_input_is_one_line_and_exit_2(workdir, monkeypatch, args, flag):
