@@ -36,10 +36,10 @@ from ..setup.latency import LatencyModel, kinds_for, measure_latency_model, mode
 from ..setup.timing import check_timeable, device_fingerprint, latency_ratio
 from ..setup.workbench import Workbench
 from .record import StudyRecord, TrialRecord
-from .results import accuracy_of, feasible_check, is_added, ranked_trials
+from .results import accuracy_of, best_trial, feasible_check, is_added, ranked_trials
 
 __all__ = ["study_latency_model", "check_latency", "timing_images", "study_stride", "stride_for", "strided_plan", "MIN_CHECKS",
-           "MAX_CHECKS", "ERROR_BOUND", "REMEASURE_REPEATS", "LATENCY_STRIDE", "STRIDE_GAIN", "REAIM_SLACK", "reaim_checked"]
+           "MAX_CHECKS", "ERROR_BOUND", "REMEASURE_REPEATS", "LATENCY_STRIDE", "STRIDE_GAIN", "REAIM_SLACK", "reaim_checked", "time_best"]
 
 #: Trials timed after a run at least (while there are feasible ones), and at most.
 MIN_CHECKS, MAX_CHECKS = 3, 8
@@ -231,6 +231,19 @@ def check_latency(study: optuna.Study, bench: Workbench, config: StudyConfig, *,
     return new
 
 
+def time_best(study: optuna.Study, bench: Workbench, config: StudyConfig, *, repeats: int = 3) -> list[dict[str, Any]]:
+    """Time the study's best trial until the best is one that was timed (at most :data:`MAX_CHECKS` more): added
+    trials and their checks move the ranking, and the plan a study names should not be one nobody timed."""
+    new: list[dict[str, Any]] = []
+    while len(new) < MAX_CHECKS:
+        best = best_trial(study)
+        got = [] if best is None else check_latency(study, bench, config, repeats=repeats, trials=[best.number])
+        if not got:
+            break
+        new += got
+    return new
+
+
 def _time_trial(trial: optuna.trial.FrozenTrial, bench: Workbench, config: StudyConfig, x: list[torch.Tensor],
                 repeats: int, fingerprint: str) -> dict[str, Any]:
     """One check: the trial's plan timed against the unreduced model (again, pooled, when it misses its
@@ -251,6 +264,7 @@ def _time_trial(trial: optuna.trial.FrozenTrial, bench: Workbench, config: Study
         "feasible": measured.ratio <= config.latency, "target": config.latency, "device": fingerprint,
         "batch": config.latency_batch, "mode": config.latency_mode, "base_ms": 1000 * measured.base_s,
         "plan_ms": 1000 * measured.plan_s, "repeats": measured.repeats,
+        **({} if r.latency_correction is None else {"latency_correction": r.latency_correction}),
     }
 
 

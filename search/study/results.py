@@ -70,7 +70,8 @@ class _Feasibility:
     :data:`BIAS_CHECKS` trials were timed and ran slower than predicted (the median of measured over
     predicted, :attr:`bias`, above 1), an untimed trial's prediction counts scaled by that bias: the
     checks showed the model optimistic on this device, and a plan they did not time is no better known (a
-    re-aimed trial's prediction is already scaled by what its shape measured, and is not scaled again)."""
+    re-aimed trial's prediction is already scaled by what its shape measured: it is not scaled again, and its
+    check does not count towards the bias)."""
 
     def __init__(self, study: optuna.Study, flops: float | None) -> None:
         record = StudyRecord.from_study(study)
@@ -78,7 +79,7 @@ class _Feasibility:
         self.latency = record.latency_target
         self.measured = record.measured_latency() if self.latency is not None else {}
         timed = [c["measured"] / c["predicted"] for c in record.latency_checks or []
-                 if c.get("predicted") and c.get("measured")]
+                 if c.get("predicted") and c.get("measured") and c.get("latency_correction") is None]
         self.bias = max(1.0, statistics.median(timed)) if self.latency is not None and len(timed) >= BIAS_CHECKS \
             else 1.0
 

@@ -23,7 +23,7 @@ from spaces import get_space
 
 from ..setup.config import StudyConfig, differences
 from ..setup.timing import check_timeable
-from .latency_study import check_latency, reaim_checked, study_latency_model, study_stride
+from .latency_study import check_latency, reaim_checked, study_latency_model, study_stride, time_best
 from .objective import METRIC_NAME, METRIC_NAMES, Objective, TrialHooks
 from .record import StudyRecord, TrialRecord
 from .refine import refine_study
@@ -188,6 +188,7 @@ def run(
                 store.sync(study)
                 if result.reaimed:
                     result.latency_checks += check_latency(study, bench, config, trials=result.reaimed)
+            result.latency_checks += time_best(study, bench, config)
         save_study_note(study, best_trial(study))
     finally:
         store.dispose()
