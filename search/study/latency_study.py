@@ -36,6 +36,7 @@ from ..setup.latency import LatencyModel, kinds_for, measure_latency_model, mode
 from ..setup.timing import check_timeable, device_fingerprint, latency_ratio
 from ..setup.workbench import Workbench
 from .record import StudyRecord, TrialRecord
+from .refine import add_children
 from .results import accuracy_of, best_trial, feasible_check, is_added, ranked_trials
 
 __all__ = ["study_latency_model", "check_latency", "timing_images", "study_stride", "stride_for", "strided_plan", "MIN_CHECKS",
@@ -309,21 +310,7 @@ def reaim_checked(study: optuna.Study, objective: Any, config: StudyConfig, top:
     # Best on select first, whether or not the timing found them under the target: re-aimed, a shape over it
     # may be the best one that is.
     parents = sorted(timed, key=lambda t: (-(accuracy_of(t) or 0.0), t.number))[:top]
-    added: list[int] = []
-    for parent in parents:
-        check = checks[parent.number]
-        try:
-            got = objective.reaim(parent, check["measured"] / check["predicted"])
-        except (ltmp_core.Unreachable, optuna.TrialPruned) as e:
-            if on_reaimed is not None:
-                on_reaimed(parent, None, str(e) or type(e).__name__)
-            continue
-        study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.COMPLETE, value=got.value, params=dict(parent.params),
-            distributions=dict(parent.distributions), user_attrs=got.user_attrs, constraints=got.constraints))
-        frozen = next(t for t in reversed(study.get_trials(deepcopy=False))
-                      if TrialRecord.from_trial(t).reaimed_from == parent.number)
-        added.append(frozen.number)
-        if on_reaimed is not None:
-            on_reaimed(parent, frozen, None)
-    return added
+    return add_children(study, parents,
+                        lambda parent: objective.reaim(parent, checks[parent.number]["measured"]
+                                                       / checks[parent.number]["predicted"]),
+                        "reaimed_from", (ltmp_core.Unreachable, optuna.TrialPruned), on_reaimed)

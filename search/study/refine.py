@@ -30,12 +30,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ltmp_core import Unreachable
 
-from .objective import Objective
+from .objective import Objective, Refined
 from .record import TrialRecord
 from .results import is_added, ranked_trials
 from .tuning import NonFiniteLoss
 
-__all__ = ["shape_key", "refine_parents", "refine_study"]
+__all__ = ["shape_key", "refine_parents", "refine_study", "add_children"]
 
 
 def shape_key(trial: FrozenTrial) -> str:
@@ -66,6 +66,33 @@ def refine_parents(study: optuna.Study, top: int) -> list[FrozenTrial]:
     return chosen
 
 
+def add_children(study: optuna.Study, parents: list[FrozenTrial], make: Callable[[FrozenTrial], Refined], link: str,
+                 errors: tuple[type[BaseException], ...],
+                 on_done: Callable[[FrozenTrial, FrozenTrial | None, str | None], None] | None = None) -> list[int]:
+    """Run ``make`` (:meth:`Objective.refine` or :meth:`Objective.reaim`) on every parent and add what it gave as a
+    complete trial with the parent's parameters and distributions (found again by its ``link`` record field,
+    ``refined_from`` or ``reaimed_from``, naming the parent); a parent whose run raises one of ``errors`` is
+    skipped. ``on_done(parent, added, reason)``: after each, with the added trial, or ``None`` and why not.
+    Returns the numbers of the trials added."""
+    added: list[int] = []
+    for parent in parents:
+        try:
+            got = make(parent)
+        except errors as e:
+            if on_done is not None:
+                on_done(parent, None, str(e) or type(e).__name__)
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.COMPLETE, value=got.value, params=dict(parent.params),
+            distributions=dict(parent.distributions), user_attrs=got.user_attrs, constraints=got.constraints))
+        child = next(t for t in reversed(study.get_trials(deepcopy=False))
+                     if getattr(TrialRecord.from_trial(t), link) == parent.number)
+        added.append(child.number)
+        if on_done is not None:
+            on_done(parent, child, None)
+    return added
+
+
 def refine_study(study: optuna.Study, objective: Objective, top: int, steps: int,
                  on_refined: Callable[[FrozenTrial | None, FrozenTrial, str | None], None] | None = None) -> list[int]:
     """Refine the study's best ``top`` shapes (see the module); returns the numbers of the trials added.
@@ -73,24 +100,8 @@ def refine_study(study: optuna.Study, objective: Objective, top: int, steps: int
     ``on_refined(trial, parent, reason)``: after each parent, with the added trial, or ``None`` and why
     it could not be refined (a re-solve that cannot reach the aim after tuning, a non-finite loss).
     """
-    added: list[int] = []
     if top <= 0:
-        return added
-    for parent in refine_parents(study, top):
-        try:
-            refined = objective.refine(parent, steps)
-        except (Unreachable, NonFiniteLoss, optuna.TrialPruned) as e:
-            if on_refined is not None:
-                on_refined(None, parent, str(e) or type(e).__name__)
-            continue
-        trial = optuna.trial.create_trial(
-            state=TrialState.COMPLETE, value=refined.value, params=dict(parent.params),
-            distributions=dict(parent.distributions), user_attrs=refined.user_attrs,
-            constraints=refined.constraints)
-        study.add_trial(trial)
-        frozen = next(t for t in reversed(study.get_trials(deepcopy=False))
-                      if TrialRecord.from_trial(t).refined_from == parent.number)
-        added.append(frozen.number)
-        if on_refined is not None:
-            on_refined(frozen, parent, None)
-    return added
+        return []
+    told = None if on_refined is None else (lambda parent, added, reason: on_refined(added, parent, reason))
+    return add_children(study, refine_parents(study, top), lambda parent: objective.refine(parent, steps),
+                        "refined_from", (Unreachable, NonFiniteLoss, optuna.TrialPruned), told)
