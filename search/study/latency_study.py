@@ -269,16 +269,18 @@ def _time_trial(trial: optuna.trial.FrozenTrial, bench: Workbench, config: Study
     }
 
 
-def reaim_checked(study: optuna.Study, objective: Any, config: StudyConfig, top: int | None = None,
+def reaim_checked(study: optuna.Study, config: StudyConfig, device: torch.device,
+                  reaim: Callable[[FrozenTrial, float], Any], top: int | None = None,
                   on_reaimed: Callable[[FrozenTrial, FrozenTrial | None, str | None], None] | None = None) -> list[int]:
     """Re-aim the best ``top`` (default ``config.latency_reaim``) timed shapes whose measured latency ratio lies
     more than :data:`REAIM_SLACK` from the aim (the target less its margin): over it, or under it where the
-    latency bisection had lowered the trial's FLOPs aim (a trial held by the FLOPs target has nothing to give
-    back). Each runs again
-    (:meth:`search.study.objective.Objective.reaim`) with the model's predictions scaled by its measured over
-    predicted ratio, so its FLOPs aim is solved for where this device puts the target, and is added as a
-    trial of its own (``reaimed_from``; not a slot, never modelled by the sampler). Sampled trials only, best
-    on select first (under the target as timed or not), each once; returns the numbers of the trials added (time them with :func:`check_latency`).
+    latency solve had cut below the trial's FLOPs aim (a trial held by the FLOPs target has nothing to give
+    back); timed on ``device``. Each runs again (``reaim(parent, correction)``:
+    :meth:`search.study.objective.Objective.reaim`) with the model's predictions scaled
+    by its measured over predicted ratio, so its shift is solved for where this device puts the target, and is
+    added as a trial of its own (``reaimed_from``; not a slot, never modelled by the sampler). Sampled trials
+    only, best on select first (under the target as timed or not), each once; returns the numbers of the trials
+    added (time them with :func:`check_latency`).
 
     ``on_reaimed(parent, added, reason)``: after each, with the added trial, or ``None`` and why not.
     """
@@ -287,11 +289,11 @@ def reaim_checked(study: optuna.Study, objective: Any, config: StudyConfig, top:
         return []
     record = StudyRecord.from_study(study)
     goal = config.latency * (1.0 - config.latency_margin)
-    fingerprint = device_fingerprint(objective.device)
+    fingerprint = device_fingerprint(device)
     checks = {c["trial"]: c for c in record.latency_checks or []
               if c.get("device") == fingerprint and c.get("batch") == config.latency_batch
               and c.get("mode", "static") == config.latency_mode and c.get("predicted") and c.get("measured")}
-    flops_aim = config.flops_budget().aim if config.flops_min is None else None
+    flops_aim = config.flops_budget().aim  # a latency target is refused with a range of FLOPs targets
     trials = study.get_trials(deepcopy=False)
     done = {TrialRecord.from_trial(t).reaimed_from for t in trials}
 
@@ -301,16 +303,15 @@ def reaim_checked(study: optuna.Study, objective: Any, config: StudyConfig, top:
             return True  # the plan misses the target, or nearly: it must cut more
         if measured >= goal * (1.0 - REAIM_SLACK):
             return False
-        # It cut more than it needed to, but only the latency bisection can give back what the FLOPs aim allows.
+        # It cut more than it needed to, but only where the latency solve cut below what the FLOPs aim allows.
         lowered = TrialRecord.from_trial(t).latency_flops_aim
-        return lowered is not None and flops_aim is not None and lowered < flops_aim * (1.0 - 1e-6)
+        return lowered is not None and lowered < flops_aim * (1.0 - 1e-6)
 
-    timed = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-             if t.number in checks and not is_added(t) and t.number not in done and off_aim(t)]
+    timed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.number in checks
+             and not is_added(t) and t.number not in done and off_aim(t)]
     # Best on select first, whether or not the timing found them under the target: re-aimed, a shape over it
     # may be the best one that is.
     parents = sorted(timed, key=lambda t: (-(accuracy_of(t) or 0.0), t.number))[:top]
     return add_children(study, parents,
-                        lambda parent: objective.reaim(parent, checks[parent.number]["measured"]
-                                                       / checks[parent.number]["predicted"]),
+                        lambda parent: reaim(parent, checks[parent.number]["measured"] / checks[parent.number]["predicted"]),
                         "reaimed_from", (ltmp_core.Unreachable, optuna.TrialPruned), on_reaimed)

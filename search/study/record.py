@@ -54,8 +54,8 @@ class TrialRecord:
             predicted by the study's latency model of this device (static counts from its budgets).
         latency_constraint: ``predicted_latency_ratio`` minus the latency target (Optuna's constraint
             ``latency``, mirrored).
-        latency_flops_aim: The FLOPs aim the trial's thresholds were solved for after the latency
-            bisection lowered it until the predicted latency met the target.
+        latency_flops_aim: The FLOPs ratio the calibration batch costs once the trial's shift was solved
+            for the latency target (its FLOPs aim where that alone met the target).
         kept_tokens: Mean tokens after each block (prefix included), on the select split.
         eval_mode: ``dynamic`` (thresholds) or ``static`` (fixed counts).
         plan: The plan as it was scored (``ReductionPlan.to_dict``), with its budget in ``meta``.

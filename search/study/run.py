@@ -167,15 +167,21 @@ def run(
             del objective
             result.new_trials = run_workers(config, url, name, jobs, study, on_trial_end, pictures)
             store.sync(study)
-        if jobs > 1 and (config.refine_top or (config.latency is not None and config.latency_reaim)):
-            # The workers had the objective; this process opens its own.
-            objective = Objective.open(config, hooks, data=data)
-            if config.latency is not None:
-                objective.use_latency(latency_model)
-                objective.use_stride(study_stride(study, objective.geometry, config, latency_model))
+        opened: list[Objective] = [] if jobs > 1 else [objective]
+
+        def own_objective() -> Objective:
+            """This process's objective: with workers, they had theirs, and this one is opened when needed."""
+            if not opened:
+                opened.append(Objective.open(config, hooks, data=data))
+                if config.latency is not None:
+                    opened[0].use_latency(latency_model)
+                    opened[0].use_stride(study_stride(study, opened[0].geometry, config, latency_model))
+            return opened[0]
+
         if config.refine_top:
             with store.lock(name):
-                result.refined = refine_study(study, objective, config.refine_top, config.refine_steps, on_refined)
+                result.refined = refine_study(study, own_objective(), config.refine_top, config.refine_steps,
+                                              on_refined)
             store.sync(study)
         if config.latency is not None:
             if on_note is not None:
@@ -184,7 +190,9 @@ def run(
             result.latency_checks = check_latency(study, bench, config)
             if config.latency_reaim:
                 with store.lock(name):
-                    result.reaimed = reaim_checked(study, objective, config, on_reaimed=_reaim_note(on_note))
+                    result.reaimed = reaim_checked(study, config, bench.device,
+                                                   lambda parent, by: own_objective().reaim(parent, by),
+                                                   on_reaimed=_reaim_note(on_note))
                 store.sync(study)
                 if result.reaimed:
                     result.latency_checks += check_latency(study, bench, config, trials=result.reaimed)

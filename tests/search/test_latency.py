@@ -582,14 +582,14 @@ def test_which_timed_shapes_are_re_aimed():
         return Refined(0.9, {"reaimed_from": parent.number, "latency_correction": correction, "accuracy": 0.9,
                              "flops_ratio": 0.4, "target": 0.5, "feasible": True}, {})
 
-    objective = SimpleNamespace(device=torch.device("cpu"), reaim=reaim)
-    added = reaim_checked(study, objective, config)
+    cpu = torch.device("cpu")
+    added = reaim_checked(study, config, cpu, reaim)
     assert calls == [(0, round(0.95 / 0.90, 6)), (1, round(0.70 / 0.80, 6))]
     assert [study.trials[n].user_attrs["reaimed_from"] for n in added] == [0, 1]
     assert [study.trials[n].params for n in added] == [{"x": 0.0}, {"x": 1.0}]
-    assert reaim_checked(study, objective, config, top=5) == [5 + 2] and calls[-1][0] == 4
-    assert reaim_checked(study, objective, config, top=5) == []
-    assert reaim_checked(study, objective, StudyConfig(flops=0.5, latency=0.9, latency_reaim=0)) == []
+    assert reaim_checked(study, config, cpu, reaim, top=5) == [5 + 2] and calls[-1][0] == 4
+    assert reaim_checked(study, config, cpu, reaim, top=5) == []
+    assert reaim_checked(study, StudyConfig(flops=0.5, latency=0.9, latency_reaim=0), cpu, reaim) == []
 
 
 def test_a_shape_the_model_is_pessimistic_about_is_re_aimed_onto_the_target(workdir, monkeypatch):
