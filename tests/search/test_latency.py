@@ -641,5 +641,3 @@ def test_a_shape_the_model_is_pessimistic_about_is_re_aimed_onto_the_target(work
         assert t.user_attrs["latency_flops_aim"] < 0.98
         assert checks[n]["measured"] <= 0.5 and abs(checks[n]["measured"] - aim) <= 0.05 * aim, checks[n]
     assert len([t for t in trials.values() if "reaimed_from" not in t.user_attrs]) == 1  # --n-trials
-    assert result["best"]["number"] in result["reaimed_trials"] or result["best"]["top1"] >= max(
-        trials[n].value for n in result["reaimed_trials"])
