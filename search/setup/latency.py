@@ -14,11 +14,12 @@ Each part becomes a curve of seconds against token count (entering tokens for ``
 ``reduce``, per kind of block; leaving tokens for ``mlp``, one curve for all blocks): piecewise
 linear over the measured counts and made non-decreasing. The sum of a plan's parts maps to its
 end-to-end time by a line fitted on the patched probes' unhooked times, taken as the real checks
-take them (``Timer.blocked_autorange``, interleaved with the stock model, :data:`E2E_REPEATS`
-repeats): hooks cost time too, and patch embedding and head are its constant. Each probe's time
-enters the fit as its ratio to the stock model's time in the same repeat (median over the repeats,
-in units of the stock model's median time), so the stock model anchors the unreduced prediction
-through ratios, as robust to a loaded machine as the real checks, not through one timing of its own.
+take them (``Timer.blocked_autorange``, :data:`E2E_REPEATS` repeats): hooks cost time too, and patch
+embedding and head are its constant. Every probe is timed between two timings of the stock model and
+enters the fit as its ratio to them (median over the repeats, in units of the stock model's median
+time), so the stock model anchors the unreduced prediction through ratios, as robust to a loaded
+machine as the real checks, not through one timing of its own, and no one timing of it is shared by
+every probe (which would move every predicted ratio by one factor).
 A plan's predicted latency ratio is its predicted time over the unreduced model's.
 
 Dynamic mode (``mode="dynamic"``): thresholds decide every image's counts, the linears run on the live
@@ -52,7 +53,7 @@ import ltmp_core
 from ltmp_core import OPS, REDUCERS, LayerPlan, LTMPError, ReductionPlan, ViTGeometry, static_stages
 from ltmp_core.plan import MERGE_ORDERS
 
-from .timing import device_fingerprint, time_interleaved
+from .timing import device_fingerprint, ratios_beside, time_beside
 
 __all__ = ["LATENCY_MODES", "Curve", "LatencyModel", "kind_of", "kinds_for", "model_key", "measure_latency_model",
            "plan_counts", "plan_kinds", "dynamic_kinds", "expected_max", "attends_padded", "counts_on"]
@@ -382,9 +383,9 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
     ``kinds``: the kinds of block the plans to predict can have (:func:`kinds_for`). The probes are timed
     with hooks in rounds, :data:`CALLS` calls of every probe per round (interleaved, so load hits them
     alike), until about ``seconds`` have passed (at least ``min_rounds``, at most ``max_rounds``); the
-    medians make the curves. Then every probe is timed end to end without hooks
-    (:func:`search.setup.timing.time_interleaved`, ``min_run_time`` each) to fit how summed parts map
-    to end-to-end time. With ``mode`` ``dynamic`` the probes run in dynamic mode, their thresholds
+    medians make the curves. Then every probe is timed end to end without hooks, between two timings
+    of the stock model (:func:`search.setup.timing.time_beside`, ``min_run_time`` each), to fit how
+    summed parts map to end-to-end time. With ``mode`` ``dynamic`` the probes run in dynamic mode, their thresholds
     calibrated on the probe images (see the module's text).
     """
     if mode not in LATENCY_MODES:
@@ -454,18 +455,20 @@ def measure_latency_model(base: nn.Module, kinds: Sequence[str], *, batch: int =
             samples["attention"].setdefault(kinds_here[i], []).append((at, float(att)))
             samples["reduce"].setdefault(kinds_here[i], []).append((c[i].max(), float(red)))
             mlp.append((c[i + 1].mean(), float(mlp_s)))
-    # End to end, without hooks, timed as the checks after a run time plans (one Timer block each, in turn).
-    whole = dict(zip(models, time_interleaved([call(m) for m in models.values()], repeats=E2E_REPEATS,
-                                              min_run_time=min_run_time)))
-    # Every patched probe has the same blocks, hooks, embedding and head: their end-to-end times are a
-    # line in their summed parts (what the hooks add, and what the parts miss). The line is fitted to
-    # each probe's time as a ratio to the stock model's in the same repeat (median over the repeats),
-    # in units of the stock model's median time: a single timing of the stock model moves by tens of
-    # percent on a loaded machine and would shift every predicted ratio with it, while ratios taken
-    # within a repeat are what the real checks measure. The stock model's constant closes the line at 1.
-    base = statistics.median(whole["unreduced"])
-    e2e = {name: base * statistics.median(t / u for t, u in zip(v, whole["unreduced"])) for name, v in whole.items()}
+    # End to end, without hooks, every probe timed between two timings of the stock model (one Timer block
+    # each). Every patched probe has the same blocks, hooks, embedding and head: their end-to-end times are
+    # a line in their summed parts (what the hooks add, and what the parts miss). The line is fitted to each
+    # probe's time as a ratio to the stock model's timings beside it (median over the repeats), in units of
+    # the stock model's median time: a single timing of the stock model moves by tens of percent on a loaded
+    # machine, and ratios to one such timing would all move with it (every predicted ratio off by one
+    # factor), while ratios to timings beside each probe are what the real checks measure and their errors
+    # differ from probe to probe. The stock model's constant closes the line at 1.
     patched = [n for n in models if n != "unreduced"]
+    anchors, times = time_beside(call(models["unreduced"]), [call(models[n]) for n in patched],
+                                 repeats=E2E_REPEATS, min_run_time=min_run_time)
+    base = statistics.median(t for row in anchors for t in row)
+    e2e = {"unreduced": base}
+    e2e.update({n: base * statistics.median(r) for n, r in zip(patched, ratios_beside(anchors, times))})
     scale, constant = _line([part_sums[n] for n in patched], [e2e[n] for n in patched])
     stock = base - scale * part_sums["unreduced"]
     model = LatencyModel(

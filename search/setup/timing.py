@@ -20,7 +20,8 @@ from torch.utils.benchmark import Timer
 
 from ltmp_core import LTMPError
 
-__all__ = ["check_timeable", "device_fingerprint", "time_interleaved", "latency_ratio", "Ratio"]
+__all__ = ["check_timeable", "device_fingerprint", "time_block", "time_interleaved", "time_beside", "ratios_beside",
+           "latency_ratio", "Ratio"]
 
 
 def check_timeable(device: torch.device, where: str = "--device") -> None:
@@ -58,20 +59,54 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def time_block(run: Callable[[], Any], min_run_time: float) -> float:
+    """Seconds per call of ``run``: one untimed call (to warm it after whatever ran before), then one
+    ``Timer.blocked_autorange`` block of about ``min_run_time`` seconds (its median)."""
+    run()
+    timer = Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
 def time_interleaved(runners: Sequence[Callable[[], Any]], *, repeats: int = 3,
                      min_run_time: float = 0.2) -> list[list[float]]:
     """Seconds per call of every runner, one list per runner with one median per repeat.
 
-    In every repeat the runners take turns, each timed by ``Timer.blocked_autorange`` for about
-    ``min_run_time`` seconds (after one untimed call).
+    In every repeat the runners take turns, each timed by :func:`time_block` for about ``min_run_time``
+    seconds.
     """
     out: list[list[float]] = [[] for _ in runners]
     for _ in range(repeats):
         for i, run in enumerate(runners):
-            run()
-            timer = Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
-            out[i].append(timer.blocked_autorange(min_run_time=min_run_time).median)
+            out[i].append(time_block(run, min_run_time))
     return out
+
+
+def time_beside(anchor: Callable[[], Any], runners: Sequence[Callable[[], Any]], *, repeats: int = 3,
+                min_run_time: float = 0.2) -> tuple[list[list[float]], list[list[float]]]:
+    """Every runner timed between two timings of ``anchor``, in every repeat: ``anchor, runner 0, anchor,
+    runner 1, ..., anchor``. Returns the anchor's seconds per call (one list per repeat, one more than
+    there are runners) and every runner's (one list per runner, one per repeat); :func:`ratios_beside`
+    reads them as ratios.
+
+    Many runners timed against one timing of the anchor share its error: when load makes that block fast
+    or slow, every ratio of the repeat moves with it. Here every runner has anchors of its own, straight
+    before and after it, which load hits as it hits the runner (a load that drifts steadily cancels).
+    """
+    anchors: list[list[float]] = []
+    out: list[list[float]] = [[] for _ in runners]
+    for _ in range(repeats):
+        row = [time_block(anchor, min_run_time)]
+        for i, run in enumerate(runners):
+            out[i].append(time_block(run, min_run_time))
+            row.append(time_block(anchor, min_run_time))
+        anchors.append(row)
+    return anchors, out
+
+
+def ratios_beside(anchors: Sequence[Sequence[float]], times: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Every runner's time over the mean of the anchor's timings straight before and after it, per repeat
+    (``anchors`` and ``times`` as :func:`time_beside` returns them)."""
+    return [[t / ((row[i] + row[i + 1]) / 2) for t, row in zip(runner, anchors)] for i, runner in enumerate(times)]
 
 
 @dataclass(frozen=True)

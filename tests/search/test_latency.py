@@ -160,23 +160,61 @@ def test_prediction_agrees_with_a_real_timing(measured, vit):
     assert 0.5 < predicted / real.ratio < 2.0, (predicted, real)
 
 
+def _scripted_timings(monkeypatch, seconds_of):
+    """Replace every Timer block with a scripted time: ``seconds_of(runner, k)`` for the ``k``-th block timed,
+    where ``runner`` numbers the callables in the order they are first timed (the stock model first)."""
+    import search.setup.timing as timing
+
+    seen: dict[int, int] = {}
+    count = iter(range(10**6))
+
+    def block(run, min_run_time):
+        runner = seen.setdefault(id(run), len(seen))
+        return seconds_of(runner, next(count))
+
+    monkeypatch.setattr(timing, "time_block", block)
+
+
 def test_a_load_spike_on_one_timing_of_the_stock_model_does_not_move_the_fit(vit, monkeypatch):
-    """End-to-end timings with a spike: in the first repeat the stock model's block takes twice as long (load
-    that hit it alone). The fit reads every probe as its ratio to the stock model within a repeat, median over
-    the repeats, so it sees the steady times (hand-set here: the stock model 10 ms, probe i 10 - i ms)."""
+    """End-to-end timings with a spike: one block of the stock model takes twice as long (load that hit it
+    alone). The fit reads every probe as its ratio to the stock model's timings beside it, median over the
+    repeats, so it sees the steady times (hand-set here: the stock model 10 ms, probe i 10 - i/4 ms)."""
     import search.setup.latency as latency
 
-    def steady_with_a_spike(runners, *, repeats, min_run_time):
-        out = [[(10.0 - i) / 1000] * repeats for i in range(len(runners))]
-        out[0][0] *= 2  # the stock model ("unreduced", timed first) in the first repeat
-        return out
+    def steady_with_a_spike(runner, k):
+        return (10.0 - runner / 4) / 1000 * (2.0 if k == 2 else 1.0)  # block 2: the stock model, first repeat
 
-    monkeypatch.setattr(latency, "time_interleaved", steady_with_a_spike)
+    _scripted_timings(monkeypatch, steady_with_a_spike)
     model = measure_latency_model(vit, kinds_for(["merge"], ["cls"]), batch=2, seconds=0.0, max_rounds=1)
     assert latency.E2E_REPEATS >= 3
     measured = [p["measured_s"] for p in model.probes]
-    assert measured == pytest.approx([(10.0 - i) / 1000 for i in range(len(measured))])
+    assert measured == pytest.approx([(10.0 - i / 4) / 1000 for i in range(len(measured))])
     assert model.probes[0]["probe"] == "unreduced"
+
+
+def test_a_load_that_drifts_while_the_probes_are_timed_does_not_scale_every_ratio(vit, monkeypatch):
+    """The machine slows steadily while the probes are timed end to end (every block 3% slower than the one
+    before). Ratios to one timing of the stock model per repeat would read the later probes up to twice as
+    slow as they are, every predicted ratio off by that factor; ratios to the stock model's timings straight
+    before and after each probe read them as they are (hand-set steady times: stock 10 ms, probe i 10 - i/4 ms)."""
+    _scripted_timings(monkeypatch, lambda runner, k: (10.0 - runner / 4) / 1000 * (1.0 + 0.03 * k))
+    model = measure_latency_model(vit, kinds_for(["merge"], ["cls"]), batch=2, seconds=0.0, max_rounds=1)
+    measured = [p["measured_s"] for p in model.probes]
+    assert [m / measured[0] for m in measured] == pytest.approx([(10.0 - i / 4) / 10 for i in range(len(measured))])
+
+
+def test_every_runner_is_timed_between_two_timings_of_the_anchor():
+    """The order of :func:`time_beside` (anchor, runner, anchor, runner, ..., anchor in every repeat) and the
+    ratios :func:`ratios_beside` reads from it, by hand."""
+    from search.setup.timing import ratios_beside, time_beside
+
+    calls: list[str] = []
+    anchors, times = time_beside(lambda: calls.append("a"), [lambda: calls.append("x"), lambda: calls.append("y")],
+                                 repeats=2, min_run_time=1e-4)
+    starts = [i for i, c in enumerate(calls) if i == 0 or c != calls[i - 1]]
+    assert [calls[i] for i in starts] == ["a", "x", "a", "y", "a", "x", "a", "y", "a"]  # a repeat ends, the next starts: a
+    assert [len(row) for row in anchors] == [3, 3] and [len(t) for t in times] == [2, 2]
+    assert ratios_beside([[2.0, 4.0, 8.0], [1.0, 1.0, 3.0]], [[6.0, 3.0], [12.0, 4.0]]) == [[2.0, 3.0], [2.0, 2.0]]
 
 
 def test_a_model_survives_a_sqlite_study_and_another_devices_model_is_refused(measured, vit, tmp_path):
