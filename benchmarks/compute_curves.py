@@ -116,13 +116,13 @@ def _resolved_row(bench, model, budget, seed: int, flops: float, epoch: int, per
     import copy
 
     from search.setup.evaluation import evaluate, pack_correct
-    from search.study.compute import count_forwards
+    from search.study.compute import count_images
 
     resolved = copy.deepcopy(model)
     calibration = bench.data.calibration_batch(bench.config.calib_images, bench.config.seed).to(bench.device)
-    passes = count_forwards(resolved)
+    images = count_images(resolved)
     ltmp_core.calibrate_to_flops(resolved, calibration, budget.aim, near=RESOLVE_STEP)
-    spent += passes() * len(calibration)
+    spent += images()
     select = evaluate(resolved, bench.data.holdout_batches(250), device=bench.device, amp=bench.amp, mode="dynamic")
     test = evaluate(resolved, bench.data.test_batches(250), device=bench.device, amp=bench.amp, mode="dynamic",
                     per_image=True)

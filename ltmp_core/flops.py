@@ -569,16 +569,17 @@ def _root(ratio: Callable[[float], float], feasible: float, r_feasible: float, o
 
 
 def _bracket_near(ratio: Callable[[float], float], flops: float, step: float, most: float, least: float,
-                  bounded: bool) -> tuple[float, float, float | None, float | None]:
+                  bounded: bool, tolerance: float = WINDOW) -> tuple[float, float, float | None, float | None]:
     """A bracket around the shift that puts the ratio on ``flops``, found from shift 0 outwards: steps of
     ``step``, doubled each time, towards ``most`` (the shift of the lowest ratio) while the ratio is over the
     target, else towards ``least``. Returns ``(shift, its ratio, other, its ratio)``, ``other`` None when no
     bracket is left to search: ``shift`` is then the answer (0 in the window, or ``least`` under the target),
     or, its ratio over the target, the lowest the search reached (``most``, or unbounded, 2**30 steps out).
+    ``tolerance``: the accepted window (relative) under the target that shift 0 may already be in.
     """
     toward_most = 1.0 if most > least else -1.0
     r0 = ratio(0.0)
-    if r0 <= flops and flops - r0 <= WINDOW * flops:
+    if r0 <= flops and flops - r0 <= tolerance * flops:
         return 0.0, r0, None, None
     going = toward_most if r0 > flops else -toward_most
     end = most if r0 > flops else least
@@ -598,10 +599,16 @@ def _bracket_near(ratio: Callable[[float], float], flops: float, step: float, mo
         last, r_last, size = shift, r, 2.0 * size
 
 
+#: The accepted window (relative) of the first solve of :func:`calibrate_to_flops` with ``coarse``: its
+#: answer is only where the solve on every image starts from.
+COARSE_WINDOW = 2e-2
+
+
 @torch.no_grad()
 def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: float, *,
                        solve: str | None = None, near: float | None = None,
-                       measure: Callable[[nn.Module], float] | None = None) -> ReductionPlan:
+                       measure: Callable[[nn.Module], float] | None = None,
+                       coarse: int | None = None) -> ReductionPlan:
     """Set the thresholds so that ``images`` cost ``flops`` of the unreduced model, with one shared shift.
 
     One shift ``s``, common to every threshold of one kind (``solve``: ``merge_threshold``, or
@@ -622,6 +629,11 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
     the batch (a latency predicted from the token counts the forward left, say); it must fall as the shift
     cuts more, as the FLOPs do, and ``flops`` is then its target.
 
+    ``coarse``: solve on the batch's first ``coarse`` images first, to a window of :data:`COARSE_WINDOW`,
+    then on every image from there (``near``, the first step the width of the first solve's last
+    bracket): most passes of a solve run on the fewer images, and the answer is solved on all of them to
+    the same window as without. A target the fewer images cannot reach is solved on every image as asked.
+
     Raises:
         Unreachable: ``flops`` cannot be reached by shifting these thresholds (the message says the
             lowest reachable ratio).
@@ -629,6 +641,10 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
     """
     if not (isinstance(flops, (int, float)) and 0 < flops):
         raise LTMPError(f"flops: must be a positive number, got {flops!r}")
+    if coarse is not None and not (isinstance(coarse, int) and coarse > 0):
+        raise LTMPError(f"coarse: must be a positive number of images, got {coarse!r}")
+    if near is not None and not near > 0:
+        raise LTMPError(f"near: must be a positive step, got {near!r}")
     layers = get_plan(model).layers  # the thresholds it holds now are the offsets
     uses = {name for layer in layers for name in layer.needs()}
     name = solve or ("merge_threshold" if "merge_threshold" in uses else "prune_threshold")
@@ -641,13 +657,36 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
             if other != name and getattr(layer, other) is None:
                 raise LTMPError(f"layers[{i}].{other}: not set; calibrate_to_flops solves the {name}s only")
     offsets = [(getattr(layer, name) or 0.0) if name in layer.needs() else None for layer in layers]
-    used = [o for o in offsets if o is not None]
     param = next(iter(model.parameters()))
     x = first_batch(images).to(param.device)
-    unreduced = unreduced_macs(model_geometry(model, tuple(x.shape[-2:])))  # at the size of these images
     was_training = model.training
     model.eval()
+    try:
+        if coarse is not None and x.shape[0] > coarse:
+            try:
+                first = _solve_shift(model, name, offsets, x[:coarse], flops, near, measure, COARSE_WINDOW)
+            except Unreachable:
+                first = None
+            if first is not None and first[1] is not None:
+                shift, width = first
+                offsets = [None if o is None else o + shift for o in offsets]
+                near = width
+        _solve_shift(model, name, offsets, x, flops, near, measure, WINDOW)
+        measure_scales(model, x)
+    finally:
+        model.train(was_training)
+    return get_plan(model)
 
+
+def _solve_shift(model: nn.Module, name: str, offsets: list[float | None], x: Tensor, flops: float,
+                 near: float | None, measure: Callable[[nn.Module], float] | None,
+                 tolerance: float) -> tuple[float, float | None]:
+    """:func:`calibrate_to_flops` on the batch ``x`` from thresholds ``offsets``, to a window of ``tolerance``:
+    leaves the model at the solved shift and returns it, with the width of the last bracket (from the
+    answer to the nearest shift measured over the target, at least 1e-4 of the range searched; None when
+    no shift was)."""
+    used = [o for o in offsets if o is not None]
+    unreduced = unreduced_macs(model_geometry(model, tuple(x.shape[-2:])))  # at the size of these images
     seen: dict[float, float] = {}
     last: list[float | None] = [None]  # the shift the model ran last
 
@@ -668,33 +707,29 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
         return Unreachable(f"flops: {what} of {flops:.3f} cannot be reached by shifting the {name}s "
                            f"(the lowest reachable on these images is {lowest:.3f})", lowest)
 
-    try:
-        merges = name == "merge_threshold"
-        if merges:  # cosine similarities: below -1 everything merges, above 1 nothing does
-            most, least = -1.0 - max(used) - 1e-3, 1.0 - min(used) + 1e-3
-        else:  # importance >= 0: at 0 nothing is pruned; raise the shift until the target is met
-            least, most = -max(used), 1.0 - min(used)
-        if near is not None:
-            if not near > 0:
-                raise LTMPError(f"near: must be a positive step, got {near!r}")
-            feasible, r_feasible, other, r_other = _bracket_near(ratio, flops, near, most, least, merges)
-            if r_feasible > flops:
-                raise unreachable(r_feasible)
-            if other is not None:
-                feasible = _root(ratio, feasible, r_feasible, other, r_other, flops)
-        else:
-            if not merges:
-                step = 1.0  # the shift grows by doubling steps (whatever sign the offsets give ``most``)
-                while ratio(most) > flops and most - least < 2.0 ** 30:
-                    least, most, step = most, most + step, 2.0 * step
-            lowest = known(most)
-            if lowest > flops:
-                raise unreachable(lowest)
-            r_least = known(least)
-            feasible = least if r_least <= flops else _root(ratio, most, lowest, least, r_least, flops)
-        if last[0] != feasible:
-            ratio(feasible)  # leaves the model at the solved shift, as it ran
-        measure_scales(model, x)
-    finally:
-        model.train(was_training)
-    return get_plan(model)
+    merges = name == "merge_threshold"
+    if merges:  # cosine similarities: below -1 everything merges, above 1 nothing does
+        most, least = -1.0 - max(used) - 1e-3, 1.0 - min(used) + 1e-3
+    else:  # importance >= 0: at 0 nothing is pruned; raise the shift until the target is met
+        least, most = -max(used), 1.0 - min(used)
+    if near is not None:
+        feasible, r_feasible, other, r_other = _bracket_near(ratio, flops, near, most, least, merges, tolerance)
+        if r_feasible > flops:
+            raise unreachable(r_feasible)
+        if other is not None:
+            feasible = _root(ratio, feasible, r_feasible, other, r_other, flops, tolerance=tolerance)
+    else:
+        if not merges:
+            step = 1.0  # the shift grows by doubling steps (whatever sign the offsets give ``most``)
+            while ratio(most) > flops and most - least < 2.0 ** 30:
+                least, most, step = most, most + step, 2.0 * step
+        lowest = known(most)
+        if lowest > flops:
+            raise unreachable(lowest)
+        r_least = known(least)
+        feasible = least if r_least <= flops else _root(ratio, most, lowest, least, r_least, flops,
+                                                        tolerance=tolerance)
+    if last[0] != feasible:
+        ratio(feasible)  # leaves the model at the solved shift, as it ran
+    over = [abs(shift - feasible) for shift, r in seen.items() if r > flops]
+    return feasible, (max(min(over), 1e-4 * abs(most - least)) if over else None)

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-__all__ = ["ComputeMeter", "count_forwards"]
+__all__ = ["ComputeMeter", "count_images"]
 
 
 @dataclass
@@ -42,13 +42,18 @@ class ComputeMeter:
         self.forward_equivalents += images * (4 if teacher else 3)
 
 
-def count_forwards(model: nn.Module) -> Callable[[], int]:
-    """Count the forward passes of ``model`` from now on: returns a function that tells how many."""
-    calls = [0]
-    handle = model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+def count_images(model: nn.Module) -> Callable[[], int]:
+    """Count the images ``model`` passes forward from now on (every call's batch, whatever its size: a solve
+    may run on part of its batch first): returns a function that tells how many."""
+    images = [0]
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        images[0] += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 1
+
+    handle = model.register_forward_pre_hook(hook)
 
     def count() -> int:
         handle.remove()
-        return calls[0]
+        return images[0]
 
     return count

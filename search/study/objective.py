@@ -45,7 +45,7 @@ from ..setup.config import StudyConfig
 from ..setup.data import StudyData
 from ..setup.evaluation import evaluate, unreduced_accuracy
 from ..setup.latency import LatencyModel, counts_on, dynamic_kinds
-from .compute import ComputeMeter, count_forwards
+from .compute import ComputeMeter, count_images
 from .record import TrialRecord
 from .tuning import NonFiniteLoss, Recipe, tune_thresholds
 from ..setup.workbench import Workbench
@@ -58,8 +58,9 @@ METRIC_NAMES = (METRIC_NAME, "FLOPs ratio")
 #: In a study over a range, aims stay this fraction above a shape's predicted floor: thresholds solved
 #: on real images rarely reach the floor that budgets at their limits predict.
 RANGE_HEADROOM = 0.05
-#: Calibration images the latency solve runs on first (:meth:`Objective._meet_latency`; then on them all).
-LATENCY_IMAGES = 64
+#: Calibration images a trial's solve runs on first, to a coarse window (``calibrate_to_flops(coarse=...)``),
+#: before it solves on them all from there.
+COARSE_IMAGES = 64
 
 
 def range_position(number: int) -> float:
@@ -329,7 +330,7 @@ class Objective:
         over a range, where a target the prediction put under what the images reach moves up to what
         they reach (while that is in the range)."""
         self.hooks.on_phase("calibrate")
-        passes = count_forwards(model)
+        images = count_images(model)
         try:
             if recipe.start == "plan":
                 ltmp_core.set_mode(model, "dynamic")
@@ -342,7 +343,7 @@ class Objective:
                 except ltmp_core.Unreachable as e:
                     self._infeasible(trial, list(plan.ops), str(e).removeprefix("flops: ").removeprefix("latency: "))
         finally:
-            meter.forward(passes() * len(self.calibration))
+            meter.forward(images())
         TrialRecord.write(trial, target=budget.target, calibrated_plan=ltmp_core.get_plan(model).to_dict())
         return budget
 
@@ -358,7 +359,7 @@ class Objective:
         """Cut more than the FLOPs aim asks until the predicted latency meets the latency target less its
         margin: the shared threshold shift is solved for the latency itself (from the FLOPs solution
         outwards, :func:`ltmp_core.calibrate_to_flops` with ``measure``), on the first
-        :data:`LATENCY_IMAGES` calibration images and then, from there, on the whole calibration batch.
+        :data:`COARSE_IMAGES` calibration images and then, from there, on the whole calibration batch.
         Returns the FLOPs ratio the calibration batch costs then (``aim`` when the FLOPs aim met the
         latency target already).
 
@@ -367,12 +368,11 @@ class Objective:
         """
         c = self.config
         goal = c.latency * (1.0 - c.latency_margin)
-        images = self.calibration[:LATENCY_IMAGES]
-        if self._calibrated_latency(model, images) <= goal:
+        if self._calibrated_latency(model, self.calibration[:COARSE_IMAGES]) <= goal:
             return aim
         try:
-            for batch in (images, self.calibration):  # coarse, then on every calibration image from near there
-                ltmp_core.calibrate_to_flops(model, batch, goal, near=RESOLVE_STEP, measure=self._latency_after_forward)
+            ltmp_core.calibrate_to_flops(model, self.calibration, goal, near=RESOLVE_STEP,
+                                         measure=self._latency_after_forward, coarse=COARSE_IMAGES)
         except ltmp_core.Unreachable as e:
             raise ltmp_core.Unreachable(
                 f"latency: this shape is predicted at a latency ratio of {e.lowest:.3f} even at its lowest FLOPs, "
@@ -382,14 +382,14 @@ class Objective:
     def _solve_flops(self, model: nn.Module, budget: Budget) -> Budget:
         c = self.config
         try:
-            ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
+            ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim, coarse=COARSE_IMAGES)
             return budget
         except ltmp_core.Unreachable as e:
             aim = e.lowest * (1.0 + RANGE_HEADROOM)
             if not self.multi or aim >= c.flops_budget(c.flops).aim:
                 raise
         budget = c.flops_budget(min(c.flops, aim / (1.0 - budget.margin)))
-        ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim)
+        ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim, coarse=COARSE_IMAGES)
         return budget
 
     def _resolve(self, model: nn.Module, budget: Budget, meter: ComputeMeter) -> None:
@@ -397,13 +397,13 @@ class Objective:
         aim (the tuned differences between layers stay; searched from the tuned thresholds outwards, which
         the budget term kept near the aim); its passes are counted."""
         self.hooks.on_phase("re-solve")
-        passes = count_forwards(model)
+        images = count_images(model)
         try:
             ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim, near=RESOLVE_STEP)
             if self.latency is not None:  # and below the latency target again, as a trial's solve is
                 self._meet_latency(model, budget.aim)
         finally:
-            meter.forward(passes() * len(self.calibration))
+            meter.forward(images())
 
     def _tune(self, trial: optuna.Trial, model: nn.Module, recipe: Recipe, seed: int, batch_size: int,
               budget: Budget, meter: ComputeMeter, report: bool = True) -> None:
