@@ -505,6 +505,53 @@ def test_a_shift_is_solved_for_another_measure_than_the_flops():
         ltmp_core.calibrate_to_flops(model, x, 0.01, measure=last_share)
 
 
+def _images_forwarded(model) -> list[int]:
+    counts: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: counts.append(int(args[0].shape[0])))
+    return counts
+
+
+@pytest.mark.parametrize("op", ["merge", "prune"])
+@pytest.mark.parametrize("flops", [0.45, 0.7])
+def test_a_solve_on_fewer_images_first_lands_in_the_same_window_on_them_all(op, flops):
+    """``coarse``: solved on the first 16 of 64 images first, then on all 64 from there. The answer is solved
+    on all 64: at most the target and, where a solve on all of them from the start lands within 0.2% of it,
+    within 0.2% too; and it forwards fewer images than that solve."""
+    x = images(64, seed=5)
+    solved = {}
+    for coarse in (None, 16):
+        model = tiny_model("deit_small")
+        ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op=op, keep=0.9), mode="static")
+        forwarded = _images_forwarded(model)
+        ltmp_core.calibrate_to_flops(model, x, flops, coarse=coarse)
+        solved[coarse] = sum(forwarded), _measured(model, x)
+    (full, r_full), (fewer, r_fewer) = solved[None], solved[16]
+    assert r_fewer <= flops and r_full <= flops
+    if r_full >= flops * (1 - 2e-3):
+        assert r_fewer >= flops * (1 - 2e-3), solved
+    assert fewer < full, solved
+
+
+def test_a_target_the_fewer_images_cannot_reach_is_solved_on_them_all_and_bad_coarse_is_refused():
+    """Out of reach on every image: the same error a solve on all of them gives (its lowest ratio is that of
+    all the images), thresholds as they were; ``coarse`` must be a positive count."""
+    x = images(32, seed=5)
+    model = tiny_model("deit_small")
+    plan = ltmp_core.make_plan(model, op=["none", "none", "none", "merge"], keep=0.9).with_layers(
+        merge_threshold=[None, None, None, 0.2])
+    ltmp_core.apply_plan(model, plan, mode="static")
+    errors = []
+    for coarse in (None, 8):
+        with pytest.raises(ltmp_core.Unreachable) as e:
+            ltmp_core.calibrate_to_flops(model, x, 0.3, coarse=coarse)
+        errors.append(e.value.lowest)
+        assert ltmp_core.get_plan(model).layers[3].merge_threshold == pytest.approx(0.2)
+    assert errors[0] == pytest.approx(errors[1])
+    for bad in (0, -4, 2.5):
+        with pytest.raises(LTMPError, match="coarse: must be a positive number of images"):
+            ltmp_core.calibrate_to_flops(model, x, 0.8, coarse=bad)
+
+
 def test_calibrate_to_flops_solves_prune_thresholds_without_merges_and_says_what_is_out_of_reach():
     model = tiny_model("deit_small")
     ltmp_core.apply_plan(model, ltmp_core.make_plan(model, op=["none", "prune", "none", "squeeze"], keep=0.9),
