@@ -25,6 +25,12 @@ DEFAULT_MARGIN = 0.02
 #: MNIST proxy's trained thresholds it takes 2-13 passes where a solve over the whole range takes 17-25.
 RESOLVE_STEP = 1e-2
 
+#: Calibration images a solve of the shared shift runs on first, to a coarse window, before it solves on
+#: them all from there (``ltmp_core.calibrate_to_flops(coarse=...)``): a trial's solve, a latency solve, the
+#: re-solve after tuning and ``search train``'s final shift. On the proxies' default studies a trial then
+#: forwards about 31% fewer images (docs/benchmarks.md, "Solving on 64 images first").
+COARSE_IMAGES = 64
+
 #: Keys of the budget in ``plan.meta`` (and in the JSON outputs of the commands).
 TARGET_KEY, MARGIN_KEY, AIM_KEY = "target_flops_ratio", "flops_margin", "aim"
 

@@ -40,7 +40,7 @@ import ltmp_core
 from ltmp_core import LTMPError
 from spaces import Infeasible, get_space, suggest
 
-from ..setup.budget import RESOLVE_STEP, Budget
+from ..setup.budget import COARSE_IMAGES, RESOLVE_STEP, Budget
 from ..setup.config import StudyConfig
 from ..setup.data import StudyData
 from ..setup.evaluation import evaluate, unreduced_accuracy
@@ -58,9 +58,6 @@ METRIC_NAMES = (METRIC_NAME, "FLOPs ratio")
 #: In a study over a range, aims stay this fraction above a shape's predicted floor: thresholds solved
 #: on real images rarely reach the floor that budgets at their limits predict.
 RANGE_HEADROOM = 0.05
-#: Calibration images a trial's solve runs on first, to a coarse window (``calibrate_to_flops(coarse=...)``),
-#: before it solves on them all from there.
-COARSE_IMAGES = 64
 
 
 def range_position(number: int) -> float:
@@ -359,7 +356,8 @@ class Objective:
         """Cut more than the FLOPs aim asks until the predicted latency meets the latency target less its
         margin: the shared threshold shift is solved for the latency itself (from the FLOPs solution
         outwards, :func:`ltmp_core.calibrate_to_flops` with ``measure``), on the first
-        :data:`COARSE_IMAGES` calibration images and then, from there, on the whole calibration batch.
+        :data:`~search.setup.budget.COARSE_IMAGES` calibration images and then, from there, on the whole
+        calibration batch.
         Returns the FLOPs ratio the calibration batch costs then (``aim`` when the FLOPs aim met the
         latency target already).
 
@@ -399,7 +397,8 @@ class Objective:
         self.hooks.on_phase("re-solve")
         images = count_images(model)
         try:
-            ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim, near=RESOLVE_STEP)
+            ltmp_core.calibrate_to_flops(model, self.calibration, budget.aim, near=RESOLVE_STEP,
+                                         coarse=COARSE_IMAGES)
             if self.latency is not None:  # and below the latency target again, as a trial's solve is
                 self._meet_latency(model, budget.aim)
         finally:

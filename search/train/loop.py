@@ -49,7 +49,7 @@ from torch import Tensor
 import ltmp_core
 from ltmp_core import LTMPError, ReductionPlan
 
-from ..setup.budget import DEFAULT_MARGIN, RESOLVE_STEP, Budget
+from ..setup.budget import COARSE_IMAGES, DEFAULT_MARGIN, RESOLVE_STEP, Budget
 from ..setup.config import StudyConfig, TrainSettings
 from ..setup.data import BUILTIN
 from ..setup.evaluation import autocast, evaluate, unreduced_accuracy
@@ -507,7 +507,8 @@ def _finish(run: _Run) -> dict[str, Any]:
     The budget term holds the soft-mode ratio at the aim, and hard mode may cost a little more. A model
     whose measured ratio on the select split is over the aim gets one shared shift of its thresholds
     (:func:`ltmp_core.calibrate_to_flops` on the calibration batch, the learned thresholds as offsets,
-    searched from them outwards) that brings it back onto the aim; ``shifted_to_aim`` says so.
+    searched from them outwards, on :data:`COARSE_IMAGES` of them first) that brings it back onto the aim;
+    ``shifted_to_aim`` says so.
     """
     model = run.model if run.ema is None else run.ema.module
     aim, geometry = run.budget.aim, run.bench.geometry
@@ -516,7 +517,8 @@ def _finish(run: _Run) -> dict[str, Any]:
     shifted = select.macs / unreduced > aim
     if shifted:
         try:
-            ltmp_core.calibrate_to_flops(model, run.calibration.to(run.bench.device), aim, near=RESOLVE_STEP)
+            ltmp_core.calibrate_to_flops(model, run.calibration.to(run.bench.device), aim, near=RESOLVE_STEP,
+                                         coarse=COARSE_IMAGES)
         except ltmp_core.Unreachable as e:
             raise LTMPError(f"train: the trained model is over the FLOPs target and cannot be brought back ({e})") \
                 from None
