@@ -662,6 +662,7 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
     was_training = model.training
     model.eval()
     try:
+        start = offsets
         if coarse is not None and x.shape[0] > coarse:
             try:
                 first = _solve_shift(model, name, offsets, x[:coarse], flops, near, measure, COARSE_WINDOW)
@@ -669,9 +670,12 @@ def calibrate_to_flops(model: nn.Module, images: Tensor | Iterable[Any], flops: 
                 first = None
             if first is not None and first[1] is not None:
                 shift, width = first
-                offsets = [None if o is None else o + shift for o in offsets]
-                near = width
-        _solve_shift(model, name, offsets, x, flops, near, measure, WINDOW)
+                start, near = [None if o is None else o + shift for o in offsets], width
+        try:
+            _solve_shift(model, name, start, x, flops, near, measure, WINDOW)
+        except Unreachable:
+            set_thresholds(model, name, offsets)  # as they were before the first solve too
+            raise
         measure_scales(model, x)
     finally:
         model.train(was_training)

@@ -532,9 +532,10 @@ def test_a_solve_on_fewer_images_first_lands_in_the_same_window_on_them_all(op, 
     assert fewer < full, solved
 
 
-def test_a_target_the_fewer_images_cannot_reach_is_solved_on_them_all_and_bad_coarse_is_refused():
+def test_a_target_out_of_reach_leaves_the_thresholds_as_they_were_and_bad_coarse_is_refused():
     """Out of reach on every image: the same error a solve on all of them gives (its lowest ratio is that of
-    all the images), thresholds as they were; ``coarse`` must be a positive count."""
+    all the images), thresholds as they were, also where the fewer images reached the target and all of them
+    do not; ``coarse`` must be a positive count."""
     x = images(32, seed=5)
     model = tiny_model("deit_small")
     plan = ltmp_core.make_plan(model, op=["none", "none", "none", "merge"], keep=0.9).with_layers(
@@ -547,6 +548,20 @@ def test_a_target_the_fewer_images_cannot_reach_is_solved_on_them_all_and_bad_co
         errors.append(e.value.lowest)
         assert ltmp_core.get_plan(model).layers[3].merge_threshold == pytest.approx(0.2)
     assert errors[0] == pytest.approx(errors[1])
+    # Reached on the fewer images, out of reach on them all (a measure that reads more on the whole batch):
+    # the thresholds are as they were before the first solve, not where it left them.
+    merging = tiny_model("deit_small")
+    ltmp_core.apply_plan(merging, ltmp_core.make_plan(merging, op="merge", keep=0.9).with_layers(
+        merge_threshold=[0.1, 0.2, 0.3, 0.4]), mode="static")
+    unreduced = ltmp_core.unreduced_macs(ViTGeometry.from_model(merging))
+
+    def more_on_all(m):
+        macs = ltmp_core.image_macs(m)
+        return float(macs.mean()) / unreduced + (0.0 if len(macs) == 8 else 1.0)
+
+    with pytest.raises(ltmp_core.Unreachable):
+        ltmp_core.calibrate_to_flops(merging, x, 0.6, measure=more_on_all, coarse=8)
+    assert [layer.merge_threshold for layer in ltmp_core.get_plan(merging).layers] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     for bad in (0, -4, 2.5):
         with pytest.raises(LTMPError, match="coarse: must be a positive number of images"):
             ltmp_core.calibrate_to_flops(model, x, 0.8, coarse=bad)
