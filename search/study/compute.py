@@ -47,10 +47,11 @@ def count_images(model: nn.Module) -> Callable[[], int]:
     may run on part of its batch first): returns a function that tells how many."""
     images = [0]
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        images[0] += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 1
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        batch = args[0] if args else next(iter(kwargs.values()), None)  # the images, by position or by name
+        images[0] += int(batch.shape[0]) if hasattr(batch, "shape") and len(batch.shape) else 1
 
-    handle = model.register_forward_pre_hook(hook)
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
 
     def count() -> int:
         handle.remove()

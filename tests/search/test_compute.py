@@ -55,3 +55,19 @@ def test_recorded_compute_is_what_ran_for_pruned_and_scored_trials(tmp_path, mon
     # a backward pass counts as two forwards
     assert record.forward_equivalents == seen["forward"] + 2 * seen["backward"]
     assert seen["backward"] == (1 if pruned else 3) * config.batch_size, "one tuning step before the pruner stopped it"
+
+
+def test_count_images_counts_every_call_by_its_batch_and_stops_when_read():
+    """Images, not calls: batches of 3 and 5 (one passed by name) are 8 images; once read, the count stops."""
+    import timm
+
+    from search.study.compute import count_images
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10).eval()
+    count = count_images(model)
+    with torch.no_grad():
+        model(torch.randn(3, 3, 32, 32))
+        model(x=torch.randn(5, 3, 32, 32))
+        assert count() == 8
+        model(torch.randn(2, 3, 32, 32))
+    assert count() == 8
